@@ -1,0 +1,303 @@
+"""The typed run configuration: schema, YAML presets, `--set key=value` overrides and validation.
+
+Every key is a dataclass field. Constraints a user can break (choices, ranges) live in the field's
+metadata, so one validator serves every key and every error names the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from vidbatch.errors import ConfigError
+
+EDIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(default: Any, *, choices: list | None = None, minimum: float | None = None,
+         maximum: float | None = None, help: str = "") -> Any:
+    """A config field with the constraints the validator checks."""
+    meta = {"choices": choices, "min": minimum, "max": maximum, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoraConfig:
+    path: str = _key("", help="LoRA file (.safetensors) or folder")
+    scale: float = _key(1.0, help="strength the LoRA is fused with; 0 disables it")
+
+
+@dataclass
+class EditSpec:
+    name: str = _key("", help="names the output member {key}.{name}.mp4: letters, digits, _ and -")
+    prompt: str = _key("", help="edit prompt; '{prompt}' stands for the sample's own description")
+
+
+@dataclass
+class ModelConfig:
+    id: str = _key("tiny", help="'tiny', 'sd15-random', a hub id, a diffusers folder or a .safetensors/.ckpt file")
+    single_file_config: str | None = _key(None, help="diffusers folder or hub id describing a single-file checkpoint's architecture")
+    loras: list[LoraConfig] = _key([], help="LoRAs fused into the model, each {path, scale}")
+    dtype: str = _key("auto", choices=["auto", "float32", "float16", "bfloat16"],
+                      help="'auto': float16 on CUDA, float32 on CPU")
+
+
+@dataclass
+class VideoConfig:
+    size: int | None = _key(512, minimum=8, help="short side of the edited video in pixels; null keeps the source size")
+    max_frames: int | None = _key(None, minimum=1, help="edit at most this many frames (after the stride); null: all")
+    frame_stride: int = _key(1, minimum=1, help="keep every n-th source frame; the output fps is divided by it")
+    min_frames: int = _key(2, minimum=1, help="a video with fewer frames (after selection) fails")
+    max_input_mb: float = _key(2048.0, minimum=0, help="a video file larger than this fails")
+    max_source_pixels: int = _key(8192 * 8192, minimum=1, help="a source larger than width*height fails")
+    crf: int = _key(18, minimum=0, maximum=51, help="H.264 quality of the output (lower is better)")
+
+
+@dataclass
+class EditConfig:
+    method: str = _key("per-frame", choices=["per-frame", "extended", "vidtome"],
+                       help="how self-attention sees the other frames")
+    control: str = _key("none", choices=["none", "sdedit"],
+                        help="extra guidance from the source video")
+    steps: int = _key(50, minimum=1, maximum=1000, help="DDIM denoising steps")
+    guidance: float = _key(7.5, minimum=0, help="classifier-free guidance scale")
+    seed: int = _key(0, minimum=0, help="seed; with the sample key and edit name it fixes every random choice")
+    negative_prompt: str = _key("ugly, blurry, low res", help="the unconditional branch's prompt")
+    eta: float = _key(0.0, minimum=0, maximum=1, help="DDIM eta: 0 is deterministic given the inversion, >0 adds seeded noise")
+    strength: float = _key(1.0, minimum=0, maximum=1, help="sdedit: share of the steps re-done from the inverted latent")
+
+
+@dataclass
+class InversionConfig:
+    steps: int | None = _key(None, minimum=1, maximum=1000, help="DDIM inversion steps; null: edit.steps")
+    prompt: str = _key("{prompt}", help="prompt of the inversion (the source description); '{prompt}' is the sample's")
+
+
+@dataclass
+class MergeConfig:
+    chunk_size: Union[int, Literal["auto"]] = _key(4, minimum=1, help="frames per UNet call ('auto': fit runtime.max_memory_gb)")
+    local_ratio: float = _key(0.9, minimum=0, maximum=1, help="share of source tokens merged inside a chunk")
+    global_ratio: float = _key(0.8, minimum=0, maximum=1, help="share merged between a chunk and the global tokens")
+    global_merge: bool = _key(True, help="merge across chunks through a per-block global token set")
+    global_rand: float = _key(0.5, minimum=0, maximum=1, help="probability that the global set is the source side")
+    target_stride: int = _key(4, minimum=1, help="one destination frame per this many frames")
+    align_batch: bool = _key(True, help="one matching shared by the guidance branches")
+    max_downsample: int = _key(2, choices=[1, 2, 4, 8], help="merge in blocks at most this downsampled")
+    chunk_order: str = _key("mix", choices=["seq", "rand", "mix"], help="how chunks are cut and visited each step")
+
+
+@dataclass
+class RuntimeConfig:
+    backend: str = _key("local", choices=["local"], help="'local': in-process, shard after shard")
+    workers: int = _key(1, minimum=1, help="worker processes (one per GPU when there are GPUs)")
+    device: str = _key("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    max_memory_gb: float | None = _key(None, minimum=0, help="memory budget for chunk_size 'auto'; null: what the device has free")
+    log_every_s: float = _key(30.0, minimum=0.1, help="seconds between plain status lines when not on a terminal")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
+    edits: list[EditSpec] = _key([{"name": "edit", "prompt": "{prompt}, oil painting"}],
+                                 help="the edits applied to every video, each {name, prompt}")
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config, recorded in the run summary."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Returns `value` as type `tp`, or raises ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item, item_tp, f"{path}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
+        return _build(tp, value, path)
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _check_constraints(value: Any, meta: typing.Mapping, path: str) -> None:
+    if value is None or isinstance(value, (list, dict)) or dataclasses.is_dataclass(value):
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"config key '{path}' must be one of {valid}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ConfigError(f"config key '{path}' must be >= {meta['min']}, got {value!r}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise ConfigError(f"config key '{path}' must be <= {meta['max']}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"'{prefix}'" if prefix else "the top level"
+            raise ConfigError(
+                f"unknown config key '{_join(prefix, str(key))}'; valid keys in {where}: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        path = _join(prefix, name)
+        if name in data:
+            value = _coerce(data[name], hints[name], path)
+        else:
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(value, list) and typing.get_origin(hints[name]) is list:
+                value = _coerce(value, hints[name], path)
+        _check_constraints(value, f.metadata, path)
+        values[name] = value
+    return cls(**values)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _validate(config: Config) -> None:
+    """Checks that span several keys."""
+    if not config.edits:
+        raise ConfigError("config key 'edits' is empty; add at least one {name, prompt}")
+    seen = set()
+    for i, edit in enumerate(config.edits):
+        if not EDIT_NAME_PATTERN.match(edit.name):
+            raise ConfigError(f"config key 'edits[{i}].name' must be letters, digits, _ or - (it names the "
+                              f"output file {{key}}.{{name}}.mp4), got {edit.name!r}")
+        if edit.name in seen:
+            raise ConfigError(f"config key 'edits[{i}].name': the name {edit.name!r} is used twice")
+        seen.add(edit.name)
+        if not edit.prompt.strip():
+            raise ConfigError(f"config key 'edits[{i}].prompt' is empty")
+    v = config.video
+    if v.max_frames is not None and v.max_frames < v.min_frames:
+        raise ConfigError(f"config key 'video.max_frames' ({v.max_frames}) is below 'video.min_frames' "
+                          f"({v.min_frames}): no video could pass")
+    for i, lora in enumerate(config.model.loras):
+        if not lora.path:
+            raise ConfigError(f"config key 'model.loras[{i}].path' is empty")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`'edit.steps=20'` -> (['edit', 'steps'], 20). The value is read as YAML ('null', 'true', lists...)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set edit.steps=20")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key is empty or malformed")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc.__class__.__name__})") from exc
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads a YAML preset (or the defaults when `path` is None), applies `--set` overrides, validates."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found; the presets are in configs/ (e.g. configs/tiny.yaml)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(loaded).__name__}")
+        data = loaded or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, part in enumerate(keys[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: '{'.'.join(keys[: i + 1])}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    config = _build(Config, data, "")
+    _validate(config)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Writes the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,253 @@
+"""The editing engine: VAE encode, DDIM inversion, chunked guided denoising, VAE decode.
+
+One `VideoEditor` holds a loaded pipeline and edits one video at a time for any number of edit
+prompts. Frames go through the UNet chunk by chunk, so memory is bounded by the chunk, not the
+video. How self-attention sees the other frames of a chunk (`method`) is the business of the
+attention processors; this module only cuts the chunks and drives the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vidbatch import ddim
+
+
+@dataclass
+class EditorSettings:
+    """What the engine needs to know; built by the application from the run config."""
+
+    method: str = "per-frame"
+    control: str = "none"
+    steps: int = 50
+    inversion_steps: int | None = None
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    eta: float = 0.0
+    strength: float = 1.0
+    chunk_size: int = 4
+    chunk_order: str = "seq"
+    vae_batch: int = 8
+
+
+@dataclass
+class Inversion:
+    """A DDIM inversion trajectory of one video.
+
+    trajectory: (S, T, 4, h, w) on the CPU; trajectory[k] is the latent at timesteps[k] (descending
+    timesteps, so trajectory[0] is the noisiest). clean: (T, 4, h, w), the VAE latents of the frames.
+    """
+
+    timesteps: Tensor
+    trajectory: Tensor
+    clean: Tensor
+
+
+@dataclass
+class EditedVideo:
+    frames: dict[str, np.ndarray]                          # edit name -> (T, H, W, 3) uint8
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # edit name -> {"invert", "edit"}
+
+
+def sample_seed(seed: int, *parts: str) -> int:
+    """A 63-bit seed from the run seed and names (sample key, edit name).
+
+    Seeding per sample rather than per process makes a video's result independent of which worker
+    edits it and in which order, so distributed runs and reruns reproduce exactly.
+    """
+    text = "\x00".join([str(seed), *parts])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def chunk_schedule(num_frames: int, chunk_size: int, order: str, generator: torch.Generator) -> list[Tensor]:
+    """Cuts frames 0..num_frames-1 into chunks of consecutive frames for one denoising step.
+
+    `seq`: fixed chunks of `chunk_size`. `rand`: the first chunk has a random length in
+    1..chunk_size, so chunk borders move from step to step, and the chunk list is reversed with
+    probability 0.5. `mix`: as `rand`, and a quarter of the chunks are visited in random order.
+    Returns a list of index tensors (int64, on the CPU).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    frames = torch.arange(num_frames)
+    if order == "seq" or num_frames <= chunk_size:
+        return list(frames.split(chunk_size))
+    if order not in ("rand", "mix"):
+        raise ValueError(f"unknown chunk order {order!r}: expected 'seq', 'rand' or 'mix'")
+    first = int(torch.randint(1, chunk_size + 1, (1,), generator=generator))
+    chunks = [frames[:first], *frames[first:].split(chunk_size)]
+    if torch.rand((), generator=generator) < 0.5:
+        chunks.reverse()
+    if order == "mix" and len(chunks) >= 4:
+        count = len(chunks) // 4
+        picked = torch.randperm(len(chunks), generator=generator)[:count].sort().values
+        shuffled = picked[torch.randperm(count, generator=generator)]
+        reordered = list(chunks)
+        for dst, src in zip(picked.tolist(), shuffled.tolist()):
+            reordered[dst] = chunks[src]
+        chunks = reordered
+    return chunks
+
+
+class VideoEditor:
+    """Edits videos with a loaded Stable Diffusion pipeline (UNet, VAE, text encoder, DDIM schedule)."""
+
+    def __init__(self, pipe, settings: EditorSettings):
+        self.pipe = pipe
+        self.settings = settings
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.device = self.unet.device
+        self.dtype = self.unet.dtype
+        self.prediction_type = pipe.scheduler.config.prediction_type
+        self._scheduler = pipe.scheduler
+        self._text_cache: dict[str, Tensor] = {}
+        # Pixels per latent cell, and the factor every side must be divisible by for the UNet.
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    # -- text ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def text_embedding(self, prompt: str) -> Tensor:
+        """(1, 77, C) embedding of a prompt, computed once per prompt."""
+        if prompt not in self._text_cache:
+            tokenizer = self.pipe.tokenizer
+            ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            embedding = self.pipe.text_encoder(ids)[0].to(self.dtype)
+            if len(self._text_cache) > 256:  # a bounded cache: prompts with {prompt} vary per sample
+                self._text_cache.pop(next(iter(self._text_cache)))
+            self._text_cache[prompt] = embedding
+        return self._text_cache[prompt]
+
+    # -- VAE -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray) -> Tensor:
+        """(T, H, W, 3) uint8 -> (T, 4, H/8, W/8) latents on the device, in VAE batches."""
+        out = []
+        for start in range(0, len(frames), self.settings.vae_batch):
+            batch = torch.from_numpy(np.ascontiguousarray(frames[start:start + self.settings.vae_batch]))
+            pixels = batch.to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
+            latent = self.vae.encode(pixels).latent_dist.mean
+            out.append(latent * self.vae.config.scaling_factor)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> np.ndarray:
+        """(T, 4, h, w) latents -> (T, 8h, 8w, 3) uint8 frames, in VAE batches."""
+        out = []
+        for start in range(0, len(latents), self.settings.vae_batch):
+            batch = latents[start:start + self.settings.vae_batch].to(self.device, self.dtype)
+            pixels = self.vae.decode(batch / self.vae.config.scaling_factor).sample
+            pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            out.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(out)
+
+    # -- schedule --------------------------------------------------------------------------------
+
+    def _timesteps(self, steps: int) -> Tensor:
+        self._scheduler.set_timesteps(steps)
+        return self._scheduler.timesteps.clone()
+
+    def _alphas(self) -> tuple[Tensor, Tensor]:
+        alphas = self._scheduler.alphas_cumprod.to(self.device, torch.float32)
+        final = torch.as_tensor(self._scheduler.final_alpha_cumprod, dtype=torch.float32, device=self.device)
+        return alphas, final
+
+    def _unet(self, latents: Tensor, t: Tensor, embeddings: Tensor) -> Tensor:
+        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeddings).sample.float()
+
+    # -- inversion -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def invert(self, frames: np.ndarray, prompt: str) -> Inversion:
+        """DDIM inversion of every frame with `prompt`, no guidance, frame batches of `chunk_size`.
+
+        Inversion sees each frame alone (stock per-frame attention), as in VidToMe and PnP.
+        """
+        clean = self.encode_frames(frames).float()
+        steps = self.settings.inversion_steps or self.settings.steps
+        timesteps = self._timesteps(steps)
+        alphas, final = self._alphas()
+        embedding = self.text_embedding(prompt)
+        trajectory = torch.empty((len(timesteps), *clean.shape), dtype=torch.float32)
+        batch = max(self.settings.chunk_size, 1)
+        for start in range(0, len(clean), batch):
+            x = clean[start:start + batch]
+            cond = embedding.expand(len(x), -1, -1)
+            alpha_from = final
+            for k in range(len(timesteps) - 1, -1, -1):  # ascending noise level
+                t = timesteps[k].to(self.device)
+                alpha_to = alphas[timesteps[k]]
+                out = self._unet(x, t, cond)
+                x = ddim.inversion_step(x, out, alpha_from, alpha_to, self.prediction_type)
+                alpha_from = alpha_to
+                trajectory[k, start:start + len(x)] = x.cpu()
+        return Inversion(timesteps=timesteps, trajectory=trajectory, clean=clean.cpu())
+
+    # -- denoising -------------------------------------------------------------------------------
+
+    def _start_index(self, inversion: Inversion) -> int:
+        """Index into the edit timesteps where denoising starts (SDEdit skips the noisiest steps)."""
+        steps = self.settings.steps
+        if self.settings.control == "sdedit":
+            return min(steps - int(round(steps * self.settings.strength)), steps - 1)
+        return 0
+
+    @torch.no_grad()
+    def denoise(self, inversion: Inversion, prompt: str, seed: int) -> Tensor:
+        """Guided DDIM denoising from the inverted latents with `prompt`; (T, 4, h, w) on the device."""
+        s = self.settings
+        timesteps = self._timesteps(s.steps)
+        if not torch.equal(timesteps, inversion.timesteps):
+            raise ValueError(
+                f"inversion has {len(inversion.timesteps)} steps but the edit has {s.steps}; "
+                "set inversion.steps to null (follow edit.steps) or equal to edit.steps")
+        alphas, final = self._alphas()
+        alpha_t, alpha_prev = ddim.alphas_for(alphas, final, timesteps.to(self.device))
+        generator = torch.Generator().manual_seed(seed)
+        start = self._start_index(inversion)
+        x = inversion.trajectory[start].to(self.device)
+        uncond = self.text_embedding(s.negative_prompt)
+        cond = self.text_embedding(prompt)
+        for k in range(start, len(timesteps)):
+            t = timesteps[k].to(self.device)
+            model_out = torch.empty_like(x)
+            for frames in chunk_schedule(len(x), s.chunk_size, s.chunk_order, generator):
+                idx = frames.to(self.device)
+                latents = x[idx]
+                n = len(latents)
+                embeddings = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
+                out_uncond, out_cond = self._unet(torch.cat([latents, latents]), t, embeddings).chunk(2)
+                model_out[idx] = out_uncond + s.guidance * (out_cond - out_uncond)
+            noise = None
+            if s.eta > 0:
+                noise = torch.randn(x.shape, generator=generator).to(self.device)
+            x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type, s.eta, noise)
+        return x
+
+    def edit(self, frames: np.ndarray, source_prompt: str, edits: list[tuple[str, str]], *,
+             seed: int, key: str) -> EditedVideo:
+        """Inverts `frames` once and applies every (name, prompt) edit.
+
+        The inversion time is counted on the first edit; the others reuse it.
+        """
+        result = EditedVideo(frames={})
+        started = time.perf_counter()
+        inversion = self.invert(frames, source_prompt)
+        invert_seconds = time.perf_counter() - started
+        for i, (name, prompt) in enumerate(edits):
+            started = time.perf_counter()
+            latents = self.denoise(inversion, prompt, sample_seed(seed, key, name))
+            result.frames[name] = self.decode_latents(latents)
+            result.seconds[name] = {"invert": invert_seconds if i == 0 else 0.0,
+                                    "edit": time.perf_counter() - started}
+        return result
