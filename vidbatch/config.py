@@ -82,6 +82,24 @@ class EditConfig:
 class InversionConfig:
     steps: int | None = _key(None, minimum=1, maximum=1000, help="DDIM inversion steps; null: edit.steps")
     prompt: str = _key("{prompt}", help="prompt of the inversion (the source description); '{prompt}' is the sample's")
+    batch_size: int = _key(8, minimum=1, help="frames inverted per UNet call")
+    cache: bool = _key(True, help="reuse inversions across edits, reruns and workers (content-addressed)")
+    cache_dir: str | None = _key(None, help="inversion cache folder; null: $VIDBATCH_CACHE/inversions or ~/.cache/vidbatch/inversions")
+    cache_max_gb: float | None = _key(None, minimum=0, help="evict least recently used entries above this size")
+
+
+@dataclass
+class PnpConfig:
+    f_t: float = _key(0.8, minimum=0, maximum=1, help="share of the steps whose residual features come from the source branch")
+    attn_t: float = _key(0.5, minimum=0, maximum=1, help="share of the steps whose decoder self-attention q/k come from the source branch")
+
+
+@dataclass
+class MetricsConfig:
+    warp_error: bool = _key(True, help="temporal consistency: flow on the source, edited frames warped along it")
+    interp_psnr: bool = _key(True, help="VidToMe's interpolation PSNR of the edited video")
+    flow: str = _key("dis", choices=["dis", "farneback"], help="OpenCV optical flow for warp_error")
+    clip_model: str | None = _key("none", help="CLIP for clip_text/clip_frame/clip_dir: hub id, folder, 'tiny' or 'none'")
 
 
 @dataclass
@@ -115,6 +133,8 @@ class Config:
                                  help="the edits applied to every video, each {name, prompt}")
     inversion: InversionConfig = field(default_factory=InversionConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    pnp: PnpConfig = field(default_factory=PnpConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict:

@@ -9,6 +9,8 @@ attention processors; this module only cuts the chunks and drives the loop.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +19,9 @@ import torch
 from torch import Tensor
 
 from vidbatch import ddim
+from vidbatch.inversion_cache import InversionCache, inversion_key
+
+log = logging.getLogger("vidbatch")
 
 
 @dataclass
@@ -34,6 +39,7 @@ class EditorSettings:
     chunk_size: int = 4
     chunk_order: str = "seq"
     vae_batch: int = 8
+    inversion_batch: int = 8
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Inversion:
 class EditedVideo:
     frames: dict[str, np.ndarray]                          # edit name -> (T, H, W, 3) uint8
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # edit name -> {"invert", "edit"}
+    inversion_cache: str = "off"                           # "hit", "miss" or "off"
 
 
 def sample_seed(seed: int, *parts: str) -> int:
@@ -98,9 +105,16 @@ def chunk_schedule(num_frames: int, chunk_size: int, order: str, generator: torc
 class VideoEditor:
     """Edits videos with a loaded Stable Diffusion pipeline (UNet, VAE, text encoder, DDIM schedule)."""
 
-    def __init__(self, pipe, settings: EditorSettings):
+    def __init__(self, pipe, settings: EditorSettings, cache: InversionCache | None = None,
+                 model_identity: str | None = None):
+        """`cache` stores inversions keyed by content; `model_identity` (a weights fingerprint) is
+        then required, since it is part of every key."""
+        if cache is not None and not model_identity:
+            raise ValueError("an inversion cache needs the model's identity (vidbatch.models.model_fingerprint)")
         self.pipe = pipe
         self.settings = settings
+        self.cache = cache
+        self.model_identity = model_identity
         self.unet = pipe.unet
         self.vae = pipe.vae
         self.device = self.unet.device
@@ -178,8 +192,10 @@ class VideoEditor:
         timesteps = self._timesteps(steps)
         alphas, final = self._alphas()
         embedding = self.text_embedding(prompt)
-        trajectory = torch.empty((len(timesteps), *clean.shape), dtype=torch.float32)
-        batch = max(self.settings.chunk_size, 1)
+        # Stored in the model's dtype: halves the cache for fp16 models, and a fresh inversion is
+        # rounded exactly like a cached one, so a cache hit and a miss edit identically.
+        trajectory = torch.empty((len(timesteps), *clean.shape), dtype=self.dtype)
+        batch = max(self.settings.inversion_batch, 1)
         for start in range(0, len(clean), batch):
             x = clean[start:start + batch]
             cond = embedding.expand(len(x), -1, -1)
@@ -215,7 +231,7 @@ class VideoEditor:
         alpha_t, alpha_prev = ddim.alphas_for(alphas, final, timesteps.to(self.device))
         generator = torch.Generator().manual_seed(seed)
         start = self._start_index(inversion)
-        x = inversion.trajectory[start].to(self.device)
+        x = inversion.trajectory[start].to(self.device, torch.float32)
         uncond = self.text_embedding(s.negative_prompt)
         cond = self.text_embedding(prompt)
         for k in range(start, len(timesteps)):
@@ -234,15 +250,39 @@ class VideoEditor:
             x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type, s.eta, noise)
         return x
 
+    def inversion_key(self, frames: np.ndarray, prompt: str) -> str:
+        """The cache key: the frames' content and everything else that changes the inversion."""
+        scheduler = json.loads(json.dumps(dict(self._scheduler.config), default=str))
+        parts = {"model": self.model_identity, "scheduler": scheduler, "dtype": str(self.dtype),
+                 "steps": self.settings.inversion_steps or self.settings.steps, "prompt": prompt}
+        return inversion_key(frames, parts)
+
+    def cached_invert(self, frames: np.ndarray, prompt: str) -> tuple[Inversion, str]:
+        """`invert` through the cache; returns the inversion and "hit", "miss" or "off"."""
+        if self.cache is None:
+            return self.invert(frames, prompt), "off"
+        key = self.inversion_key(frames, prompt)
+        stored = self.cache.load(key)
+        if stored is not None:
+            return Inversion(timesteps=stored["timesteps"], trajectory=stored["trajectory"],
+                             clean=stored["clean"]), "hit"
+        inversion = self.invert(frames, prompt)
+        try:
+            self.cache.store(key, {"timesteps": inversion.timesteps, "trajectory": inversion.trajectory,
+                                   "clean": inversion.clean})
+        except OSError as exc:  # a full or read-only cache must not fail the sample
+            log.warning("inversion cache: could not store %s: %s", key[:16], exc)
+        return inversion, "miss"
+
     def edit(self, frames: np.ndarray, source_prompt: str, edits: list[tuple[str, str]], *,
              seed: int, key: str) -> EditedVideo:
-        """Inverts `frames` once and applies every (name, prompt) edit.
+        """Inverts `frames` once (or takes the inversion from the cache) and applies every edit.
 
         The inversion time is counted on the first edit; the others reuse it.
         """
         result = EditedVideo(frames={})
         started = time.perf_counter()
-        inversion = self.invert(frames, source_prompt)
+        inversion, result.inversion_cache = self.cached_invert(frames, source_prompt)
         invert_seconds = time.perf_counter() - started
         for i, (name, prompt) in enumerate(edits):
             started = time.perf_counter()

@@ -8,9 +8,11 @@ output members and the jsonl rows. Nothing here writes files: the prediction wri
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
@@ -21,7 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from vidbatch.config import Config, EditSpec
 from vidbatch.editing import EditorSettings, VideoEditor
 from vidbatch.errors import SampleError, VidbatchError
-from vidbatch.models import LoraSpec, load_pipeline
+from vidbatch.inversion_cache import InversionCache, cache_max_bytes
+from vidbatch.models import LoraSpec, load_pipeline, model_fingerprint
 from vidbatch.samples import InputSample, read_samples
 from vidbatch.video_io import decode_video, encode_mp4
 
@@ -53,6 +56,14 @@ class SampleResult:
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def inversion_cache_dir(config: Config) -> Path:
+    """`inversion.cache_dir`, or `inversions` under $VIDBATCH_CACHE (default ~/.cache/vidbatch)."""
+    if config.inversion.cache_dir:
+        return Path(config.inversion.cache_dir).expanduser()
+    root = os.environ.get("VIDBATCH_CACHE") or Path.home() / ".cache" / "vidbatch"
+    return Path(root).expanduser() / "inversions"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,9 +138,14 @@ class VideoEditModule(L.LightningModule):
         pipe = load_pipeline(config.model.id, dtype=dtype, device=self.target_device,
                              loras=[LoraSpec(l.path, l.scale) for l in config.model.loras],
                              single_file_config=config.model.single_file_config)
+        loras = [LoraSpec(l.path, l.scale) for l in config.model.loras]
+        cache, identity = None, None
+        if config.inversion.cache:
+            cache = InversionCache(inversion_cache_dir(config), cache_max_bytes(config.inversion.cache_max_gb), log)
+            identity = model_fingerprint(pipe, loras)
         # A plain attribute, not a submodule: the editor places the weights itself and Lightning
         # must not move or wrap them.
-        object.__setattr__(self, "editor", VideoEditor(pipe, self.editor_settings(config)))
+        object.__setattr__(self, "editor", VideoEditor(pipe, self.editor_settings(config), cache, identity))
 
     @staticmethod
     def editor_settings(config: Config) -> EditorSettings:
@@ -138,7 +154,8 @@ class VideoEditModule(L.LightningModule):
             method=config.edit.method, control=config.edit.control, steps=config.edit.steps,
             inversion_steps=config.inversion.steps, guidance=config.edit.guidance,
             negative_prompt=config.edit.negative_prompt, eta=config.edit.eta, strength=config.edit.strength,
-            chunk_size=chunk if isinstance(chunk, int) else 4, chunk_order=config.merge.chunk_order)
+            chunk_size=chunk if isinstance(chunk, int) else 4, chunk_order=config.merge.chunk_order,
+            inversion_batch=config.inversion.batch_size)
 
     def dataloader(self, url: str) -> DataLoader:
         dataset = ShardDataset(url, self.config, self.editor.size_multiple)
@@ -155,7 +172,7 @@ class VideoEditModule(L.LightningModule):
                 "frames": None if frames is None else int(frames.shape[0]),
                 "width": None if frames is None else int(frames.shape[2]),
                 "height": None if frames is None else int(frames.shape[1]),
-                "fps": sample.fps, "prompt": None,
+                "fps": sample.fps, "prompt": None, "inversion_cache": None,
                 "seconds": {"decode": 0.0, "invert": 0.0, "edit": 0.0, "encode": 0.0, "total": 0.0},
                 "peak_memory_mb": None}
 
@@ -184,7 +201,7 @@ class VideoEditModule(L.LightningModule):
                                                         crf=self.config.video.crf)
                     row["seconds"].update(result.seconds[name])
                     row["seconds"]["encode"] = time.perf_counter() - started
-                    row.update(status="ok", error=None, prompt=prompt)
+                    row.update(status="ok", error=None, prompt=prompt, inversion_cache=result.inversion_cache)
                     frames_edited += len(result.frames[name])
             except VidbatchError as exc:
                 self._fail(rows, sample.key, str(exc))

@@ -1,0 +1,339 @@
+"""Tests of the frame self-attention processors and apply_patch / remove_patch on a tiny UNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from vidbatch.attention import (
+    FrameAttentionState,
+    FrameAttnProcessor,
+    MergeSettings,
+    apply_patch,
+    remove_patch,
+)
+from vidbatch.errors import ConfigError
+from vidbatch.merge import join_frames, local_merge, split_frames
+
+BRANCHES, FRAMES = 2, 4
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def model(unet):
+    """The shared tiny UNet, unpatched again after every test."""
+    yield unet
+    remove_patch(unet)
+
+
+def inputs(frames: int = FRAMES, seed: int = 1, same_frames: bool = False):
+    """A chunk for [uncond, cond]: latents (B*F, 4, 8, 8) branch-major, text (B*F, 5, 32)."""
+    g = torch.Generator().manual_seed(seed)
+    if same_frames:
+        lat = torch.randn(BRANCHES, 1, 4, 8, 8, generator=g).expand(BRANCHES, frames, 4, 8, 8)
+    else:
+        lat = torch.randn(BRANCHES, frames, 4, 8, 8, generator=g)
+    text = torch.randn(BRANCHES, 1, 5, 32, generator=g).expand(BRANCHES, frames, 5, 32)
+    return lat.reshape(-1, 4, 8, 8), text.reshape(-1, 5, 32)
+
+
+@torch.no_grad()
+def run(unet, lat, text, t: int = 500):
+    return unet(lat, t, encoder_hidden_states=text).sample
+
+
+def chunk(state: FrameAttentionState, frames: int = FRAMES, seed: int = 0, **kw) -> None:
+    state.begin_chunk(frames, BRANCHES, torch.Generator().manual_seed(seed), **kw)
+
+
+def test_per_frame_reproduces_the_stock_processor(model):
+    lat, text = inputs()
+    stock = run(model, lat, text)
+    before = dict(model.attn_processors)
+    state = apply_patch(model, "per-frame")
+    after = model.attn_processors
+    # Only attn1 is replaced; cross-attention keeps its very processor objects.
+    assert sum(isinstance(p, FrameAttnProcessor) for p in after.values()) == len(after) // 2 == 7
+    for name, proc in after.items():
+        if ".attn2." in name:
+            assert proc is before[name]
+        else:
+            assert isinstance(proc, FrameAttnProcessor)
+    assert torch.allclose(run(model, lat, text), stock, atol=1e-6)
+    chunk(state)  # with the chunk declared too
+    assert torch.allclose(run(model, lat, text), stock, atol=1e-6)
+
+
+def test_extended_one_frame_equals_per_frame_and_more_frames_differ(model):
+    lat, text = inputs(frames=1)
+    per_frame = run(model, lat, text)
+    state = apply_patch(model, "extended")
+    chunk(state, frames=1)
+    assert torch.allclose(run(model, lat, text), per_frame, atol=1e-6)
+
+    lat4, text4 = inputs()
+    chunk(state)
+    extended = run(model, lat4, text4)
+    apply_patch(model, "per-frame")
+    # Cross-frame attention must actually change the result, or the other tests prove nothing.
+    assert (extended - run(model, lat4, text4)).abs().max() > 1e-3
+    stats = state.stats["down_blocks.0.attentions.0.transformer_blocks.0"]
+    assert (stats.tokens, stats.local, stats.attended) == (FRAMES * 64, FRAMES * 64, FRAMES * 64)
+
+
+def test_vidtome_without_merging_equals_extended(model):
+    lat, text = inputs()
+    state = apply_patch(model, "extended")
+    chunk(state)
+    extended = run(model, lat, text)
+    state = apply_patch(model, "vidtome", MergeSettings(local_ratio=0.0, global_merge=False))
+    chunk(state)
+    assert torch.allclose(run(model, lat, text), extended, atol=1e-5)
+    assert all(s.attended == s.tokens for s in state.stats.values())
+    assert state.global_tokens == {}
+
+
+def test_vidtome_token_counts_and_global_tokens(model):
+    lat, text = inputs()
+    state = apply_patch(model, "vidtome", MergeSettings())
+    state.begin_step()
+    g = torch.Generator().manual_seed(0)
+    state.begin_chunk(FRAMES, BRANCHES, g)
+    run(model, lat, text)
+    top = state.stats["down_blocks.0.attentions.0.transformer_blocks.0"]
+    # 8x8 latent, 4 frames: 256 tokens, one level with 192 sources, r = int(192 * 0.9) = 172.
+    assert (top.tokens, top.local, top.attended, top.downsample) == (256, 84, 84, 1)
+    low = state.stats["down_blocks.1.attentions.0.transformer_blocks.0"]
+    # 4x4 grid: 64 tokens, 48 sources, r = int(48 * 0.9) = 43.
+    assert (low.tokens, low.local, low.downsample) == (64, 21, 2)
+    assert len(state.global_tokens) == 7  # every block is at most 2x downsampled
+    for name, tokens in state.global_tokens.items():
+        assert tokens.shape[:2] == (BRANCHES, state.stats[name].local)
+        assert tokens.device == lat.device
+    # The next chunk merges with the global set: 84 local + 84 global, 80% of one side merged.
+    state.begin_chunk(FRAMES, BRANCHES, g)
+    run(model, lat, text)
+    top = state.stats["down_blocks.0.attentions.0.transformer_blocks.0"]
+    assert top.attended == 84 + 84 - int(84 * 0.8)
+    state.begin_step()
+    assert state.global_tokens == {}
+
+
+def test_vidtome_uses_per_frame_above_max_downsample(model):
+    lat, text = inputs()
+    state = apply_patch(model, "vidtome", MergeSettings(max_downsample=1))
+    chunk(state)
+    run(model, lat, text)
+    low = state.stats["down_blocks.1.attentions.0.transformer_blocks.0"]
+    assert (low.tokens, low.attended, low.downsample) == (64, 16, 2)
+    assert "down_blocks.1.attentions.0.transformer_blocks.0" not in state.global_tokens
+    assert state.stats["down_blocks.0.attentions.0.transformer_blocks.0"].attended < 256
+
+
+def test_vidtome_identical_frames_give_identical_outputs(model):
+    lat, text = inputs(same_frames=True)
+    state = apply_patch(model, "vidtome", MergeSettings())
+    state.begin_step()
+    chunk(state)
+    out = run(model, lat, text).reshape(BRANCHES, FRAMES, 4, 8, 8)
+    for f in range(1, FRAMES):
+        assert torch.allclose(out[:, f], out[:, 0], atol=1e-5)
+    assert state.stats["down_blocks.0.attentions.0.transformer_blocks.0"].local < 256
+
+
+def two_chunks(model, state, seed: int, global_first: bool = True):
+    """One step over two chunks (4 frames, then 3), all randomness from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    state.begin_step()
+    outs = []
+    for frames, data_seed in ((4, 1), (3, 2)):
+        state.begin_chunk(frames, BRANCHES, g)
+        outs.append(run(model, *inputs(frames=frames, seed=data_seed)))
+    return outs
+
+
+def test_vidtome_same_seed_is_bit_identical_other_seed_differs(model):
+    state = apply_patch(model, "vidtome", MergeSettings())
+    a = two_chunks(model, state, seed=0)
+    b = two_chunks(model, state, seed=0)
+    c = two_chunks(model, state, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_global_tokens_carry_information_between_chunks(model):
+    state = apply_patch(model, "vidtome", MergeSettings(global_rand=0.0))
+    lat, text = inputs(frames=3, seed=2)
+    # The second chunk after a first chunk differs from the same chunk run alone...
+    after_first = two_chunks(model, state, seed=0)[1]
+    g = torch.Generator().manual_seed(0)
+    state.begin_step()
+    state.begin_chunk(3, BRANCHES, g)
+    alone = run(model, lat, text)
+    assert (after_first - alone).abs().max() > 1e-4
+    # ...but not without global merging.
+    state = apply_patch(model, "vidtome", MergeSettings(global_merge=False))
+    outs = two_chunks(model, state, seed=0)
+    g = torch.Generator().manual_seed(0)
+    state.begin_chunk(4, BRANCHES, g)  # consume the first chunk's draws in the same order
+    run(model, *inputs(frames=4, seed=1))
+    state.begin_chunk(3, BRANCHES, g)
+    assert torch.equal(run(model, lat, text), outs[1])
+    assert state.global_tokens == {}
+
+
+def test_global_set_is_replaced_by_the_last_chunks_local_tokens(model):
+    # global_rand 1: the global set is always the source side, so the chunk's tokens stay as they
+    # are and the new global set is exactly the chunk's locally merged tokens.
+    state = apply_patch(model, "vidtome", MergeSettings(global_rand=1.0))
+    name = "down_blocks.0.attentions.0.transformer_blocks.0"
+    seen = []
+    handle = model.get_submodule(name).attn1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        two_chunks(model, state, seed=0)
+    finally:
+        handle.remove()
+    # Second chunk: 3 frames x 64 tokens, 128 sources, r = int(128 * 0.9) = 115 -> 77 tokens.
+    glob = state.global_tokens[name]
+    assert glob.shape == (BRANCHES, 77, 32)
+    chunk_tokens = join_frames(seen[-1], 3)  # (B, 192, C), the second chunk's attn1 input
+    for b in range(BRANCHES):
+        match = (glob[b][:, None, :] == chunk_tokens[b][None]).all(-1)  # (77, 192)
+        assert match.any(1).all()
+
+
+def test_vidtome_one_frame_chunk_then_a_full_chunk(model):
+    # The engine's first chunk may hold a single frame: no local merging, it seeds the global set.
+    state = apply_patch(model, "vidtome", MergeSettings(global_rand=1.0))
+    name = "down_blocks.0.attentions.0.transformer_blocks.0"
+    g = torch.Generator().manual_seed(0)
+    state.begin_step()
+    state.begin_chunk(1, BRANCHES, g)
+    out = run(model, *inputs(frames=1))
+    assert out.shape == (BRANCHES, 4, 8, 8) and torch.isfinite(out).all()
+    assert state.stats[name].local == 64 and state.global_tokens[name].shape[1] == 64
+    state.begin_chunk(FRAMES, BRANCHES, g)
+    run(model, *inputs())
+    # 84 local tokens; the 64 global ones are the source side, int(64 * 0.8) = 51 of them merge.
+    assert state.stats[name].attended == 84 + 64 - 51
+
+
+def test_remove_patch_restores_stock_processors_and_output(model):
+    lat, text = inputs()
+    stock = run(model, lat, text)
+    hooks = len(model._forward_pre_hooks)
+    apply_patch(model, "extended")
+    state = apply_patch(model, "vidtome", MergeSettings())  # re-patching replaces the patch
+    chunk(state)
+    assert not torch.allclose(run(model, lat, text), stock, atol=1e-4)
+    remove_patch(model)
+    assert all(isinstance(p, AttnProcessor2_0) for p in model.attn_processors.values())
+    assert len(model._forward_pre_hooks) == hooks
+    assert torch.equal(run(model, lat, text), stock)
+    remove_patch(model)  # no-op when not patched
+
+
+def test_patch_errors(model):
+    with pytest.raises(ConfigError, match="method"):
+        apply_patch(model, "tokenflow")
+    with pytest.raises(ConfigError, match="local_ratio"):
+        apply_patch(model, "vidtome", MergeSettings(local_ratio=1.5))
+    state = apply_patch(model, "vidtome", MergeSettings(align_batch=False))
+    with pytest.raises(ConfigError, match="align_batch"):
+        state.begin_chunk(FRAMES, 3, torch.Generator(), inject_qk=True)
+    state = apply_patch(model, "extended")
+    lat, text = inputs()
+    with pytest.raises(RuntimeError, match="begin_chunk"):
+        run(model, lat, text)
+    state.begin_chunk(3, BRANCHES)
+    with pytest.raises(RuntimeError, match="3 frames"):
+        run(model, lat, text)
+
+
+# --- PnP query/key injection on a single Attention module -------------------------------------
+
+DECODER = "up_blocks.1.attentions.0.transformer_blocks.0"
+ENCODER = "down_blocks.0.attentions.0.transformer_blocks.0"
+
+
+def attention_module() -> Attention:
+    torch.manual_seed(3)
+    return Attention(query_dim=32, heads=2, dim_head=16).eval()
+
+
+def expected_injected(attn: Attention, q_in: torch.Tensor, kv_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+    """Attention with queries/keys from q_in/kv_in and values from v_in: (b, M, C) each."""
+    b = q_in.shape[0]
+
+    def heads(t):
+        return t.view(b, -1, 2, 16).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(attn.to_q(q_in)), heads(attn.to_k(kv_in)), heads(attn.to_v(v_in)))
+    return attn.to_out[0](out.transpose(1, 2).reshape(b, -1, 32))
+
+
+def call(method: str, x: torch.Tensor, name: str, inject: bool, settings: MergeSettings | None = None):
+    attn = attention_module()
+    state = FrameAttentionState(method, settings or MergeSettings(global_merge=False))
+    attn.set_processor(FrameAttnProcessor(state, name))
+    state.begin_chunk(3, BRANCHES, torch.Generator().manual_seed(0), inject_qk=inject, latent_hw=(2, 2))
+    with torch.no_grad():
+        return attn, attn(x)
+
+
+@pytest.mark.parametrize("method", ["per-frame", "extended", "vidtome"])
+def test_inject_qk_is_a_no_op_when_branches_agree(method):
+    torch.manual_seed(4)
+    branch = torch.randn(3, 4, 32)  # 3 frames of 4 tokens
+    x = torch.cat([branch, branch])
+    _, plain = call(method, x, DECODER, inject=False)
+    _, injected = call(method, x, DECODER, inject=True)
+    assert torch.allclose(injected, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["per-frame", "extended", "vidtome"])
+def test_inject_qk_uses_branch_zero_queries_and_keys(method):
+    torch.manual_seed(5)
+    x = torch.randn(BRANCHES * 3, 4, 32)
+    x0, x1 = x[:3], x[3:]
+    _, plain = call(method, x, DECODER, inject=False)
+    attn, injected = call(method, x, DECODER, inject=True)
+    assert torch.allclose(injected[:3], plain[:3], atol=1e-6)  # the source branch is untouched
+    assert (injected[3:] - plain[3:]).abs().max() > 1e-3
+    with torch.no_grad():
+        if method == "per-frame":
+            expected = expected_injected(attn, x0, x0, x1)
+        elif method == "extended":
+            j0, j1 = join_frames(x0, 3), join_frames(x1, 3)
+            expected = split_frames(expected_injected(attn, j0, j0, j1), 3)
+        else:
+            # The aligned matching the processor computed with the same generator seed.
+            joined = join_frames(x, 3)
+            m = local_merge(joined, 3, 0.9, 4, torch.Generator().manual_seed(0), align_batch=True)
+            assert not m.is_identity
+            t = m.merge(joined)
+            expected = split_frames(m.unmerge(expected_injected(attn, t[:1], t[:1], t[1:])), 3)
+    assert torch.allclose(injected[3:], expected, atol=1e-5)
+    # Encoder blocks are never injected.
+    _, encoder = call(method, x, ENCODER, inject=True)
+    assert torch.allclose(encoder, plain, atol=1e-6)

@@ -1,0 +1,110 @@
+"""The editing engine on the tiny model: chunking, determinism, inversion through the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vidbatch.editing import EditorSettings, VideoEditor, chunk_schedule, sample_seed
+from vidbatch.inversion_cache import InversionCache
+from vidbatch.models import load_pipeline, model_fingerprint
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny")
+
+
+def frames_of(seed: int, count: int = 5, size: int = 32) -> np.ndarray:
+    """A smooth moving texture: (count, size, size, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size // 4, size // 4, 3)).astype(np.float32)
+    big = np.kron(base, np.ones((8, 8, 1)))
+    return np.stack([np.roll(big, i, axis=1)[:size, :size] for i in range(count)]).astype(np.uint8)
+
+
+def count_unet_calls(unet) -> list[int]:
+    calls = [0]
+    unet.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("order", ["seq", "rand", "mix"])
+@pytest.mark.parametrize("frames, chunk", [(1, 4), (4, 4), (5, 4), (17, 4), (64, 5), (9, 1)])
+def test_chunk_schedule_covers_every_frame_once_in_consecutive_runs(order, frames, chunk):
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        chunks = chunk_schedule(frames, chunk, order, generator)
+        assert sorted(torch.cat(chunks).tolist()) == list(range(frames))
+        for c in chunks:
+            assert 1 <= len(c) <= chunk
+            assert torch.equal(c, torch.arange(int(c[0]), int(c[0]) + len(c)))
+
+
+def test_chunk_borders_move_between_steps_with_rand():
+    generator = torch.Generator().manual_seed(0)
+    firsts = {len(sorted(chunk_schedule(16, 4, "rand", generator), key=lambda c: int(c[0]))[0]) for _ in range(20)}
+    assert len(firsts) > 1
+    assert {len(c) for c in chunk_schedule(16, 4, "seq", generator)} == {4}
+
+
+def test_sample_seed_depends_on_every_part():
+    assert sample_seed(0, "a", "x") == sample_seed(0, "a", "x")
+    assert len({sample_seed(0, "a", "x"), sample_seed(1, "a", "x"), sample_seed(0, "b", "x"),
+                sample_seed(0, "a", "y")}) == 4
+
+
+def test_edit_is_deterministic_and_seed_matters_with_eta(pipe):
+    editor = VideoEditor(pipe, EditorSettings(steps=3, eta=0.5, guidance=5.0))
+    frames = frames_of(0)
+    a = editor.edit(frames, "a texture", [("e", "a painting")], seed=1, key="k").frames["e"]
+    b = editor.edit(frames, "a texture", [("e", "a painting")], seed=1, key="k").frames["e"]
+    c = editor.edit(frames, "a texture", [("e", "a painting")], seed=2, key="k").frames["e"]
+    assert a.shape == frames.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_chunk_size_does_not_change_per_frame_output(pipe):
+    frames = frames_of(1)
+    outputs = [VideoEditor(pipe, EditorSettings(steps=2, chunk_size=size, inversion_batch=size)).edit(
+        frames, "x", [("e", "y")], seed=0, key="k").frames["e"] for size in (1, 5)]
+    assert np.abs(outputs[0].astype(int) - outputs[1].astype(int)).max() <= 1
+
+
+def test_inversion_cache_hit_equals_miss_and_skips_the_inversion(pipe, tmp_path):
+    cache = InversionCache(tmp_path / "cache")
+    editor = VideoEditor(pipe, EditorSettings(steps=3), cache, model_fingerprint(pipe))
+    frames = frames_of(2)
+    calls = count_unet_calls(pipe.unet)
+    first = editor.edit(frames, "src", [("e", "dst")], seed=0, key="k")
+    miss_calls = calls[0]
+    calls[0] = 0
+    second = editor.edit(frames, "src", [("e", "dst")], seed=0, key="other-name")
+    assert (first.inversion_cache, second.inversion_cache) == ("miss", "hit")
+    assert calls[0] == 3 * 2                   # the hit ran only the denoising calls (3 steps x 2 chunks)
+    assert miss_calls == calls[0] + 3          # the miss also inverted (3 steps x 1 batch of 5 frames)
+    editor.edit(frames, "another source prompt", [("e", "dst")], seed=0, key="k")
+    assert len(cache.entries()) == 2           # the prompt is part of the key
+    again = VideoEditor(pipe, EditorSettings(steps=3), cache, model_fingerprint(pipe))
+    third = again.edit(frames, "src", [("e", "dst")], seed=0, key="k")
+    assert third.inversion_cache == "hit"
+    assert np.array_equal(first.frames["e"], third.frames["e"])
+    assert VideoEditor(pipe, EditorSettings(steps=4), cache, model_fingerprint(pipe)).edit(
+        frames, "src", [("e", "dst")], seed=0, key="k").inversion_cache == "miss"
+
+
+def test_corrupt_cache_entry_is_recomputed(pipe, tmp_path, caplog):
+    cache = InversionCache(tmp_path / "cache")
+    editor = VideoEditor(pipe, EditorSettings(steps=2), cache, model_fingerprint(pipe))
+    frames = frames_of(3)
+    first = editor.edit(frames, "src", [("e", "dst")], seed=0, key="k")
+    (entry,) = cache.entries()
+    data = bytearray(entry.path.read_bytes())
+    data[-10:] = b"\x00" * 10
+    entry.path.write_bytes(bytes(data))
+    second = editor.edit(frames, "src", [("e", "dst")], seed=0, key="k")
+    assert second.inversion_cache == "miss"
+    assert np.array_equal(first.frames["e"], second.frames["e"])
+    assert editor.edit(frames, "src", [("e", "dst")], seed=0, key="k").inversion_cache == "hit"

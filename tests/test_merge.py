@@ -1,0 +1,286 @@
+"""Unit tests of vidbatch.merge: bipartite matching, local and global merging, merge/unmerge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidbatch.merge import Merge, bipartite_match, global_merge, join_frames, local_merge, split_frames
+
+FRAME_COUNTS = [1, 2, 3, 5, 8, 17, 64]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def representatives(m: Merge) -> torch.Tensor:
+    """(Bm, T): for every position, the position of the kept token whose value it takes."""
+    return m.keep.gather(1, m.back)
+
+
+def expected_local_counts(num_frames: int, n: int, ratio: float, stride: int, seed: int) -> list[tuple[int, int]]:
+    """Replays the local recursion's draws and returns (n_src, r) of every level."""
+    g = gen(seed)
+    frames, levels = num_frames, []
+    while frames > 1:
+        s = min(stride, frames)
+        offset = int(torch.randint(0, s, (1,), generator=g).item())
+        num_dst = len([i for i in range(frames) if i % s == offset])
+        n_src = (frames - num_dst) * n
+        levels.append((n_src, int(n_src * ratio)))
+        frames = num_dst
+    return levels
+
+
+def naive_local_merge(x: torch.Tensor, num_frames: int, ratio: float, stride: int, seed: int) -> list[int]:
+    """Straightforward per-token re-implementation of the local recursion for one batch element.
+
+    Returns the representative position of every position.
+    """
+    g = gen(seed)
+    t = x.shape[0]
+    n = t // num_frames
+    xn = x / x.norm(dim=-1, keepdim=True)
+    rep = list(range(t))
+    frames, carry = list(range(num_frames)), []
+    while len(frames) > 1:
+        s = min(stride, len(frames))
+        offset = int(torch.randint(0, s, (1,), generator=g).item())
+        dst_frames = [f for i, f in enumerate(frames) if i % s == offset]
+        src = [f * n + p for i, f in enumerate(frames) if i % s != offset for p in range(n)]
+        dst = [f * n + p for f in dst_frames for p in range(n)] + carry
+        best = []
+        for a in src:
+            scores = [float(xn[a] @ xn[b]) for b in dst]
+            j = max(range(len(dst)), key=lambda k: (scores[k], -k))  # first maximum
+            best.append((scores[j], dst[j]))
+        order = sorted(range(len(src)), key=lambda i: -best[i][0])  # stable
+        r = int(len(src) * ratio)
+        for i in order[:r]:
+            rep = [best[i][1] if v == src[i] else v for v in rep]
+        carry = carry + [src[i] for i in order[r:]]
+        frames = dst_frames
+    return rep
+
+
+def test_merge_then_unmerge_restores_kept_tokens_and_copies_destinations():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5 * 7, 8)
+    m = local_merge(x, 5, 0.7, 4, gen(3))
+    merged = m.merge(x)
+    assert merged.shape == (2, m.num_kept, 8) and m.num_kept < 35
+    assert torch.equal(merged, x[:, m.keep[0]])
+    restored = m.unmerge(merged)
+    assert restored.shape == x.shape
+    kept = torch.zeros(35, dtype=torch.bool)
+    kept[m.keep[0]] = True
+    # Kept tokens come back exactly; kept positions un-merge to themselves.
+    assert torch.equal(restored[:, kept], x[:, kept])
+    assert torch.equal(representatives(m)[0, kept], torch.arange(35)[kept])
+    # Every merged position takes the value of its (kept) destination, never its own.
+    rep = representatives(m)[0]
+    assert kept[rep].all()
+    assert (rep[~kept] != torch.arange(35)[~kept]).all()
+    assert torch.equal(restored, x[:, rep])
+    # The same matching applies to any tensor of the layout (e.g. values of other channels).
+    v = torch.randn(2, 35, 3)
+    assert torch.equal(m.unmerge(m.merge(v)), v[:, rep])
+
+
+@pytest.mark.parametrize("num_frames", FRAME_COUNTS)
+@pytest.mark.parametrize("ratio", [0.3, 0.9, 1.0])
+def test_token_counts_follow_r_equals_int_nsrc_ratio_per_level(num_frames, ratio):
+    n, seed = 6, 11
+    x = torch.randn(1, num_frames * n, 4)
+    m = local_merge(x, num_frames, ratio, 4, gen(seed))
+    levels = expected_local_counts(num_frames, n, ratio, 4, seed)
+    assert m.num_tokens == num_frames * n
+    assert m.num_kept == num_frames * n - sum(r for _, r in levels)
+    if num_frames > 1:
+        assert len(levels) >= 1
+
+
+def test_ratio_zero_is_exact_identity_and_draws_nothing():
+    x = torch.randn(3, 8 * 5, 4)
+    g = gen(5)
+    before = g.get_state()
+    m = local_merge(x, 8, 0.0, 4, g)
+    assert m.is_identity and m.num_kept == 40
+    assert m.merge(x) is x and m.unmerge(x) is x
+    assert torch.equal(g.get_state(), before)
+    # One frame: nothing to merge either.
+    m1 = local_merge(x[:, :5], 1, 0.9, 4, g)
+    assert m1.is_identity and torch.equal(g.get_state(), before)
+
+
+@pytest.mark.parametrize("num_frames", FRAME_COUNTS)
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 1.0])
+def test_any_frame_count_keeps_tokens_aligned(num_frames, ratio):
+    # Every frame holds the same N distinct vectors at the same positions: the only perfect match
+    # of a token is the same spatial position in another frame, so a correct matching maps every
+    # position to a kept token at the same spatial position (the reference breaks at 17+ frames).
+    n, c = 6, 16
+    torch.manual_seed(1)
+    frame = torch.randn(n, c)
+    x = frame.repeat(num_frames, 1)[None] * torch.rand(num_frames * n, 1)  # a scale keeps the cosine at 1
+    m = local_merge(x, num_frames, ratio, 4, gen(2))
+    rep = representatives(m)[0]
+    pos = torch.arange(num_frames * n)
+    assert ((rep >= 0) & (rep < num_frames * n)).all()
+    assert torch.equal(rep % n, pos % n)
+    if ratio == 1.0:
+        # Everything merges down into exactly one whole frame.
+        assert m.num_kept == n
+        kept_frames = (m.keep[0] // n).unique()
+        assert kept_frames.numel() == 1
+        assert torch.equal(m.keep[0] % n, torch.arange(n))
+
+
+@pytest.mark.parametrize("num_frames", [2, 3, 5, 8, 17])
+def test_local_merge_matches_a_naive_reimplementation(num_frames):
+    torch.manual_seed(num_frames)
+    n = 5
+    x = torch.randn(1, num_frames * n, 6, dtype=torch.float64)
+    m = local_merge(x, num_frames, 0.6, 4, gen(7))
+    expected = naive_local_merge(x[0], num_frames, 0.6, 4, 7)
+    assert representatives(m)[0].tolist() == expected
+
+
+def test_local_merge_same_generator_seed_same_matching_other_seed_differs():
+    x = torch.randn(2, 8 * 6, 4)
+    a = local_merge(x, 8, 0.9, 4, gen(0))
+    b = local_merge(x, 8, 0.9, 4, gen(0))
+    assert torch.equal(a.keep, b.keep) and torch.equal(a.back, b.back)
+    differs = [not torch.equal(local_merge(x, 8, 0.9, 4, gen(s)).back, a.back) for s in range(1, 6)]
+    assert any(differs)
+
+
+def test_align_batch_shares_indices_and_uses_concatenated_scores():
+    # One source token; branch 0 prefers destination 0 (cos 0.8), branch 1 prefers destination 1
+    # with a higher score (cos 0.99): the aligned matching picks destination 1 for every branch.
+    src = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])
+    dst = torch.tensor([
+        [[0.8, 0.6], [0.0, 1.0]],
+        [[0.0, 1.0], [0.99, 0.141]],
+    ])
+    s_idx, d_idx, u_idx = bipartite_match(src, dst, 1, align_batch=True)
+    assert s_idx.shape == (1, 1) and d_idx.tolist() == [[1]] and u_idx.shape == (1, 0)
+    s_idx, d_idx, _ = bipartite_match(src, dst, 1, align_batch=False)
+    assert d_idx.tolist() == [[0], [1]]
+
+    torch.manual_seed(3)
+    x = torch.randn(3, 4 * 8, 5)
+    m = local_merge(x, 4, 0.8, 4, gen(1), align_batch=True)
+    assert m.keep.shape[0] == 1 and m.back.shape[0] == 1
+    merged = m.merge(x)
+    for b in range(3):
+        assert torch.equal(merged[b], x[b, m.keep[0]])
+
+
+def test_without_align_batch_each_element_gets_its_own_matching():
+    torch.manual_seed(4)
+    x = torch.randn(2, 4 * 8, 5)
+    m = local_merge(x, 4, 0.8, 4, gen(1), align_batch=False)
+    assert m.keep.shape == (2, m.num_kept)
+    for b in range(2):
+        single = local_merge(x[b : b + 1], 4, 0.8, 4, gen(1), align_batch=False)
+        assert torch.equal(m.keep[b], single.keep[0]) and torch.equal(m.back[b], single.back[0])
+    assert not torch.equal(m.keep[0], m.keep[1])
+    with pytest.raises(ValueError, match="batch"):
+        m.merge(torch.randn(3, 32, 5))
+
+
+def test_global_merge_without_a_global_set_is_identity_and_draws_nothing():
+    x = torch.randn(2, 9, 4)
+    g = gen(0)
+    before = g.get_state()
+    for empty in (None, torch.randn(2, 0, 4)):
+        m = global_merge(x, empty, 0.8, 0.5, g)
+        assert m.is_identity and m.num_tokens == 9
+    assert torch.equal(g.get_state(), before)
+
+
+@pytest.mark.parametrize("rand, global_is_src", [(1.0, True), (0.0, False)])
+def test_global_merge_sides(rand, global_is_src):
+    torch.manual_seed(5)
+    local = torch.randn(2, 10, 8)
+    # Global tokens 0..5 are scaled copies of local tokens 3..8 (cosine 1), 6 and 7 unrelated.
+    glob = torch.cat([local[:, 3:9] * 2.0, torch.randn(2, 2, 8)], dim=1)
+    m = global_merge(local, glob, 0.5, rand, gen(0))
+    l, g = 10, 8
+    n_src = g if global_is_src else l
+    assert m.num_tokens == l + g
+    assert m.num_kept == l + g - int(n_src * 0.5)
+    rep = representatives(m)[0]
+    if global_is_src:
+        assert torch.equal(m.keep[0, :l], torch.arange(l))  # the chunk's tokens all stay
+        merged = (rep != torch.arange(l + g)).nonzero()[:, 0]
+        assert merged.numel() == 4 and set(merged.tolist()) <= set(range(l, l + 6))
+        # The perfect copies merge first, each into the local token it copies.
+        for j in merged.tolist():
+            assert rep[j] == j - l + 3
+    else:
+        assert torch.equal(m.keep[0, -g:], torch.arange(l, l + g))  # the global set all stays
+        merged = (rep != torch.arange(l + g)).nonzero()[:, 0]
+        assert merged.numel() == 5 and set(merged.tolist()) <= set(range(3, 9))
+        for j in merged.tolist():
+            assert rep[j] == l + j - 3  # into the global copy of itself
+    tokens = torch.cat([local, glob], dim=1)
+    out = m.unmerge(m.merge(tokens))
+    assert torch.equal(out, tokens[:, rep])
+
+
+def test_global_merge_ratio_zero_keeps_everything():
+    local, glob = torch.randn(2, 6, 4), torch.randn(2, 5, 4)
+    m = global_merge(local, glob, 0.0, 0.5, gen(0))
+    assert m.is_identity and m.num_tokens == 11
+
+
+def test_mean_mode_averages_each_group():
+    torch.manual_seed(6)
+    x = torch.randn(1, 3 * 4, 5)
+    m = local_merge(x, 3, 1.0, 4, gen(0))
+    mean = m.merge(x, mode="mean")
+    for k in range(m.num_kept):
+        group = (m.back[0] == k).nonzero()[:, 0]
+        assert torch.allclose(mean[0, k], x[0, group].mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="merge mode"):
+        m.merge(x, mode="max")
+
+
+def test_field_notes_token_example():
+    # SD 1.5 at 512 px, 64x64 level, chunk of 4 frames, ratios 0.9 / 0.8:
+    # 16384 tokens extended, 5325 after local merging, 6390 with the previous chunk's global set.
+    torch.manual_seed(7)
+    x = torch.randn(1, 4 * 4096, 4)
+    local = local_merge(x, 4, 0.9, 4, gen(0))
+    assert local.num_tokens == 16384
+    assert local.num_kept == 5325  # one level: 12288 sources, r = int(12288 * 0.9) = 11059
+    tokens = local.merge(x)
+    previous = torch.randn(1, 5325, 4)
+    for rand in (0.0, 1.0):
+        glob = global_merge(tokens, previous, 0.8, rand, gen(0))
+        assert glob.num_kept == 6390
+
+
+def test_join_and_split_frames_are_branch_major_inverses():
+    x = torch.arange(2 * 3 * 4 * 1, dtype=torch.float32).reshape(6, 4, 1)  # B=2, F=3, N=4
+    j = join_frames(x, 3)
+    assert j.shape == (2, 12, 1)
+    assert torch.equal(j[1, :4], x[3])  # branch 1 starts with its frame 0
+    assert torch.equal(split_frames(j, 3), x)
+
+
+def test_invalid_arguments_raise():
+    x = torch.randn(1, 10, 4)
+    with pytest.raises(ValueError, match="frames"):
+        local_merge(x, 3, 0.5, 4, gen())
+    with pytest.raises(ValueError, match="ratio"):
+        local_merge(x, 2, 1.5, 4, gen())
+    with pytest.raises(ValueError, match="stride"):
+        local_merge(x, 2, 0.5, 1, gen())
+    with pytest.raises(ValueError, match="Generator"):
+        local_merge(x, 2, 0.5, 4, None)
+    with pytest.raises(ValueError, match="r=5"):
+        bipartite_match(torch.randn(1, 4, 2), torch.randn(1, 3, 2), 5)

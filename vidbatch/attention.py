@@ -1,0 +1,447 @@
+"""Self-attention processors for video frames (per-frame, extended, VidToMe) and the patch API.
+
+Only the self-attention (``attn1``) of every ``BasicTransformerBlock`` of a diffusers UNet is
+replaced; cross-attention and feed-forward stay stock. All patched processors of one UNet share one
+:class:`FrameAttentionState`, which the editing engine drives:
+
+.. code-block:: python
+
+    state = apply_patch(unet, "vidtome", MergeSettings())
+    for step in steps:
+        state.begin_step()                                   # forget the global tokens
+        for chunk in chunks:
+            state.begin_chunk(len(chunk), num_branches=2, generator=g)
+            unet(latents_of_chunk_for_all_branches, t, text)  # batch B*F, branch-major
+    remove_patch(unet)
+
+A UNet call on a chunk of ``F`` frames has batch ``B*F``, branch-major (all frames of branch 0, then
+branch 1, ...). The self-attention input is ``hidden_states = norm1(x)`` of shape ``(B*F, N, C)``.
+
+Methods:
+
+- ``per-frame``: attention inside each frame, exactly the stock ``AttnProcessor2_0``.
+- ``extended``: attention over all ``F*N`` tokens of the chunk, per branch.
+- ``vidtome``: in blocks at most ``max_downsample`` below the latent grid, VidToMe local (and
+  global) token merging of the chunk, attention over the merged set, unmerge; per-frame elsewhere.
+
+With ``inject_qk`` (Plug-and-Play) the decoder blocks (``up_blocks.*``) use the queries and keys of
+branch 0 (the source branch) in every branch, position by position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vidbatch.errors import ConfigError
+from vidbatch.merge import MERGE_MODES, Merge, global_merge, join_frames, local_merge, split_frames
+
+__all__ = [
+    "METHODS",
+    "BlockStats",
+    "FrameAttentionState",
+    "FrameAttnProcessor",
+    "MergeSettings",
+    "apply_patch",
+    "remove_patch",
+]
+
+METHODS = ("per-frame", "extended", "vidtome")
+
+# Attribute of the UNet that holds what apply_patch changed, for remove_patch.
+_PATCH_ATTR = "_vidbatch_frame_attention"
+
+
+@dataclass
+class MergeSettings:
+    """VidToMe merging parameters (defaults: the reference's).
+
+    Attributes:
+        local_ratio: fraction of the source tokens merged at every local level.
+        global_ratio: fraction of the source side merged between the chunk and the global set.
+        global_merge: merge with the block's global token set (the previous chunk's tokens).
+        global_rand: probability that the global set is the source side of the global matching.
+        target_stride: one destination frame in every ``target_stride`` frames (>= 2).
+        align_batch: one matching for all guidance branches (required with PnP injection).
+        max_downsample: merge only in blocks whose grid is at most this much below the latent.
+        merge_mode: ``"replace"`` (VidToMe) or ``"mean"`` (see :meth:`vidbatch.merge.Merge.merge`).
+    """
+
+    local_ratio: float = 0.9
+    global_ratio: float = 0.8
+    global_merge: bool = True
+    global_rand: float = 0.5
+    target_stride: int = 4
+    align_batch: bool = True
+    max_downsample: int = 2
+    merge_mode: str = "replace"
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid value."""
+        for key in ("local_ratio", "global_ratio", "global_rand"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"merge.{key} must be in [0, 1], got {value}")
+        if self.target_stride < 2:
+            raise ConfigError(f"merge.target_stride must be at least 2, got {self.target_stride}")
+        if self.max_downsample < 1:
+            raise ConfigError(f"merge.max_downsample must be at least 1, got {self.max_downsample}")
+        if self.merge_mode not in MERGE_MODES:
+            raise ConfigError(f"merge.merge_mode must be one of {MERGE_MODES}, got {self.merge_mode!r}")
+
+
+@dataclass
+class BlockStats:
+    """Token counts of one block's last self-attention call, per guidance branch.
+
+    Attributes:
+        tokens: tokens of the chunk, ``F*N``.
+        local: tokens after local merging (``tokens`` when nothing was merged).
+        attended: size of the token set one query attends over (``N`` per-frame, ``F*N`` extended,
+            the merged set including global tokens with VidToMe).
+        downsample: the block's grid downsampling from the latent grid (0 when unknown).
+    """
+
+    tokens: int
+    local: int
+    attended: int
+    downsample: int = 0
+
+
+class FrameAttentionState:
+    """State shared by all patched processors of one UNet; created by :func:`apply_patch`.
+
+    Attributes:
+        method: ``"per-frame"``, ``"extended"`` or ``"vidtome"``.
+        settings: the :class:`MergeSettings` (used by ``vidtome``).
+        num_frames, num_branches, generator, inject_qk: the current chunk (see :meth:`begin_chunk`).
+        latent_tokens: ``h*w`` of the latent, recorded at every UNet call (or from ``latent_hw``).
+        global_tokens: block name -> ``(B, L, C)`` global token set of the current step.
+        stats: block name -> :class:`BlockStats` of the block's last call.
+    """
+
+    def __init__(self, method: str, settings: MergeSettings) -> None:
+        self.method = method
+        self.settings = settings
+        self.num_frames: int | None = None
+        self.num_branches: int | None = None
+        self.generator: torch.Generator | None = None
+        self.inject_qk = False
+        self.latent_tokens: int | None = None
+        self.global_tokens: dict[str, Tensor] = {}
+        self.stats: dict[str, BlockStats] = {}
+
+    def begin_step(self) -> None:
+        """Start a denoising step: forget every block's global tokens."""
+        self.global_tokens.clear()
+
+    def begin_chunk(
+        self,
+        num_frames: int,
+        num_branches: int,
+        generator: torch.Generator | None = None,
+        inject_qk: bool = False,
+        latent_hw: tuple[int, int] | None = None,
+    ) -> None:
+        """Declare the next UNet call(s): a chunk of ``num_frames`` frames for ``num_branches`` branches.
+
+        Args:
+            num_frames: ``F``, frames of the chunk.
+            num_branches: ``B``, guidance branches; the UNet batch must be ``B*F``, branch-major.
+            generator: the only source of randomness of ``vidtome`` (destination frames, global
+                merging side), drawn in a fixed order: the same seed gives bit-identical output.
+            inject_qk: PnP: decoder blocks use branch 0's queries and keys in every branch.
+            latent_hw: the latent's ``(h, w)``; only needed when the processors are called without
+                the UNet's forward (which records it).
+        """
+        if num_frames < 1 or num_branches < 1:
+            raise ValueError(f"a chunk needs at least one frame and one branch, got {num_frames} and {num_branches}")
+        if inject_qk and self.method == "vidtome" and not self.settings.align_batch:
+            raise ConfigError(
+                "PnP query/key injection needs the guidance branches position-aligned: "
+                "set merge.align_batch to true (or disable PnP)"
+            )
+        self.num_frames = num_frames
+        self.num_branches = num_branches
+        self.generator = generator
+        self.inject_qk = inject_qk
+        if latent_hw is not None:
+            self.latent_tokens = int(latent_hw[0]) * int(latent_hw[1])
+
+    def downsample(self, num_tokens: int) -> int:
+        """Downsampling of a block with ``num_tokens`` tokens per frame from the latent grid."""
+        if self.latent_tokens is None:
+            raise RuntimeError(
+                "the latent size is unknown: call the patched UNet itself (apply_patch records it), "
+                "or pass latent_hw to begin_chunk"
+            )
+        return int(math.ceil(math.sqrt(self.latent_tokens / num_tokens) - 1e-6))
+
+
+def _broadcast_branch0(t: Tensor, num_branches: int) -> Tensor:
+    """Copy branch 0 into every branch: ``(B*k, ...) -> (B*k, ...)``, batch branch-major."""
+    b0 = t.reshape(num_branches, -1, *t.shape[1:])[:1]
+    return b0.expand(num_branches, *b0.shape[1:]).reshape(t.shape)
+
+
+def _attend(
+    attn,
+    hidden_states: Tensor,
+    context: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    inject_branches: int | None = None,
+) -> Tensor:
+    """Project, attend with SDPA and project out, as ``AttnProcessor2_0`` does.
+
+    Args:
+        attn: the diffusers ``Attention`` module.
+        hidden_states: ``(b, M, C)`` query tokens.
+        context: ``(b, M', C')`` key/value tokens, ``hidden_states`` when ``None``.
+        attention_mask: already prepared, ``(b, heads, M, M')``, or ``None``.
+        inject_branches: when set, the batch is that many branches (branch-major) and every branch
+            uses branch 0's queries and keys.
+
+    Returns:
+        ``(b, M, C_out)`` after ``to_out`` (no residual, no rescale).
+    """
+    batch_size = hidden_states.shape[0]
+    query = attn.to_q(hidden_states)
+    if context is None:
+        context = hidden_states
+    key = attn.to_k(context)
+    value = attn.to_v(context)
+
+    inner_dim = key.shape[-1]
+    head_dim = inner_dim // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if inject_branches is not None and inject_branches > 1:
+        query = _broadcast_branch0(query, inject_branches)
+        key = _broadcast_branch0(key, inject_branches)
+
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+    out = attn.to_out[0](out)
+    return attn.to_out[1](out)
+
+
+class FrameAttnProcessor:
+    """Self-attention processor for one ``BasicTransformerBlock.attn1``, driven by a shared state.
+
+    Args:
+        state: the :class:`FrameAttentionState` shared by the UNet's patched processors.
+        name: the block's module name (``down_blocks.0.attentions.0.transformer_blocks.0``); keys
+            the block's global tokens and statistics; ``up_blocks.*`` are decoder blocks.
+    """
+
+    def __init__(self, state: FrameAttentionState, name: str) -> None:
+        self.state = state
+        self.name = name
+        self.is_decoder = name.startswith("up_blocks.")
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
+        st = self.state
+        if st.method == "per-frame":
+            return self._per_frame(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError(
+                f"{st.method} attention is self-attention without a mask; block {self.name} passed "
+                "encoder_hidden_states or an attention mask to attn1"
+            )
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError(f"{st.method} attention supports (batch, tokens, channels) input without spatial/group norm")
+        num_branches, num_frames = self._chunk(hidden_states)
+        if st.method == "vidtome":
+            ds = st.downsample(hidden_states.shape[1])
+            if ds > st.settings.max_downsample:
+                return self._per_frame(attn, hidden_states, None, None, temb, downsample=ds)
+            out = self._vidtome(attn, hidden_states, num_branches, num_frames, ds)
+        elif st.method == "extended":
+            x = join_frames(hidden_states, num_frames)
+            out = split_frames(_attend(attn, x, inject_branches=self._inject(num_branches)), num_frames)
+            t = x.shape[1]
+            st.stats[self.name] = BlockStats(tokens=t, local=t, attended=t)
+        else:
+            raise ConfigError(f"unknown attention method {st.method!r}; expected one of {METHODS}")
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def _chunk(self, hidden_states: Tensor) -> tuple[int, int]:
+        st = self.state
+        if st.num_frames is None or st.num_branches is None:
+            raise RuntimeError(f"{st.method} attention needs the chunk layout: call state.begin_chunk() before the UNet")
+        if hidden_states.shape[0] != st.num_frames * st.num_branches:
+            raise RuntimeError(
+                f"block {self.name} got a batch of {hidden_states.shape[0]}, but begin_chunk declared "
+                f"{st.num_branches} branches x {st.num_frames} frames"
+            )
+        return st.num_branches, st.num_frames
+
+    def _inject(self, num_branches: int) -> int | None:
+        return num_branches if (self.state.inject_qk and self.is_decoder) else None
+
+    def _per_frame(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None,
+        attention_mask: Tensor | None,
+        temb: Tensor | None,
+        downsample: int = 0,
+    ) -> Tensor:
+        """The stock ``AttnProcessor2_0`` computation, plus PnP injection."""
+        st = self.state
+        inject = None
+        if st.inject_qk and self.is_decoder:
+            inject = self._chunk(hidden_states)[0]
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        n = hidden_states.shape[1]
+        out = _attend(attn, hidden_states, encoder_hidden_states, attention_mask, inject)
+
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        out = out / attn.rescale_output_factor
+        if st.num_frames is not None and hidden_states.shape[0] == st.num_frames * (st.num_branches or 0):
+            t = st.num_frames * n
+            st.stats[self.name] = BlockStats(tokens=t, local=t, attended=n, downsample=downsample)
+        return out
+
+    def _vidtome(self, attn, hidden_states: Tensor, num_branches: int, num_frames: int, downsample: int) -> Tensor:
+        """Local (+ global) merge, joint attention over the merged set, unmerge: ``(B*F, N, C)`` in and out."""
+        st, s = self.state, self.state.settings
+        if st.generator is None and ((s.local_ratio > 0 and num_frames > 1) or s.global_merge):
+            raise RuntimeError("vidtome attention needs a torch.Generator: pass one to begin_chunk")
+        x = join_frames(hidden_states, num_frames)  # (B, F*N, C)
+        local = local_merge(x, num_frames, s.local_ratio, s.target_stride, st.generator, s.align_batch)
+        tokens = local.merge(x, s.merge_mode)  # (B, L, C)
+        num_local = tokens.shape[1]
+
+        glob: Merge | None = None
+        if s.global_merge:
+            previous = st.global_tokens.get(self.name)
+            if previous is not None and (previous.shape[0] != num_branches or previous.shape[2] != x.shape[2]):
+                raise RuntimeError(
+                    f"block {self.name}: the global tokens ({tuple(previous.shape)}) come from chunks with "
+                    f"another layout than this one ({num_branches} branches); call begin_step() between runs"
+                )
+            glob = global_merge(tokens, previous, s.global_ratio, s.global_rand, st.generator, s.align_batch)
+            if previous is not None:
+                tokens = glob.merge(torch.cat([tokens, previous.to(tokens.dtype)], dim=1), s.merge_mode)
+                # The new global set: this chunk's tokens at the local level, as the global matching
+                # left them (merged ones take their global destination's value). Replaces the old set.
+                st.global_tokens[self.name] = glob.unmerge(tokens)[:, :num_local].detach()
+            else:
+                st.global_tokens[self.name] = tokens.detach()
+
+        out = _attend(attn, tokens, inject_branches=self._inject(num_branches))  # (B, M, C_out)
+        st.stats[self.name] = BlockStats(
+            tokens=x.shape[1], local=num_local, attended=tokens.shape[1], downsample=downsample
+        )
+        if glob is not None:
+            out = glob.unmerge(out)[:, :num_local]
+        return split_frames(local.unmerge(out), num_frames)
+
+
+@dataclass
+class _Patch:
+    state: FrameAttentionState
+    originals: dict[str, object] = field(default_factory=dict)  # block name -> attn1's old processor
+    hook: torch.utils.hooks.RemovableHandle | None = None
+
+
+def _transformer_blocks(unet: torch.nn.Module):
+    from diffusers.models.attention import BasicTransformerBlock
+
+    for name, module in unet.named_modules():
+        if isinstance(module, BasicTransformerBlock):
+            yield name, module
+
+
+def apply_patch(unet: torch.nn.Module, method: str, merge: MergeSettings | None = None) -> FrameAttentionState:
+    """Replace the self-attention processors of every ``BasicTransformerBlock`` of ``unet``.
+
+    Re-patching a patched UNet first removes the old patch. A forward pre-hook records the latent
+    size at every UNet call (``vidtome`` needs it to find the blocks to merge in).
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` (any module holding ``BasicTransformerBlock``s).
+        method: ``"per-frame"``, ``"extended"`` or ``"vidtome"``.
+        merge: the merging settings (``vidtome`` only); defaults to :class:`MergeSettings()`.
+
+    Returns:
+        The :class:`FrameAttentionState` that drives the processors.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown attention method {method!r}; expected one of {', '.join(METHODS)}")
+    settings = merge if merge is not None else MergeSettings()
+    settings.validate()
+    remove_patch(unet)
+
+    state = FrameAttentionState(method, settings)
+    patch = _Patch(state)
+    for name, block in _transformer_blocks(unet):
+        patch.originals[name] = block.attn1.processor
+        block.attn1.set_processor(FrameAttnProcessor(state, name))
+    if not patch.originals:
+        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
+
+    def record_latent_size(module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        if sample is not None and sample.ndim == 4:
+            state.latent_tokens = sample.shape[-2] * sample.shape[-1]
+
+    patch.hook = unet.register_forward_pre_hook(record_latent_size, with_kwargs=True)
+    setattr(unet, _PATCH_ATTR, patch)
+    return state
+
+
+def remove_patch(unet: torch.nn.Module) -> None:
+    """Restore the processors ``apply_patch`` replaced (the stock ``AttnProcessor2_0``); no-op if unpatched."""
+    patch: _Patch | None = getattr(unet, _PATCH_ATTR, None)
+    if patch is None:
+        return
+    for name, processor in patch.originals.items():
+        unet.get_submodule(name).attn1.set_processor(processor)
+    if patch.hook is not None:
+        patch.hook.remove()
+    patch.state.global_tokens.clear()
+    delattr(unet, _PATCH_ATTR)
