@@ -1,0 +1,519 @@
+"""Loading a Stable Diffusion pipeline the way users name models; LoRAs; a fingerprint of the weights in use.
+
+`model.id` may be:
+
+* ``"tiny"``: the tiny random-weight pipeline (:func:`vidbatch.tiny_model.tiny_model_dir`), for tests and demos;
+* ``"sd15-random"``: SD 1.5's exact architecture with random weights, for timing at full size;
+* a local diffusers folder (one with ``model_index.json``);
+* a ``.safetensors`` / ``.ckpt`` single-file checkpoint in the original (CompVis/A1111) layout;
+* anything else: a Hugging Face hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
+
+Whatever the source, the pipeline comes back ready for vidbatch's inference-only use: DDIM scheduler (keeping
+the model's prediction_type), no safety checker, no progress bars, eval mode, gradients off, LoRAs fused into
+the weights. Every failure a user can cause is raised as :class:`vidbatch.errors.ModelLoadError` naming the
+thing that failed and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+
+from vidbatch.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+_HUB_URL_PREFIXES = ("https://huggingface.co/", "huggingface.co/", "hf.co/", "https://hf.co/")
+
+# Prefixes of the three components in an original-layout (CompVis / A1111) single-file checkpoint.
+_LDM_UNET = "model.diffusion_model."
+_LDM_VAE = "first_stage_model."
+_LDM_CLIP = "cond_stage_model.transformer.text_model."
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA file to fuse into the pipeline at `scale` (0 = no effect, 1 = as trained)."""
+
+    path: str
+    scale: float = 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative start of an exception message, on one line (a "...:" header is joined to its detail)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return text[:300].rstrip(".")
+
+
+def _hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it at call time too so a late setting counts.
+    import huggingface_hub.constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or any(
+        f.strip().lower() in ("1", "true", "yes", "on") for f in flags
+    )
+
+
+def _is_hub_file_url(model_id: str) -> bool:
+    """A single-file checkpoint on the hub, e.g. https://huggingface.co/org/repo/blob/main/model.safetensors."""
+    return model_id.startswith(_HUB_URL_PREFIXES) and model_id.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def _looks_like_path(model_id: str) -> bool:
+    """True when `model_id` is clearly meant as a local path rather than a hub id ("org/name" or "name")."""
+    if model_id.startswith(("/", "./", "../", "~", ".\\")) or model_id.lower().endswith(SINGLE_FILE_SUFFIXES):
+        return True
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model_id) is None
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Silence diffusers'/transformers' per-component loading bars (noise in batch logs), then restore them."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    d_was, t_was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if d_was:
+            dlog.enable_progress_bar()
+        if t_was:
+            tlog.enable_progress_bar()
+
+
+def _load_folder(model_dir: Path, label: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    if not (model_dir / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"model.id '{label}': the folder has no model_index.json, so it is not a diffusers pipeline folder. "
+            "Fix: point model.id at a diffusers folder (one saved with save_pretrained) or a .safetensors file"
+        )
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            str(model_dir), dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            local_files_only=True,
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model.id '{label}': the diffusers folder could not be loaded as a Stable Diffusion pipeline "
+            f"({_first_line(exc)}). Fix: check the folder is complete (unet, vae, text_encoder, tokenizer, "
+            "scheduler) and is an SD 1.x/2.x model"
+        ) from exc
+
+
+def _load_single_file(path: Path | str, label: str, dtype: torch.dtype, config: str | None):
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {}
+    if config is not None:
+        kwargs["config"] = str(config)
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            local_files_only=_hub_offline() or (config is not None and Path(config).is_dir()), **kwargs,
+        )
+    except Exception as exc:
+        hint = (
+            "Fix: set model.single_file_config to a local diffusers folder (or hub id) of the same architecture, "
+            "e.g. an SD 1.5 or SD 2.1 folder; without it diffusers fetches that config from the hub"
+            if config is None
+            else f"Fix: check the file is an SD 1.x/2.x checkpoint matching single_file_config '{config}'"
+        )
+        raise ModelLoadError(
+            f"model.id '{label}': the single-file checkpoint could not be loaded ({_first_line(exc)}). {hint}"
+        ) from exc
+
+
+def _load_hub(model_id: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    offline = _hub_offline()
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            model_id, dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            local_files_only=offline,
+        )
+    except Exception as exc:
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the local hub cache"
+            if offline
+            else "the hub is unreachable or has no such model"
+        )
+        raise ModelLoadError(
+            f"model.id '{model_id}': not a local folder or file, and {why} ({_first_line(exc)}). "
+            "Fix: download it first (huggingface-cli download) or point model.id at a local diffusers "
+            "folder / .safetensors file"
+        ) from exc
+
+
+def _fuse_loras(pipe, loras: Sequence[LoraSpec]) -> None:
+    """Load every LoRA as its own adapter, weight them by their scales, fuse them into the base weights, and
+    drop the peft wrappers so inference runs on plain layers."""
+    names: list[str] = []
+    for i, lora in enumerate(loras):
+        path = Path(lora.path).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"LoRA '{lora.path}': file not found. Fix: check the path in model.loras")
+        if path.suffix.lower() == ".safetensors":
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"LoRA '{lora.path}': not a readable .safetensors file ({_first_line(exc)}). "
+                    "Fix: re-download or re-export the LoRA"
+                ) from exc
+        name = f"lora{i}"
+        before = set(_adapter_names(pipe))
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"LoRA '{lora.path}' does not match the model: {_first_line(exc)}. "
+                "Fix: use a LoRA trained for this base model (SD 1.x LoRAs for SD 1.x, 2.x for 2.x)"
+            ) from exc
+        if name not in set(_adapter_names(pipe)) - before:
+            # diffusers only warns when no key of the file names a module of the UNet or text encoder.
+            raise ModelLoadError(
+                f"LoRA '{lora.path}' does not match the model: none of its keys name a layer of this UNet or "
+                "text encoder. Fix: use a LoRA trained for this base model"
+            )
+        names.append(name)
+    try:
+        pipe.set_adapters(names, adapter_weights=[float(lora.scale) for lora in loras])
+        pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=names)
+        pipe.unload_lora_weights()
+    except Exception as exc:
+        raise ModelLoadError(f"LoRAs {[lora.path for lora in loras]}: fusing failed: {_first_line(exc)}") from exc
+
+
+def _adapter_names(pipe) -> list[str]:
+    try:
+        listed = pipe.get_list_adapters()
+    except Exception:
+        return []
+    return sorted({name for names in listed.values() for name in names})
+
+
+def _random_model_dir(model_id: str) -> Path:
+    """The cached folder of a built-in random-weight model, built on first use."""
+    from vidbatch import tiny_model
+
+    build = tiny_model.tiny_model_dir if model_id == "tiny" else tiny_model.sd15_random_dir
+    try:
+        return build()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"model.id '{model_id}': could not build the model in the cache {tiny_model.default_cache_root()} "
+            f"({_first_line(exc)}). Fix: set VIDBATCH_CACHE to a writable folder with enough space "
+            "(tiny: 8 MB, sd15-random: 2 GB)"
+        ) from exc
+
+
+def load_pipeline(
+    model_id: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    loras: Sequence[LoraSpec] = (),
+    single_file_config: str | None = None,
+) -> "StableDiffusionPipeline":
+    """Load a StableDiffusionPipeline for inference from the way a user names a model (see module docstring).
+
+    Args:
+        model_id: "tiny", "sd15-random", a diffusers folder, a .safetensors/.ckpt file, or a hub id.
+        dtype: parameter dtype (float16 on GPUs; float32 on CPU).
+        device: where the pipeline lives.
+        loras: fused in order, each at its scale.
+        single_file_config: for single-file checkpoints: a diffusers folder or hub id describing the
+            architecture (needed offline; otherwise diffusers infers one and fetches its config from the hub).
+
+    Returns:
+        the pipeline with a DDIM scheduler (same prediction_type), no safety checker, progress bars off,
+        eval mode, requires_grad off, on `device` in `dtype`, LoRAs fused.
+
+    Raises:
+        ModelLoadError: the model, a LoRA or the single-file config cannot be loaded.
+    """
+    from diffusers import DDIMScheduler
+
+    model_id = str(model_id)
+    with _quiet_loading():
+        if model_id in ("tiny", "sd15-random"):
+            pipe = _load_folder(_random_model_dir(model_id), model_id, dtype)
+        else:
+            local = Path(model_id).expanduser()
+            if local.is_dir():
+                pipe = _load_folder(local, model_id, dtype)
+            elif local.is_file():
+                if local.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                    raise ModelLoadError(
+                        f"model.id '{model_id}': a file, but not a .safetensors or .ckpt checkpoint. "
+                        "Fix: point model.id at a diffusers folder or a .safetensors/.ckpt file"
+                    )
+                pipe = _load_single_file(local, model_id, dtype, single_file_config)
+            elif _is_hub_file_url(model_id):
+                pipe = _load_single_file(model_id, model_id, dtype, single_file_config)
+            elif _looks_like_path(model_id):
+                raise ModelLoadError(
+                    f"model.id '{model_id}': no such file or folder. Fix: check the path, or use a hub id "
+                    "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+                )
+            else:
+                pipe = _load_hub(model_id, dtype)
+
+        # DDIM is what inversion and the editing loop are written for; keep the model's prediction_type
+        # (v_prediction for SD 2.x-768). Latent diffusion never clips samples: DDIM's default clip_sample=True
+        # would clamp latents to [-1, 1] when a model's scheduler config (e.g. PNDM) does not say otherwise.
+        overrides = {} if "clip_sample" in pipe.scheduler.config else {"clip_sample": False}
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **overrides)
+        pipe.safety_checker = None
+        pipe.feature_extractor = None
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            pipe.to(torch.device(device))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model.id '{model_id}': could not move the pipeline to device '{device}' ({_first_line(exc)}). "
+                "Fix: use 'cpu' or an available accelerator"
+            ) from exc
+        for name in ("unet", "vae", "text_encoder"):
+            module = getattr(pipe, name)
+            if module.dtype != dtype:  # from_pretrained(dtype=...) already did it; only older diffusers get here
+                module.to(dtype=dtype)
+        if loras:
+            _fuse_loras(pipe, loras)
+        for name in ("unet", "vae", "text_encoder"):
+            module = getattr(pipe, name)
+            module.eval()
+            module.requires_grad_(False)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def _hash_tensor(h: "hashlib.blake2b", name: str, t: torch.Tensor) -> None:
+    """Feed a tensor's name, dtype, shape and raw bytes to `h`."""
+    t = t.detach()
+    h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+    if t.numel() == 0:
+        return
+    # Raw bytes of any dtype (bf16 has no numpy type): flatten, reinterpret as uint8, hash the buffer.
+    data = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    h.update(memoryview(data.numpy()))
+
+
+def model_fingerprint(pipe: "StableDiffusionPipeline", loras: Sequence[LoraSpec] = ()) -> str:
+    """A stable hex digest (blake2b, 32 hex chars) of everything that decides what the pipeline computes.
+
+    Covers: every tensor (name, dtype, shape, bytes) of the UNet, VAE and text encoder state dicts as they are
+    now (so after LoRA fusion), the scheduler class and config, the tokenizer vocabulary and max length, and
+    the LoRA list (file contents digest and scale of each).
+
+    The LoRA list is part of the identity on purpose: a LoRA at scale 0 leaves the weights unchanged but still
+    gives a different fingerprint, so any change of the model config is a cache miss (never a stale hit).
+    Identical across processes and reloads of the same files; fp16 and fp32 loads of one model differ (their
+    outputs do too).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for component in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, component, None)
+        h.update(f"[{component}:{type(module).__name__}]\n".encode())
+        if module is None:
+            continue
+        state = module.state_dict()
+        for name in sorted(state):
+            _hash_tensor(h, name, state[name])
+    sched = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    h.update(f"[scheduler:{type(pipe.scheduler).__name__}]".encode())
+    h.update(json.dumps(sched, sort_keys=True, default=str).encode())
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is not None:
+        h.update(f"[tokenizer:{type(tok).__name__}:{tok.model_max_length}]".encode())
+        h.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
+    for lora in loras:
+        h.update(f"[lora:{float(lora.scale)!r}:{_file_digest(lora.path)}]".encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    """blake2b of a file's bytes (the path itself is not identity: a moved LoRA is the same LoRA)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return f"missing:{path}"
+    h = hashlib.blake2b(digest_size=16)
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Test helpers: single-file checkpoints and LoRA files
+
+
+def _unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet2DConditionModel state dict to the original (CompVis) UNet layout.
+
+    Original layout: input_blocks.0 = conv_in; then per down block `layers_per_block` (resnet [, attention])
+    entries and one downsampler entry (none after the last block); middle_block.{0,1,2} = resnet, attention,
+    resnet; output_blocks: per up block `layers_per_block + 1` entries, the last one of each block (but the
+    last block) holding the upsampler after its resnet/attention.
+    """
+    resnet_parts = {
+        "norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+        "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection",
+    }
+    top = {
+        "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    }
+    per_down = layers_per_block + 1
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(.+)\.(weight|bias)", key)
+        module, param = (m.group(1), m.group(2)) if m else (key, "")
+        new: str | None = top.get(module)
+        if new is None:
+            if mm := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+                b, j, part = int(mm[1]), int(mm[2]), mm[3]
+                new = f"input_blocks.{1 + b * per_down + j}.0.{resnet_parts[part]}"
+            elif mm := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
+                b, j = int(mm[1]), int(mm[2])
+                new = f"input_blocks.{1 + b * per_down + j}.1.{mm[3]}"
+            elif mm := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+                new = f"input_blocks.{1 + int(mm[1]) * per_down + layers_per_block}.0.op"
+            elif mm := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)", module):
+                new = f"middle_block.{2 * int(mm[1])}.{resnet_parts[mm[2]]}"
+            elif mm := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
+                new = f"middle_block.1.{mm[1]}"
+            elif mm := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+                new = f"output_blocks.{int(mm[1]) * per_down + int(mm[2])}.0.{resnet_parts[mm[3]]}"
+            elif mm := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
+                new = f"output_blocks.{int(mm[1]) * per_down + int(mm[2])}.1.{mm[3]}"
+            elif mm := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", module):
+                b = int(mm[1])
+                last = b * per_down + layers_per_block
+                has_attn = any(k.startswith(f"up_blocks.{b}.attentions.") for k in state)
+                new = f"output_blocks.{last}.{2 if has_attn else 1}.conv"
+            else:
+                raise ValueError(f"no original-layout name for UNet key {key!r}")
+        out[_LDM_UNET + new + (f".{param}" if param else "")] = value
+    return out
+
+
+def _vae_to_ldm(state: dict[str, torch.Tensor], n_up: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers AutoencoderKL state dict to the original (CompVis) layout.
+
+    Decoder up blocks are numbered in reverse in the original; mid-block attention projections are 1x1 convs
+    there (weights get two trailing singleton dims).
+    """
+    attn_parts = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out")
+        if mm := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"encoder.down.{mm[1]}.block.{mm[2]}.{mm[3]}"
+        elif mm := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
+            new = f"encoder.down.{mm[1]}.downsample.{mm[2]}"
+        elif mm := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"decoder.up.{n_up - 1 - int(mm[1])}.block.{mm[2]}.{mm[3]}"
+        elif mm := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+            new = f"decoder.up.{n_up - 1 - int(mm[1])}.upsample.{mm[2]}"
+        elif mm := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"{mm[1]}.mid.block_{int(mm[2]) + 1}.{mm[3]}"
+        elif mm := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+            new = f"{mm[1]}.mid.attn_1.{attn_parts[mm[2]]}.{mm[3]}"
+            if mm[3] == "weight" and mm[2] != "group_norm":
+                value = value[:, :, None, None]
+        new = new.replace("conv_shortcut", "nin_shortcut")
+        out[_LDM_VAE + new] = value
+    return out
+
+
+def make_single_file_checkpoint(model_dir: str | Path, out_file: str | Path) -> Path:
+    """Save a diffusers SD folder as one original-layout (CompVis / A1111) checkpoint (.safetensors, or .ckpt).
+
+    Keys: "model.diffusion_model.*" (UNet), "first_stage_model.*" (VAE), "cond_stage_model.transformer.
+    text_model.*" (CLIP text encoder), the layout `StableDiffusionPipeline.from_single_file` converts from.
+    Tokenizer and scheduler are not part of such a file; loading it needs `config=model_dir` offline.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    model_dir = Path(model_dir)
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
+    tensors = _unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)
+    tensors.update(_vae_to_ldm(vae.state_dict(), len(vae.config.up_block_types)))
+    for key, value in text_encoder.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        tensors[_LDM_CLIP + key.removeprefix("text_model.")] = value
+    tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if out_file.suffix.lower() == ".ckpt":
+        # The legacy pickle format: the tensors under "state_dict", as CompVis/A1111 saved them.
+        torch.save({"state_dict": tensors}, str(out_file))
+    else:
+        save_file(tensors, str(out_file))
+    return out_file
+
+
+def make_lora_file(model_dir: str | Path, out_file: str | Path, *, rank: int = 4, seed: int = 0) -> Path:
+    """Write a random LoRA for every UNet attention projection (to_q, to_k, to_v, to_out.0 of attn1 and attn2).
+
+    Format: diffusers/peft keys "unet.<module>.lora_A.weight" (rank, in) and "unet.<module>.lora_B.weight"
+    (out, rank), both non-zero so the LoRA visibly changes the UNet (alpha = rank: scaling 1).
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    config = UNet2DConditionModel.load_config(model_dir / "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if not re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
+            continue
+        a = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
+        b = torch.randn(module.out_features, rank, generator=gen) / rank**0.5
+        tensors[f"unet.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"unet.{name}.lora_B.weight"] = b.contiguous()
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_file))
+    return out_file
