@@ -21,6 +21,18 @@ import yaml
 from vidbatch.errors import ConfigError
 
 EDIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+METHODS = ("per-frame", "extended", "vidtome")
+CONTROLS = ("none", "pnp", "sdedit", "controlnet")
+
+
+def parse_control(text: str) -> frozenset[str]:
+    """`'pnp+controlnet'` -> {'pnp', 'controlnet'}; `'none'` -> {}. ConfigError on unknown names."""
+    parts = [p.strip() for p in text.split("+")]
+    unknown = [p for p in parts if p not in CONTROLS]
+    if unknown or ("none" in parts and len(parts) > 1) or len(set(parts)) != len(parts):
+        raise ConfigError(f"config key 'edit.control' must be one of {', '.join(CONTROLS)} or several joined by '+' "
+                          f"(e.g. 'pnp+controlnet'), got {text!r}")
+    return frozenset(p for p in parts if p != "none")
 
 
 def _key(default: Any, *, choices: list | None = None, minimum: float | None = None,
@@ -66,10 +78,9 @@ class VideoConfig:
 
 @dataclass
 class EditConfig:
-    method: str = _key("per-frame", choices=["per-frame", "extended", "vidtome"],
-                       help="how self-attention sees the other frames")
-    control: str = _key("none", choices=["none", "sdedit"],
-                        help="extra guidance from the source video")
+    method: str = _key("vidtome", choices=list(METHODS), help="how self-attention sees the other frames")
+    control: str = _key("pnp", help="ties the edit to the source: none, pnp, sdedit, controlnet, or several "
+                                    "joined by '+' (e.g. pnp+controlnet)")
     steps: int = _key(50, minimum=1, maximum=1000, help="DDIM denoising steps")
     guidance: float = _key(7.5, minimum=0, help="classifier-free guidance scale")
     seed: int = _key(0, minimum=0, help="seed; with the sample key and edit name it fixes every random choice")
@@ -95,6 +106,16 @@ class PnpConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    model: str | None = _key(None, help="ControlNet: diffusers folder or hub id (needed by control 'controlnet')")
+    condition: str = _key("canny", choices=["canny", "video"],
+                          help="'canny': edges of the source frames; 'video': the sample's {key}.control.mp4")
+    scale: float = _key(1.0, minimum=0, help="ControlNet conditioning scale")
+    canny_low: int = _key(100, minimum=0, maximum=255, help="Canny lower threshold")
+    canny_high: int = _key(200, minimum=0, maximum=255, help="Canny upper threshold")
+
+
+@dataclass
 class MetricsConfig:
     warp_error: bool = _key(True, help="temporal consistency: flow on the source, edited frames warped along it")
     interp_psnr: bool = _key(True, help="VidToMe's interpolation PSNR of the edited video")
@@ -109,7 +130,7 @@ class MergeConfig:
     global_ratio: float = _key(0.8, minimum=0, maximum=1, help="share merged between a chunk and the global tokens")
     global_merge: bool = _key(True, help="merge across chunks through a per-block global token set")
     global_rand: float = _key(0.5, minimum=0, maximum=1, help="probability that the global set is the source side")
-    target_stride: int = _key(4, minimum=1, help="one destination frame per this many frames")
+    target_stride: int = _key(4, minimum=2, help="one destination frame per this many frames")
     align_batch: bool = _key(True, help="one matching shared by the guidance branches")
     max_downsample: int = _key(2, choices=[1, 2, 4, 8], help="merge in blocks at most this downsampled")
     chunk_order: str = _key("mix", choices=["seq", "rand", "mix"], help="how chunks are cut and visited each step")
@@ -117,9 +138,18 @@ class MergeConfig:
 
 @dataclass
 class RuntimeConfig:
-    backend: str = _key("local", choices=["local"], help="'local': in-process, shard after shard")
-    workers: int = _key(1, minimum=1, help="worker processes (one per GPU when there are GPUs)")
-    device: str = _key("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    backend: str = _key("ray", choices=["ray", "local"],
+                        help="'ray': one worker per GPU (or runtime.workers CPU workers) on a Ray cluster, shards "
+                             "handed out dynamically, lost workers replaced; 'local': in-process, shard after shard")
+    ray_address: str | None = _key(None, help="Ray cluster to join ('HOST:PORT', 'auto', 'ray://...'); "
+                                              "null: $RAY_ADDRESS, else start an embedded local cluster")
+    workers: int | None = _key(None, minimum=1, help="Ray workers; null: one per GPU of the cluster, "
+                                                     "or 1 on a cluster without GPUs")
+    cpus_per_worker: int = _key(1, minimum=1, help="Ray CPUs each worker reserves; a CPU worker runs this many torch threads")
+    max_shard_retries: int = _key(2, minimum=0, help="times a shard is given out again after its worker died or it "
+                                                    "raised; then it is reported failed (a rerun continues it)")
+    worker_start_timeout_s: float = _key(600.0, minimum=1, help="give up when no Ray worker could start for this long")
+    device: str = _key("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (with Ray: 'cuda' workers get one GPU each)")
     max_memory_gb: float | None = _key(None, minimum=0, help="memory budget for chunk_size 'auto'; null: what the device has free")
     log_every_s: float = _key(30.0, minimum=0.1, help="seconds between plain status lines when not on a terminal")
 
@@ -134,6 +164,7 @@ class Config:
     inversion: InversionConfig = field(default_factory=InversionConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     pnp: PnpConfig = field(default_factory=PnpConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -261,6 +292,10 @@ def _validate(config: Config) -> None:
         seen.add(edit.name)
         if not edit.prompt.strip():
             raise ConfigError(f"config key 'edits[{i}].prompt' is empty")
+    controls = parse_control(config.edit.control)
+    if "controlnet" in controls and not config.controlnet.model:
+        raise ConfigError("edit.control includes 'controlnet' but config key 'controlnet.model' is not set; "
+                          "point it at a ControlNet folder or hub id")
     v = config.video
     if v.max_frames is not None and v.max_frames < v.min_frames:
         raise ConfigError(f"config key 'video.max_frames' ({v.max_frames}) is below 'video.min_frames' "

@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vidbatch import ddim
+from vidbatch import ddim, memory
+from vidbatch.attention import MergeSettings, apply_patch, remove_patch
+from vidbatch.config import parse_control
+from vidbatch.controls import PnpResidualInjector, condition_tensor
 from vidbatch.inversion_cache import InversionCache, inversion_key
 
 log = logging.getLogger("vidbatch")
@@ -29,14 +32,19 @@ class EditorSettings:
     """What the engine needs to know; built by the application from the run config."""
 
     method: str = "per-frame"
-    control: str = "none"
+    control: str = "none"                     # one of config.CONTROLS, or several joined by '+'
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    pnp_f_t: float = 0.8
+    pnp_attn_t: float = 0.5
+    controlnet_scale: float = 1.0
     steps: int = 50
     inversion_steps: int | None = None
     guidance: float = 7.5
     negative_prompt: str = ""
     eta: float = 0.0
     strength: float = 1.0
-    chunk_size: int = 4
+    chunk_size: int | str = 4                 # frames per UNet call, or "auto" (fit memory_budget_bytes)
+    memory_budget_bytes: int | None = None    # for "auto"; None: what the device has free
     chunk_order: str = "seq"
     vae_batch: int = 8
     inversion_batch: int = 8
@@ -106,11 +114,15 @@ class VideoEditor:
     """Edits videos with a loaded Stable Diffusion pipeline (UNet, VAE, text encoder, DDIM schedule)."""
 
     def __init__(self, pipe, settings: EditorSettings, cache: InversionCache | None = None,
-                 model_identity: str | None = None):
+                 model_identity: str | None = None, controlnet=None):
         """`cache` stores inversions keyed by content; `model_identity` (a weights fingerprint) is
-        then required, since it is part of every key."""
+        then required, since it is part of every key. `controlnet` is needed by the `controlnet` control."""
         if cache is not None and not model_identity:
             raise ValueError("an inversion cache needs the model's identity (vidbatch.models.model_fingerprint)")
+        self.controls = parse_control(settings.control)
+        if ("controlnet" in self.controls) != (controlnet is not None):
+            raise ValueError("edit.control includes 'controlnet' exactly when a ControlNet model is given")
+        self.controlnet = controlnet
         self.pipe = pipe
         self.settings = settings
         self.cache = cache
@@ -176,8 +188,33 @@ class VideoEditor:
         final = torch.as_tensor(self._scheduler.final_alpha_cumprod, dtype=torch.float32, device=self.device)
         return alphas, final
 
-    def _unet(self, latents: Tensor, t: Tensor, embeddings: Tensor) -> Tensor:
-        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeddings).sample.float()
+    def _unet(self, latents: Tensor, t: Tensor, embeddings: Tensor, condition: Tensor | None = None) -> Tensor:
+        """The UNet's output in float32; with `condition`, the ControlNet's residuals are added."""
+        latents = latents.to(self.dtype)
+        residuals = {}
+        if condition is not None:
+            down, mid = self.controlnet(latents, t, encoder_hidden_states=embeddings, controlnet_cond=condition,
+                                        conditioning_scale=self.settings.controlnet_scale, return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return self.unet(latents, t, encoder_hidden_states=embeddings, **residuals).sample.float()
+
+    def chunk_size_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int:
+        """`chunk_size`, or with "auto" the largest chunk whose estimated memory fits the budget."""
+        s = self.settings
+        if s.chunk_size != "auto":
+            return int(s.chunk_size)
+        budget = s.memory_budget_bytes or memory.available_memory_bytes(self.device)
+        m = s.merge
+        return memory.pick_chunk_size(
+            num_frames, budget, latent_hw=latent_hw, branches=3 if "pnp" in self.controls else 2,
+            channels=self.unet.config.block_out_channels[0], heads=self._heads(), method=s.method,
+            dtype_bytes=torch.finfo(self.dtype).bits // 8,
+            materialised_scores=self.device.type != "cuda",
+            share=memory.attended_share(s.method, m.local_ratio, m.global_ratio, m.global_merge, m.target_stride))
+
+    def _heads(self) -> int:
+        heads = self.unet.config.attention_head_dim  # diffusers' name; for SD 1.x/2.x it holds the head count
+        return int(heads[0] if isinstance(heads, (list, tuple)) else heads)
 
     # -- inversion -------------------------------------------------------------------------------
 
@@ -214,40 +251,80 @@ class VideoEditor:
     def _start_index(self, inversion: Inversion) -> int:
         """Index into the edit timesteps where denoising starts (SDEdit skips the noisiest steps)."""
         steps = self.settings.steps
-        if self.settings.control == "sdedit":
+        if "sdedit" in self.controls:
             return min(steps - int(round(steps * self.settings.strength)), steps - 1)
         return 0
 
     @torch.no_grad()
-    def denoise(self, inversion: Inversion, prompt: str, seed: int) -> Tensor:
-        """Guided DDIM denoising from the inverted latents with `prompt`; (T, 4, h, w) on the device."""
+    def denoise(self, inversion: Inversion, prompt: str, seed: int, source_prompt: str = "",
+                control_images: np.ndarray | None = None) -> Tensor:
+        """Guided DDIM denoising from the inverted latents with `prompt`; (T, 4, h, w) on the device.
+
+        Per step, frames go through the UNet chunk by chunk (`chunk_schedule`); the attention
+        processors see one chunk per call. Branches per call: `[uncond, cond]`, with a leading
+        `source` branch while PnP injects (the inverted latent of the step with `source_prompt`).
+        `control_images` (T, H, W, 3) uint8 condition the ControlNet when one is loaded.
+        """
         s = self.settings
         timesteps = self._timesteps(s.steps)
         if not torch.equal(timesteps, inversion.timesteps):
             raise ValueError(
                 f"inversion has {len(inversion.timesteps)} steps but the edit has {s.steps}; "
                 "set inversion.steps to null (follow edit.steps) or equal to edit.steps")
+        if self.controlnet is not None and control_images is None:
+            raise ValueError("a ControlNet is loaded but no control images were given")
         alphas, final = self._alphas()
         alpha_t, alpha_prev = ddim.alphas_for(alphas, final, timesteps.to(self.device))
         generator = torch.Generator().manual_seed(seed)
+        # Merging draws on the device (no host round trip per block), from a seed of our generator.
+        merge_generator = torch.Generator(device=self.device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=generator)))
         start = self._start_index(inversion)
         x = inversion.trajectory[start].to(self.device, torch.float32)
         uncond = self.text_embedding(s.negative_prompt)
         cond = self.text_embedding(prompt)
-        for k in range(start, len(timesteps)):
-            t = timesteps[k].to(self.device)
-            model_out = torch.empty_like(x)
-            for frames in chunk_schedule(len(x), s.chunk_size, s.chunk_order, generator):
-                idx = frames.to(self.device)
-                latents = x[idx]
-                n = len(latents)
-                embeddings = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
-                out_uncond, out_cond = self._unet(torch.cat([latents, latents]), t, embeddings).chunk(2)
-                model_out[idx] = out_uncond + s.guidance * (out_cond - out_uncond)
-            noise = None
-            if s.eta > 0:
-                noise = torch.randn(x.shape, generator=generator).to(self.device)
-            x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type, s.eta, noise)
+        source = self.text_embedding(source_prompt)
+        pnp = "pnp" in self.controls
+        pnp_feature_steps = int(s.steps * s.pnp_f_t) if pnp else 0
+        pnp_attention_steps = int(s.steps * s.pnp_attn_t) if pnp else 0
+        condition = None
+        if self.controlnet is not None:
+            condition = condition_tensor(control_images, self.device, self.dtype)
+        chunk_size = self.chunk_size_for(len(x), tuple(x.shape[-2:]))
+        state = apply_patch(self.unet, s.method, s.merge)
+        injector = PnpResidualInjector(self.unet) if pnp else None
+        try:
+            for k in range(start, len(timesteps)):
+                t = timesteps[k].to(self.device)
+                inject_features, inject_qk = k < pnp_feature_steps, k < pnp_attention_steps
+                with_source = inject_features or inject_qk
+                source_latents = inversion.trajectory[k].to(self.device, torch.float32) if with_source else None
+                state.begin_step()
+                model_out = torch.empty_like(x)
+                for frames in chunk_schedule(len(x), chunk_size, s.chunk_order, generator):
+                    idx = frames.to(self.device)
+                    n = len(idx)
+                    latents = [x[idx], x[idx]]
+                    embeddings = [uncond.expand(n, -1, -1), cond.expand(n, -1, -1)]
+                    if with_source:
+                        latents.insert(0, source_latents[idx])
+                        embeddings.insert(0, source.expand(n, -1, -1))
+                    branches = len(latents)
+                    state.begin_chunk(n, branches, merge_generator, inject_qk=inject_qk)
+                    if injector is not None:
+                        injector.active, injector.num_branches = inject_features, branches
+                    chunk_condition = None if condition is None else condition[idx].repeat(branches, 1, 1, 1)
+                    out = self._unet(torch.cat(latents), t, torch.cat(embeddings), chunk_condition)
+                    out_uncond, out_cond = out.chunk(branches)[-2:]
+                    model_out[idx] = out_uncond + s.guidance * (out_cond - out_uncond)
+                noise = None
+                if s.eta > 0:
+                    noise = torch.randn(x.shape, generator=generator).to(self.device)
+                x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type, s.eta, noise)
+        finally:
+            remove_patch(self.unet)
+            if injector is not None:
+                injector.remove()
         return x
 
     def inversion_key(self, frames: np.ndarray, prompt: str) -> str:
@@ -275,7 +352,7 @@ class VideoEditor:
         return inversion, "miss"
 
     def edit(self, frames: np.ndarray, source_prompt: str, edits: list[tuple[str, str]], *,
-             seed: int, key: str) -> EditedVideo:
+             seed: int, key: str, control_images: np.ndarray | None = None) -> EditedVideo:
         """Inverts `frames` once (or takes the inversion from the cache) and applies every edit.
 
         The inversion time is counted on the first edit; the others reuse it.
@@ -286,7 +363,7 @@ class VideoEditor:
         invert_seconds = time.perf_counter() - started
         for i, (name, prompt) in enumerate(edits):
             started = time.perf_counter()
-            latents = self.denoise(inversion, prompt, sample_seed(seed, key, name))
+            latents = self.denoise(inversion, prompt, sample_seed(seed, key, name), source_prompt, control_images)
             result.frames[name] = self.decode_latents(latents)
             result.seconds[name] = {"invert": invert_seconds if i == 0 else 0.0,
                                     "edit": time.perf_counter() - started}
