@@ -24,3 +24,14 @@ echo "torch==$installed" > "$constraints"
 $pip install -q -c "$constraints" -e ".[dev]"
 rm -f "$constraints"
 "$venv/bin/python" -c 'import torch, diffusers, vidbatch; print("vidbatch ready: torch", torch.__version__)'
+# Optional, best effort, never fatal: Chromium for the report's browser test (tests/test_report.py
+# skips it without one). Only as root with apt-get, and only on CI or when asked with
+# VIDBATCH_INSTALL_CHROMIUM=1.
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+    && { [ -n "${CI:-}" ] || [ "${VIDBATCH_INSTALL_CHROMIUM:-}" = 1 ]; } \
+    && ! command -v chromium >/dev/null 2>&1; then
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; } >/dev/null 2>&1 \
+    && echo "chromium installed (for the report test)" \
+    || echo "note: chromium could not be installed; the report's browser test will be skipped"
+fi
