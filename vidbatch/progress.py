@@ -1,7 +1,8 @@
 """Progress of a run: rich bars on a terminal, plain periodic status lines otherwise and in the log.
 
 The log file always gets plain lines (one every `every_s` seconds, plus shard events), so a SLURM
-job's log and `OUT/run.log` tell how far a run is without a terminal.
+job's log and `OUT/run.log` tell how far a run is without a terminal. Only the driver draws: with the
+Ray backend, workers send per-video events that the driver feeds in here (`video_done`, `adjust`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class RunProgress:
         self.videos = 0
         self.videos_failed = 0
         self.frames = 0
+        self.retries = 0
+        self.workers: tuple[int, int] | None = None  # (ready, wanted), Ray backend only
         self._started = time.monotonic()
         self._last_line = self._started
         self._bars: Progress | None = None
@@ -75,9 +78,11 @@ class RunProgress:
         finished = self.shards_done + self.shards_failed
         if 0 < finished < self.total_shards:
             eta = f", eta {elapsed / finished * (self.total_shards - finished):.0f}s"
-        return (f"progress: shards {self.shards_done}/{self.total_shards} done, {self.shards_failed} failed; "
-                f"videos {self.videos} ({self.videos_failed} failed); {self.frames} frames, "
-                f"{fps:.2f} frames/s; elapsed {elapsed:.0f}s{eta}")
+        retried = f", {self.retries} retried" if self.retries else ""
+        workers = f"; workers {self.workers[0]}/{self.workers[1]}" if self.workers is not None else ""
+        return (f"progress: shards {self.shards_done}/{self.total_shards} done, {self.shards_failed} failed"
+                f"{retried}; videos {self.videos} ({self.videos_failed} failed); {self.frames} frames, "
+                f"{fps:.2f} frames/s; elapsed {elapsed:.0f}s{eta}{workers}")
 
     def _tick(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -93,6 +98,10 @@ class RunProgress:
             if self._bars is None:
                 self.console.print(line, highlight=False, soft_wrap=True)
 
+    def tick(self) -> None:
+        """Redraws, and writes a status line if `every_s` has passed: call it periodically while waiting."""
+        self._tick()
+
     def video_done(self, frames: int, ok: bool) -> None:
         self.videos += 1
         self.videos_failed += 0 if ok else 1
@@ -105,4 +114,28 @@ class RunProgress:
         else:
             self.shards_failed += 1
         log.info("shard %s %s", stem, "done" if ok else "FAILED")
+        self._tick(force=True)
+
+    def adjust(self, videos: int = 0, videos_failed: int = 0, frames: int = 0) -> None:
+        """Corrects the counts (negative to take back the videos of a shard attempt that is redone)."""
+        self.videos += videos
+        self.videos_failed += videos_failed
+        self.frames += frames
+        self._tick()
+
+    def shard_retry(self, stem: str, cause: str, attempt: int, max_retries: int) -> None:
+        """A shard attempt was lost (worker died or the shard raised) and the shard is given out again."""
+        self.retries += 1
+        log.warning("shard %s attempt %d failed (%s); giving it out again (retry %d of %d)",
+                    stem, attempt + 1, cause, attempt + 1, max_retries)
+        self._tick(force=True)
+
+    def set_workers(self, ready: int, wanted: int) -> None:
+        """Ray backend: how many workers are up, shown in the status line and the shards bar."""
+        if self.workers == (ready, wanted):
+            return
+        self.workers = (ready, wanted)
+        log.info("workers: %d of %d ready", ready, wanted)
+        if self._bars is not None:
+            self._bars.update(self._shard_task, description=f"shards ({ready}/{wanted} workers)")
         self._tick(force=True)

@@ -1,0 +1,224 @@
+"""The Ray backend against a real local Ray cluster with two CPU workers: dispatch, faults, resume.
+
+One cluster (`ray.init(num_cpus=2)`) serves the module; the driver runs in this process (so a test sees
+the driver's events and can kill a worker by pid at a chosen moment) or as a `vidbatch run` subprocess
+(to kill the driver itself). Every test checks the output contract: each input sample exactly once,
+complete shards with done markers, no temporary file left.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from conftest import FAST, TINY, read_output, video_sample, write_shard
+
+ray = pytest.importorskip("ray")
+
+from vidbatch.config import load_config  # noqa: E402
+from vidbatch.distributor import WorkerPlan, plan_workers  # noqa: E402
+from vidbatch.errors import ConfigError, ModelLoadError  # noqa: E402
+from vidbatch.progress import setup_logging  # noqa: E402
+from vidbatch.runner import run  # noqa: E402
+
+# Two CPU workers; 4 frames a video keeps a shard at a few seconds on a slow CI machine. No inversion
+# cache: a cache hit would make a shard too quick to be killed in the middle.
+RAY = [*FAST, "runtime.backend=ray", "runtime.workers=2", "video.max_frames=4", "inversion.cache=false"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray cluster with 2 CPUs, shut down after the module; yields its address."""
+    temp = tempfile.mkdtemp(prefix="vbray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp,
+                       log_to_driver=False)
+    yield context.address_info["address"]
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def make_inputs(folder: Path, clip: Path, shards: int, videos: int) -> tuple[str, list[str]]:
+    """`shards` input shards of `videos` samples each with unique keys; returns the brace pattern and keys."""
+    keys = []
+    for i in range(shards):
+        names = [f"s{i}v{j}" for j in range(videos)]
+        write_shard(folder / f"p{i}.tar", [video_sample(k, clip) for k in names])
+        keys += names
+    return str(folder / f"p{{0..{shards - 1}}}.tar"), keys
+
+
+def check_exactly_once(out: Path, shards: int, keys: list[str]) -> None:
+    """Every input key once in the output, each shard complete (its keys in input order) and marked done."""
+    seen = []
+    for i in range(shards):
+        samples = read_output(out / "shards" / f"p{i}.tar")
+        assert list(samples) == [k for k in keys if k.startswith(f"s{i}v")]
+        assert all("watercolor.mp4" in s for s in samples.values())
+        marker = json.loads((out / "stats" / f"p{i}.json").read_text())
+        assert marker["samples"] == len(samples) and marker["samples_failed"] == 0
+        rows = (out / "stats" / f"p{i}.jsonl").read_text().splitlines()
+        assert [json.loads(r)["key"] for r in rows] == list(samples)
+        seen += list(samples)
+    assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen))
+    assert not list(out.rglob("*.tmp"))
+
+
+def run_here(inputs: str, out: Path, sets: list[str], events: list | None = None, on_event=None) -> tuple[int, str]:
+    """Runs the job with this process as the driver; returns the exit code and the console text."""
+    text = io.StringIO()
+    console = Console(file=text, width=200)
+    setup_logging(out / "run.log", console)
+
+    def record(event: dict) -> None:
+        if events is not None:
+            events.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    code = run(load_config(TINY, sets), [inputs], out, console=console, on_event=record)
+    return code, text.getvalue()
+
+
+def last_status_line(out: Path) -> str:
+    return [l for l in (out / "run.log").read_text().splitlines() if "progress: shards" in l][-1]
+
+
+def test_plan_workers_one_per_gpu_or_the_configured_cpu_workers():
+    runtime = load_config(None, ["runtime.device=auto"]).runtime
+    assert plan_workers(runtime, cluster_gpus=4, shards=100) == WorkerPlan(count=4, use_gpu=True, cpus=1)
+    assert plan_workers(runtime, cluster_gpus=4, shards=2).count == 2  # never more workers than shards
+    assert plan_workers(runtime, cluster_gpus=0, shards=100) == WorkerPlan(count=1, use_gpu=False, cpus=1)
+    cpu = load_config(None, ["runtime.workers=3", "runtime.cpus_per_worker=2", "runtime.device=cpu"]).runtime
+    assert plan_workers(cpu, cluster_gpus=8, shards=100) == WorkerPlan(count=3, use_gpu=False, cpus=2)
+    with pytest.raises(ConfigError, match="no GPU"):
+        plan_workers(load_config(None, ["runtime.device=cuda"]).runtime, cluster_gpus=0, shards=5)
+
+
+def test_ray_is_the_default_backend_and_tiny_stays_local():
+    assert load_config(None).runtime.backend == "ray"
+    assert load_config(TINY).runtime.backend == "local"
+
+
+def test_every_sample_exactly_once_with_two_workers(ray_cluster, tmp_path, clips, monkeypatch):
+    _, keys = make_inputs(tmp_path / "in", clips["pattern"], shards=4, videos=2)
+    events: list[dict] = []
+    monkeypatch.chdir(tmp_path)  # relative paths: the workers resolve them as the driver does
+    code, text = run_here("in/p{0..3}.tar", Path("out"), RAY, events)
+    assert code == 0, text
+    check_exactly_once(tmp_path / "out", 4, keys)
+    ready = [e for e in events if e["type"] == "worker_ready"]
+    assert len(ready) == 2 and {e["device"] for e in ready} == {"cpu"} and len({e["pid"] for e in ready}) == 2
+    dispatched = [e["stem"] for e in events if e["type"] == "dispatch"]
+    assert sorted(dispatched) == ["p0", "p1", "p2", "p3"]  # each shard given out once: no retry, no split
+    assert not [e for e in events if e["type"] in ("retry", "worker_replaced", "shard_failed")]
+    videos = [e for e in events if e["type"] == "video"]
+    assert sorted((e["stem"], e["frames"]) for e in videos) == sorted((f"p{i}", 4) for i in range(4) for _ in range(2))
+    assert "videos 8 (0 failed); 32 frames" in last_status_line(tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["shards"]["done"] == 4 and summary["samples"] == {"total": 8, "ok": 8, "failed": 0}
+
+
+def test_a_killed_worker_is_replaced_and_its_shard_redone(ray_cluster, tmp_path, clips):
+    inputs, keys = make_inputs(tmp_path / "in", clips["pattern"], shards=3, videos=3)
+    events: list[dict] = []
+    killed: dict = {}
+
+    def kill_mid_shard(event: dict) -> None:
+        # The first video a worker reports: its shard has two more to go, so the worker dies mid-shard.
+        if event["type"] == "video" and not killed:
+            killed.update(pid=event["pid"], stem=event["stem"], worker=event["worker"])
+            os.kill(event["pid"], signal.SIGKILL)
+
+    code, text = run_here(inputs, tmp_path / "out", RAY, events, kill_mid_shard)
+    assert code == 0, text
+    assert killed
+    replaced = [e for e in events if e["type"] == "worker_replaced"]
+    assert [(e["worker"], e["pid"], e["by"]) for e in replaced] == [(killed["worker"], killed["pid"], "w3")]
+    # The shard the dead worker had in flight (normally the one it reported from) is given out again, once.
+    started_by_killed = {e["stem"] for e in events if e["type"] == "start" and e["pid"] == killed["pid"]}
+    retries = [e for e in events if e["type"] == "retry"]
+    assert len(retries) == 1 and retries[0]["attempt"] == 1 and "died" in retries[0]["cause"]
+    assert retries[0]["stem"] in started_by_killed | {killed["stem"]}
+    assert killed["pid"] not in [e["pid"] for e in events if e["type"] == "worker_ready" and e["worker"] == "w3"]
+    check_exactly_once(tmp_path / "out", 3, keys)
+    # The killed attempt's videos were taken back: the totals count every video once.
+    assert "videos 9 (0 failed); 36 frames" in last_status_line(tmp_path / "out")
+    assert f"shard {retries[0]['stem']} attempt 1 failed" in (tmp_path / "out" / "run.log").read_text()
+
+
+def test_a_shard_that_keeps_raising_fails_after_its_retries_and_a_rerun_finishes(ray_cluster, tmp_path, clips):
+    write_shard(tmp_path / "in" / "p0.tar", [video_sample("s0v0", clips["pattern"])])
+    (tmp_path / "in" / "p1.tar").write_bytes(b"this is not a tar file" * 100)
+    inputs = str(tmp_path / "in" / "p{0..1}.tar")
+    out = tmp_path / "out"
+    events: list[dict] = []
+    code, text = run_here(inputs, out, [*RAY, "runtime.max_shard_retries=1"], events)
+    assert code == 1
+    assert "rerun the same command to continue" in text and "shard p1 failed" in text
+    assert [(e["stem"], e["attempt"]) for e in events if e["type"] == "retry"] == [("p1", 1)]
+    assert [e["stem"] for e in events if e["type"] == "shard_failed"] == ["p1"]
+    assert not [e for e in events if e["type"] == "worker_replaced"]  # an exception does not cost the worker
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards"]["failed"] == 1 and "after 2 attempts" in summary["shards"]["failed_shards"]["p1"]
+    assert not (out / "shards" / "p1.tar").exists() and not (out / "stats" / "p1.json").exists()
+    done_p0 = (out / "stats" / "p0.json").read_text()
+
+    write_shard(tmp_path / "in" / "p1.tar", [video_sample("s1v0", clips["cells"])])
+    events.clear()
+    code, text = run_here(inputs, out, RAY, events)
+    assert code == 0, text
+    assert [e["stem"] for e in events if e["type"] == "dispatch"] == ["p1"]  # only the unfinished shard
+    assert (out / "stats" / "p0.json").read_text() == done_p0
+    check_exactly_once(out, 2, ["s0v0", "s1v0"])
+
+
+def test_a_model_error_in_the_workers_is_a_user_error_not_retried(ray_cluster, tmp_path, clips):
+    inputs, _ = make_inputs(tmp_path / "in", clips["pattern"], shards=1, videos=1)
+    with pytest.raises(ModelLoadError, match="nomodel"):
+        run_here(inputs, tmp_path / "out", [*RAY, f"model.id={tmp_path / 'nomodel'}"])
+    assert not (tmp_path / "out" / "shards").exists() or not list((tmp_path / "out" / "shards").iterdir())
+
+
+def test_a_killed_driver_leaves_finished_shards_and_a_rerun_completes_the_rest(ray_cluster, tmp_path, clips):
+    inputs, keys = make_inputs(tmp_path / "in", clips["pattern"], shards=4, videos=2)
+    out = tmp_path / "out"
+    sets = sum((["--set", s] for s in RAY), [])
+    command = [sys.executable, "-m", "vidbatch.cli", "run", str(TINY), "--input", inputs, "--output", str(out), *sets]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # First run joins this module's cluster by address; SIGKILL it once a shard is done.
+    driver = subprocess.Popen([*command, "--set", f"runtime.ray_address={ray_cluster}"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("stats/p*.json")) and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(out.glob("stats/p*.json")), "no shard finished"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    # Ray ends the dead driver's workers: the cluster's two CPUs come free again.
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
+    done_before = {p.name: p.read_text() for p in out.glob("stats/p*.json")}
+    assert len(done_before) < 4, "the driver finished before it could be killed"
+    for tar in out.glob("shards/*.tar"):  # every visible shard is complete: done marker present
+        assert (out / "stats" / f"{tar.stem}.json").exists()
+
+    # The rerun is the plain default: no address, so an embedded local cluster of its own.
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert f"{len(done_before)} shard(s) already done" in rerun.stdout
+    for name, text in done_before.items():
+        assert (out / "stats" / name).read_text() == text
+    check_exactly_once(out, 4, keys)
+    assert "embedded local Ray cluster" in (out / "run.log").read_text()
