@@ -1,0 +1,285 @@
+"""TokenFlow (`edit.method: tokenflow`): its pure functions, its processor and its invariants through the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from vidbatch import tokenflow
+from vidbatch.config import TokenFlowConfig, load_config
+from vidbatch.editing import EditorSettings, VideoEditor
+from vidbatch.models import load_pipeline
+from vidbatch.tokenflow import (
+    TokenFlowProcessor,
+    TokenFlowState,
+    keyframe_attention,
+    keyframe_neighbours,
+    nearest_tokens,
+    propagate,
+    sample_keyframes,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to gain from threads; on a shared, loaded machine two OpenMP
+    threads per process make them stall (measured here: 35 s instead of 0.2 s per edit)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny")
+
+
+def moving_frames(count: int = 6, size: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = np.kron(rng.integers(0, 255, (size // 8, size // 4, 3)), np.ones((8, 8, 1)))
+    return np.stack([np.roll(base, 2 * i, axis=1)[:size, :size] for i in range(count)]).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def inversion(pipe):
+    """One inversion for every engine test (it does not depend on the method)."""
+    return VideoEditor(pipe, EditorSettings(steps=3)).invert(moving_frames(), "a texture")
+
+
+def latents(pipe, inversion, seed=0, **settings):
+    base = dict(steps=3, chunk_size=3, chunk_order="mix")
+    base.update(settings)
+    return VideoEditor(pipe, EditorSettings(**base)).denoise(inversion, "a painting", seed, "a texture")
+
+
+def close(a, b, atol=1e-4) -> bool:
+    return bool(torch.allclose(a, b, atol=atol, rtol=1e-4))
+
+
+# --- pure functions ---------------------------------------------------------------------------
+
+
+def test_sample_keyframes_one_per_group_and_seeded():
+    seen = set()
+    for seed in range(40):
+        keys = sample_keyframes(19, 8, torch.Generator().manual_seed(seed))
+        assert keys.dtype == torch.int64 and len(keys) == 3
+        assert 0 <= keys[0] < 8 <= keys[1] < 16 <= keys[2] < 19   # the short last group too
+        seen.add(tuple(keys.tolist()))
+    assert len(seen) > 10   # really random
+    a = sample_keyframes(19, 8, torch.Generator().manual_seed(7))
+    assert torch.equal(a, sample_keyframes(19, 8, torch.Generator().manual_seed(7)))
+    assert torch.equal(sample_keyframes(5, 1), torch.arange(5))  # batch size 1: every frame
+
+
+def test_keyframe_neighbours_previous_next_and_weights():
+    keys = torch.tensor([2, 9])
+    first, second, weight = keyframe_neighbours(torch.arange(12), keys, "sigmoid")
+    # Frames 0-2 and 9-11 have one keyframe (own, or the nearest at the ends), weight 1.
+    for f in (0, 1, 2):
+        assert (first[f], second[f], weight[f]) == (0, 0, 1.0)
+    for f in (9, 10, 11):
+        assert (first[f], second[f], weight[f]) == (1, 1, 1.0)
+    # Frame 4: previous keyframe 2 (d=2) is nearer than 9 (d=5): sigmoid(5/7) on it.
+    assert (first[4], second[4]) == (0, 1)
+    assert weight[4] == pytest.approx(torch.sigmoid(torch.tensor(5 / 7)).item())
+    # Frame 7: the next keyframe (d=2) is nearer.
+    assert (first[7], second[7]) == (1, 0)
+    assert weight[7] == pytest.approx(torch.sigmoid(torch.tensor(5 / 7)).item())
+    _, _, linear = keyframe_neighbours(torch.tensor([4, 5]), keys, "linear")
+    assert linear.tolist() == pytest.approx([5 / 7, 4 / 7])
+    assert bool((weight[3:9] > 0.5).all() and (weight[3:9] < 0.75).all())
+
+
+def test_nearest_tokens_finds_the_shifted_token_in_blocks():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 20, 8, generator=g)
+    perm = torch.randperm(20, generator=g)
+    features = 2.0 * keys[:, perm] + 0.01 * torch.randn(3, 20, 8, generator=g)  # scale: cosine ignores it
+    expected = perm.expand(3, 20)
+    assert torch.equal(nearest_tokens(features, keys), expected)
+    assert torch.equal(nearest_tokens(features, keys, max_scores=7), expected)     # row blocks of 1 (7 // 20 -> 1)
+    assert torch.equal(nearest_tokens(features, keys, max_scores=45), expected)    # 2 rows per block
+    assert torch.equal(nearest_tokens(keys, keys), torch.arange(20).expand(3, 20))  # identical: itself
+
+
+def test_propagation_onto_a_frame_identical_to_its_keyframe_reproduces_the_keyframe_output():
+    g = torch.Generator().manual_seed(1)
+    outputs = torch.randn(3, 2, 16, 8, generator=g)      # B=3 branches, K=2 keyframes
+    features = torch.randn(2, 16, 8, generator=g)        # the keyframes' source-branch inputs
+    # A frame identical to keyframe 1 that takes only that keyframe (e.g. after the last one).
+    frame = features[1:2].clone()
+    index = nearest_tokens(frame, features[[1]])
+    one = torch.tensor([1])
+    out = propagate(outputs, one, one, torch.ones(1), index, index)
+    assert torch.equal(out[:, 0], outputs[:, 1])          # exactly, every branch
+    # Between two keyframes identical to it, the blend of equal outputs is that output again.
+    same = outputs.clone()
+    same[:, 0] = same[:, 1]
+    out = propagate(same, torch.tensor([0]), one, torch.tensor([0.7]), index, index)
+    assert torch.allclose(out[:, 0], outputs[:, 1], atol=1e-6)
+    # A permuted frame gets the permuted outputs: the correspondences are used, not the position.
+    perm = torch.randperm(16, generator=g)
+    index = nearest_tokens(frame[:, perm], features[[1]])
+    assert torch.equal(propagate(outputs, one, one, torch.ones(1), index, index)[:, 0], outputs[:, 1, perm])
+
+
+@pytest.mark.parametrize("keyframes", [8, 32])
+def test_keyframe_attention_chunks_queries_and_never_repeats_keys(monkeypatch, keyframes):
+    """The scores held at once stay under the budget whatever the keyframe count (no (K*N)^2 matrix),
+    the keys/values are the same (B, h, K*N, d) tensors in every call, and the result is exact."""
+    b, h, n, d = 3, 2, 16, 8
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(b, h, keyframes * n, d, generator=g) for _ in range(3))
+    budget = b * h * 8 * n * 4  # the scores of 4*n query rows over 8 keyframes
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def probe(query, key, value, *args, **kwargs):
+        calls.append((query.shape, key.shape, key.data_ptr(), value.data_ptr()))
+        return real(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(tokenflow.F, "scaled_dot_product_attention", probe)
+    out = keyframe_attention(q, k, v, max_scores=budget)
+    monkeypatch.setattr(tokenflow.F, "scaled_dot_product_attention", real)
+    assert torch.allclose(out, real(q, k, v), atol=1e-6)
+    tokens = keyframes * n
+    assert len(calls) > 1
+    for q_shape, k_shape, k_ptr, v_ptr in calls:
+        assert k_shape == (b, h, tokens, d)                  # batch = branches: not repeated per frame
+        assert (k_ptr, v_ptr) == (k.data_ptr(), v.data_ptr())  # the very same keys/values, no copies
+        scores = q_shape[0] * q_shape[1] * q_shape[2] * k_shape[2]
+        assert scores <= budget < b * h * tokens * tokens   # never the full (K*N) x (K*N) matrix
+    assert sum(s[0][2] for s in calls) == tokens
+
+
+# --- the processor --------------------------------------------------------------------------------
+
+DECODER = "up_blocks.1.attentions.0.transformer_blocks.0"
+
+
+def attention_module() -> Attention:
+    torch.manual_seed(3)
+    return Attention(query_dim=32, heads=2, dim_head=16).eval()
+
+
+@torch.no_grad()
+def test_processor_keyframe_pass_is_extended_attention_and_propagation_copies_it():
+    attn = attention_module()
+    state = TokenFlowState()
+    attn.set_processor(TokenFlowProcessor(state, DECODER))
+    g = torch.Generator().manual_seed(4)
+    branches, n = 2, 6
+    video = torch.randn(branches, 4, n, 32, generator=g)   # 4 frames
+    video[:, 0] = video[:, 1]                              # frame 0 is a copy of keyframe 1
+    keys = torch.tensor([1, 3])
+    state.begin_step()
+    state.begin_keyframes(keys)
+    state.set_frames(keys)
+    state.begin_chunk(2, branches)
+    key_in = video[:, keys].reshape(-1, n, 32)
+    key_out = attn(key_in)
+    # The keyframe pass is extended attention over both keyframes, per branch.
+    joint = key_in.reshape(branches, 2 * n, 32)
+    assert torch.allclose(key_out.reshape(branches, 2 * n, 32), _stock(attn, joint), atol=1e-6)
+    state.begin_propagation()
+    state.set_frames(torch.tensor([0, 1]))
+    state.begin_chunk(2, branches)
+    out = attn(video[:, :2].reshape(-1, n, 32)).reshape(branches, 2, n, 32)
+    key_out = key_out.reshape(branches, 2, n, 32)
+    assert torch.equal(out[:, 1], key_out[:, 0])   # a keyframe takes its own output
+    assert torch.equal(out[:, 0], key_out[:, 0])   # its copy (before the first keyframe) too, exactly
+    with pytest.raises(RuntimeError, match="set_frames"):
+        state.set_frames(torch.tensor([0]))
+        state.begin_chunk(2, branches)
+
+
+def _stock(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    b = x.shape[0]
+
+    def heads(t):
+        return t.view(b, -1, 2, 16).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x)))
+    return attn.to_out[0](out.transpose(1, 2).reshape(b, -1, 32))
+
+
+def test_propagation_without_a_keyframe_pass_raises():
+    attn = attention_module()
+    state = TokenFlowState()
+    attn.set_processor(TokenFlowProcessor(state, DECODER))
+    state.set_frames(torch.tensor([0]))
+    state.begin_chunk(1, 2)
+    with pytest.raises(RuntimeError, match="keyframe pass"):
+        attn(torch.randn(2, 4, 32))
+
+
+# --- through the engine -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("control", ["none", "pnp"])
+def test_every_frame_a_keyframe_equals_extended_attention_in_one_chunk(pipe, inversion, control):
+    every = latents(pipe, inversion, method="tokenflow", control=control, tokenflow=TokenFlowConfig(batch_size=1))
+    extended = latents(pipe, inversion, method="extended", control=control, chunk_size=6)
+    assert close(every, extended)
+    if control == "none":   # the check can fail: fewer keyframes do change the result
+        fewer = latents(pipe, inversion, method="tokenflow", control=control, tokenflow=TokenFlowConfig(batch_size=3))
+        assert not close(fewer, extended)
+
+
+def test_same_seed_bit_identical_other_seed_differs_and_chunking_does_not_matter(pipe, inversion):
+    settings = dict(method="tokenflow", control="pnp", tokenflow=TokenFlowConfig(batch_size=3))
+    a = latents(pipe, inversion, seed=1, **settings)
+    assert torch.equal(a, latents(pipe, inversion, seed=1, **settings))
+    assert not close(a, latents(pipe, inversion, seed=3, **settings))        # other keyframes
+    # Propagation is frame by frame and the keyframes do not depend on the chunk order's draws:
+    # the chunks only change the batching (float noise).
+    assert close(a, latents(pipe, inversion, seed=1, **{**settings, "chunk_size": 6, "chunk_order": "seq"}))
+
+
+def test_still_video_edits_to_identical_frames(pipe):
+    still = np.repeat(moving_frames(1), 6, axis=0)
+    editor = VideoEditor(pipe, EditorSettings(steps=3, chunk_size=4, method="tokenflow", control="pnp",
+                                              tokenflow=TokenFlowConfig(batch_size=4)))
+    out = editor.edit(still, "a texture", [("e", "a painting")], seed=0, key="k").frames["e"].astype(int)
+    assert max(np.abs(out[0] - f).max() for f in out[1:]) <= 1
+
+
+def test_config_reaches_the_engine():
+    from vidbatch.lightning_module import VideoEditModule
+
+    config = load_config(None, ["edit.method=tokenflow", "tokenflow.batch_size=4", "tokenflow.blend=linear"])
+    settings = VideoEditModule.editor_settings(config)
+    assert settings.method == "tokenflow"
+    assert (settings.tokenflow.batch_size, settings.tokenflow.blend) == (4, "linear")
+    with pytest.raises(Exception, match="tokenflow.blend"):
+        load_config(None, ["tokenflow.blend=cubic"])
+
+
+def test_cli_run_edits_with_tokenflow_through_the_cache_and_metrics(tmp_path, clips):
+    import json
+
+    from conftest import FAST, TINY, run_cli, video_sample, write_shard
+
+    write_shard(tmp_path / "in" / "part-000000.tar", [video_sample("pattern", clips["pattern"])])
+    args = ["--set", "edit.method=tokenflow", "--set", "tokenflow.batch_size=3", "--set", "metrics.clip_model=none"]
+    for s in FAST:
+        args += ["--set", s]
+    for run in ("first", "second"):
+        code = run_cli("run", TINY, "--input", tmp_path / "in" / "part-000000.tar", "--output", tmp_path / run, *args)
+        assert code == 0
+        (row,) = [json.loads(line) for line in (tmp_path / run / "stats" / "part-000000.jsonl").read_text().splitlines()]
+        assert row["status"] == "ok", row["error"]
+        assert row["inversion_cache"] == ("miss" if run == "first" else "hit")
+        assert row["metrics"]["warp_error"] is not None and row["metrics"]["interp_psnr"] is not None
+
+
+def test_the_unet_is_unpatched_after_an_edit(pipe, inversion):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    latents(pipe, inversion, method="tokenflow", control="pnp")
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())

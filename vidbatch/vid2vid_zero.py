@@ -1,0 +1,493 @@
+"""vid2vid-zero (Wang et al. 2023) as a method of the editing engine: `edit.method: vid2vid-zero`.
+
+Three parts, each switchable in the `vid2vid_zero:` config section:
+
+- **Null-text inversion** (Mokady et al.): DDIM inversion with the empty prompt (or the source
+  prompt, `invert_with_prompt`), then for every step, noisiest first, a few Adam steps on the
+  unconditional embedding so that the guided prediction (source prompt, `edit.guidance`) from the
+  current latent lands on the inverted latent of the next step (:func:`optimise_null_embeddings`).
+  One embedding per step, shared by all frames, stored in the inversion cache with the trajectory
+  (`Inversion.extras["null_embeddings"]`, (S, 77, C)). The edit uses it as its unconditional
+  embedding (`edit.negative_prompt` is not used). `null_steps: 0` keeps the empty prompt's embedding.
+- **Cross-frame attention** (:class:`CrossFrameProcessor`): in the `dense_blocks` self-attention
+  is dense over the chunk's frames (spatio-temporal); elsewhere every frame attends to the first
+  and the previous frame of the video. Frame 0's and the last frame's attention inputs are kept
+  per block for the step, so chunks see across their borders (the chunks run in order, `seq`).
+- **Prompt-to-prompt** (:class:`PromptToPromptProcessor`): a source branch (branch 0: the inverted
+  latent of the step with the source prompt) runs for the first `cross_replace` share of the steps;
+  the edit branch's cross-attention maps are replaced by the source branch's ("replace", when the
+  prompts have the same token count) or, for the words the prompts share, mapped through a token
+  alignment ("refine", :func:`refine_mapping`).
+
+Shapes: ``B`` guidance branches, ``F`` frames of a UNet call, ``N`` tokens of a frame, ``C``
+channels, ``L`` text tokens (77), ``h`` heads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vidbatch import ddim
+from vidbatch.attention import _attend, _transformer_blocks
+from vidbatch.editing import Inversion, MethodHooks
+from vidbatch.errors import ConfigError
+
+__all__ = [
+    "P2P_MODES",
+    "CrossFrameProcessor",
+    "PromptToPromptProcessor",
+    "Vid2VidZeroHooks",
+    "Vid2VidZeroState",
+    "apply_vid2vid_zero",
+    "optimise_null_embeddings",
+    "p2p_mode",
+    "refine_mapping",
+    "remove_vid2vid_zero",
+    "replace_maps",
+]
+
+log = logging.getLogger("vidbatch")
+
+P2P_MODES = ("auto", "replace", "refine", "none")
+_PATCH_ATTR = "_vidbatch_vid2vid_zero"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt-to-prompt: pure functions
+
+
+def p2p_mode(mode: str, source_ids: list[int], edit_ids: list[int]) -> str:
+    """The cross-attention control one edit gets: ``auto`` is ``replace`` for prompts of the same token count."""
+    if mode not in P2P_MODES:
+        raise ConfigError(f"vid2vid_zero.p2p must be one of {', '.join(P2P_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "replace" if len(source_ids) == len(edit_ids) else "refine"
+    if mode == "replace" and len(source_ids) != len(edit_ids):
+        raise ConfigError(f"vid2vid_zero.p2p 'replace' needs source and edit prompts of the same token count "
+                          f"({len(source_ids)} and {len(edit_ids)}); use 'refine' or 'auto'")
+    return mode
+
+
+def refine_mapping(source_ids: list[int], edit_ids: list[int], length: int = 77) -> tuple[Tensor, Tensor]:
+    """Which source token's map each edit token takes: a longest-common-subsequence alignment of the ids.
+
+    Args:
+        source_ids, edit_ids: the prompts' token ids with their start and end tokens, no padding.
+        length: the text encoder's sequence length.
+
+    Returns:
+        ``mapper`` (length,) int64: for every edit position, a source position; ``alphas`` (length,)
+        float32: 1 where the edit token is a shared word (or padding, aligned with the source's
+        padding), 0 for new words, which keep their own maps.
+    """
+    n, m = len(source_ids), len(edit_ids)
+    if n > length or m > length:
+        raise ValueError(f"token sequences of {n} and {m} exceed the length {length}")
+    # lcs[i][j]: the longest common subsequence of source_ids[i:] and edit_ids[j:].
+    lcs = np.zeros((n + 1, m + 1), dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            lcs[i, j] = lcs[i + 1, j + 1] + 1 if source_ids[i] == edit_ids[j] else max(lcs[i + 1, j], lcs[i, j + 1])
+    mapper = torch.arange(length)
+    alphas = torch.zeros(length)
+    i = j = 0
+    while i < n and j < m:
+        if source_ids[i] == edit_ids[j]:
+            mapper[j], alphas[j] = i, 1.0
+            i, j = i + 1, j + 1
+        elif lcs[i + 1, j] >= lcs[i, j + 1]:
+            i += 1
+        else:
+            j += 1
+    # Padding after the prompts: the edit's k-th padding position takes the source's k-th.
+    pad = torch.arange(m, length)
+    mapper[m:] = (pad - m + n).clamp(max=length - 1)
+    alphas[m:] = 1.0
+    return mapper, alphas
+
+
+def replace_maps(source: Tensor, edit: Tensor, mode: str, mapper: Tensor | None = None,
+                 alphas: Tensor | None = None) -> Tensor:
+    """The edit branch's cross-attention maps under prompt-to-prompt control.
+
+    source, edit: (..., N, L) attention probabilities of the source and the edit branch.
+    ``replace``: the source's maps. ``refine``: ``source[..., mapper] * alphas + edit * (1 - alphas)``.
+    """
+    if mode == "replace":
+        return source.clone()
+    if mode == "refine":
+        alphas = alphas.to(edit.dtype)
+        return source[..., mapper] * alphas + edit * (1 - alphas)
+    raise ValueError(f"unknown prompt-to-prompt mode {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Null-text inversion
+
+
+def optimise_null_embeddings(editor, inversion: Inversion, prompt: str, *, steps: int, lr: float,
+                             early_stop: float = 1e-5) -> Tensor:
+    """Null-text optimisation: one unconditional embedding per denoising step, shared by all frames.
+
+    For step k (noisiest first), starting from the inverted noisiest latent: the embedding (initialised
+    from the previous step's, the first from the empty prompt's) gets up to `steps` Adam steps on the
+    mean squared error between the guided DDIM step from the current latent and the inverted latent
+    of the next step; then the current latent takes that guided step with the final embedding. Frames
+    go through the UNet in `inversion.batch_size` batches, their gradients summed, so memory stays
+    bounded by the batch. The learning rate decays linearly to half over the steps (Mokady et al.'s
+    ``lr * (1 - k / 100)`` for 50 steps). The UNet stays stock (per-frame attention), as in vid2vid-zero.
+
+    Args:
+        editor: the :class:`vidbatch.editing.VideoEditor` (its UNet, schedule, guidance, batch size).
+        inversion: the DDIM inversion; its ``timesteps`` are the edit's.
+        prompt: the source prompt (the conditional branch of the guided prediction).
+        steps: Adam steps per denoising step (0: the empty prompt's embedding for every step).
+        lr: Adam's learning rate at the first step.
+        early_stop: a step stops once its loss is below ``early_stop + k * 2e-5`` (Mokady et al.).
+
+    Returns:
+        (S, L, C) embeddings in the model's dtype, on the CPU.
+    """
+    # Lightning predicts under inference mode, where no graph can be built: leave it for the
+    # optimisation, and work on ordinary copies of the tensors made in it (`_copy`).
+    with torch.inference_mode(False):
+        return _optimise_null_embeddings(editor, inversion, prompt, steps, lr, early_stop)
+
+
+def _copy(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """An ordinary tensor (never an inference-mode one, which autograd cannot save) on `device`."""
+    return t.to(device, dtype).clone()
+
+
+def _optimise_null_embeddings(editor, inversion: Inversion, prompt: str, steps: int, lr: float,
+                              early_stop: float) -> Tensor:
+    device = editor.device
+    # A copy: Adam updates it in place, and the editor's text cache must not change.
+    null = _copy(editor.text_embedding(""), device, torch.float32)
+    num_steps = len(inversion.timesteps)
+    if steps == 0:
+        return null.expand(num_steps, -1, -1).to(editor.dtype).cpu().contiguous()
+    guidance, kind = editor.settings.guidance, editor.prediction_type
+    cond = _copy(editor.text_embedding(prompt), device)
+    alphas, final = editor._alphas()
+    timesteps = _copy(inversion.timesteps, device)
+    alpha_t, alpha_prev = ddim.alphas_for(_copy(alphas, device), _copy(final, device), timesteps)
+    x = _copy(inversion.trajectory[0], device, torch.float32)
+    batch = editor.inversion_batch_for(len(x), tuple(x.shape[-2:]))
+    batches = [slice(s, s + batch) for s in range(0, len(x), batch)]
+    out = []
+    for k in range(num_steps):
+        t = timesteps[k]
+        target = _copy(inversion.trajectory[k + 1] if k + 1 < num_steps else inversion.clean, device, torch.float32)
+        with torch.no_grad():
+            out_cond = torch.cat([editor._unet(x[b], t, cond.expand(len(x[b]), -1, -1)) for b in batches])
+
+        def step_from(out_uncond: Tensor, b: slice) -> Tensor:
+            guided = out_uncond + guidance * (out_cond[b] - out_uncond)
+            return ddim.denoising_step(x[b], guided, alpha_t[k], alpha_prev[k], kind)
+
+        null = null.detach().requires_grad_(True)
+        optimiser = torch.optim.Adam([null], lr=lr * (1.0 - 0.5 * k / num_steps))
+        for _ in range(steps):
+            optimiser.zero_grad()
+            loss = 0.0
+            with torch.enable_grad():
+                for b in batches:
+                    emb = null.to(editor.dtype).expand(len(x[b]), -1, -1)
+                    predicted = step_from(editor._unet(x[b], t, emb), b)
+                    part = F.mse_loss(predicted, target[b], reduction="sum") / target.numel()
+                    # Only the embedding needs a gradient (the UNet's weights are frozen).
+                    (grad,) = torch.autograd.grad(part, [null])
+                    null.grad = grad if null.grad is None else null.grad + grad
+                    loss += float(part.detach())
+            optimiser.step()
+            if loss < early_stop + k * 2e-5:
+                break
+        null = null.detach()
+        out.append(null[0].to(editor.dtype).cpu())
+        with torch.no_grad():
+            emb = null.to(editor.dtype)
+            x = torch.cat([step_from(editor._unet(x[b], t, emb.expand(len(x[b]), -1, -1)), b) for b in batches])
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processors
+
+
+@dataclass
+class Vid2VidZeroState:
+    """State shared by the vid2vid-zero processors of one UNet.
+
+    Attributes:
+        cross_frame: cross-frame self-attention (else each frame alone).
+        p2p: ``"replace"``, ``"refine"`` or ``"none"`` for the current edit.
+        mapper, alphas: the refine mapping (:func:`refine_mapping`), on the device.
+        p2p_active: the current step replaces the edit branch's cross-attention maps.
+        frames: (F,) the video frame indices of the next UNet call.
+        num_frames, num_branches, inject_qk: the next UNet call (see :meth:`begin_chunk`).
+        first, last: block name -> (B, N, C) attention inputs of frame 0 and of the last frame seen
+            (with its index) in the current step.
+    """
+
+    cross_frame: bool = True
+    p2p: str = "none"
+    mapper: Tensor | None = None
+    alphas: Tensor | None = None
+    p2p_active: bool = False
+    frames: Tensor | None = None
+    num_frames: int | None = None
+    num_branches: int | None = None
+    inject_qk: bool = False
+    frame_list: list[int] = field(default_factory=list)
+    first: dict[str, Tensor] = field(default_factory=dict)
+    last: dict[str, tuple[int, Tensor]] = field(default_factory=dict)
+
+    def begin_step(self) -> None:
+        """Forget the previous step's first and last frames."""
+        self.first.clear()
+        self.last.clear()
+
+    def set_frames(self, frames: Tensor) -> None:
+        self.frames = frames
+        self.frame_list = [int(i) for i in frames.tolist()]  # once per chunk, not in every block
+
+    def begin_chunk(self, num_frames: int, num_branches: int, generator: torch.Generator | None = None,
+                    inject_qk: bool = False, latent_hw: tuple[int, int] | None = None) -> None:
+        """Declare the next UNet call; same signature as `FrameAttentionState.begin_chunk` (nothing is drawn)."""
+        if num_frames < 1 or num_branches < 1:
+            raise ValueError(f"a chunk needs at least one frame and one branch, got {num_frames} and {num_branches}")
+        if self.frames is None or len(self.frames) != num_frames:
+            raise RuntimeError(f"vid2vid-zero needs the chunk's frame indices: call set_frames() with "
+                               f"{num_frames} frames")
+        self.num_frames, self.num_branches, self.inject_qk = num_frames, num_branches, inject_qk
+
+
+def _check_layout(state: Vid2VidZeroState, name: str, batch: int) -> tuple[int, int]:
+    if state.num_frames is None or state.num_branches is None:
+        raise RuntimeError("vid2vid-zero attention needs the chunk layout: call state.begin_chunk() before the UNet")
+    if batch != state.num_frames * state.num_branches:
+        raise RuntimeError(f"block {name} got a batch of {batch}, but begin_chunk declared "
+                           f"{state.num_branches} branches x {state.num_frames} frames")
+    return state.num_branches, state.num_frames
+
+
+class CrossFrameProcessor:
+    """Self-attention (``attn1``) of one block: dense over the chunk, or to the first and previous frame.
+
+    Args:
+        state: the shared :class:`Vid2VidZeroState`.
+        name: the block's module name (keys the kept frames; ``up_blocks.*`` take PnP's q/k injection).
+        dense: dense spatio-temporal attention over the chunk's frames in this block.
+    """
+
+    def __init__(self, state: Vid2VidZeroState, name: str, dense: bool) -> None:
+        self.state = state
+        self.name = name
+        self.dense = dense
+        self.is_decoder = name.startswith("up_blocks.")
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+        st = self.state
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError(f"vid2vid-zero attention is self-attention without a mask; block {self.name} "
+                                      "passed encoder_hidden_states or an attention mask to attn1")
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError("vid2vid-zero attention supports (batch, tokens, channels) input without "
+                                      "spatial/group norm")
+        branches, frames = _check_layout(st, self.name, hidden_states.shape[0])
+        inject = branches if (st.inject_qk and self.is_decoder) else None
+        b, n, c = branches, hidden_states.shape[1], hidden_states.shape[2]
+        if not st.cross_frame:
+            out = _attend(attn, hidden_states, inject_branches=inject)
+        elif self.dense:
+            x = hidden_states.reshape(b, frames * n, c)
+            out = _attend(attn, x, inject_branches=inject).reshape(b * frames, n, -1)
+        else:
+            context = self._first_and_previous(hidden_states, b, frames)
+            out = _attend(attn, hidden_states, context, inject_branches=inject)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def _first_and_previous(self, hidden_states: Tensor, branches: int, frames: int) -> Tensor:
+        """(B*F, 2N, C): for every frame, the tokens of video frame 0 and of the frame before it (frame 0: itself)."""
+        st = self.state
+        x = hidden_states.reshape(branches, frames, *hidden_states.shape[1:])  # (B, F, N, C)
+        indices = st.frame_list
+        if indices != list(range(indices[0], indices[0] + frames)):
+            raise RuntimeError(f"vid2vid-zero attention needs consecutive frames per chunk, got {indices}")
+        start = indices[0]
+        if start == 0:
+            st.first[self.name] = x[:, 0].detach()
+            before = x[:, :1]
+        else:
+            kept = st.last.get(self.name)
+            if self.name not in st.first or kept is None or kept[0] != start - 1:
+                raise RuntimeError(f"block {self.name}: frames {indices} come before frame 0 or out of order; "
+                                   "vid2vid-zero's first/previous-frame attention runs the chunks in order (seq)")
+            before = kept[1][:, None]
+        st.last[self.name] = (indices[-1], x[:, -1].detach())
+        previous = torch.cat([before, x[:, :-1]], dim=1)                   # (B, F, N, C)
+        first = st.first[self.name][:, None].expand_as(x)
+        return torch.cat([first, previous], dim=2).reshape(branches * frames, -1, x.shape[-1])
+
+
+class PromptToPromptProcessor:
+    """Cross-attention (``attn2``) of one block: the edit branch's maps from the source branch's while active.
+
+    Inactive (or without a source branch) it is the block's original processor, unchanged.
+    Branches are ``[source, uncond, cond]``; only ``cond`` (the edit prompt) is controlled.
+    """
+
+    def __init__(self, state: Vid2VidZeroState, name: str, original) -> None:
+        self.state = state
+        self.name = name
+        self.original = original
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+        st = self.state
+        if not st.p2p_active or st.p2p == "none" or encoder_hidden_states is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if attention_mask is not None or hidden_states.ndim != 3 or attn.group_norm is not None:
+            raise NotImplementedError("prompt-to-prompt supports (batch, tokens, channels) cross-attention "
+                                      "without a mask")
+        branches, frames = _check_layout(st, self.name, hidden_states.shape[0])
+        if branches < 3:
+            raise RuntimeError("prompt-to-prompt needs the source branch: branches [source, uncond, cond]")
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, None)  # (B*F*h, N, L)
+        probs = probs.view(branches, -1, *probs.shape[1:])   # branch-major: (B, F*h, N, L)
+        edited = replace_maps(probs[0], probs[-1], st.p2p, st.mapper, st.alphas)
+        probs = torch.cat([probs[:-1], edited[None]]).flatten(0, 1)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def _is_dense(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def apply_vid2vid_zero(unet: torch.nn.Module, cross_frame: bool = True,
+                       dense_blocks: list[str] | tuple[str, ...] = ()) -> Vid2VidZeroState:
+    """Replace every ``BasicTransformerBlock``'s self- and cross-attention processors; returns the shared state."""
+    remove_vid2vid_zero(unet)
+    state = Vid2VidZeroState(cross_frame=cross_frame)
+    originals = {}
+    names = []
+    for name, block in _transformer_blocks(unet):
+        names.append(name)
+        originals[name] = (block.attn1.processor, block.attn2.processor if block.attn2 is not None else None)
+        block.attn1.set_processor(CrossFrameProcessor(state, name, _is_dense(name, list(dense_blocks))))
+        if block.attn2 is not None:
+            block.attn2.set_processor(PromptToPromptProcessor(state, name, block.attn2.processor))
+    if not names:
+        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
+    unmatched = [p for p in dense_blocks if not any(_is_dense(n, [p]) for n in names)]
+    if unmatched:
+        log.warning("vid2vid_zero.dense_blocks %s match no transformer block of this UNet", unmatched)
+    setattr(unet, _PATCH_ATTR, (state, originals))
+    return state
+
+
+def remove_vid2vid_zero(unet: torch.nn.Module) -> None:
+    """Restore the processors :func:`apply_vid2vid_zero` replaced; a no-op when not patched."""
+    patch = getattr(unet, _PATCH_ATTR, None)
+    if patch is None:
+        return
+    state, originals = patch
+    for name, (attn1, attn2) in originals.items():
+        block = unet.get_submodule(name)
+        block.attn1.set_processor(attn1)
+        if attn2 is not None:
+            block.attn2.set_processor(attn2)
+    state.begin_step()
+    delattr(unet, _PATCH_ATTR)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's hooks
+
+
+def _token_ids(tokenizer, prompt: str) -> list[int]:
+    return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
+
+
+class Vid2VidZeroHooks(MethodHooks):
+    """vid2vid-zero in the engine: null-text inversion, per-step null embeddings, cross-frame attention, p2p."""
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.state: Vid2VidZeroState | None = None
+        self.device: torch.device | None = None
+        self.replace_steps = 0   # steps with prompt-to-prompt control (and the source branch)
+
+    @property
+    def config(self):
+        return self.settings.vid2vid_zero
+
+    def inversion_parts(self) -> dict:
+        c = self.config
+        parts = {"invert_with_prompt": c.invert_with_prompt, "null_steps": c.null_steps}
+        if c.null_steps > 0:  # these change the embeddings only when there is an optimisation
+            parts.update(null_lr=c.null_lr, null_early_stop=c.null_early_stop, guidance=self.settings.guidance)
+        return {"vid2vid_zero": parts}
+
+    def invert(self, editor, frames: np.ndarray, prompt: str) -> Inversion:
+        c = self.config
+        inversion = editor.invert(frames, prompt if c.invert_with_prompt else "")
+        inversion.extras["null_embeddings"] = optimise_null_embeddings(
+            editor, inversion, prompt, steps=c.null_steps, lr=c.null_lr, early_stop=c.null_early_stop)
+        return inversion
+
+    def patch(self, editor, prompt: str, source_prompt: str) -> Vid2VidZeroState:
+        c = self.config
+        self.device = editor.device
+        # Everything that can fail comes before the patch: an error must not leave the UNet patched.
+        tokenizer = editor.pipe.tokenizer
+        source_ids, edit_ids = _token_ids(tokenizer, source_prompt), _token_ids(tokenizer, prompt)
+        mode = p2p_mode(c.p2p, source_ids, edit_ids)
+        mapper = alphas = None
+        if mode == "refine":
+            mapper, alphas = refine_mapping(source_ids, edit_ids, tokenizer.model_max_length)
+            mapper, alphas = mapper.to(self.device), alphas.to(self.device)
+        self.replace_steps = int(self.settings.steps * c.cross_replace) if mode != "none" else 0
+        self.state = apply_vid2vid_zero(editor.unet, c.cross_frame, c.dense_blocks)
+        self.state.p2p, self.state.mapper, self.state.alphas = mode, mapper, alphas
+        return self.state
+
+    def unpatch(self, unet) -> None:
+        remove_vid2vid_zero(unet)
+
+    def chunk_order(self) -> str:
+        # First/previous-frame attention carries frames across chunk borders: the chunks go in order.
+        return "seq" if self.config.cross_frame else self.settings.chunk_order
+
+    def needs_source(self, step: int) -> bool:
+        return step < self.replace_steps
+
+    def uncond_embedding(self, inversion: Inversion, step: int, default: Tensor) -> Tensor:
+        nulls = inversion.extras.get("null_embeddings")
+        if nulls is None:  # an inversion made without these hooks (plain `invert`): the negative prompt
+            return default
+        return nulls[step:step + 1].to(self.device, default.dtype)
+
+    def begin_step(self, step: int, num_frames: int, predict, generator: torch.Generator) -> None:
+        self.state.p2p_active = step < self.replace_steps
+
+    def begin_chunk(self, frames: Tensor) -> None:
+        self.state.set_frames(frames)
