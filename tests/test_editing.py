@@ -108,3 +108,27 @@ def test_corrupt_cache_entry_is_recomputed(pipe, tmp_path, caplog):
     assert second.inversion_cache == "miss"
     assert np.array_equal(first.frames["e"], second.frames["e"])
     assert editor.edit(frames, "src", [("e", "dst")], seed=0, key="k").inversion_cache == "hit"
+
+
+def test_cache_command_lists_verifies_and_prunes(pipe, tmp_path, capsys):
+    from conftest import run_cli
+
+    cache = InversionCache(tmp_path / "cache")
+    editor = VideoEditor(pipe, EditorSettings(steps=2), cache, model_fingerprint(pipe))
+    for seed in range(3):
+        editor.edit(frames_of(seed), "src", [("e", "dst")], seed=0, key="k")
+    editor.edit(frames_of(0), "src", [("e", "dst")], seed=0, key="k")   # one hit
+    assert run_cli("cache", "ls", "--dir", tmp_path / "cache") == 0
+    assert "3 entries" in capsys.readouterr().out
+    assert run_cli("cache", "ls", "--dir", tmp_path / "cache", "--json") == 0
+    rows = [__import__("json").loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and sum(r["hits"] for r in rows) == 1
+    assert run_cli("cache", "verify", "--dir", tmp_path / "cache") == 0
+    victim = cache.entries()[0].path
+    victim.write_bytes(victim.read_bytes()[:-7])
+    assert run_cli("cache", "verify", "--dir", tmp_path / "cache") == 1
+    assert "1 bad" in capsys.readouterr().out
+    one = max(e.size_bytes for e in cache.entries())
+    assert run_cli("cache", "prune", "--dir", tmp_path / "cache", "--max-gb", str(one / 1e9)) == 0
+    assert len(cache.entries()) == 1
+    assert run_cli("cache", "prune", "--dir", tmp_path / "cache") == 2

@@ -685,6 +685,13 @@ class InversionCache:
         }
 
 
+def inversion_cache_dir(configured: str | None = None) -> Path:
+    """`inversion.cache_dir` when set, else `inversions` under the vidbatch cache ($VIDBATCH_CACHE or ~/.cache/vidbatch)."""
+    from vidbatch.tiny_model import default_cache_root
+
+    return Path(configured).expanduser() if configured else default_cache_root() / "inversions"
+
+
 def cache_max_bytes(max_gb: float | None) -> int | None:
     """Convert a size limit in GB (10**9 bytes, as in the config and `--max-gb`) to bytes; None = no limit.
 
