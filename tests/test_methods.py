@@ -182,3 +182,14 @@ def torch_allclose(a, b) -> bool:
     import torch
 
     return bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
+
+
+def test_auto_inversion_batch_follows_the_budget(pipe):
+    editor = VideoEditor(pipe, EditorSettings(inversion_batch="auto", memory_budget_bytes=2**40))
+    assert editor.inversion_batch_for(24, (4, 4)) == 24
+    editor.settings.memory_budget_bytes = 1
+    assert editor.inversion_batch_for(24, (4, 4)) == 1
+    frames = moving_frames(5)
+    a = VideoEditor(pipe, EditorSettings(steps=2, inversion_batch="auto", memory_budget_bytes=1)).invert(frames, "x")
+    b = VideoEditor(pipe, EditorSettings(steps=2, inversion_batch=5)).invert(frames, "x")
+    assert torch_allclose(a.trajectory, b.trajectory)

@@ -32,13 +32,15 @@ def good_run(tmp_path_factory, clips):
                                                    video_sample("fractal", clips["fractal"])])
     write_shard(root / "in" / "part-000001.tar", [video_sample("cells", clips["cells"])])
     out = root / "out"
-    code = run_cli("run", TINY, "--input", str(root / "in" / "part-{000000..000001}.tar"), "--output", out,
-                   *sum((["--set", s] for s in [*FAST, EDITS]), []))
-    return code, root, out
+    # A cache of its own: other tests edit the same clips, and this run must start cold.
+    sets = [*FAST, EDITS, f"inversion.cache_dir={root / 'cache'}"]
+    args = ["run", TINY, "--input", str(root / "in" / "part-{000000..000001}.tar"), "--output", out,
+            *sum((["--set", s] for s in sets), [])]
+    return run_cli(*args), root, out, args
 
 
 def test_run_writes_the_output_contract(good_run, clips):
-    code, root, out = good_run
+    code, root, out, args = good_run
     assert code == 0
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-000000.tar", "part-000001.tar"]
     first = read_output(out / "shards" / "part-000000.tar")
@@ -52,7 +54,8 @@ def test_run_writes_the_output_contract(good_run, clips):
     assert [(r["key"], r["edit"]) for r in rows] == [("pattern", "ink"), ("pattern", "neon"),
                                                      ("fractal", "ink"), ("fractal", "neon")]
     for row in rows:
-        assert set(row["seconds"]) == {"decode", "invert", "edit", "encode", "total"}
+        assert set(row["seconds"]) == {"decode", "invert", "edit", "encode", "metrics", "total"}
+        assert row["inversion_cache"] == "miss"
         assert row["seconds"]["total"] == pytest.approx(sum(v for k, v in row["seconds"].items() if k != "total"),
                                                         abs=1e-3)
         assert row["peak_memory_mb"] > 0
@@ -69,7 +72,7 @@ def test_run_writes_the_output_contract(good_run, clips):
 
 
 def test_output_videos_match_the_source_frames_size_and_fps(good_run, clips):
-    code, root, out = good_run
+    code, root, out, args = good_run
     outputs = {**read_output(out / "shards" / "part-000000.tar"), **read_output(out / "shards" / "part-000001.tar")}
     for key, clip in clips.items():
         source = decode_video(clip.read_bytes(), clip.suffix.lstrip("."), short_side=32, multiple=16)
@@ -82,7 +85,7 @@ def test_output_videos_match_the_source_frames_size_and_fps(good_run, clips):
 
 
 def test_audio_track_is_carried_over(good_run, tmp_path):
-    code, root, out = good_run
+    code, root, out, args = good_run
     sample = read_output(out / "shards" / "part-000000.tar")["pattern"]
     path = tmp_path / "edited.mp4"
     path.write_bytes(sample["ink.mp4"])
@@ -92,17 +95,18 @@ def test_audio_track_is_carried_over(good_run, tmp_path):
 
 
 def test_rerun_skips_done_shards_and_overwrite_redoes_them(good_run):
-    code, root, out = good_run
+    code, root, out, args = good_run
     marker = out / "stats" / "part-000000.json"
     before = marker.read_text()
-    inputs = str(root / "in" / "part-{000000..000001}.tar")
-    args = ["run", TINY, "--input", inputs, "--output", out, *sum((["--set", s] for s in [*FAST, EDITS]), [])]
     assert run_cli(*args) == 0
     assert marker.read_text() == before
     assert run_cli(*args, "--overwrite") == 0
-    assert json.loads(marker.read_text())["finished_at"] >= json.loads(before)["finished_at"]
-    assert json.loads(marker.read_text())["started_at"] != json.loads(before)["started_at"] or \
-        marker.read_text() != before
+    assert marker.read_text() != before
+    rows = [json.loads(l) for l in (out / "stats" / "part-000000.jsonl").read_text().splitlines()]
+    assert {r["inversion_cache"] for r in rows} == {"hit"}   # the rerun reuses every inversion
+    assert run_cli(*args, "--overwrite", "--set", "inversion.cache=false") == 0
+    rows = [json.loads(l) for l in (out / "stats" / "part-000000.jsonl").read_text().splitlines()]
+    assert {r["inversion_cache"] for r in rows} == {"off"}
 
 
 def test_same_seed_is_bit_identical_and_another_seed_differs(tmp_path, clips):

@@ -21,7 +21,7 @@ import yaml
 from vidbatch.errors import ConfigError
 
 EDIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
-METHODS = ("per-frame", "extended", "vidtome")
+METHODS = ("per-frame", "extended", "vidtome", "tokenflow", "vid2vid-zero")
 CONTROLS = ("none", "pnp", "sdedit", "controlnet")
 
 
@@ -93,7 +93,7 @@ class EditConfig:
 class InversionConfig:
     steps: int | None = _key(None, minimum=1, maximum=1000, help="DDIM inversion steps; null: edit.steps")
     prompt: str = _key("{prompt}", help="prompt of the inversion (the source description); '{prompt}' is the sample's")
-    batch_size: int = _key(8, minimum=1, help="frames inverted per UNet call")
+    batch_size: Union[int, Literal["auto"]] = _key(8, minimum=1, help="frames inverted per UNet call ('auto': fit runtime.max_memory_gb)")
     cache: bool = _key(True, help="reuse inversions across edits, reruns and workers (content-addressed)")
     cache_dir: str | None = _key(None, help="inversion cache folder; null: $VIDBATCH_CACHE/inversions or ~/.cache/vidbatch/inversions")
     cache_max_gb: float | None = _key(None, minimum=0, help="evict least recently used entries above this size")
@@ -103,6 +103,31 @@ class InversionConfig:
 class PnpConfig:
     f_t: float = _key(0.8, minimum=0, maximum=1, help="share of the steps whose residual features come from the source branch")
     attn_t: float = _key(0.5, minimum=0, maximum=1, help="share of the steps whose decoder self-attention q/k come from the source branch")
+
+
+@dataclass
+class TokenFlowConfig:
+    batch_size: int = _key(8, minimum=1, help="tokenflow: one keyframe drawn at random per this many frames, every step")
+    blend: str = _key("sigmoid", choices=["sigmoid", "linear"],
+                      help="tokenflow: weights of a frame's two keyframes by temporal distance; 'sigmoid' is TokenFlow's")
+
+
+@dataclass
+class Vid2VidZeroConfig:
+    null_steps: int = _key(1, minimum=0, help="vid2vid-zero: Adam steps on the null embedding per denoising step; 0: no "
+                                             "null-text optimisation (the empty prompt's embedding)")
+    null_lr: float = _key(0.01, minimum=0, help="vid2vid-zero: Adam learning rate of the null-text optimisation")
+    null_early_stop: float = _key(1e-5, minimum=0, help="vid2vid-zero: stop a step's optimisation below this loss")
+    invert_with_prompt: bool = _key(False, help="vid2vid-zero: DDIM-invert with the source prompt instead of the empty one")
+    cross_frame: bool = _key(True, help="vid2vid-zero: cross-frame self-attention; false: each frame alone")
+    dense_blocks: list[str] = _key(["down_blocks.0", "mid_block", "up_blocks.1"],
+                                   help="vid2vid-zero: blocks (module name prefixes) with dense attention over the "
+                                        "chunk; the others attend to the first and the previous frame")
+    p2p: str = _key("auto", choices=["auto", "replace", "refine", "none"],
+                    help="vid2vid-zero: prompt-to-prompt cross-attention control; 'auto': replace when the source "
+                         "and edit prompts have the same token count, else refine")
+    cross_replace: float = _key(0.8, minimum=0, maximum=1,
+                                help="vid2vid-zero: share of the steps whose cross-attention maps come from the source")
 
 
 @dataclass
@@ -165,6 +190,8 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     pnp: PnpConfig = field(default_factory=PnpConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    tokenflow: TokenFlowConfig = field(default_factory=TokenFlowConfig)
+    vid2vid_zero: Vid2VidZeroConfig = field(default_factory=Vid2VidZeroConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

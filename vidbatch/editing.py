@@ -20,7 +20,7 @@ from torch import Tensor
 
 from vidbatch import ddim, memory
 from vidbatch.attention import MergeSettings, apply_patch, remove_patch
-from vidbatch.config import parse_control
+from vidbatch.config import TokenFlowConfig, Vid2VidZeroConfig, parse_control
 from vidbatch.controls import PnpResidualInjector, condition_tensor
 from vidbatch.inversion_cache import InversionCache, inversion_key
 
@@ -47,7 +47,9 @@ class EditorSettings:
     memory_budget_bytes: int | None = None    # for "auto"; None: what the device has free
     chunk_order: str = "seq"
     vae_batch: int = 8
-    inversion_batch: int = 8
+    inversion_batch: int | str = 8            # frames per inversion UNet call, or "auto"
+    tokenflow: TokenFlowConfig = field(default_factory=TokenFlowConfig)          # method "tokenflow"
+    vid2vid_zero: Vid2VidZeroConfig = field(default_factory=Vid2VidZeroConfig)   # method "vid2vid-zero"
 
 
 @dataclass
@@ -56,11 +58,13 @@ class Inversion:
 
     trajectory: (S, T, 4, h, w) on the CPU; trajectory[k] is the latent at timesteps[k] (descending
     timesteps, so trajectory[0] is the noisiest). clean: (T, 4, h, w), the VAE latents of the frames.
+    extras: method-specific tensors cached with the trajectory (vid2vid-zero: "null_embeddings").
     """
 
     timesteps: Tensor
     trajectory: Tensor
     clean: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +112,63 @@ def chunk_schedule(num_frames: int, chunk_size: int, order: str, generator: torc
             reordered[dst] = chunks[src]
         chunks = reordered
     return chunks
+
+
+class MethodHooks:
+    """Where an editing method varies the engine's loops; these defaults serve per-frame, extended and vidtome.
+
+    TokenFlow (`vidbatch.tokenflow`) and vid2vid-zero (`vidbatch.vid2vid_zero`) subclass it, so their
+    specifics stay in their modules and the loops below stay one loop for every method.
+    """
+
+    def __init__(self, settings: EditorSettings):
+        self.settings = settings
+
+    def patch(self, editor: VideoEditor, prompt: str, source_prompt: str):
+        """Installs the attention processors for one edit; returns the state the loop drives (`begin_step`,
+        `begin_chunk`)."""
+        return apply_patch(editor.unet, self.settings.method, self.settings.merge)
+
+    def unpatch(self, unet) -> None:
+        remove_patch(unet)
+
+    def chunk_order(self) -> str:
+        return self.settings.chunk_order
+
+    def needs_source(self, step: int) -> bool:
+        """Whether `step` runs the source branch even where PnP does not inject."""
+        return False
+
+    def uncond_embedding(self, inversion: Inversion, step: int, default: Tensor) -> Tensor:
+        """The unconditional branch's (1, 77, C) embedding at `step`."""
+        return default
+
+    def begin_step(self, step: int, num_frames: int, predict, generator: torch.Generator) -> None:
+        """Runs before a step's chunks; `predict(frames)` is the guided UNet on any frames, (F, 4, h, w)."""
+
+    def begin_chunk(self, frames: Tensor) -> None:
+        """The video frame indices (F,) of the next UNet call."""
+
+    def inversion_parts(self) -> dict:
+        """Settings beyond the DDIM inversion's that change a cached inversion (part of its key)."""
+        return {}
+
+    def invert(self, editor: VideoEditor, frames: np.ndarray, prompt: str) -> Inversion:
+        return editor.invert(frames, prompt)
+
+
+def method_hooks(settings: EditorSettings) -> MethodHooks:
+    """The hooks of `settings.method`."""
+    # Imported here: these modules build on this one.
+    if settings.method == "tokenflow":
+        from vidbatch.tokenflow import TokenFlowHooks
+
+        return TokenFlowHooks(settings)
+    if settings.method == "vid2vid-zero":
+        from vidbatch.vid2vid_zero import Vid2VidZeroHooks
+
+        return Vid2VidZeroHooks(settings)
+    return MethodHooks(settings)
 
 
 class VideoEditor:
@@ -203,14 +264,23 @@ class VideoEditor:
         s = self.settings
         if s.chunk_size != "auto":
             return int(s.chunk_size)
-        budget = s.memory_budget_bytes or memory.available_memory_bytes(self.device)
         m = s.merge
+        return self._fit(num_frames, latent_hw, branches=3 if "pnp" in self.controls else 2, method=s.method,
+                         share=memory.attended_share(s.method, m.local_ratio, m.global_ratio, m.global_merge,
+                                                     m.target_stride))
+
+    def inversion_batch_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int:
+        """`inversion_batch`, or with "auto" the largest per-frame batch that fits the budget."""
+        if self.settings.inversion_batch != "auto":
+            return int(self.settings.inversion_batch)
+        return self._fit(num_frames, latent_hw, branches=1, method="per-frame", share=1.0)
+
+    def _fit(self, num_frames: int, latent_hw: tuple[int, int], **estimate) -> int:
+        budget = self.settings.memory_budget_bytes or memory.available_memory_bytes(self.device)
         return memory.pick_chunk_size(
-            num_frames, budget, latent_hw=latent_hw, branches=3 if "pnp" in self.controls else 2,
-            channels=self.unet.config.block_out_channels[0], heads=self._heads(), method=s.method,
-            dtype_bytes=torch.finfo(self.dtype).bits // 8,
-            materialised_scores=self.device.type != "cuda",
-            share=memory.attended_share(s.method, m.local_ratio, m.global_ratio, m.global_merge, m.target_stride))
+            num_frames, budget, latent_hw=latent_hw, channels=self.unet.config.block_out_channels[0],
+            heads=self._heads(), dtype_bytes=torch.finfo(self.dtype).bits // 8,
+            materialised_scores=self.device.type != "cuda", **estimate)
 
     def _heads(self) -> int:
         heads = self.unet.config.attention_head_dim  # diffusers' name; for SD 1.x/2.x it holds the head count
@@ -220,7 +290,7 @@ class VideoEditor:
 
     @torch.no_grad()
     def invert(self, frames: np.ndarray, prompt: str) -> Inversion:
-        """DDIM inversion of every frame with `prompt`, no guidance, frame batches of `chunk_size`.
+        """DDIM inversion of every frame with `prompt`, no guidance, in frame batches (`inversion_batch`).
 
         Inversion sees each frame alone (stock per-frame attention), as in VidToMe and PnP.
         """
@@ -232,7 +302,7 @@ class VideoEditor:
         # Stored in the model's dtype: halves the cache for fp16 models, and a fresh inversion is
         # rounded exactly like a cached one, so a cache hit and a miss edit identically.
         trajectory = torch.empty((len(timesteps), *clean.shape), dtype=self.dtype)
-        batch = max(self.settings.inversion_batch, 1)
+        batch = self.inversion_batch_for(len(clean), tuple(clean.shape[-2:]))
         for start in range(0, len(clean), batch):
             x = clean[start:start + batch]
             cond = embedding.expand(len(x), -1, -1)
@@ -262,8 +332,10 @@ class VideoEditor:
 
         Per step, frames go through the UNet chunk by chunk (`chunk_schedule`); the attention
         processors see one chunk per call. Branches per call: `[uncond, cond]`, with a leading
-        `source` branch while PnP injects (the inverted latent of the step with `source_prompt`).
-        `control_images` (T, H, W, 3) uint8 condition the ControlNet when one is loaded.
+        `source` branch while PnP injects or the method needs it (the inverted latent of the step with
+        `source_prompt`). The method's `MethodHooks` add their steps to the loop (TokenFlow's keyframe
+        pass, vid2vid-zero's null embeddings). `control_images` (T, H, W, 3) uint8 condition the
+        ControlNet when one is loaded.
         """
         s = self.settings
         timesteps = self._timesteps(s.steps)
@@ -291,38 +363,47 @@ class VideoEditor:
         if self.controlnet is not None:
             condition = condition_tensor(control_images, self.device, self.dtype)
         chunk_size = self.chunk_size_for(len(x), tuple(x.shape[-2:]))
-        state = apply_patch(self.unet, s.method, s.merge)
+        hooks = method_hooks(s)
+        state = hooks.patch(self, prompt, source_prompt)
         injector = PnpResidualInjector(self.unet) if pnp else None
         try:
             for k in range(start, len(timesteps)):
                 t = timesteps[k].to(self.device)
                 inject_features, inject_qk = k < pnp_feature_steps, k < pnp_attention_steps
-                with_source = inject_features or inject_qk
+                with_source = inject_features or inject_qk or hooks.needs_source(k)
                 source_latents = inversion.trajectory[k].to(self.device, torch.float32) if with_source else None
+                step_uncond = hooks.uncond_embedding(inversion, k, uncond)
                 state.begin_step()
-                model_out = torch.empty_like(x)
-                for frames in chunk_schedule(len(x), chunk_size, s.chunk_order, generator):
-                    idx = frames.to(self.device)
+
+                def predict(idx: Tensor) -> Tensor:
+                    """The guided prediction of step k for the frames `idx` (on the device): one UNet call."""
                     n = len(idx)
                     latents = [x[idx], x[idx]]
-                    embeddings = [uncond.expand(n, -1, -1), cond.expand(n, -1, -1)]
+                    embeddings = [step_uncond.expand(n, -1, -1), cond.expand(n, -1, -1)]
                     if with_source:
                         latents.insert(0, source_latents[idx])
                         embeddings.insert(0, source.expand(n, -1, -1))
                     branches = len(latents)
+                    hooks.begin_chunk(idx)
                     state.begin_chunk(n, branches, merge_generator, inject_qk=inject_qk)
                     if injector is not None:
                         injector.active, injector.num_branches = inject_features, branches
                     chunk_condition = None if condition is None else condition[idx].repeat(branches, 1, 1, 1)
                     out = self._unet(torch.cat(latents), t, torch.cat(embeddings), chunk_condition)
                     out_uncond, out_cond = out.chunk(branches)[-2:]
-                    model_out[idx] = out_uncond + s.guidance * (out_cond - out_uncond)
+                    return out_uncond + s.guidance * (out_cond - out_uncond)
+
+                hooks.begin_step(k, len(x), predict, generator)   # TokenFlow: the keyframe pass
+                model_out = torch.empty_like(x)
+                for frames in chunk_schedule(len(x), chunk_size, hooks.chunk_order(), generator):
+                    idx = frames.to(self.device)
+                    model_out[idx] = predict(idx)
                 noise = None
                 if s.eta > 0:
                     noise = torch.randn(x.shape, generator=generator).to(self.device)
                 x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type, s.eta, noise)
         finally:
-            remove_patch(self.unet)
+            hooks.unpatch(self.unet)
             if injector is not None:
                 injector.remove()
         return x
@@ -331,22 +412,24 @@ class VideoEditor:
         """The cache key: the frames' content and everything else that changes the inversion."""
         scheduler = json.loads(json.dumps(dict(self._scheduler.config), default=str))
         parts = {"model": self.model_identity, "scheduler": scheduler, "dtype": str(self.dtype),
-                 "steps": self.settings.inversion_steps or self.settings.steps, "prompt": prompt}
+                 "steps": self.settings.inversion_steps or self.settings.steps, "prompt": prompt,
+                 **method_hooks(self.settings).inversion_parts()}
         return inversion_key(frames, parts)
 
     def cached_invert(self, frames: np.ndarray, prompt: str) -> tuple[Inversion, str]:
         """`invert` through the cache; returns the inversion and "hit", "miss" or "off"."""
+        invert = method_hooks(self.settings).invert
         if self.cache is None:
-            return self.invert(frames, prompt), "off"
+            return invert(self, frames, prompt), "off"
         key = self.inversion_key(frames, prompt)
         stored = self.cache.load(key)
         if stored is not None:
-            return Inversion(timesteps=stored["timesteps"], trajectory=stored["trajectory"],
-                             clean=stored["clean"]), "hit"
-        inversion = self.invert(frames, prompt)
+            return Inversion(timesteps=stored.pop("timesteps"), trajectory=stored.pop("trajectory"),
+                             clean=stored.pop("clean"), extras=stored), "hit"
+        inversion = invert(self, frames, prompt)
         try:
             self.cache.store(key, {"timesteps": inversion.timesteps, "trajectory": inversion.trajectory,
-                                   "clean": inversion.clean})
+                                   "clean": inversion.clean, **inversion.extras})
         except OSError as exc:  # a full or read-only cache must not fail the sample
             log.warning("inversion cache: could not store %s: %s", key[:16], exc)
         return inversion, "miss"

@@ -8,7 +8,6 @@ output members and the jsonl rows. Nothing here writes files: the prediction wri
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -20,10 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vidbatch.config import Config, EditSpec
+from vidbatch.attention import MergeSettings
+from vidbatch.config import Config, EditSpec, parse_control
+from vidbatch.controls import canny_frames, load_controlnet
 from vidbatch.editing import EditorSettings, VideoEditor
 from vidbatch.errors import SampleError, VidbatchError
-from vidbatch.inversion_cache import InversionCache, cache_max_bytes
+from vidbatch.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
+from vidbatch.metrics import METRIC_KEYS, compute_metrics, load_clip_scorer, make_tiny_clip
 from vidbatch.models import LoraSpec, load_pipeline, model_fingerprint
 from vidbatch.samples import InputSample, read_samples
 from vidbatch.video_io import decode_video, encode_mp4
@@ -41,6 +43,7 @@ class PreparedSample:
     frames: np.ndarray | None = None
     fps: float | None = None
     audio: bytes | None = None
+    control_frames: np.ndarray | None = None   # ControlNet condition images, (T, H, W, 3) uint8
     error: str | None = None
     decode_seconds: float = 0.0
 
@@ -56,14 +59,6 @@ class SampleResult:
 
 def _identity(item: Any) -> Any:
     return item
-
-
-def inversion_cache_dir(config: Config) -> Path:
-    """`inversion.cache_dir`, or `inversions` under $VIDBATCH_CACHE (default ~/.cache/vidbatch)."""
-    if config.inversion.cache_dir:
-        return Path(config.inversion.cache_dir).expanduser()
-    root = os.environ.get("VIDBATCH_CACHE") or Path.home() / ".cache" / "vidbatch"
-    return Path(root).expanduser() / "inversions"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,8 +97,31 @@ class ShardDataset(IterableDataset):
             prepared.error = f"cannot decode {sample.key}.{sample.video_ext}: {exc}"
         else:
             prepared.frames, prepared.fps, prepared.audio = decoded.frames, decoded.fps, decoded.audio
+            prepared.control_frames, prepared.error = self.control_frames(sample, decoded.frames)
         prepared.decode_seconds = time.perf_counter() - started
         return prepared
+
+    def control_frames(self, sample: InputSample, frames: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """The ControlNet condition of a sample, or the reason it has none: (images, error)."""
+        c = self.config.controlnet
+        if "controlnet" not in parse_control(self.config.edit.control):
+            return None, None
+        if c.condition == "canny":
+            return canny_frames(frames, c.canny_low, c.canny_high), None
+        if sample.control_video is None:
+            return None, f"controlnet.condition is 'video' but the sample has no {sample.key}.control.mp4"
+        v = self.config.video
+        try:
+            control = decode_video(sample.control_video, "mp4", short_side=v.size, multiple=self.size_multiple,
+                                   max_frames=v.max_frames, frame_stride=v.frame_stride, min_frames=1,
+                                   max_input_bytes=int(v.max_input_mb * 2**20),
+                                   max_source_pixels=v.max_source_pixels).frames
+        except SampleError as exc:
+            return None, f"cannot decode {sample.key}.control.mp4: {exc}"
+        if control.shape != frames.shape:
+            return None, (f"{sample.key}.control.mp4 gives frames of shape {control.shape[:3]}, the video "
+                          f"{frames.shape[:3]}; control frames must match the video's count and aspect ratio")
+        return control, None
 
     def __iter__(self) -> Iterator[PreparedSample]:
         for sample in read_samples(self.url):
@@ -141,21 +159,33 @@ class VideoEditModule(L.LightningModule):
         loras = [LoraSpec(l.path, l.scale) for l in config.model.loras]
         cache, identity = None, None
         if config.inversion.cache:
-            cache = InversionCache(inversion_cache_dir(config), cache_max_bytes(config.inversion.cache_max_gb), log)
+            cache = InversionCache(inversion_cache_dir(config.inversion.cache_dir), cache_max_bytes(config.inversion.cache_max_gb), log)
             identity = model_fingerprint(pipe, loras)
         # A plain attribute, not a submodule: the editor places the weights itself and Lightning
         # must not move or wrap them.
-        object.__setattr__(self, "editor", VideoEditor(pipe, self.editor_settings(config), cache, identity))
+        controlnet = None
+        if "controlnet" in parse_control(config.edit.control):
+            controlnet = load_controlnet(config.controlnet.model, dtype=dtype, device=self.target_device)
+        object.__setattr__(self, "editor",
+                           VideoEditor(pipe, self.editor_settings(config), cache, identity, controlnet))
+        self._setup_metrics(config, dtype)
 
     @staticmethod
     def editor_settings(config: Config) -> EditorSettings:
-        chunk = config.merge.chunk_size
+        m = config.merge
+        budget = config.runtime.max_memory_gb
         return EditorSettings(
             method=config.edit.method, control=config.edit.control, steps=config.edit.steps,
             inversion_steps=config.inversion.steps, guidance=config.edit.guidance,
             negative_prompt=config.edit.negative_prompt, eta=config.edit.eta, strength=config.edit.strength,
-            chunk_size=chunk if isinstance(chunk, int) else 4, chunk_order=config.merge.chunk_order,
-            inversion_batch=config.inversion.batch_size)
+            chunk_size=m.chunk_size, chunk_order=m.chunk_order,
+            memory_budget_bytes=None if budget is None else int(budget * 2**30),
+            inversion_batch=config.inversion.batch_size,
+            merge=MergeSettings(local_ratio=m.local_ratio, global_ratio=m.global_ratio, global_merge=m.global_merge,
+                                global_rand=m.global_rand, target_stride=m.target_stride,
+                                align_batch=m.align_batch, max_downsample=m.max_downsample),
+            pnp_f_t=config.pnp.f_t, pnp_attn_t=config.pnp.attn_t, controlnet_scale=config.controlnet.scale,
+            tokenflow=config.tokenflow, vid2vid_zero=config.vid2vid_zero)
 
     def dataloader(self, url: str) -> DataLoader:
         dataset = ShardDataset(url, self.config, self.editor.size_multiple)
@@ -180,6 +210,8 @@ class VideoEditModule(L.LightningModule):
         """Edits one sample for every edit; each failure becomes a `failed` row naming its cause."""
         device = self.target_device
         rows = [self._row(sample, edit) for edit in sample.edits]
+        for row in rows:
+            self._blank_metrics(row)
         rows[0]["seconds"]["decode"] = sample.decode_seconds  # shared stages count on the first edit
         members: dict[str, bytes] = {}
         frames_edited = 0
@@ -193,8 +225,8 @@ class VideoEditModule(L.LightningModule):
                 prompts = []
                 for edit in sample.edits:
                     prompts.append((edit.name, fill_prompt(edit.prompt, sample.prompt, f"edit '{edit.name}'")))
-                result = self.editor.edit(sample.frames, source_prompt, prompts,
-                                          seed=self.config.edit.seed, key=sample.key)
+                result = self.editor.edit(sample.frames, source_prompt, prompts, seed=self.config.edit.seed,
+                                          key=sample.key, control_images=sample.control_frames)
                 for row, (name, prompt) in zip(rows, prompts):
                     started = time.perf_counter()
                     members[f"{name}.mp4"] = encode_mp4(result.frames[name], sample.fps, audio=sample.audio,
@@ -203,6 +235,7 @@ class VideoEditModule(L.LightningModule):
                     row["seconds"]["encode"] = time.perf_counter() - started
                     row.update(status="ok", error=None, prompt=prompt, inversion_cache=result.inversion_cache)
                     frames_edited += len(result.frames[name])
+                    self._measure(row, sample.frames, result.frames[name], prompt, source_prompt)
             except VidbatchError as exc:
                 self._fail(rows, sample.key, str(exc))
             except Exception as exc:  # one bad sample must not end the shard; the row names the cause
@@ -217,6 +250,91 @@ class VideoEditModule(L.LightningModule):
             row["seconds"]["total"] = sum(v for k, v in row["seconds"].items() if k != "total")
             row["seconds"] = {k: round(v, 4) for k, v in row["seconds"].items()}
         return SampleResult(key=sample.key, members=members, rows=rows, frames_edited=frames_edited)
+
+    # -- quality metrics ---------------------------------------------------------------------------
+
+    def _setup_metrics(self, config: Config, dtype: torch.dtype) -> None:
+        """Loads the CLIP scorer once per worker; a CLIP model that cannot be loaded turns the CLIP
+        scores off (null values) with the reason logged here once and recorded with every row."""
+        from vidbatch.models import _quiet_loading
+
+        m = config.metrics
+        clip_model, reason = self.resolve_clip_model(m.clip_model)
+        scorer = None
+        if clip_model is not None:
+            clip_dtype = dtype if self.target_device.type == "cuda" else torch.float32
+            with _quiet_loading():
+                scorer, reason = load_clip_scorer(clip_model, self.target_device, clip_dtype)
+        if reason not in (None, "disabled"):
+            log.warning("CLIP scores are off for this run: %s", reason)
+        self.clip_scorer = scorer
+        # Which implementation produced each figure travels with the rows (workers may differ).
+        self.metrics_by = {"flow": m.flow if m.warp_error else None,
+                           "clip": clip_model if scorer is not None else None,
+                           "clip_off": None if scorer is not None else reason}
+
+    @staticmethod
+    def resolve_clip_model(name: str | None) -> tuple[str | None, str | None]:
+        """`metrics.clip_model` -> (what `ClipScorer` loads, None) or (None, why there is no CLIP).
+
+        "none"/null: off. "tiny": the random-weight CLIP built once into
+        `$VIDBATCH_CACHE/models/tiny-clip` (built in a temporary folder and renamed: concurrent
+        workers never see a half-written model). A hub id resolves to its local hub-cache snapshot
+        when there is one; with HF_HUB_OFFLINE set (read now, not at import) and no snapshot the
+        reason is returned at once instead of waiting on hub retries.
+        """
+        from vidbatch.models import _hub_offline, _looks_like_path, _quiet_loading
+        from vidbatch.tiny_model import _build, default_cache_root
+
+        if name is None or str(name).strip().lower() in ("", "none"):
+            return None, "disabled"
+        name = str(name).strip()
+        if name == "tiny":
+            folder = default_cache_root() / "models" / "tiny-clip"
+            if (folder / "preprocessor_config.json").is_file():  # make_tiny_clip writes it last
+                return str(folder), None
+            try:
+                with _quiet_loading():
+                    return str(_build(folder, make_tiny_clip, replace=folder.exists())), None
+            except OSError as exc:
+                return None, f"CLIP model tiny could not be built in {folder}: {exc}"
+        if _looks_like_path(name) or Path(name).expanduser().exists():
+            return name, None  # ClipScorer names a missing or broken folder itself
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(name, local_files_only=True), None
+        except Exception:  # noqa: BLE001 - not in the local hub cache (or no such repo)
+            if _hub_offline():
+                return None, (f"CLIP model {name} could not be loaded: HF_HUB_OFFLINE is set and it is not "
+                              "in the local hub cache (download it first, or set metrics.clip_model to a folder)")
+            return name, None
+
+    @staticmethod
+    def _blank_metrics(row: dict) -> None:
+        """Adds the metric fields to a row: values null until measured, `seconds.metrics` before `total`."""
+        row["metrics"] = dict.fromkeys(METRIC_KEYS)
+        row["metrics_by"] = None
+        row["model_fingerprint"] = None
+        row["metrics_error"] = None
+        total = row["seconds"].pop("total", 0.0)
+        row["seconds"]["metrics"] = 0.0
+        row["seconds"]["total"] = total
+
+    def _measure(self, row: dict, source: np.ndarray, edited: np.ndarray, prompt: str, source_prompt: str) -> None:
+        """Fills `row["metrics"]` for one edited video; a metric that fails leaves nulls and a
+        `metrics_error`, never failing the edit itself. `source` are the decoded frames that were edited."""
+        m = self.config.metrics
+        started = time.perf_counter()
+        row["metrics_by"] = dict(self.metrics_by)
+        row["model_fingerprint"] = self.editor.model_identity  # computed for the inversion cache, else null
+        try:
+            row["metrics"] = compute_metrics(source, edited, prompt, source_prompt or None, warp=m.warp_error,
+                                             interp=m.interp_psnr, clip=self.clip_scorer, flow_method=m.flow)
+        except Exception as exc:  # noqa: BLE001 - a metric bug must not cost the edited video
+            log.warning("metrics of %s/%s failed: %s: %s", row["key"], row["edit"], type(exc).__name__, exc)
+            row["metrics_error"] = f"{type(exc).__name__}: {exc}"
+        row["seconds"]["metrics"] = time.perf_counter() - started
 
     @staticmethod
     def _fail(rows: list[dict], key: str, message: str) -> None:

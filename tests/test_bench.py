@@ -1,0 +1,115 @@
+"""`vidbatch bench`: its JSON rows, the FLOP counting it relies on, its memory meter. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from vidbatch.bench import (REQUIRED_FIELDS, PeakMemory, SyncOpCounter, markdown_table, native_size,
+                            probe_unet_flops)
+from vidbatch.editing import EditorSettings, VideoEditor
+from vidbatch.models import load_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny")
+
+
+def test_bench_cli_prints_one_json_row_per_method(capsys):
+    code = run_cli("bench", "--model", "tiny", "--frames", "4", "--steps", "2", "--json",
+                   "--methods", "per-frame", "vidtome")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert code == 0
+    rows = [json.loads(line) for line in lines]  # every stdout line is one JSON object
+    assert [r["method"] for r in rows] == ["per-frame", "vidtome"]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert set(REQUIRED_FIELDS) <= set(row)
+        assert row["frames"] == 4 and row["steps"] == 2
+        assert row["size"] == 64  # the tiny model's own resolution (8x8 latent x 8)
+        assert row["invert_s_per_frame"] > 0 and row["edit_s_per_frame"] > 0
+        assert row["edit_s_per_frame"] >= row["decode_s_per_frame"] > 0
+        assert 50 < row["peak_memory_mb"] < 50_000  # a Python process with torch, nothing absurd
+        assert 0 <= row["activation_memory_mb"] <= row["peak_memory_mb"]
+        # 2 inversion steps of one branch; PnP: [source, uncond, cond] on step 0, [uncond, cond] on step 1.
+        assert row["unet_samples_per_frame_invert"] == 2
+        assert row["unet_samples_per_frame_edit"] == 5
+        assert row["unet_gflop_per_sample_invert"] > 0 and row["unet_gflop_per_sample_edit"] > 0
+        expected = (2 * row["unet_gflop_per_sample_invert"] + 5 * row["unet_gflop_per_sample_edit"]) / 1e3
+        assert row["unet_tflop_per_frame"] == pytest.approx(expected)
+        assert row["device_peak_tflops"] > 0 and 0 < row["peak_fraction"]
+    per_frame, vidtome = rows
+    # Inversion is per-frame for every method; the edit differs (merged attention, matching).
+    assert per_frame["unet_gflop_per_sample_invert"] == pytest.approx(vidtome["unet_gflop_per_sample_invert"])
+    assert per_frame["unet_gflop_per_sample_edit"] == pytest.approx(per_frame["unet_gflop_per_sample_invert"])
+    assert vidtome["unet_gflop_per_sample_edit"] != pytest.approx(per_frame["unet_gflop_per_sample_edit"])
+    assert per_frame["device_peak_tflops"] == vidtome["device_peak_tflops"]  # one ceiling for the whole run
+    assert per_frame["syncs_per_unet_call_edit"] == 0  # stock attention never reads a tensor back
+
+
+def test_sync_counter_counts_host_reads():
+    x = torch.arange(6)
+    with SyncOpCounter() as counter:
+        x = x * 2 + 1                   # device work only
+        assert counter.count == 0
+        int(x[0])                       # .item()
+        (x > 3).nonzero()               # data-dependent size
+        bool(x.sum() > 0)               # Python truth value
+    assert counter.count == 3
+
+
+def test_bench_rejects_unknown_method(capsys):
+    assert run_cli("bench", "--model", "tiny", "--frames", "2", "--methods", "per-frame", "nope", "--json") == 2
+    assert "nope" in capsys.readouterr().out
+
+
+def test_attention_flops_are_counted_on_cpu(pipe):
+    """Extended minus per-frame attention is exactly the bigger score matrices: per sample and block,
+    4*C*N^2*(F-1) FLOPs (QK^T and AV over F*N keys instead of N). Zero here would mean the CPU's fused
+    SDPA kernel went uncounted."""
+    frames = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    shapes = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            shapes[name] = kwargs.get("hidden_states", args[0] if args else None).shape
+        return hook
+
+    handles = [m.attn1.register_forward_pre_hook(record(n), with_kwargs=True)
+               for n, m in pipe.unet.named_modules() if hasattr(m, "attn1")]
+    try:
+        per_frame = probe_unet_flops(VideoEditor(pipe, EditorSettings(method="per-frame", chunk_size=3)), frames)
+    finally:
+        for h in handles:
+            h.remove()
+    extended = probe_unet_flops(VideoEditor(pipe, EditorSettings(method="extended", chunk_size=3)), frames)
+    assert shapes, "no self-attention block was seen"
+    expected = sum(4 * c * n * n * (len(frames) - 1) for _, n, c in shapes.values())
+    assert extended["edit"] - per_frame["edit"] == pytest.approx(expected)
+    assert extended["invert"] == per_frame["invert"] == per_frame["edit"] > 0
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory(torch.device("cpu")) as meter:
+        block = torch.ones(32 * 2**20 // 4)  # 32 MiB, touched
+        meter.sample()
+        del block
+    assert meter.peak_bytes - meter.baseline_bytes >= 30 * 2**20
+
+
+def test_native_size_and_markdown(pipe, hermetic_cache):
+    from vidbatch.tiny_model import tiny_model_dir
+
+    assert native_size(tiny_model_dir()) == 64
+    assert native_size(None) is None
+    table = markdown_table([{"method": "vidtome", "frames": 4, "size": 64, "invert_s_per_frame": 0.5,
+                             "peak_fraction": 0.25},
+                            {"method": "extended", "frames": 4, "size": 64, "error": "OutOfMemoryError: x"}])
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| vidtome | 4 | 64 | 0.5 |") and "25.0%" in lines[2]
+    assert "failed: OutOfMemoryError" in lines[3]
