@@ -266,7 +266,9 @@ def test_cli_run_edits_with_tokenflow_through_the_cache_and_metrics(tmp_path, cl
     from conftest import FAST, TINY, run_cli, video_sample, write_shard
 
     write_shard(tmp_path / "in" / "part-000000.tar", [video_sample("pattern", clips["pattern"])])
-    args = ["--set", "edit.method=tokenflow", "--set", "tokenflow.batch_size=3", "--set", "metrics.clip_model=none"]
+    # A cache of its own: other tests invert the same clip, and the first run here must start cold.
+    args = ["--set", "edit.method=tokenflow", "--set", "tokenflow.batch_size=3", "--set", "metrics.clip_model=none",
+            "--set", f"inversion.cache_dir={tmp_path / 'cache'}"]
     for s in FAST:
         args += ["--set", s]
     for run in ("first", "second"):

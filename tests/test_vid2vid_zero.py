@@ -270,7 +270,8 @@ def test_cli_run_edits_with_vid2vid_zero_through_the_cache_and_metrics(tmp_path,
     from conftest import FAST, TINY, run_cli, video_sample, write_shard
 
     write_shard(tmp_path / "in" / "part-000000.tar", [video_sample("pattern", clips["pattern"])])
-    args = ["--set", "edit.method=vid2vid-zero", "--set", "merge.chunk_size=3", "--set", "metrics.clip_model=none"]
+    args = ["--set", "edit.method=vid2vid-zero", "--set", "merge.chunk_size=3", "--set", "metrics.clip_model=none",
+            "--set", f"inversion.cache_dir={tmp_path / 'cache'}"]   # start cold, whatever ran before
     for s in FAST:
         args += ["--set", s]
     for run in ("first", "second"):

@@ -8,8 +8,10 @@ denoising, VAE decode) and reports one row:
   timed with ``time.perf_counter`` after a warm-up, the device synchronised at each boundary;
 * peak memory: CUDA's ``max_memory_allocated`` on a GPU, the process's peak resident set on a CPU, and the
   part of it above what was held before editing started (weights, frames): ``activation_memory_mb``;
-* UNet FLOPs per frame (``torch.utils.flop_counter.FlopCounterMode`` over one UNet call of each kind,
-  scaled by the number of UNet evaluations the timed run made) and the achieved share of the device's peak.
+* UNet FLOPs per frame (``torch.utils.flop_counter.FlopCounterMode`` over the UNet calls of a one-step
+  probe edit, scaled by the number of UNet evaluations the timed run made), the achieved share of the
+  device's peak, and how many operators per UNet call would make a GPU's host wait (``.item()``,
+  ``nonzero``...).
 
 Each measurement runs in a fresh Python process by default: peak RSS is per process and only grows, and a
 fresh process cannot inherit allocator caches or compiled kernels from the previous method.
@@ -400,7 +402,7 @@ def measure(spec: BenchSpec, log: Callable[[str], None] = lambda msg: None) -> d
         probe_s = time.perf_counter() - counted
         compile_s = None
         if spec.compile:
-            compile_s = _compile_and_warm_up(editor, frames, latent_hw)
+            compile_s = _compile_and_warm_up(editor, frames, spec.seed, log)
         load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         profiler = _profiler(device) if spec.profile_dir else None
         runs = []
@@ -506,18 +508,14 @@ def _write_profile(profiler, device: torch.device, path: Path) -> None:
     path.write_text(profiler.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
 
 
-def _compile_and_warm_up(editor, frames, latent_hw: tuple[int, int]) -> float:
-    """`torch.compile` the UNet in place and run a 2-step edit on the first frames so compilation is done
-    before timing; returns the seconds it took (compilation included)."""
-    import dataclasses
-
-    from vidbatch.editing import VideoEditor
-
+def _compile_and_warm_up(editor, frames, seed: int, log: Callable[[str], None]) -> float:
+    """`torch.compile` the UNet in place, then run the whole timed edit once so that every shape it
+    meets (inversion batch, chunk sizes, 2 and 3 guidance branches) is compiled before timing; returns
+    the seconds this took."""
     started = time.perf_counter()
     editor.unet.compile()
-    short = VideoEditor(editor.pipe, dataclasses.replace(editor.settings, steps=2, inversion_steps=None))
-    head = frames[: max(1, min(len(frames), 2 * short.chunk_size_for(len(frames), latent_hw)))]
-    short.denoise(short.cached_invert(head, SOURCE_PROMPT)[0], EDIT_PROMPT, 0, SOURCE_PROMPT)
+    log(f"{editor.settings.method}: compiling (one untimed run)")
+    _timed_edit(editor, frames, seed, log)
     _sync(editor.device)
     return time.perf_counter() - started
 

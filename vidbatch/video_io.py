@@ -408,6 +408,10 @@ def _decode_frames(
             proc.wait()
         drain.join()
         proc.stdout.close()
+    if returncode < 0:
+        # Killed by a signal (preemption, scancel, OOM killer): the job is ending, the video is not
+        # at fault, so this must not become a "corrupt video" row in a committed shard.
+        raise RuntimeError(f"ffmpeg was killed by signal {-returncode} while decoding")
     frame_bytes = width * height * 3
     count = len(buf) // frame_bytes
     del buf[count * frame_bytes :]  # a partial frame can only come from a killed ffmpeg
