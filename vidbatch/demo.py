@@ -56,5 +56,5 @@ def run_demo(output: Path, overrides: list[str], console: Console) -> int:
         shards = make_demo_inputs(Path(tmp))
         code = run_local(config, [str(s) for s in shards], output, overwrite=True, console=console)
     console.print(f"\noutputs in [bold]{output}[/bold]: shards/ (edited videos), stats/ (per-sample rows), "
-                  "summary.json, config.yaml, run.log")
+                  "summary.json, report.html (open it in a browser), config.yaml, run.log")
     return code

@@ -309,7 +309,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, (int, float)):
-        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:,.0f}"
+        # Below 10**(digits-1) significant digits read well; above, %g would switch to exponent
+        # notation (999.6 -> "1e+03"), so whole numbers with separators instead.
+        return f"{value:.{digits}g}" if abs(value) < 10 ** (digits - 1) else f"{value:,.0f}"
     return str(value)
 
 
