@@ -15,17 +15,7 @@ from vidbatch.controls import canny_frames, make_tiny_controlnet
 from vidbatch.editing import EditorSettings, VideoEditor
 from vidbatch.memory import estimate_chunk_bytes, pick_chunk_size
 from vidbatch.models import load_pipeline
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline("tiny")
-
-
-def moving_frames(count: int = 6, size: int = 32, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = np.kron(rng.integers(0, 255, (size // 8, size // 4, 3)), np.ones((8, 8, 1)))
-    return np.stack([np.roll(base, 2 * i, axis=1)[:size, :size] for i in range(count)]).astype(np.uint8)
+from conftest import moving_frames
 
 
 def edit(pipe, frames=None, seed=0, controlnet=None, control_images=None, **settings) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import FAST, TINY, read_output, video_sample, write_shard
+from conftest import FAST, TINY, check_exactly_once, make_inputs, video_sample, write_shard
 
 ray = pytest.importorskip("ray")
 
@@ -46,32 +46,6 @@ def ray_cluster():
     yield context.address_info["address"]
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
-
-
-def make_inputs(folder: Path, clip: Path, shards: int, videos: int) -> tuple[str, list[str]]:
-    """`shards` input shards of `videos` samples each with unique keys; returns the brace pattern and keys."""
-    keys = []
-    for i in range(shards):
-        names = [f"s{i}v{j}" for j in range(videos)]
-        write_shard(folder / f"p{i}.tar", [video_sample(k, clip) for k in names])
-        keys += names
-    return str(folder / f"p{{0..{shards - 1}}}.tar"), keys
-
-
-def check_exactly_once(out: Path, shards: int, keys: list[str]) -> None:
-    """Every input key once in the output, each shard complete (its keys in input order) and marked done."""
-    seen = []
-    for i in range(shards):
-        samples = read_output(out / "shards" / f"p{i}.tar")
-        assert list(samples) == [k for k in keys if k.startswith(f"s{i}v")]
-        assert all("watercolor.mp4" in s for s in samples.values())
-        marker = json.loads((out / "stats" / f"p{i}.json").read_text())
-        assert marker["samples"] == len(samples) and marker["samples_failed"] == 0
-        rows = (out / "stats" / f"p{i}.jsonl").read_text().splitlines()
-        assert [json.loads(r)["key"] for r in rows] == list(samples)
-        seen += list(samples)
-    assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen))
-    assert not list(out.rglob("*.tmp"))
 
 
 def run_here(inputs: str, out: Path, sets: list[str], events: list | None = None, on_event=None) -> tuple[int, str]:

@@ -11,7 +11,6 @@ no process left behind.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, TINY, read_output, video_sample, write_shard
+from conftest import FAST, REPO, TINY, check_exactly_once, make_inputs
 
 SUPPORT = Path(__file__).resolve().parent / "slurm_support"
 VIDBATCH = Path(sys.executable).parent / "vidbatch"
@@ -59,27 +58,6 @@ def slurm(tmp_path_factory):
     yield env
     if not was_up:
         subprocess.run(["bash", str(SUPPORT / "stop_local_slurm.sh")], env=env, capture_output=True, timeout=120)
-
-
-def make_inputs(folder: Path, clip: Path, shards: int, videos: int) -> tuple[str, list[str]]:
-    keys = []
-    for i in range(shards):
-        names = [f"s{i}v{j}" for j in range(videos)]
-        write_shard(folder / f"p{i}.tar", [video_sample(k, clip) for k in names])
-        keys += names
-    return str(folder / f"p{{0..{shards - 1}}}.tar"), keys
-
-
-def check_exactly_once(out: Path, shards: int, keys: list[str]) -> None:
-    seen = []
-    for i in range(shards):
-        samples = read_output(out / "shards" / f"p{i}.tar")
-        assert list(samples) == [k for k in keys if k.startswith(f"s{i}v")]
-        assert all("watercolor.mp4" in s for s in samples.values())
-        assert json.loads((out / "stats" / f"p{i}.json").read_text())["samples"] == len(samples)
-        seen += list(samples)
-    assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen))
-    assert not list(out.rglob("*.tmp"))
 
 
 def job_field(job: str, name: str, env: dict) -> str:

@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import Attention
 from vidbatch import tokenflow
 from vidbatch.config import TokenFlowConfig, load_config
 from vidbatch.editing import EditorSettings, VideoEditor
-from vidbatch.models import load_pipeline
+
 from vidbatch.tokenflow import (
     TokenFlowProcessor,
     TokenFlowState,
@@ -21,27 +21,9 @@ from vidbatch.tokenflow import (
     propagate,
     sample_keyframes,
 )
+from conftest import moving_frames
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; on a shared, loaded machine two OpenMP
-    threads per process make them stall (measured here: 35 s instead of 0.2 s per edit)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline("tiny")
-
-
-def moving_frames(count: int = 6, size: int = 32, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = np.kron(rng.integers(0, 255, (size // 8, size // 4, 3)), np.ones((8, 8, 1)))
-    return np.stack([np.roll(base, 2 * i, axis=1)[:size, :size] for i in range(count)]).astype(np.uint8)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

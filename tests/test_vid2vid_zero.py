@@ -12,7 +12,7 @@ from vidbatch.config import Vid2VidZeroConfig, load_config
 from vidbatch.editing import EditorSettings, VideoEditor
 from vidbatch.errors import ConfigError
 from vidbatch.inversion_cache import InversionCache
-from vidbatch.models import load_pipeline, model_fingerprint
+from vidbatch.models import model_fingerprint
 from vidbatch.vid2vid_zero import (
     CrossFrameProcessor,
     PromptToPromptProcessor,
@@ -22,29 +22,11 @@ from vidbatch.vid2vid_zero import (
     refine_mapping,
     replace_maps,
 )
+from conftest import moving_frames
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 OFF = dict(null_steps=0, cross_frame=False, p2p="none")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; on a shared, loaded machine two OpenMP
-    threads per process make them stall (measured here: 35 s instead of 0.2 s per edit)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline("tiny")
-
-
-def moving_frames(count: int = 6, size: int = 32, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = np.kron(rng.integers(0, 255, (size // 8, size // 4, 3)), np.ones((8, 8, 1)))
-    return np.stack([np.roll(base, 2 * i, axis=1)[:size, :size] for i in range(count)]).astype(np.uint8)
 
 
 def editor(pipe, cache=None, **settings) -> VideoEditor:
