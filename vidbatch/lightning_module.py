@@ -153,10 +153,9 @@ class VideoEditModule(L.LightningModule):
         self.config = config
         self.target_device = resolve_device(device or config.runtime.device)
         dtype = resolve_dtype(config.model.dtype, self.target_device)
-        pipe = load_pipeline(config.model.id, dtype=dtype, device=self.target_device,
-                             loras=[LoraSpec(l.path, l.scale) for l in config.model.loras],
-                             single_file_config=config.model.single_file_config)
         loras = [LoraSpec(l.path, l.scale) for l in config.model.loras]
+        pipe = load_pipeline(config.model.id, dtype=dtype, device=self.target_device, loras=loras,
+                             single_file_config=config.model.single_file_config)
         cache, identity = None, None
         if config.inversion.cache:
             cache = InversionCache(inversion_cache_dir(config.inversion.cache_dir), cache_max_bytes(config.inversion.cache_max_gb), log)
