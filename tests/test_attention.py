@@ -295,7 +295,7 @@ def expected_injected(attn: Attention, q_in: torch.Tensor, kv_in: torch.Tensor, 
 def call(method: str, x: torch.Tensor, name: str, inject: bool, settings: MergeSettings | None = None):
     attn = attention_module()
     state = FrameAttentionState(method, settings or MergeSettings(global_merge=False))
-    attn.set_processor(FrameAttnProcessor(state, name))
+    attn.set_processor(FrameAttnProcessor(state, name, pnp_qk=name == DECODER))
     state.begin_chunk(3, BRANCHES, torch.Generator().manual_seed(0), inject_qk=inject, latent_hw=(2, 2))
     with torch.no_grad():
         return attn, attn(x)

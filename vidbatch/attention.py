@@ -24,8 +24,9 @@ Methods:
 - ``vidtome``: in blocks at most ``max_downsample`` below the latent grid, VidToMe local (and
   global) token merging of the chunk, attention over the merged set, unmerge; per-frame elsewhere.
 
-With ``inject_qk`` (Plug-and-Play) the decoder blocks (``up_blocks.*``) use the queries and keys of
-branch 0 (the source branch) in every branch, position by position.
+With ``inject_qk`` (Plug-and-Play) the blocks of :func:`vidbatch.controls.pnp_attention_blocks`
+(8 decoder self-attentions on SD 1.x/2.x) use the queries and keys of branch 0 (the source branch)
+in every branch, position by position.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vidbatch.controls import pnp_attention_blocks
 from vidbatch.errors import ConfigError
 from vidbatch.merge import MERGE_MODES, Merge, global_merge, join_frames, local_merge, split_frames
 
@@ -154,7 +156,8 @@ class FrameAttentionState:
             num_branches: ``B``, guidance branches; the UNet batch must be ``B*F``, branch-major.
             generator: the only source of randomness of ``vidtome`` (destination frames, global
                 merging side), drawn in a fixed order: the same seed gives bit-identical output.
-            inject_qk: PnP: decoder blocks use branch 0's queries and keys in every branch.
+            inject_qk: PnP: the blocks built with ``pnp_qk`` use branch 0's queries and keys in
+                every branch.
             latent_hw: the latent's ``(h, w)``; only needed when the processors are called without
                 the UNet's forward (which records it).
         """
@@ -240,13 +243,15 @@ class FrameAttnProcessor:
     Args:
         state: the :class:`FrameAttentionState` shared by the UNet's patched processors.
         name: the block's module name (``down_blocks.0.attentions.0.transformer_blocks.0``); keys
-            the block's global tokens and statistics; ``up_blocks.*`` are decoder blocks.
+            the block's global tokens and statistics.
+        pnp_qk: the block takes PnP's query/key injection (``apply_patch`` sets it from
+            :func:`vidbatch.controls.pnp_attention_blocks`).
     """
 
-    def __init__(self, state: FrameAttentionState, name: str) -> None:
+    def __init__(self, state: FrameAttentionState, name: str, pnp_qk: bool = False) -> None:
         self.state = state
         self.name = name
-        self.is_decoder = name.startswith("up_blocks.")
+        self.pnp_qk = pnp_qk
 
     def __call__(
         self,
@@ -297,7 +302,7 @@ class FrameAttnProcessor:
         return st.num_branches, st.num_frames
 
     def _inject(self, num_branches: int) -> int | None:
-        return num_branches if (self.state.inject_qk and self.is_decoder) else None
+        return num_branches if (self.state.inject_qk and self.pnp_qk) else None
 
     def _per_frame(
         self,
@@ -311,7 +316,7 @@ class FrameAttnProcessor:
         """The stock ``AttnProcessor2_0`` computation, plus PnP injection."""
         st = self.state
         inject = None
-        if st.inject_qk and self.is_decoder:
+        if st.inject_qk and self.pnp_qk:
             inject = self._chunk(hidden_states)[0]
 
         residual = hidden_states
@@ -418,9 +423,10 @@ def apply_patch(unet: torch.nn.Module, method: str, merge: MergeSettings | None 
 
     state = FrameAttentionState(method, settings)
     patch = _Patch(state)
+    pnp_blocks = pnp_attention_blocks(unet)
     for name, block in _transformer_blocks(unet):
         patch.originals[name] = block.attn1.processor
-        block.attn1.set_processor(FrameAttnProcessor(state, name))
+        block.attn1.set_processor(FrameAttnProcessor(state, name, pnp_qk=name in pnp_blocks))
     if not patch.originals:
         raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
 

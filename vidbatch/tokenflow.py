@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vidbatch.attention import _broadcast_branch0, _transformer_blocks
+from vidbatch.controls import pnp_attention_blocks
 from vidbatch.editing import MethodHooks
 from vidbatch.errors import ConfigError
 from vidbatch.merge import join_frames, split_frames
@@ -310,13 +311,15 @@ class TokenFlowProcessor:
 
     Args:
         state: the :class:`TokenFlowState` shared by the UNet's processors.
-        name: the block's module name; keys its record; ``up_blocks.*`` are decoder blocks (PnP q/k).
+        name: the block's module name; keys its record.
+        pnp_qk: the block takes PnP's query/key injection (set from
+            :func:`vidbatch.controls.pnp_attention_blocks` at patch time).
     """
 
-    def __init__(self, state: TokenFlowState, name: str) -> None:
+    def __init__(self, state: TokenFlowState, name: str, pnp_qk: bool = False) -> None:
         self.state = state
         self.name = name
-        self.is_decoder = name.startswith("up_blocks.")
+        self.pnp_qk = pnp_qk
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
@@ -350,7 +353,7 @@ class TokenFlowProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if st.inject_qk and self.is_decoder and branches > 1:  # PnP: the source branch's queries and keys
+        if st.inject_qk and self.pnp_qk and branches > 1:  # PnP: the source branch's queries and keys
             query, key = _broadcast_branch0(query, branches), _broadcast_branch0(key, branches)
         out = keyframe_attention(query, key, value, st.max_scores)  # (B, h, K*N, d)
         out = out.transpose(1, 2).reshape(branches, x.shape[1], -1).to(query.dtype)
@@ -396,9 +399,10 @@ def apply_tokenflow(unet: torch.nn.Module, blend: str = "sigmoid", max_scores: i
     remove_tokenflow(unet)
     state = TokenFlowState(blend=blend, max_scores=max_scores)
     originals = {}
+    pnp_blocks = pnp_attention_blocks(unet)
     for name, block in _transformer_blocks(unet):
         originals[name] = block.attn1.processor
-        block.attn1.set_processor(TokenFlowProcessor(state, name))
+        block.attn1.set_processor(TokenFlowProcessor(state, name, pnp_qk=name in pnp_blocks))
     if not originals:
         raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
     setattr(unet, _PATCH_ATTR, (state, originals))

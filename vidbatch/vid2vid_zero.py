@@ -35,6 +35,7 @@ from torch import Tensor
 
 from vidbatch import ddim
 from vidbatch.attention import _attend, _transformer_blocks
+from vidbatch.controls import pnp_attention_blocks
 from vidbatch.editing import Inversion, MethodHooks
 from vidbatch.errors import ConfigError
 
@@ -283,15 +284,17 @@ class CrossFrameProcessor:
 
     Args:
         state: the shared :class:`Vid2VidZeroState`.
-        name: the block's module name (keys the kept frames; ``up_blocks.*`` take PnP's q/k injection).
+        name: the block's module name (keys the kept frames).
         dense: dense spatio-temporal attention over the chunk's frames in this block.
+        pnp_qk: the block takes PnP's query/key injection (set from
+            :func:`vidbatch.controls.pnp_attention_blocks` at patch time).
     """
 
-    def __init__(self, state: Vid2VidZeroState, name: str, dense: bool) -> None:
+    def __init__(self, state: Vid2VidZeroState, name: str, dense: bool, pnp_qk: bool = False) -> None:
         self.state = state
         self.name = name
         self.dense = dense
-        self.is_decoder = name.startswith("up_blocks.")
+        self.pnp_qk = pnp_qk
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
@@ -303,7 +306,7 @@ class CrossFrameProcessor:
             raise NotImplementedError("vid2vid-zero attention supports (batch, tokens, channels) input without "
                                       "spatial/group norm")
         branches, frames = _check_layout(st, self.name, hidden_states.shape[0])
-        inject = branches if (st.inject_qk and self.is_decoder) else None
+        inject = branches if (st.inject_qk and self.pnp_qk) else None
         b, n, c = branches, hidden_states.shape[1], hidden_states.shape[2]
         if not st.cross_frame:
             out = _attend(attn, hidden_states, inject_branches=inject)
@@ -389,10 +392,12 @@ def apply_vid2vid_zero(unet: torch.nn.Module, cross_frame: bool = True,
     state = Vid2VidZeroState(cross_frame=cross_frame)
     originals = {}
     names = []
+    pnp_blocks = pnp_attention_blocks(unet)
     for name, block in _transformer_blocks(unet):
         names.append(name)
         originals[name] = (block.attn1.processor, block.attn2.processor if block.attn2 is not None else None)
-        block.attn1.set_processor(CrossFrameProcessor(state, name, _is_dense(name, list(dense_blocks))))
+        block.attn1.set_processor(CrossFrameProcessor(state, name, _is_dense(name, list(dense_blocks)),
+                                                      pnp_qk=name in pnp_blocks))
         if block.attn2 is not None:
             block.attn2.set_processor(PromptToPromptProcessor(state, name, block.attn2.processor))
     if not names:
