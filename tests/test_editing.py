@@ -132,3 +132,85 @@ def test_cache_command_lists_verifies_and_prunes(pipe, tmp_path, capsys):
     assert run_cli("cache", "prune", "--dir", tmp_path / "cache", "--max-gb", str(one / 1e9)) == 0
     assert len(cache.entries()) == 1
     assert run_cli("cache", "prune", "--dir", tmp_path / "cache") == 2
+
+
+# --- inversion finer than the edit ----------------------------------------------------------------
+
+METHODS = ["per-frame", "extended", "vidtome", "tokenflow", "vid2vid-zero"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_finer_inversion_keeps_the_latents_at_the_edit_timesteps(pipe, method, monkeypatch):
+    """`inversion.steps=20, edit.steps=10` edits with every method, and what the denoiser gets is the
+    20-step inversion's latents at the 10 edit timesteps (as TokenFlow inverts with 500 steps and keeps
+    the latents of its 50 edit steps)."""
+    from vidbatch.config import Vid2VidZeroConfig
+
+    frames = frames_of(4)
+    extra = {"vid2vid_zero": Vid2VidZeroConfig(null_steps=1)} if method == "vid2vid-zero" else {}
+    editor = VideoEditor(pipe, EditorSettings(steps=10, inversion_steps=20, method=method, chunk_size=3, **extra))
+    given = []
+    real = VideoEditor.denoise
+
+    def spy(self, inversion, *args, **kwargs):
+        given.append(inversion)
+        return real(self, inversion, *args, **kwargs)
+
+    monkeypatch.setattr(VideoEditor, "denoise", spy)
+    out = editor.edit(frames, "src", [("e", "dst")], seed=0, key="k").frames["e"]
+    assert out.shape == frames.shape
+    (inversion,) = given
+    # A direct 20-step inversion (vid2vid-zero inverts with the empty prompt) at the edit's timesteps.
+    direct = VideoEditor(pipe, EditorSettings(steps=20)).invert(frames, "" if method == "vid2vid-zero" else "src")
+    edit_timesteps = VideoEditor(pipe, EditorSettings(steps=10))._timesteps(10)
+    rows = [direct.timesteps.tolist().index(t) for t in edit_timesteps.tolist()]
+    assert rows == list(range(1, 20, 2))
+    assert torch.equal(inversion.timesteps, edit_timesteps)
+    assert torch.equal(inversion.trajectory, direct.trajectory[rows])
+    if method == "vid2vid-zero":   # one null embedding per edit step, optimised towards those latents
+        assert inversion.extras["null_embeddings"].shape[0] == 10
+
+
+def test_finer_inversion_through_the_cache_hit_equals_miss(pipe, tmp_path):
+    cache = InversionCache(tmp_path / "cache")
+    frames = frames_of(5)
+
+    def edit(steps, inversion_steps):
+        editor = VideoEditor(pipe, EditorSettings(steps=steps, inversion_steps=inversion_steps, method="tokenflow"),
+                             cache, model_fingerprint(pipe))
+        return editor.edit(frames, "src", [("e", "dst")], seed=0, key="k")
+
+    miss, hit = edit(10, 20), edit(10, 20)
+    assert (miss.inversion_cache, hit.inversion_cache) == ("miss", "hit")
+    assert np.array_equal(miss.frames["e"], hit.frames["e"])
+    # The entry holds the edit's timesteps only: other edit steps (or inversion steps) are other entries.
+    assert edit(5, 20).inversion_cache == "miss"
+    assert edit(10, None).inversion_cache == "miss"
+    assert len(cache.entries()) == 3
+
+
+def test_inversion_steps_that_do_not_nest_the_edit_steps_are_a_clear_error(pipe):
+    from vidbatch.errors import ConfigError
+
+    frames = frames_of(6, count=2)
+    with pytest.raises(ConfigError, match=r"inversion.steps \(30\).*edit.steps \(20\).*timestep_spacing.*40"):
+        VideoEditor(pipe, EditorSettings(steps=20, inversion_steps=30)).edit(frames, "s", [("e", "d")], seed=0, key="k")
+    with pytest.raises(ConfigError, match=r"inversion.steps \(5\) must be at least edit.steps \(10\)"):
+        VideoEditor(pipe, EditorSettings(steps=10, inversion_steps=5)).edit(frames, "s", [("e", "d")], seed=0, key="k")
+
+
+def test_auto_chunk_counts_the_source_branch_of_each_method(pipe, monkeypatch):
+    """The memory estimate sees the branches each method runs: the source branch with PnP, TokenFlow
+    (every step) and vid2vid-zero (its prompt-to-prompt steps)."""
+    from vidbatch import memory
+    from vidbatch.config import Vid2VidZeroConfig
+
+    seen = []
+    real = memory.pick_chunk_size
+    monkeypatch.setattr(memory, "pick_chunk_size", lambda n, b, **kw: seen.append(kw["branches"]) or real(n, b, **kw))
+    cases = [({}, 2), ({"control": "pnp"}, 3), ({"method": "tokenflow"}, 3), ({"method": "vid2vid-zero"}, 3),
+             ({"method": "vid2vid-zero", "vid2vid_zero": Vid2VidZeroConfig(p2p="none")}, 2)]
+    for settings, branches in cases:
+        seen.clear()
+        VideoEditor(pipe, EditorSettings(chunk_size="auto", memory_budget_bytes=2**30, **settings)).chunk_size_for(8, (4, 4))
+        assert seen == [branches], settings

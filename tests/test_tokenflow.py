@@ -165,9 +165,11 @@ def test_processor_keyframe_pass_is_extended_attention_and_propagation_copies_it
     state.begin_chunk(2, branches)
     key_in = video[:, keys].reshape(-1, n, 32)
     key_out = attn(key_in)
-    # The keyframe pass is extended attention over both keyframes, per branch.
+    # The edit branch (1) is extended attention over both keyframes; the source branch (0) is
+    # stock attention of each keyframe alone, as in the reference.
     joint = key_in.reshape(branches, 2 * n, 32)
-    assert torch.allclose(key_out.reshape(branches, 2 * n, 32), _stock(attn, joint), atol=1e-6)
+    assert torch.allclose(key_out.reshape(branches, 2 * n, 32)[1:], _stock(attn, joint[1:]), atol=1e-6)
+    assert torch.allclose(key_out.reshape(branches, 2, n, 32)[0], _stock(attn, key_in[:2]), atol=1e-6)
     state.begin_propagation()
     state.set_frames(torch.tensor([0, 1]))
     state.begin_chunk(2, branches)
@@ -203,14 +205,16 @@ def test_propagation_without_a_keyframe_pass_raises():
 # --- through the engine -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("control", ["none", "pnp"])
-def test_every_frame_a_keyframe_equals_extended_attention_in_one_chunk(pipe, inversion, control):
-    every = latents(pipe, inversion, method="tokenflow", control=control, tokenflow=TokenFlowConfig(batch_size=1))
-    extended = latents(pipe, inversion, method="extended", control=control, chunk_size=6)
+def test_every_frame_a_keyframe_equals_extended_attention_in_one_chunk(pipe, inversion):
+    """Without PnP the source branch only supplies correspondences (none needed when every frame is a
+    keyframe), so the edit equals extended attention. With PnP it would not: TokenFlow's source branch
+    attends per frame (as in the reference), the `extended` method's across the chunk."""
+    every = latents(pipe, inversion, method="tokenflow", control="none", tokenflow=TokenFlowConfig(batch_size=1))
+    extended = latents(pipe, inversion, method="extended", control="none", chunk_size=6)
     assert close(every, extended)
-    if control == "none":   # the check can fail: fewer keyframes do change the result
-        fewer = latents(pipe, inversion, method="tokenflow", control=control, tokenflow=TokenFlowConfig(batch_size=3))
-        assert not close(fewer, extended)
+    # The check can fail: fewer keyframes do change the result.
+    fewer = latents(pipe, inversion, method="tokenflow", control="none", tokenflow=TokenFlowConfig(batch_size=3))
+    assert not close(fewer, extended)
 
 
 def test_same_seed_bit_identical_other_seed_differs_and_chunking_does_not_matter(pipe, inversion):
@@ -267,3 +271,157 @@ def test_the_unet_is_unpatched_after_an_edit(pipe, inversion):
 
     latents(pipe, inversion, method="tokenflow", control="pnp")
     assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+
+
+# --- the reference's semantics -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_keyframe_pass_source_branch_equals_per_frame_stock_unet(pipe, inversion):
+    """In the keyframe pass the source branch (branch 0) reconstructs each keyframe alone, as in the
+    reference's extended attention (only the edit branches attend across keyframes): its UNet output
+    equals the stock UNet's on the same frames, one frame per call; the edit branches' does not."""
+    editor = VideoEditor(pipe, EditorSettings(steps=3))
+    frames = torch.tensor([0, 2, 5])
+    k = len(frames)
+    t = inversion.timesteps[1]
+    latent = inversion.trajectory[1][frames]
+    source, uncond, cond = (editor.text_embedding(p) for p in ("a texture", "", "a painting"))
+    stock = torch.cat([editor._unet(latent[[i]], t, source) for i in range(k)])
+    stock_edit = torch.cat([editor._unet(latent[[i]], t, cond) for i in range(k)])
+    state = tokenflow.apply_tokenflow(pipe.unet)
+    try:
+        state.begin_keyframes(frames)
+        state.set_frames(frames)
+        state.begin_chunk(k, 3)
+        out = editor._unet(torch.cat([latent] * 3), t, torch.cat([e.expand(k, -1, -1) for e in (source, uncond, cond)]))
+    finally:
+        tokenflow.remove_tokenflow(pipe.unet)
+    assert close(out[:k], stock, atol=1e-5)
+    assert not close(out[2 * k:], stock_edit, atol=1e-3)   # the edit branch does attend across keyframes
+
+
+@torch.no_grad()
+def test_blend_favours_the_nearer_keyframe():
+    """A frame between keyframes 1 and 5 (distances 1 and 3) takes sigmoid(3/4) of keyframe 1's output
+    and the rest of keyframe 5's, in every branch (swapping the two weights fails this)."""
+    attn = attention_module()
+    state = TokenFlowState()
+    attn.set_processor(TokenFlowProcessor(state, DECODER))
+    g = torch.Generator().manual_seed(5)
+    branches, n = 3, 6
+    features = torch.randn(n, 32, generator=g)   # every frame the same source features: identity matches
+    keys = torch.tensor([1, 5])
+    state.begin_step()
+    state.begin_keyframes(keys)
+    state.set_frames(keys)
+    state.begin_chunk(2, branches)
+    key_in = torch.randn(branches, 2, n, 32, generator=g)   # the edit branches differ between keyframes
+    key_in[0] = features
+    key_out = attn(key_in.reshape(-1, n, 32)).view(branches, 2, n, 32)
+    assert not torch.allclose(key_out[1:, 0], key_out[1:, 1], atol=1e-2)   # two different keyframe outputs
+    state.begin_propagation()
+    state.set_frames(torch.tensor([2]))
+    state.begin_chunk(1, branches)
+    out = attn(features.repeat(branches, 1, 1)).view(branches, n, 32)
+    near = torch.sigmoid(torch.tensor(3 / 4))
+    assert near > 0.5
+    assert torch.allclose(out, near * key_out[:, 0] + (1 - near) * key_out[:, 1], atol=1e-6)
+
+
+def test_keyframes_are_drawn_anew_in_every_step(pipe, inversion, monkeypatch):
+    """As in the reference (a new draw in every `batched_denoise_step`): the keyframes change from step
+    to step within one edit, and the same seed draws the same sequence."""
+    drawn = []
+    real = TokenFlowState.begin_keyframes
+
+    def spy(self, keyframes):
+        drawn.append(tuple(keyframes.tolist()))
+        return real(self, keyframes)
+
+    monkeypatch.setattr(TokenFlowState, "begin_keyframes", spy)
+    settings = dict(method="tokenflow", tokenflow=TokenFlowConfig(batch_size=2))
+    latents(pipe, inversion, seed=0, **settings)
+    first = list(drawn)
+    assert len(first) == 3 and len(set(first)) > 1          # one draw per step, not one per edit
+    drawn.clear()
+    latents(pipe, inversion, seed=0, **settings)
+    assert drawn == first
+
+
+def test_propagation_matches_the_reference_implementation():
+    """Golden values from the authors' code: github.com/omerbt/TokenFlow at commit 5dd6a696277e (HEAD of
+    the stored mirror), `tokenflow_utils.make_tokenflow_attention_block(...).forward` (its keyframe
+    ("pivotal") pass, then its propagation pass batch by batch with `batch_idx`) and
+    `util.batch_cosine_sim`, run on a stub block (norm1 identity, attn1 returning fixed keyframe outputs,
+    no cross-attention, zero feed-forward) so that the block's output minus its input is the propagated
+    self-attention output. Shapes: T=12 frames, batch_size 4 (K=3 keyframes, drawn by the reference's
+    `torch.randint(bs, (T // bs,)) + arange(0, T, bs)`), N=8 tokens, C=4 channels, 3 branches;
+    `torch.manual_seed(0)` then features (T, N, C), keyframes, keyframe outputs (3, K, N, C) drawn
+    in that order. float32, CPU.
+
+    Our nearest_tokens and propagate must give the same result for the same keyframe pairs. The
+    reference pairs every frame of batch b with the keyframes of batches b and b-1 and weighs them by
+    the distances to those batches' centres, sigmoid(d2 / (d1 + d2)); :func:`keyframe_neighbours`
+    deliberately takes the previous and next keyframe by their actual positions (the paper's
+    description) and lets a keyframe keep its own output, so the pairs are given here explicitly.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from vidbatch.tokenflow import blend_weights
+
+    ref = load_file(str(Path(__file__).parent / "fixtures" / "tokenflow_reference_propagation.safetensors"))
+    features, keyframes, outputs = ref["features"], ref["keyframes"], ref["keyframe_outputs"]
+    frames, bs = features.shape[0], 4
+    batch = torch.arange(frames) // bs                                  # each frame's batch
+    own, previous = batch, (batch - 1).clamp(min=0)
+    index_own = nearest_tokens(features, features[keyframes[own]])
+    index_previous = nearest_tokens(features, features[keyframes[previous]])
+    assert torch.equal(index_own, ref["index_own"])
+    assert torch.equal(index_previous, ref["index_previous"])
+    centre = batch * bs + bs // 2
+    d1, d2 = (torch.arange(frames) - centre).abs(), (torch.arange(frames) - (centre - bs)).abs()
+    weight = torch.where(batch > 0, blend_weights(d1, d2, "sigmoid"), torch.ones(frames))
+    out = propagate(outputs, own, previous, weight, index_own, index_previous)
+    assert torch.allclose(out, ref["propagated"], atol=1e-6)
+    # The test can fail: the weights swapped, or the own batch's keyframe only, do not reproduce it.
+    assert not torch.allclose(propagate(outputs, previous, own, weight, index_previous, index_own),
+                              ref["propagated"], atol=1e-3)
+    assert not torch.allclose(propagate(outputs, own, own, weight, index_own, index_own), ref["propagated"], atol=1e-3)
+
+
+def test_auto_chunk_counts_the_source_branch_and_the_keyframe_pass(pipe, monkeypatch, caplog):
+    """TokenFlow runs the source branch in every step (3 branches without PnP too), and its keyframe
+    pass is one UNet call on ceil(T / batch_size) keyframes whose records stay during propagation."""
+    from vidbatch import memory
+
+    seen = {}
+    real = memory.pick_chunk_size
+
+    def spy(num_frames, budget, **kwargs):
+        seen.update(kwargs)
+        return real(num_frames, budget, **kwargs)
+
+    monkeypatch.setattr(memory, "pick_chunk_size", spy)
+    editor = VideoEditor(pipe, EditorSettings(method="tokenflow", control="none", chunk_size="auto",
+                                              memory_budget_bytes=2**40, tokenflow=TokenFlowConfig(batch_size=8)))
+    assert editor.chunk_size_for(20, (8, 8)) == 20
+    assert (seen["branches"], seen["keyframes"], seen["method"]) == (3, 3, "tokenflow")
+    # On SD-like sizes: the chunk chosen leaves room for the records, and the keyframe pass fits too.
+    kwargs = dict(latent_hw=(64, 64), branches=3, channels=320, heads=8, method="tokenflow", dtype_bytes=2,
+                  materialised_scores=False, keyframes=15)
+    budget = 2**36
+    chosen = memory.pick_chunk_size(120, budget, **kwargs)
+    assert 1 < chosen < 120
+    keyframe_pass = memory.estimate_keyframe_pass_bytes(15, (64, 64), branches=3, channels=320, heads=8,
+                                                        dtype_bytes=2, materialised_scores=False)
+    assert keyframe_pass <= memory.estimate_chunk_bytes(chosen, **kwargs) <= 0.7 * budget
+    # The records held during propagation cost frames: fewer than 3-branch activations alone allow.
+    assert chosen < memory.pick_chunk_size(120, budget, **{**kwargs, "method": "per-frame"})
+    # A budget the keyframe pass alone exceeds: the smallest chunk, and a warning naming the fix.
+    editor.settings.memory_budget_bytes = 1
+    with caplog.at_level("WARNING", logger="vidbatch"):
+        assert editor.chunk_size_for(20, (8, 8)) == 1
+    assert "tokenflow.batch_size" in caplog.text

@@ -22,6 +22,7 @@ from vidbatch import ddim, memory
 from vidbatch.attention import MergeSettings, apply_patch, remove_patch
 from vidbatch.config import TokenFlowConfig, Vid2VidZeroConfig, parse_control
 from vidbatch.controls import PnpResidualInjector, condition_tensor
+from vidbatch.errors import ConfigError
 from vidbatch.inversion_cache import InversionCache, inversion_key
 
 log = logging.getLogger("vidbatch")
@@ -54,10 +55,13 @@ class EditorSettings:
 
 @dataclass
 class Inversion:
-    """A DDIM inversion trajectory of one video.
+    """A DDIM inversion trajectory of one video, at the edit's timesteps.
 
-    trajectory: (S, T, 4, h, w) on the CPU; trajectory[k] is the latent at timesteps[k] (descending
-    timesteps, so trajectory[0] is the noisiest). clean: (T, 4, h, w), the VAE latents of the frames.
+    timesteps: (S,) the edit's DDIM timesteps, descending (``S = edit.steps``). The inversion itself
+    may run finer (``inversion.steps`` a refinement of the edit's schedule); only the latents at the
+    edit's timesteps are kept. trajectory: (S, T, 4, h, w) on the CPU; trajectory[k] is the latent at
+    timesteps[k] (trajectory[0] is the noisiest), i.e. the latent denoising step k starts from.
+    clean: (T, 4, h, w), the VAE latents of the frames.
     extras: method-specific tensors cached with the trajectory (vid2vid-zero: "null_embeddings").
     """
 
@@ -112,6 +116,14 @@ def chunk_schedule(num_frames: int, chunk_size: int, order: str, generator: torc
             reordered[dst] = chunks[src]
         chunks = reordered
     return chunks
+
+
+def _positions(timesteps: Tensor, wanted: Tensor) -> Tensor | None:
+    """Positions in `timesteps` (I,) of every value of `wanted` (S,), as (S,) int64; None if one is missing."""
+    match = timesteps[None, :] == wanted[:, None]   # (S, I)
+    if not bool(match.any(1).all()):
+        return None
+    return match.int().argmax(1)
 
 
 class MethodHooks:
@@ -244,6 +256,37 @@ class VideoEditor:
         self._scheduler.set_timesteps(steps)
         return self._scheduler.timesteps.clone()
 
+    def inversion_schedule(self) -> tuple[Tensor, Tensor]:
+        """The inversion's timesteps and where the edit's timesteps are among them.
+
+        Returns ``(timesteps, kept)``: (I,) the DDIM timesteps of `inversion.steps` (``I``; null:
+        `edit.steps`), descending, and (S,) int64 positions into them of the edit's ``S`` timesteps,
+        so ``timesteps[kept]`` equals the edit's timesteps.
+
+        Raises ConfigError when `inversion.steps` is below `edit.steps`, or when the edit's timesteps
+        are not all timesteps of the inversion (the scheduler's `timestep_spacing` decides which
+        counts nest): the latents the edit starts its steps from would not exist.
+        """
+        s = self.settings
+        inversion_steps = s.inversion_steps or s.steps
+        if inversion_steps < s.steps:
+            raise ConfigError(f"inversion.steps ({inversion_steps}) must be at least edit.steps ({s.steps}): the edit "
+                              "starts every step from the inverted latent at that step's timestep; set "
+                              "inversion.steps to null (follow edit.steps) or to a finer schedule")
+        edit_timesteps = self._timesteps(s.steps)
+        timesteps = self._timesteps(inversion_steps)
+        kept = _positions(timesteps, edit_timesteps)
+        if kept is None:
+            spacing = self._scheduler.config.get("timestep_spacing", "leading")
+            working = [m for m in range(s.steps, self._scheduler.config.num_train_timesteps + 1, s.steps)
+                       if _positions(self._timesteps(m), edit_timesteps) is not None]
+            raise ConfigError(
+                f"inversion.steps ({inversion_steps}) does not contain the timesteps of edit.steps ({s.steps}) with "
+                f"the DDIM scheduler's timestep_spacing {spacing!r}: the edit needs the inverted latents at its own "
+                f"timesteps. Inversion step counts that do, for edit.steps {s.steps}: "
+                f"{', '.join(map(str, working[:6]))}{', ...' if len(working) > 6 else ''} (or null: edit.steps)")
+        return timesteps, kept
+
     def _alphas(self) -> tuple[Tensor, Tensor]:
         alphas = self._scheduler.alphas_cumprod.to(self.device, torch.float32)
         final = torch.as_tensor(self._scheduler.final_alpha_cumprod, dtype=torch.float32, device=self.device)
@@ -265,9 +308,35 @@ class VideoEditor:
         if s.chunk_size != "auto":
             return int(s.chunk_size)
         m = s.merge
-        return self._fit(num_frames, latent_hw, branches=3 if "pnp" in self.controls else 2, method=s.method,
-                         share=memory.attended_share(s.method, m.local_ratio, m.global_ratio, m.global_merge,
-                                                     m.target_stride))
+        branches = self.max_branches()
+        keyframes = -(-num_frames // s.tokenflow.batch_size) if s.method == "tokenflow" else 0
+        chunk = self._fit(num_frames, latent_hw, branches=branches, method=s.method, keyframes=keyframes,
+                          share=memory.attended_share(s.method, m.local_ratio, m.global_ratio, m.global_merge,
+                                                      m.target_stride))
+        if keyframes:
+            # The keyframe pass is one UNet call whatever the chunk: say so when it alone will not fit.
+            budget = s.memory_budget_bytes or memory.available_memory_bytes(self.device)
+            needed = memory.estimate_keyframe_pass_bytes(
+                keyframes, latent_hw, branches=branches, channels=self.unet.config.block_out_channels[0],
+                heads=self._heads(), dtype_bytes=torch.finfo(self.dtype).bits // 8,
+                materialised_scores=self.device.type != "cuda")
+            if needed > memory.BUDGET_SHARE * budget:
+                log.warning("tokenflow: the keyframe pass (%d keyframes of %d frames in one UNet call) is estimated "
+                            "at %.2f GB, over the %.2f GB budget; raise tokenflow.batch_size (fewer keyframes)",
+                            keyframes, num_frames, needed / 1e9, memory.BUDGET_SHARE * budget / 1e9)
+        return chunk
+
+    def max_branches(self) -> int:
+        """The most guidance branches one UNet call of this edit runs: uncond and cond, and the source
+        branch where some step runs it (PnP; TokenFlow in every step; vid2vid-zero's prompt-to-prompt steps)."""
+        s = self.settings
+        with_source = "pnp" in self.controls or s.method == "tokenflow"
+        if s.method == "vid2vid-zero":
+            # Prompt-to-prompt ("auto" is "replace" or "refine", never "none") runs the source branch
+            # for the first `cross_replace` of the steps (`Vid2VidZeroHooks.needs_source`).
+            c = s.vid2vid_zero
+            with_source = with_source or (c.p2p != "none" and int(s.steps * c.cross_replace) > 0)
+        return 3 if with_source else 2
 
     def inversion_batch_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int:
         """`inversion_batch`, or with "auto" the largest per-frame batch that fits the budget."""
@@ -292,16 +361,20 @@ class VideoEditor:
     def invert(self, frames: np.ndarray, prompt: str) -> Inversion:
         """DDIM inversion of every frame with `prompt`, no guidance, in frame batches (`inversion_batch`).
 
-        Inversion sees each frame alone (stock per-frame attention), as in VidToMe and PnP.
+        Inversion sees each frame alone (stock per-frame attention), as in VidToMe and PnP. It runs
+        `inversion.steps` DDIM steps (finer steps invert more faithfully: TokenFlow inverts with
+        500) and keeps the latents at the edit's timesteps only (:meth:`inversion_schedule`), which
+        is all the edit reads.
         """
+        timesteps, kept = self.inversion_schedule()
         clean = self.encode_frames(frames).float()
-        steps = self.settings.inversion_steps or self.settings.steps
-        timesteps = self._timesteps(steps)
         alphas, final = self._alphas()
         embedding = self.text_embedding(prompt)
+        # Inversion step k -> its row in the kept trajectory (only the edit's timesteps are kept).
+        row_of = {int(k): row for row, k in enumerate(kept.tolist())}
         # Stored in the model's dtype: halves the cache for fp16 models, and a fresh inversion is
         # rounded exactly like a cached one, so a cache hit and a miss edit identically.
-        trajectory = torch.empty((len(timesteps), *clean.shape), dtype=self.dtype)
+        trajectory = torch.empty((len(kept), *clean.shape), dtype=self.dtype)
         batch = self.inversion_batch_for(len(clean), tuple(clean.shape[-2:]))
         for start in range(0, len(clean), batch):
             x = clean[start:start + batch]
@@ -313,8 +386,9 @@ class VideoEditor:
                 out = self._unet(x, t, cond)
                 x = ddim.inversion_step(x, out, alpha_from, alpha_to, self.prediction_type)
                 alpha_from = alpha_to
-                trajectory[k, start:start + len(x)] = x.cpu()
-        return Inversion(timesteps=timesteps, trajectory=trajectory, clean=clean.cpu())
+                if k in row_of:
+                    trajectory[row_of[k], start:start + len(x)] = x.cpu()
+        return Inversion(timesteps=timesteps[kept], trajectory=trajectory, clean=clean.cpu())
 
     # -- denoising -------------------------------------------------------------------------------
 
@@ -340,9 +414,10 @@ class VideoEditor:
         s = self.settings
         timesteps = self._timesteps(s.steps)
         if not torch.equal(timesteps, inversion.timesteps):
+            # `invert` keeps the latents at the edit's timesteps: these come from other settings.
             raise ValueError(
-                f"inversion has {len(inversion.timesteps)} steps but the edit has {s.steps}; "
-                "set inversion.steps to null (follow edit.steps) or equal to edit.steps")
+                f"the inversion holds latents at {len(inversion.timesteps)} timesteps that are not the "
+                f"{s.steps} timesteps of this edit (edit.steps {s.steps}); invert with this editor's settings")
         if self.controlnet is not None and control_images is None:
             raise ValueError("a ControlNet is loaded but no control images were given")
         alphas, final = self._alphas()
@@ -411,9 +486,13 @@ class VideoEditor:
     def inversion_key(self, frames: np.ndarray, prompt: str) -> str:
         """The cache key: the frames' content and everything else that changes the inversion."""
         scheduler = json.loads(json.dumps(dict(self._scheduler.config), default=str))
+        steps = self.settings.inversion_steps or self.settings.steps
         parts = {"model": self.model_identity, "scheduler": scheduler, "dtype": str(self.dtype),
-                 "steps": self.settings.inversion_steps or self.settings.steps, "prompt": prompt,
-                 **method_hooks(self.settings).inversion_parts()}
+                 "steps": steps, "prompt": prompt, **method_hooks(self.settings).inversion_parts()}
+        if steps != self.settings.steps:
+            # A finer inversion keeps only the edit's timesteps: which ones is part of the entry.
+            # (Equal counts keep every step, the same entry as before finer inversions existed.)
+            parts["edit_steps"] = self.settings.steps
         return inversion_key(frames, parts)
 
     def cached_invert(self, frames: np.ndarray, prompt: str) -> tuple[Inversion, str]:

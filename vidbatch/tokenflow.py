@@ -3,9 +3,12 @@
 Every denoising step has two passes over the UNet:
 
 1. **Keyframe pass.** One keyframe is drawn at random in every group of `tokenflow.batch_size`
-   frames (:func:`sample_keyframes`). The UNet runs once on all keyframes, every guidance branch,
-   with self-attention extended across all keyframes: each keyframe's queries attend over the keys
-   and values of every keyframe. The keys and values are shared by all queries, never repeated per
+   frames (:func:`sample_keyframes`), anew in every step. The UNet runs once on all keyframes,
+   every guidance branch. In the edit branches self-attention is extended across all keyframes:
+   each keyframe's queries attend over the keys and values of every keyframe. The source branch
+   (branch 0) keeps stock per-frame attention (each keyframe attends to itself only), as in the
+   reference: it reconstructs the source video, whose features the correspondences and the PnP
+   injection come from. The keys and values are shared by all queries, never repeated per
    frame, and the queries go through SDPA in chunks (:func:`keyframe_attention`), so the attention
    memory grows linearly with the number of keyframes, not with its square. Every patched block
    records the keyframes' self-attention outputs (all branches) and the source branch's attention
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vidbatch import memory
 from vidbatch.attention import _broadcast_branch0, _transformer_blocks
 from vidbatch.controls import pnp_attention_blocks
 from vidbatch.editing import MethodHooks
@@ -60,8 +64,8 @@ __all__ = [
 BLEND_MODES = ("sigmoid", "linear")
 
 # Upper bound on the attention scores (keyframe attention) or similarities (correspondence search)
-# held at once: 64 MB in float32, whatever the number of keyframes.
-MAX_SCORES = 1 << 24
+# held at once: 64 MB in float32, whatever the number of keyframes. Defined with the memory estimate.
+MAX_SCORES = memory.MAX_SCORES
 
 _PATCH_ATTR = "_vidbatch_tokenflow"
 
@@ -208,6 +212,21 @@ def keyframe_attention(query: Tensor, key: Tensor, value: Tensor, max_scores: in
     return torch.cat([F.scaled_dot_product_attention(q, key, value) for q in query.split(rows, dim=2)], dim=2)
 
 
+def _per_frame_attention(query: Tensor, key: Tensor, value: Tensor, frames: int, max_scores: int = MAX_SCORES) -> Tensor:
+    """Each frame's queries attend over that frame's keys only (stock self-attention, frame by frame).
+
+    query, key, value: (1, h, F*N, d), one branch with its frames joined -> (1, h, F*N, d).
+    """
+    _, h, length, d = query.shape
+    n = length // frames
+
+    def per_frame(t: Tensor) -> Tensor:  # (1, h, F*N, d) -> (F, h, N, d)
+        return t.view(h, frames, n, d).transpose(0, 1)
+
+    out = keyframe_attention(per_frame(query), per_frame(key), per_frame(value), max_scores)  # (F, h, N, d)
+    return out.transpose(0, 1).reshape(1, h, length, d)
+
+
 # ---------------------------------------------------------------------------------------------
 # Processors
 
@@ -344,7 +363,8 @@ class TokenFlowProcessor:
         return out / attn.rescale_output_factor
 
     def _keyframes(self, attn, hidden_states: Tensor) -> Tensor:
-        """Extended attention across all keyframes, per branch; records the outputs and branch 0's inputs."""
+        """Extended attention across all keyframes for the edit branches, per-frame attention for the
+        source branch (branch 0); records the outputs and branch 0's inputs."""
         st = self.state
         branches, frames = st.num_branches, st.num_frames
         x = join_frames(hidden_states, frames)  # (B, K*N, C)
@@ -355,12 +375,19 @@ class TokenFlowProcessor:
             key = attn.norm_k(key)
         if st.inject_qk and self.pnp_qk and branches > 1:  # PnP: the source branch's queries and keys
             query, key = _broadcast_branch0(query, branches), _broadcast_branch0(key, branches)
-        out = keyframe_attention(query, key, value, st.max_scores)  # (B, h, K*N, d)
+        n = hidden_states.shape[1]
+        out = torch.empty_like(query)  # (B, h, K*N, d)
+        # The source branch reconstructs each keyframe alone (stock per-frame attention), as in the
+        # reference: only the edit branches attend across keyframes. Its outputs are what the
+        # propagation hands to the source branch of the other frames.
+        out[:1] = _per_frame_attention(query[:1], key[:1], value[:1], frames, st.max_scores)
+        if branches > 1:
+            out[1:] = keyframe_attention(query[1:], key[1:], value[1:], st.max_scores)
         out = out.transpose(1, 2).reshape(branches, x.shape[1], -1).to(query.dtype)
         out = split_frames(attn.to_out[1](attn.to_out[0](out)), frames)  # (B*K, N, C)
-        n = hidden_states.shape[1]
+        # The features are cloned: a view would keep every branch's inputs alive for the whole step.
         st.records[self.name] = KeyframeRecord(outputs=out.view(branches, frames, n, -1).detach(),
-                                               features=hidden_states[:frames].detach())
+                                               features=hidden_states[:frames].detach().clone())
         return out
 
     def _propagate(self, hidden_states: Tensor) -> Tensor:
