@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -337,3 +338,149 @@ def test_inject_qk_uses_branch_zero_queries_and_keys(method):
     # Encoder blocks are never injected.
     _, encoder = call(method, x, ENCODER, inject=True)
     assert torch.allclose(encoder, plain, atol=1e-6)
+
+
+# --- One set of draws per UNet call ----------------------------------------------------------------
+
+
+def record_decisions(monkeypatch) -> list[tuple[str, object]]:
+    """Wraps the merge functions the processors call; records every block's final destination frame
+    (the frame all of whose tokens survive local merging) and global side (True: the global set was
+    the source side, i.e. every local token survived). Works on any version of the processors."""
+    import vidbatch.attention as processors
+
+    seen: list[tuple[str, object]] = []
+    real_local, real_global = processors.local_merge, processors.global_merge
+
+    def local(x, num_frames, *args, **kwargs):
+        m = real_local(x, num_frames, *args, **kwargs)
+        kept = torch.zeros(x.shape[1], dtype=torch.bool)
+        kept[m.keep[0]] = True
+        whole = kept.view(num_frames, -1).all(1).nonzero().flatten().tolist()
+        seen.append(("dst", whole))
+        return m
+
+    def glob(x, global_tokens, *args, **kwargs):
+        m = real_global(x, global_tokens, *args, **kwargs)
+        if global_tokens is not None and not m.is_identity:
+            seen.append(("side", bool(torch.isin(torch.arange(x.shape[1]), m.keep[0]).all())))
+        return m
+
+    monkeypatch.setattr(processors, "local_merge", local)
+    monkeypatch.setattr(processors, "global_merge", glob)
+    return seen
+
+
+@pytest.mark.parametrize("frames", [4, 8])
+def test_every_block_of_a_call_merges_into_the_same_destination_frames(model, monkeypatch, frames):
+    # The reference forks every block's generator from one state, so all blocks of a UNet call draw
+    # the same numbers: the same destination frames and the same global side, which keeps token
+    # correspondences consistent across layers. (Drawing anew in every block fails this.)
+    seen = record_decisions(monkeypatch)
+    state = apply_patch(model, "vidtome", MergeSettings())
+    g = torch.Generator().manual_seed(7)
+    calls = []
+    for _ in range(2):  # steps
+        state.begin_step()
+        for data_seed in range(3):  # chunks
+            seen.clear()
+            state.begin_chunk(frames, BRANCHES, g)
+            run(model, *inputs(frames=frames, seed=data_seed))
+            calls.append(list(seen))
+    merged_blocks = len(state.global_tokens)
+    assert merged_blocks == 7
+    dst_frames = set()
+    for i, call_seen in enumerate(calls):
+        dst = [v for k, v in call_seen if k == "dst"]
+        sides = [v for k, v in call_seen if k == "side"]
+        assert len(dst) == merged_blocks and all(len(d) == 1 for d in dst)
+        assert all(d == dst[0] for d in dst), f"call {i}: blocks chose destination frames {dst}"
+        assert len(sides) == (0 if i % 3 == 0 else merged_blocks)  # no global set in a step's first chunk
+        assert len(set(sides)) <= 1, f"call {i}: blocks chose global sides {sides}"
+        dst_frames.add(dst[0][0])
+    assert len(dst_frames) > 1  # the draw does change from call to call
+
+
+def test_merge_draws_are_made_in_begin_chunk_not_in_the_blocks(model):
+    state = apply_patch(model, "vidtome", MergeSettings())
+    g = torch.Generator().manual_seed(0)
+    state.begin_step()
+    for _ in range(2):  # the second chunk also draws the global side
+        state.begin_chunk(8, BRANCHES, g)
+        drawn = g.get_state()
+        run(model, *inputs(frames=8))
+        assert torch.equal(g.get_state(), drawn)
+    assert len(state.draws.local_offsets) == 2 and state.draws.global_is_src is not None
+    # The draws are the reference's, in its order: the local levels first (then the global side).
+    from vidbatch.merge import draw_local_offsets
+
+    state.begin_step()
+    state.begin_chunk(8, BRANCHES, torch.Generator().manual_seed(0))
+    expected = draw_local_offsets(8, 4, torch.Generator().manual_seed(0))
+    assert [int(o) for o in state.draws.local_offsets] == [int(o) for o in expected]
+    assert state.draws.global_is_src is None  # no global set yet in this step
+
+
+# --- Proportional attention --------------------------------------------------------------------
+
+
+def static_chunks(settings: MergeSettings, method: str = "vidtome", chunks: int = 2) -> list[torch.Tensor]:
+    """Attention outputs of `chunks` chunks of 4 identical frames (a static clip), 16 tokens a frame."""
+    attn = attention_module()
+    state = FrameAttentionState(method, settings)
+    attn.set_processor(FrameAttnProcessor(state, ENCODER))
+    g = torch.Generator().manual_seed(0)
+    frame = torch.randn(BRANCHES, 1, 16, 32, generator=torch.Generator().manual_seed(9))
+    x = frame.expand(BRANCHES, 4, 16, 32).reshape(BRANCHES * 4, 16, 32)
+    outs = []
+    state.begin_step()
+    with torch.no_grad():
+        for _ in range(chunks):
+            state.begin_chunk(4, BRANCHES, g, latent_hw=(4, 4))
+            outs.append(attn(x))
+    return outs
+
+
+@pytest.mark.parametrize("global_rand", [0.0, 1.0])
+@pytest.mark.parametrize("align_batch", [True, False])
+def test_proportional_attention_over_identical_frames_equals_extended_attention(global_rand, align_batch):
+    extended = static_chunks(MergeSettings(), method="extended")[0]
+    settings = MergeSettings(proportional_attention=True, global_rand=global_rand, align_batch=align_batch)
+    first, second = static_chunks(settings)
+    # The first chunk (local merging only) and the second (merged with the global set too): every
+    # merged key weighs as the tokens it stands for, so the merged set attends like the unmerged one.
+    torch.testing.assert_close(first, extended, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(second, extended, atol=1e-6, rtol=1e-5)
+    # Without it the duplicates left unmerged (10% of the sources) and the global set skew attention.
+    plain = static_chunks(MergeSettings(global_rand=global_rand, align_batch=align_batch))
+    assert max((p - extended).abs().max() for p in plain) > 1e-3
+
+
+def static_clip_pixels(pipe, proportional: bool) -> torch.Tensor:
+    """12 identical 32x32 frames edited with VidToMe in 3 chunks of 4; decoded pixels in float grey levels."""
+    from vidbatch.editing import EditorSettings, VideoEditor
+
+    rng = np.random.default_rng(0)
+    frame = np.kron(rng.integers(0, 255, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    frames = np.repeat(frame[None], 12, axis=0)
+    editor = VideoEditor(pipe, EditorSettings(method="vidtome", steps=5, chunk_size=4, chunk_order="seq",
+                                              merge=MergeSettings(proportional_attention=proportional)))
+    inversion, _ = editor.cached_invert(frames, "a texture")
+    latents = editor.denoise(inversion, "a painting", 0, "a texture")
+    with torch.no_grad():
+        pixels = editor.vae.decode(latents / editor.vae.config.scaling_factor).sample
+    return (pixels.float().clamp(-1, 1) + 1) * 127.5
+
+
+def test_static_clip_stays_static_with_proportional_attention(pipe, one_thread):
+    # Every chunk attends over a different mix of duplicates and global tokens; with proportional
+    # attention each chunk's attention equals per-frame attention on a static clip, so all frames agree.
+    def spread(pixels: torch.Tensor) -> float:
+        return float((pixels.amax(0) - pixels.amin(0)).max())
+
+    on = spread(static_clip_pixels(pipe, True))
+    off = spread(static_clip_pixels(pipe, False))
+    assert on < 1.0, f"spread across frames {on:.3f} grey levels with proportional attention"
+    # Measured here (float pixels, 5 steps): spread at most 0.005 grey levels on (mean 0.001); off at
+    # most 125 (mean 22): the tiny random model amplifies the differences between chunks.
+    assert off > 10.0

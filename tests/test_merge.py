@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -284,3 +287,124 @@ def test_invalid_arguments_raise():
         local_merge(x, 2, 0.5, 4, None)
     with pytest.raises(ValueError, match="r=5"):
         bipartite_match(torch.randn(1, 4, 2), torch.randn(1, 3, 2), 5)
+
+
+
+def test_sizes_count_original_tokens_through_local_and_global_levels():
+    from vidbatch.merge import size_bias
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 8 * 6, 4)
+    m = local_merge(x, 8, 0.9, 4, gen(1))
+    sizes = m.sizes()  # (1, K)
+    assert sizes.shape == (1, m.num_kept) and sizes.sum() == 48 and (sizes >= 1).all()
+    assert torch.equal(sizes[0], torch.bincount(m.back[0], minlength=m.num_kept).float())
+    # Through the global level: sizes of [local tokens | global tokens] add up into the kept ones.
+    glob_tokens = torch.randn(2, 5, 4)
+    g = global_merge(m.merge(x), glob_tokens, 0.8, 0.0, gen(0))
+    before = torch.cat([sizes, torch.full((1, 5), 3.0)], dim=1)
+    after = g.sizes(before)
+    assert after.shape == (1, g.num_kept) and after.sum() == 48 + 15
+    bias = size_bias(after, torch.float16)
+    assert bias.shape == (1, 1, 1, g.num_kept) and bias.dtype == torch.float16
+    assert torch.allclose(bias.float()[0, 0, 0], after[0].log(), atol=1e-3)
+    # Per-element matchings give per-element sizes.
+    m2 = local_merge(x, 8, 0.9, 4, gen(1), align_batch=False)
+    assert m2.sizes().shape == (2, m2.num_kept) and (m2.sizes().sum(1) == 48).all()
+
+
+@pytest.mark.parametrize("num_frames", [2, 4, 5, 8, 16, 17])
+def test_drawn_offsets_give_the_matching_drawn_inside(num_frames):
+    from vidbatch.merge import draw_global_side, draw_local_offsets
+
+    x = torch.randn(2, num_frames * 3, 4)
+    offsets = draw_local_offsets(num_frames, 4, gen(4))
+    inside = local_merge(x, num_frames, 0.9, 4, gen(4))
+    drawn = local_merge(x, num_frames, 0.9, 4, offsets=offsets)
+    assert torch.equal(inside.keep, drawn.keep) and torch.equal(inside.back, drawn.back)
+    # A level whose destination count is fixed keeps its draw on the device (no host read).
+    assert isinstance(offsets[0], torch.Tensor) == (num_frames % min(4, num_frames) == 0)
+    with pytest.raises(ValueError, match="too few"):
+        local_merge(x, num_frames, 0.9, 4, offsets=offsets[:-1])
+    g = gen(5)
+    sides = [draw_global_side(0.3, g) for _ in range(2000)]
+    assert 0.25 < sum(sides) / len(sides) < 0.35
+
+GOLDEN = Path(__file__).parent / "fixtures" / "vidtome_reference_merge.safetensors"
+
+
+def _ids(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """(B, M, C) values, (B, P, C) distinct input tokens -> (B, M): the input token each value copies."""
+    eq = (values[:, :, None, :] == pool[:, None, :, :]).all(-1)
+    assert (eq.sum(-1) == 1).all()
+    return eq.int().argmax(-1)
+
+
+def test_merge_decisions_match_the_reference_implementation():
+    """Our merging, driven as the attention path drives it, against the authors' code on the same tensors.
+
+    The fixture was produced by running the public reference, github.com/lixirui142/VidToMe at commit
+    064c7b1eb1f93e56dee9220376a5ee0a9a039729, unmodified (only called from a scratch script):
+    ``vidtome.patch.compute_merge`` (local merging with ``merge.bipartite_soft_matching_randframe``,
+    recursively, then global merging with ``merge.bipartite_soft_matching_2s``), with the
+    reference's generator behaviour: ``torch.manual_seed(seed)`` (100, or 102 for the unaligned case:
+    seeds whose global coins give both sides), then every block's generator forked
+    from the global RNG state by ``vidtome.utils.init_generator`` (as its forward pre-hook does),
+    each block drawing from its own copy. Settings: local ratio 0.9, global ratio 0.8, global_rand
+    0.5, target stride 4, replace mode. Cases: chunks of 4, 8 and 16 frames with ``align_batch``
+    and 8 frames without; each case one denoising step of 3 consecutive chunks (the first seeds the
+    global set), B = 3 branches, C = 4 channels, two blocks per call: ``a`` with a 2x2 token grid
+    (downsample 1) and ``b`` with 1x1 (downsample 2; the latent grid is 2x2). Inputs are integers in
+    [-64, 64] / 16 (exact in float32), distinct and with no near-collinear pair, so no matching has
+    ties. Stored per chunk and block: the int8 inputs, the merged tokens (x 16, exact copies of
+    inputs in replace mode), which input each merged token copies (``merged_ids``), which input
+    each position takes after merge + unmerge (``rep_ids``: the decisions) and which inputs form the
+    new global set (``global_ids``); ids index the step's inputs of that block, chunk after chunk.
+
+    Ours: one ``torch.Generator().manual_seed(seed)`` (the same state the reference forks), draws
+    made once per call by ``FrameAttentionState.begin_chunk`` and shared by both blocks.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from vidbatch.attention import FrameAttentionState, FrameAttnProcessor, MergeSettings
+
+    with safe_open(str(GOLDEN), "pt") as f:
+        meta = json.loads(f.metadata()["description"])
+    golden = load_file(str(GOLDEN))
+    b, scale = meta["branches"], meta["scale"]
+    for case in meta["cases"]:
+        frames = case["frames"]
+        settings = MergeSettings(local_ratio=meta["local_ratio"], global_ratio=meta["global_ratio"],
+                                 global_rand=meta["global_rand"], target_stride=meta["target_stride"],
+                                 align_batch=case["align_batch"])
+        state = FrameAttentionState("vidtome", settings)
+        procs = {name: FrameAttnProcessor(state, name) for name in meta["blocks"]}
+        pools = {name: torch.empty(b, 0, meta["channels"]) for name in meta["blocks"]}
+        generator = torch.Generator().manual_seed(case["seed"])
+        state.begin_step()
+        sides = set()
+        for c in range(meta["chunks"]):
+            state.begin_chunk(frames, b, generator)
+            for name, proc in procs.items():
+                key = f"{case['case']}/{c}/{name}"
+                x = join_frames(golden[key + "/x"].float() / scale, frames)  # (B, F*N, C)
+                pools[name] = pool = torch.cat([pools[name], x], dim=1)
+                merged = proc.merge_chunk(x, frames, b)
+                where = f"{key} (global side: {state.draws.global_is_src})"
+                sides.add(state.draws.global_is_src)
+                assert torch.equal(_ids(merged.tokens, pool).sort(-1).values,
+                                   golden[key + "/merged_ids"].long().sort(-1).values), where
+                assert torch.equal(_ids(merged.unmerge(merged.tokens), pool), golden[key + "/rep_ids"].long()), where
+                assert torch.equal(_ids(state.global_tokens[name], pool).sort(-1).values,
+                                   golden[key + "/global_ids"].long().sort(-1).values), where
+                # The merged outputs, in the reference's order.
+                ours = merged.tokens.gather(1, _order_like(_ids(merged.tokens, pool), golden[key + "/merged_ids"].long()))
+                torch.testing.assert_close(ours, golden[key + "/merged"].float() / scale, atol=1e-6, rtol=0)
+        assert sides == {None, True, False}  # both global sides were exercised
+
+
+def _order_like(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """(B, M) ids in our order and theirs -> (B, M, C-broadcastable) indices putting ours in their order."""
+    pos = (ours[:, None, :] == theirs[:, :, None]).int().argmax(-1)  # (B, M): where their i-th id is in ours
+    return pos[..., None].expand(-1, -1, 4)

@@ -40,13 +40,25 @@ from torch import Tensor
 
 from vidbatch.controls import pnp_attention_blocks
 from vidbatch.errors import ConfigError
-from vidbatch.merge import MERGE_MODES, Merge, global_merge, join_frames, local_merge, split_frames
+from vidbatch.merge import (
+    MERGE_MODES,
+    Merge,
+    draw_global_side,
+    draw_local_offsets,
+    global_merge,
+    join_frames,
+    local_merge,
+    size_bias,
+    split_frames,
+)
 
 __all__ = [
     "METHODS",
     "BlockStats",
     "FrameAttentionState",
     "FrameAttnProcessor",
+    "MergeDraws",
+    "MergedChunk",
     "MergeSettings",
     "apply_patch",
     "remove_patch",
@@ -71,6 +83,9 @@ class MergeSettings:
         align_batch: one matching for all guidance branches (required with PnP injection).
         max_downsample: merge only in blocks whose grid is at most this much below the latent.
         merge_mode: ``"replace"`` (VidToMe) or ``"mean"`` (see :meth:`vidbatch.merge.Merge.merge`).
+        proportional_attention: add ``log(size)`` to the attention logits of every merged key, its
+            size being the number of original tokens it stands for (through the local levels and the
+            global set); off in the paper and the reference.
     """
 
     local_ratio: float = 0.9
@@ -81,6 +96,7 @@ class MergeSettings:
     align_batch: bool = True
     max_downsample: int = 2
     merge_mode: str = "replace"
+    proportional_attention: bool = False
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid value."""
@@ -114,6 +130,22 @@ class BlockStats:
     downsample: int = 0
 
 
+@dataclass
+class MergeDraws:
+    """The random draws of one UNet call, shared by every merged block (as the reference's blocks,
+    whose generators are copies of one state, draw the same numbers).
+
+    Attributes:
+        local_offsets: the destination-frame offset of every local level
+            (:func:`vidbatch.merge.draw_local_offsets`); ``(1,)`` tensors on the generator's device.
+        global_is_src: the global-merging side (:func:`vidbatch.merge.draw_global_side`); ``None``
+            while no block had a global set.
+    """
+
+    local_offsets: list[Tensor | int]
+    global_is_src: bool | None = None
+
+
 class FrameAttentionState:
     """State shared by all patched processors of one UNet; created by :func:`apply_patch`.
 
@@ -122,7 +154,11 @@ class FrameAttentionState:
         settings: the :class:`MergeSettings` (used by ``vidtome``).
         num_frames, num_branches, generator, inject_qk: the current chunk (see :meth:`begin_chunk`).
         latent_tokens: ``h*w`` of the latent, recorded at every UNet call (or from ``latent_hw``).
+        draws: the :class:`MergeDraws` of the current chunk (``vidtome`` with a generator), drawn by
+            :meth:`begin_chunk`.
         global_tokens: block name -> ``(B, L, C)`` global token set of the current step.
+        global_sizes: block name -> ``(Bm, L)`` how many tokens of its chunk every global token
+            stands for (with ``proportional_attention``).
         stats: block name -> :class:`BlockStats` of the block's last call.
     """
 
@@ -134,12 +170,15 @@ class FrameAttentionState:
         self.generator: torch.Generator | None = None
         self.inject_qk = False
         self.latent_tokens: int | None = None
+        self.draws: MergeDraws | None = None
         self.global_tokens: dict[str, Tensor] = {}
+        self.global_sizes: dict[str, Tensor] = {}
         self.stats: dict[str, BlockStats] = {}
 
     def begin_step(self) -> None:
         """Start a denoising step: forget every block's global tokens."""
         self.global_tokens.clear()
+        self.global_sizes.clear()
 
     def begin_chunk(
         self,
@@ -154,8 +193,11 @@ class FrameAttentionState:
         Args:
             num_frames: ``F``, frames of the chunk.
             num_branches: ``B``, guidance branches; the UNet batch must be ``B*F``, branch-major.
-            generator: the only source of randomness of ``vidtome`` (destination frames, global
-                merging side), drawn in a fixed order: the same seed gives bit-identical output.
+            generator: the only source of randomness of ``vidtome``. The draws of the call are made
+                here, once, in the reference's order (the destination frame of every local level,
+                then the global side when a global set exists) and every merged block uses them, so
+                all blocks pick the same destination frames and side. The same seed gives
+                bit-identical output.
             inject_qk: PnP: the blocks built with ``pnp_qk`` use branch 0's queries and keys in
                 every branch.
             latent_hw: the latent's ``(h, w)``; only needed when the processors are called without
@@ -172,6 +214,16 @@ class FrameAttentionState:
         self.num_branches = num_branches
         self.generator = generator
         self.inject_qk = inject_qk
+        self.draws = None
+        if self.method == "vidtome" and generator is not None:
+            s = self.settings
+            offsets = []
+            if s.local_ratio > 0 and num_frames > 1:
+                offsets = draw_local_offsets(num_frames, s.target_stride, generator)
+            side = None
+            if s.global_merge and self.global_tokens:
+                side = draw_global_side(s.global_rand, generator)
+            self.draws = MergeDraws(offsets, side)
         if latent_hw is not None:
             self.latent_tokens = int(latent_hw[0]) * int(latent_hw[1])
 
@@ -235,6 +287,30 @@ def _attend(
     out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
     out = attn.to_out[0](out)
     return attn.to_out[1](out)
+
+
+@dataclass
+class MergedChunk:
+    """One block's merged chunk (:meth:`FrameAttnProcessor.merge_chunk`).
+
+    Attributes:
+        tokens: ``(B, M, C)`` the tokens attended over (local tokens, merged with the global set).
+        local: the local :class:`~vidbatch.merge.Merge` over the chunk's ``F*N`` tokens.
+        glob: the global :class:`~vidbatch.merge.Merge` over ``[local tokens | global set]``, or ``None``
+            when no global set took part.
+        bias: ``(Bm, 1, 1, M)`` the proportional-attention bias, or ``None``.
+    """
+
+    tokens: Tensor
+    local: Merge
+    glob: Merge | None
+    bias: Tensor | None
+
+    def unmerge(self, out: Tensor) -> Tensor:
+        """``(B, M, C') -> (B, F*N, C')``: every position of the chunk takes its merged token's value."""
+        if self.glob is not None:
+            out = self.glob.unmerge(out)[:, : self.local.num_kept]
+        return self.local.unmerge(out)
 
 
 class FrameAttnProcessor:
@@ -352,38 +428,72 @@ class FrameAttnProcessor:
 
     def _vidtome(self, attn, hidden_states: Tensor, num_branches: int, num_frames: int, downsample: int) -> Tensor:
         """Local (+ global) merge, joint attention over the merged set, unmerge: ``(B*F, N, C)`` in and out."""
-        st, s = self.state, self.state.settings
-        if st.generator is None and ((s.local_ratio > 0 and num_frames > 1) or s.global_merge):
-            raise RuntimeError("vidtome attention needs a torch.Generator: pass one to begin_chunk")
         x = join_frames(hidden_states, num_frames)  # (B, F*N, C)
-        local = local_merge(x, num_frames, s.local_ratio, s.target_stride, st.generator, s.align_batch)
+        merged = self.merge_chunk(x, num_frames, num_branches)
+        out = _attend(attn, merged.tokens, attention_mask=merged.bias, inject_branches=self._inject(num_branches))
+        self.state.stats[self.name] = BlockStats(
+            tokens=x.shape[1], local=merged.local.num_kept, attended=merged.tokens.shape[1], downsample=downsample
+        )
+        return split_frames(merged.unmerge(out), num_frames)
+
+    def merge_chunk(self, x: Tensor, num_frames: int, num_branches: int) -> MergedChunk:
+        """VidToMe merging of one chunk in this block, with the call's draws; updates the global set.
+
+        Args:
+            x: ``(B, F*N, C)`` the block's normalised input, frames joined.
+            num_frames: ``F``.
+            num_branches: ``B``.
+
+        Returns:
+            The :class:`MergedChunk`: the tokens to attend over and how to un-merge the output.
+        """
+        st, s = self.state, self.state.settings
+        draws = st.draws
+        if draws is None and ((s.local_ratio > 0 and num_frames > 1) or s.global_merge):
+            raise RuntimeError("vidtome attention needs a torch.Generator: pass one to begin_chunk")
+        offsets = draws.local_offsets if draws is not None else []
+        local = local_merge(x, num_frames, s.local_ratio, s.target_stride, align_batch=s.align_batch, offsets=offsets)
         tokens = local.merge(x, s.merge_mode)  # (B, L, C)
         num_local = tokens.shape[1]
+        # Proportional attention: how many of the chunk's tokens every merged token stands for.
+        local_sizes = sizes = local.sizes() if s.proportional_attention else None  # (Bm, L)
 
         glob: Merge | None = None
         if s.global_merge:
             previous = st.global_tokens.get(self.name)
-            if previous is not None and (previous.shape[0] != num_branches or previous.shape[2] != x.shape[2]):
-                raise RuntimeError(
-                    f"block {self.name}: the global tokens ({tuple(previous.shape)}) come from chunks with "
-                    f"another layout than this one ({num_branches} branches); call begin_step() between runs"
-                )
-            glob = global_merge(tokens, previous, s.global_ratio, s.global_rand, st.generator, s.align_batch)
-            if previous is not None:
+            if previous is None:
+                st.global_tokens[self.name] = tokens.detach()
+            else:
+                if previous.shape[0] != num_branches or previous.shape[2] != x.shape[2]:
+                    raise RuntimeError(
+                        f"block {self.name}: the global tokens ({tuple(previous.shape)}) come from chunks with "
+                        f"another layout than this one ({num_branches} branches); call begin_step() between runs"
+                    )
+                if draws.global_is_src is None:
+                    # A second UNet call after one begin_chunk met a global set: draw the side once,
+                    # the other blocks of the call use it too.
+                    draws.global_is_src = draw_global_side(s.global_rand, st.generator)
+                glob = global_merge(tokens, previous, s.global_ratio, s.global_rand, align_batch=s.align_batch,
+                                    global_is_src=draws.global_is_src)
                 tokens = glob.merge(torch.cat([tokens, previous.to(tokens.dtype)], dim=1), s.merge_mode)
                 # The new global set: this chunk's tokens at the local level, as the global matching
                 # left them (merged ones take their global destination's value). Replaces the old set.
                 st.global_tokens[self.name] = glob.unmerge(tokens)[:, :num_local].detach()
-            else:
-                st.global_tokens[self.name] = tokens.detach()
+                if sizes is not None:
+                    # A global token stands for its group of the previous chunk's tokens.
+                    before = st.global_sizes.get(self.name)
+                    if before is None:  # a global set left by a call without proportional attention
+                        before = torch.ones(1, previous.shape[1], device=sizes.device, dtype=sizes.dtype)
+                    bm = max(sizes.shape[0], before.shape[0])
+                    sizes = glob.sizes(torch.cat([sizes.expand(bm, -1), before.expand(bm, -1)], dim=1))
+            if local_sizes is not None:
+                st.global_sizes[self.name] = local_sizes
 
-        out = _attend(attn, tokens, inject_branches=self._inject(num_branches))  # (B, M, C_out)
-        st.stats[self.name] = BlockStats(
-            tokens=x.shape[1], local=num_local, attended=tokens.shape[1], downsample=downsample
-        )
-        if glob is not None:
-            out = glob.unmerge(out)[:, :num_local]
-        return split_frames(local.unmerge(out), num_frames)
+        # An additive (Bm, 1, 1, M) bias; none when every token stands for itself.
+        bias = None
+        if sizes is not None and (not local.is_identity or glob is not None):
+            bias = size_bias(sizes, tokens.dtype)
+        return MergedChunk(tokens=tokens, local=local, glob=glob, bias=bias)
 
 
 @dataclass
@@ -450,4 +560,5 @@ def remove_patch(unet: torch.nn.Module) -> None:
     if patch.hook is not None:
         patch.hook.remove()
     patch.state.global_tokens.clear()
+    patch.state.global_sizes.clear()
     delattr(unet, _PATCH_ATTR)

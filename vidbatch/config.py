@@ -158,6 +158,8 @@ class MergeConfig:
     target_stride: int = _key(4, minimum=2, help="one destination frame per this many frames")
     align_batch: bool = _key(True, help="one matching shared by the guidance branches")
     max_downsample: int = _key(2, choices=[1, 2, 4, 8], help="merge in blocks at most this downsampled")
+    proportional_attention: bool = _key(False, help="weigh every merged token's attention by the number of tokens "
+                                                    "it stands for (ToMe); off in the paper")
     chunk_order: str = _key("mix", choices=["seq", "rand", "mix"], help="how chunks are cut and visited each step")
 
 

@@ -182,7 +182,8 @@ class VideoEditModule(L.LightningModule):
             inversion_batch=config.inversion.batch_size,
             merge=MergeSettings(local_ratio=m.local_ratio, global_ratio=m.global_ratio, global_merge=m.global_merge,
                                 global_rand=m.global_rand, target_stride=m.target_stride,
-                                align_batch=m.align_batch, max_downsample=m.max_downsample),
+                                align_batch=m.align_batch, max_downsample=m.max_downsample,
+                                proportional_attention=m.proportional_attention),
             pnp_f_t=config.pnp.f_t, pnp_attn_t=config.pnp.attn_t, controlnet_scale=config.controlnet.scale,
             tokenflow=config.tokenflow, vid2vid_zero=config.vid2vid_zero)
 

@@ -14,6 +14,11 @@ branch. Several matchings compose into one (the recursive local levels collapse 
 Merging is "replace" mode by default, as in VidToMe: a merged source token is dropped and its
 destination kept as it is; on unmerge the source position takes its destination's value.
 
+Randomness (which frames are destinations, which side of the global matching is the source) comes
+from draws made once per UNet call (:func:`draw_local_offsets`, :func:`draw_global_side`) and
+passed to every merged block, as in the reference, where every block's generator is a copy of the
+same state: all blocks of one call then choose the same destination frames and the same side.
+
 Shapes: ``B`` batch (guidance branches of one chunk), ``F`` frames of the chunk, ``N`` tokens of one
 frame, ``T = F * N`` tokens of the chunk, ``C`` channels.
 """
@@ -21,6 +26,7 @@ frame, ``T = F * N`` tokens of the chunk, ``C`` channels.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +36,12 @@ __all__ = [
     "MERGE_MODES",
     "Merge",
     "bipartite_match",
+    "draw_global_side",
+    "draw_local_offsets",
     "global_merge",
     "local_merge",
     "join_frames",
+    "size_bias",
     "split_frames",
 ]
 
@@ -100,6 +109,28 @@ class Merge:
             return total / count[..., None]
         raise ValueError(f"unknown merge mode {mode!r}; expected one of {MERGE_MODES}")
 
+    def sizes(self, base: Tensor | None = None) -> Tensor:
+        """How many original tokens every kept token stands for: ``(Bm', T) -> (Bm, K)``.
+
+        The size of a kept token is the sum of ``base`` over the positions that un-merge to it;
+        ``base`` defaults to one per position (so the result is the size of each merge group).
+        Passing the sizes of a previous matching's kept tokens composes sizes through levels.
+
+        Args:
+            base: ``(1 or Bm, T)`` float sizes of the positions, or ``None`` for ones.
+
+        Returns:
+            ``(Bm'', K)`` float32 (``base``'s dtype when given), ``Bm''`` the larger batch of the two.
+        """
+        dtype = torch.float32 if base is None else base.dtype
+        if base is None:
+            base = torch.ones(1, self.num_tokens, device=self.back.device, dtype=dtype)
+        if base.ndim != 2 or base.shape[1] != self.num_tokens:
+            raise ValueError(f"expected sizes of shape (Bm, {self.num_tokens}), got {tuple(base.shape)}")
+        bm = max(base.shape[0], self.back.shape[0])
+        out = torch.zeros(bm, self.num_kept, device=base.device, dtype=dtype)
+        return out.scatter_add_(1, self.back.expand(bm, -1), base.expand(bm, -1))
+
     def unmerge(self, x: Tensor) -> Tensor:
         """Un-merge tokens: ``(B, K, C) -> (B, T, C)``; a merged position takes its destination's value."""
         self._check(x, self.num_kept)
@@ -132,6 +163,70 @@ def split_frames(x: Tensor, num_frames: int) -> Tensor:
     if t % num_frames:
         raise ValueError(f"{t} tokens are not a whole number of tokens for each of {num_frames} frames")
     return x.reshape(b * num_frames, t // num_frames, c)
+
+
+def size_bias(sizes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """ToMe's proportional attention: the additive attention bias ``log(size)`` of every key.
+
+    Adding ``log(s_j)`` to the logits of key ``j`` weighs it as ``s_j`` copies of itself, so attention
+    over a merged set whose tokens are identical to the ones they stand for equals attention over
+    the unmerged set (Bolya et al., "Token Merging", proportional attention).
+
+    Args:
+        sizes: ``(Bm, K)`` positive sizes of the keys (:meth:`Merge.sizes`).
+        dtype: of the bias (the attention's dtype), default ``sizes``'.
+
+    Returns:
+        ``(Bm, 1, 1, K)``: a float mask for ``scaled_dot_product_attention``, broadcast over heads and
+        queries (``Bm`` is 1 or the attention batch).
+    """
+    bias = sizes.log()[:, None, None, :]
+    return bias if dtype is None else bias.to(dtype)
+
+
+def draw_local_offsets(num_frames: int, stride: int, generator: torch.Generator) -> list[Tensor | int]:
+    """The destination-frame draws of local merging of one chunk: one per recursion level.
+
+    Level by level while more than one frame is left: ``s = min(stride, frames left)`` and one
+    ``torch.randint(0, s, (1,))`` on ``generator``'s device (the reference's draw, in its order). The
+    draw stays on the device when the level's destination count does not depend on it (the frames
+    left are a multiple of ``s``: always at ``num_frames <= stride`` and for powers of the stride);
+    otherwise it is read to the host (an ``int``) because the next level's size depends on it.
+
+    Args:
+        num_frames: ``F``, frames of the chunk.
+        stride: ``>= 2``.
+        generator: the merge generator.
+
+    Returns:
+        One ``(1,)`` int64 tensor (on ``generator``'s device) or ``int`` per level; empty for one frame.
+    """
+    if stride < 2:
+        raise ValueError(f"target stride must be at least 2 (one destination frame in every stride frames), got {stride}")
+    offsets: list[Tensor | int] = []
+    frames = num_frames
+    while frames > 1:
+        s = min(stride, frames)
+        offset = torch.randint(0, s, (1,), generator=generator, device=generator.device)
+        if frames % s == 0:
+            offsets.append(offset)
+            frames //= s
+        else:
+            value = int(offset.item())  # the next level's frame count depends on it
+            offsets.append(value)
+            frames = len(range(value, frames, s))
+    return offsets
+
+
+def draw_global_side(rand: float, generator: torch.Generator) -> bool:
+    """The global-merging side of one UNet call: ``True`` when the global set is the source side.
+
+    One ``torch.rand(1)`` on ``generator``'s device, true with probability ``rand`` (the reference's
+    draw, made only when a global set exists). Read to the host: the two sides have different
+    sizes, so the shapes of the matching depend on it.
+    """
+    _check_ratio("global_rand", rand)
+    return bool(torch.rand(1, generator=generator, device=generator.device).item() < rand)
 
 
 def bipartite_match(src: Tensor, dst: Tensor, r: int, align_batch: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -212,6 +307,31 @@ def _check_ratio(name: str, ratio: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {ratio}")
 
 
+def _split_level(frames: Tensor, s: int, offset: Tensor | int) -> tuple[Tensor, Tensor]:
+    """Destination and source frames of one local level, both in ascending frame order.
+
+    Args:
+        frames: ``(n,)`` int64 frame ids still whole at this level, ascending.
+        s: one destination in every ``s`` frames.
+        offset: the destination index inside every group of ``s``, ``0 <= offset < s``; a ``(1,)``
+            tensor is used as is (no host read) when ``n`` is a multiple of ``s``.
+
+    Returns:
+        ``(dst_frames, src_frames)``: the frames at indices ``i % s == offset`` and the others.
+    """
+    n = frames.numel()
+    if n % s == 0:
+        # Fixed sizes whatever the draw: index on the device, no host read.
+        groups = frames.view(n // s, s)
+        off = torch.as_tensor(offset, device=frames.device).reshape(1)
+        cols = torch.arange(s - 1, device=frames.device)
+        cols = cols + (cols >= off).to(cols.dtype)  # every column but the destination, ascending
+        return groups.index_select(1, off).reshape(-1), groups.index_select(1, cols).reshape(-1)
+    offset = int(offset)  # the destination count depends on it (a host read unless already an int)
+    is_dst = torch.arange(n, device=frames.device) % s == offset
+    return frames[is_dst], frames[~is_dst]
+
+
 def local_merge(
     x: Tensor,
     num_frames: int,
@@ -219,28 +339,32 @@ def local_merge(
     stride: int = 4,
     generator: torch.Generator | None = None,
     align_batch: bool = True,
+    offsets: Sequence[Tensor | int] | None = None,
 ) -> Merge:
     """VidToMe local merging of the frames of one chunk into (about) one frame's worth of tokens.
 
     Level by level, while more than one frame is left: among the current frames, the destination
-    frames are one frame in every ``s = min(stride, frames left)``, at the offset
-    ``torch.randint(0, s, generator=generator)``; the destination set is their tokens plus the
-    tokens left unmerged at previous levels; the source set is the tokens of the other frames;
-    ``r = int(n_src * ratio)`` sources are merged (:func:`bipartite_match`), the unmerged ones are
-    carried to the next level's destination set, and the destination frames become the next
-    level's frames. Tokens are tracked by position, so any frame count works (the reference
-    implementation misaligns tokens from three levels on, i.e. 17+ frames at stride 4).
+    frames are one frame in every ``s = min(stride, frames left)``, at the level's offset; the
+    destination set is their tokens plus the tokens left unmerged at previous levels; the source set
+    is the tokens of the other frames; ``r = int(n_src * ratio)`` sources are merged
+    (:func:`bipartite_match`), the unmerged ones are carried to the next level's destination set,
+    and the destination frames become the next level's frames. Tokens are tracked by position, so
+    any frame count works (the reference implementation misaligns tokens from three levels on, i.e.
+    17+ frames at stride 4).
 
-    One random number is drawn per level, on ``generator``'s device; none when ``ratio == 0`` or
-    ``num_frames == 1`` (then the result is the identity).
+    The offsets are the draws of :func:`draw_local_offsets`: the attention processors pass the ones
+    drawn once for the UNet call, so every block picks the same destination frames. Without
+    ``offsets`` they are drawn here from ``generator``. Nothing is drawn (and the result is the
+    identity) when ``ratio == 0`` or ``num_frames == 1``.
 
     Args:
         x: ``(B, F*N, C)`` the metric (the normalised block input), frames joined.
         num_frames: ``F``.
         ratio: fraction of the source tokens merged at every level, in ``[0, 1]``.
         stride: one destination frame in every ``stride`` frames, ``>= 2``.
-        generator: the random source for the destination frames (required when merging).
+        generator: the random source of the destination frames when ``offsets`` is not given.
         align_batch: one matching for the whole batch (see :func:`bipartite_match`).
+        offsets: one destination offset per level, ``(1,)`` int64 tensors or ints.
 
     Returns:
         A :class:`Merge` over the ``F*N`` tokens of the chunk.
@@ -253,25 +377,31 @@ def local_merge(
         raise ValueError(f"target stride must be at least 2 (one destination frame in every stride frames), got {stride}")
     if ratio == 0 or num_frames == 1:
         return Merge.identity(t, x.device)
-    if generator is None:
-        raise ValueError("local_merge needs a torch.Generator to choose destination frames")
+    if offsets is None:
+        if generator is None:
+            raise ValueError("local_merge needs a torch.Generator (or drawn offsets) to choose destination frames")
+        offsets = draw_local_offsets(num_frames, stride, generator)
 
     n = t // num_frames
     dev = x.device
     bm = 1 if align_batch else b
     frame_offsets = torch.arange(n, device=dev)
-    frames = list(range(num_frames))  # the frames still whole at this level (frame ids)
+    frames = torch.arange(num_frames, device=dev)  # the frames still whole at this level (frame ids)
     carry = torch.empty(bm, 0, dtype=torch.int64, device=dev)  # positions left unmerged so far
     alive = torch.ones(bm, t, dtype=torch.bool, device=dev)
     rep = torch.arange(t, device=dev).expand(bm, t).contiguous()  # position -> kept position
 
-    while len(frames) > 1:
-        s = min(stride, len(frames))
-        offset = int(torch.randint(0, s, (1,), generator=generator, device=generator.device).item())
-        dst_frames = [f for i, f in enumerate(frames) if i % s == offset]
-        src_frames = [f for i, f in enumerate(frames) if i % s != offset]
-        src_pos = (torch.tensor(src_frames, device=dev)[:, None] * n + frame_offsets).reshape(-1)  # (S,)
-        dst_frame_pos = (torch.tensor(dst_frames, device=dev)[:, None] * n + frame_offsets).reshape(-1)
+    level = 0
+    while frames.numel() > 1:
+        if level >= len(offsets):
+            raise ValueError(f"{len(offsets)} destination offsets for {num_frames} frames at stride {stride}: too few")
+        s = min(stride, frames.numel())
+        offset = offsets[level]
+        if isinstance(offset, Tensor):
+            offset = offset.to(dev)
+        dst_frames, src_frames = _split_level(frames, s, offset)
+        src_pos = (src_frames[:, None] * n + frame_offsets).reshape(-1)  # (S,)
+        dst_frame_pos = (dst_frames[:, None] * n + frame_offsets).reshape(-1)
         dst_pos = torch.cat([dst_frame_pos.expand(bm, -1), carry], dim=1)  # (Bm, D)
 
         r = int(src_pos.numel() * ratio)
@@ -289,6 +419,9 @@ def local_merge(
 
         carry = torch.cat([carry, src_pos[unm_sel]], dim=1)
         frames = dst_frames
+        level += 1
+    if level != len(offsets):
+        raise ValueError(f"{len(offsets)} destination offsets for {num_frames} frames at stride {stride}: too many")
 
     return _merge_from_representatives(alive, rep)
 
@@ -300,12 +433,14 @@ def global_merge(
     rand: float = 0.5,
     generator: torch.Generator | None = None,
     align_batch: bool = True,
+    global_is_src: bool | None = None,
 ) -> Merge:
     """VidToMe global merging of a chunk's locally merged tokens with the block's global token set.
 
     The returned matching is over the concatenation ``[x | global_tokens]``. With probability
-    ``rand`` (one ``torch.rand`` draw on ``generator``) the global tokens are the source side and
-    the chunk's tokens the destination side, otherwise the other way round; ``r = int(n_src *
+    ``rand`` the global tokens are the source side and the chunk's tokens the destination side,
+    otherwise the other way round: ``global_is_src`` when given (the side drawn once for the UNet
+    call, :func:`draw_global_side`), else one draw on ``generator`` here; ``r = int(n_src *
     ratio)`` sources are merged (:func:`bipartite_match`). With ``ratio == 0`` nothing is merged
     and the result is the identity over the concatenation (the chunk attends over its tokens and
     all global tokens). Without a global set (``None`` or empty) the result is the identity over
@@ -316,8 +451,9 @@ def global_merge(
         global_tokens: ``(B, G, C)`` the block's global token set, or ``None``.
         ratio: fraction of the source side merged, in ``[0, 1]``.
         rand: probability that the global set is the source side, in ``[0, 1]``.
-        generator: random source for the side choice (required when a global set is given).
+        generator: random source for the side choice when ``global_is_src`` is not given.
         align_batch: one matching for the whole batch (see :func:`bipartite_match`).
+        global_is_src: the side, drawn by the caller.
 
     Returns:
         A :class:`Merge` over the ``L + G`` tokens of ``torch.cat([x, global_tokens], dim=1)``.
@@ -329,11 +465,12 @@ def global_merge(
         return Merge.identity(l, x.device)
     if global_tokens.ndim != 3 or global_tokens.shape[0] != b or global_tokens.shape[2] != c:
         raise ValueError(f"global tokens of shape {tuple(global_tokens.shape)} do not match tokens of shape {tuple(x.shape)}")
-    if generator is None:
-        raise ValueError("global_merge needs a torch.Generator to choose the merging side")
+    if global_is_src is None:
+        if generator is None:
+            raise ValueError("global_merge needs a torch.Generator (or a drawn side) to choose the merging side")
+        global_is_src = draw_global_side(rand, generator)
     g = global_tokens.shape[1]
     dev = x.device
-    global_is_src = bool(torch.rand(1, generator=generator, device=generator.device).item() < rand)
     if ratio == 0:
         return Merge.identity(l + g, dev)
 
