@@ -214,3 +214,32 @@ def test_auto_chunk_counts_the_source_branch_of_each_method(pipe, monkeypatch):
         seen.clear()
         VideoEditor(pipe, EditorSettings(chunk_size="auto", memory_budget_bytes=2**30, **settings)).chunk_size_for(8, (4, 4))
         assert seen == [branches], settings
+
+
+def test_mix_order_is_vidtomes_mix_4():
+    """VidToMe's `get_chunks` with `mix-4`: a random quarter of the chunks first, then the rest in
+    order (forwards or backwards), starting from the end nearer the last random chunk."""
+    generator = torch.Generator().manual_seed(1)
+    directions, first_picks = set(), set()
+    for _ in range(40):
+        chunks = chunk_schedule(32, 4, "mix", generator)      # 8 or 9 chunks: 2 visited at random
+        count = len(chunks) // 4
+        starts = [int(c[0]) for c in chunks]
+        rest = starts[count:]
+        assert rest == sorted(rest) or rest == sorted(rest, reverse=True)
+        directions.add(rest == sorted(rest))
+        first_picks.add(tuple(starts[:count]))
+        # The ordered part starts at the end nearer the last random chunk.
+        by_position = sorted(starts)
+        last_random = by_position.index(starts[count - 1])
+        remaining = [by_position.index(s) for s in rest]
+        assert abs(remaining[0] - last_random) <= abs(remaining[-1] - last_random)
+    assert directions == {True, False} and len(first_picks) > 5
+
+
+def test_rand_order_is_a_full_permutation_and_short_clips_are_cut_too():
+    generator = torch.Generator().manual_seed(2)
+    orders = {tuple(int(c[0]) for c in chunk_schedule(32, 4, "rand", generator)) for _ in range(30)}
+    assert any(list(o) not in (sorted(o), sorted(o, reverse=True)) for o in orders)
+    # As in the reference, a clip no longer than a chunk is still cut at a random border.
+    assert {len(chunk_schedule(4, 4, "mix", generator)) for _ in range(30)} == {1, 2}

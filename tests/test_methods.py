@@ -53,7 +53,7 @@ def test_extended_with_chunks_of_one_equals_per_frame(pipe):
 
 
 @pytest.mark.parametrize("settings", [
-    dict(method="vidtome", control="pnp", chunk_size=6),     # one chunk: merging is exact on duplicates
+    dict(method="vidtome", control="pnp", chunk_size=6, chunk_order="seq"),  # one chunk: merging is exact on duplicates
     dict(method="extended", control="pnp", chunk_size=3),    # several chunks of moving borders
     dict(method="per-frame", control="none", chunk_size=4),
 ])

@@ -210,7 +210,7 @@ def test_every_frame_a_keyframe_equals_extended_attention_in_one_chunk(pipe, inv
     keyframe), so the edit equals extended attention. With PnP it would not: TokenFlow's source branch
     attends per frame (as in the reference), the `extended` method's across the chunk."""
     every = latents(pipe, inversion, method="tokenflow", control="none", tokenflow=TokenFlowConfig(batch_size=1))
-    extended = latents(pipe, inversion, method="extended", control="none", chunk_size=6)
+    extended = latents(pipe, inversion, method="extended", control="none", chunk_size=6, chunk_order="seq")
     assert close(every, extended)
     # The check can fail: fewer keyframes do change the result.
     fewer = latents(pipe, inversion, method="tokenflow", control="none", tokenflow=TokenFlowConfig(batch_size=3))

@@ -88,34 +88,41 @@ def sample_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
+# VidToMe's default chunk order is "mix-4": a quarter of the chunks visited first, at random.
+MIX_DIVISOR = 4
+
+
 def chunk_schedule(num_frames: int, chunk_size: int, order: str, generator: torch.Generator) -> list[Tensor]:
     """Cuts frames 0..num_frames-1 into chunks of consecutive frames for one denoising step.
 
-    `seq`: fixed chunks of `chunk_size`. `rand`: the first chunk has a random length in
-    1..chunk_size, so chunk borders move from step to step, and the chunk list is reversed with
-    probability 0.5. `mix`: as `rand`, and a quarter of the chunks are visited in random order.
+    `seq`: fixed chunks of `chunk_size`, in order (no randomness). `rand` and `mix` cut as VidToMe's
+    `get_chunks` does: the first chunk has a random length in 1..chunk_size (so chunk borders move
+    from step to step, even for a clip shorter than a chunk) and the chunk list is reversed with
+    probability 0.5; then `rand` visits the chunks in a random permutation, and `mix` (VidToMe's
+    `mix-4`) visits a random `len // 4` of them first, in random order, then the others in order,
+    forwards or backwards, whichever starts nearer the last random chunk. The order matters only
+    through VidToMe's global tokens (each chunk merges with the previous chunk's).
     Returns a list of index tensors (int64, on the CPU).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     frames = torch.arange(num_frames)
-    if order == "seq" or num_frames <= chunk_size:
+    if order == "seq":
         return list(frames.split(chunk_size))
     if order not in ("rand", "mix"):
         raise ValueError(f"unknown chunk order {order!r}: expected 'seq', 'rand' or 'mix'")
     first = int(torch.randint(1, chunk_size + 1, (1,), generator=generator))
-    chunks = [frames[:first], *frames[first:].split(chunk_size)]
+    chunks = [c for c in (frames[:first], *frames[first:].split(chunk_size)) if len(c)]
     if torch.rand((), generator=generator) < 0.5:
         chunks.reverse()
-    if order == "mix" and len(chunks) >= 4:
-        count = len(chunks) // 4
-        picked = torch.randperm(len(chunks), generator=generator)[:count].sort().values
-        shuffled = picked[torch.randperm(count, generator=generator)]
-        reordered = list(chunks)
-        for dst, src in zip(picked.tolist(), shuffled.tolist()):
-            reordered[dst] = chunks[src]
-        chunks = reordered
-    return chunks
+    visit = torch.randperm(len(chunks), generator=generator).tolist()
+    if order == "mix":
+        count = len(chunks) // MIX_DIVISOR
+        rest = sorted(visit[count:])
+        if count and abs(rest[-1] - visit[count - 1]) < abs(rest[0] - visit[count - 1]):
+            rest.reverse()  # continue from the end nearer the last randomly visited chunk
+        visit = visit[:count] + rest
+    return [chunks[i] for i in visit]
 
 
 def _positions(timesteps: Tensor, wanted: Tensor) -> Tensor | None:
