@@ -209,7 +209,8 @@ def test_every_frame_a_keyframe_equals_extended_attention_in_one_chunk(pipe, inv
     """Without PnP the source branch only supplies correspondences (none needed when every frame is a
     keyframe), so the edit equals extended attention. With PnP it would not: TokenFlow's source branch
     attends per frame (as in the reference), the `extended` method's across the chunk."""
-    every = latents(pipe, inversion, method="tokenflow", control="none", tokenflow=TokenFlowConfig(batch_size=1))
+    every = latents(pipe, inversion, method="tokenflow", control="none",
+                    tokenflow=TokenFlowConfig(batch_size=1, pairing="nearest"))
     extended = latents(pipe, inversion, method="extended", control="none", chunk_size=6, chunk_order="seq")
     assert close(every, extended)
     # The check can fail: fewer keyframes do change the result.
@@ -304,9 +305,10 @@ def test_keyframe_pass_source_branch_equals_per_frame_stock_unet(pipe, inversion
 @torch.no_grad()
 def test_blend_favours_the_nearer_keyframe():
     """A frame between keyframes 1 and 5 (distances 1 and 3) takes sigmoid(3/4) of keyframe 1's output
-    and the rest of keyframe 5's, in every branch (swapping the two weights fails this)."""
+    and the rest of keyframe 5's, in every branch (swapping the two weights fails this). The pairing by
+    position (`nearest`); the reference pairing's weights are checked against the authors' code below."""
     attn = attention_module()
-    state = TokenFlowState()
+    state = TokenFlowState(pairing="nearest")
     attn.set_processor(TokenFlowProcessor(state, DECODER))
     g = torch.Generator().manual_seed(5)
     branches, n = 3, 6
@@ -425,3 +427,30 @@ def test_auto_chunk_counts_the_source_branch_and_the_keyframe_pass(pipe, monkeyp
     with caplog.at_level("WARNING", logger="vidbatch"):
         assert editor.chunk_size_for(20, (8, 8)) == 1
     assert "tokenflow.batch_size" in caplog.text
+
+
+def test_reference_pairing_is_the_default_and_reproduces_the_reference():
+    """`tokenflow.pairing: reference` (the default) pairs and weighs the keyframes exactly as the fixture's
+    run of the authors' code did (see test_propagation_matches_the_reference_implementation)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from vidbatch.config import TokenFlowConfig as Settings
+    from vidbatch.tokenflow import reference_neighbours
+
+    assert Settings().pairing == "reference"
+    ref = load_file(str(Path(__file__).parent / "fixtures" / "tokenflow_reference_propagation.safetensors"))
+    features, keyframes, outputs = ref["features"], ref["keyframes"], ref["keyframe_outputs"]
+    frames = torch.arange(features.shape[0])
+    first, second, weight = reference_neighbours(frames, keyframes, 4, "sigmoid")
+    index_first = nearest_tokens(features, features[keyframes[first]])
+    index_second = nearest_tokens(features, features[keyframes[second]])
+    assert torch.allclose(propagate(outputs, first, second, weight, index_first, index_second), ref["propagated"],
+                          atol=1e-6)
+    # The paper-style pairing (previous and next keyframe by position) computes something else.
+    first, second, weight = keyframe_neighbours(frames, keyframes, "sigmoid")
+    index_first = nearest_tokens(features, features[keyframes[first]])
+    index_second = nearest_tokens(features, features[keyframes[second]])
+    assert not torch.allclose(propagate(outputs, first, second, weight, index_first, index_second),
+                              ref["propagated"], atol=1e-3)

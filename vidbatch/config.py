@@ -110,6 +110,10 @@ class TokenFlowConfig:
     batch_size: int = _key(8, minimum=1, help="tokenflow: one keyframe drawn at random per this many frames, every step")
     blend: str = _key("sigmoid", choices=["sigmoid", "linear"],
                       help="tokenflow: weights of a frame's two keyframes by temporal distance; 'sigmoid' is TokenFlow's")
+    pairing: str = _key("reference", choices=["reference", "nearest"],
+                        help="tokenflow: a frame's two keyframes: 'reference' as TokenFlow's code (its group's and the "
+                             "previous group's, weighed by distance to the group centres); 'nearest' the previous "
+                             "and next keyframe by position (the paper's description)")
 
 
 @dataclass

@@ -55,6 +55,7 @@ __all__ = [
     "blend_weights",
     "keyframe_attention",
     "keyframe_neighbours",
+    "reference_neighbours",
     "nearest_tokens",
     "propagate",
     "remove_tokenflow",
@@ -101,6 +102,29 @@ def blend_weights(d_first: Tensor, d_second: Tensor, mode: str = "sigmoid") -> T
     if mode == "linear":
         return share
     raise ConfigError(f"tokenflow.blend must be one of {', '.join(BLEND_MODES)}, got {mode!r}")
+
+
+PAIRINGS = ("reference", "nearest")
+
+
+def reference_neighbours(frames: Tensor, keyframes: Tensor, batch_size: int,
+                         mode: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
+    """TokenFlow's own pairing: a frame of group ``b = frame // batch_size`` takes the keyframes of
+    groups ``b`` and ``b - 1`` (group 0: its own keyframe alone), weighed by the frame's distances to
+    the two groups' centres ``g * batch_size + batch_size // 2`` (not to the keyframes themselves).
+
+    A keyframe is blended like any frame of its group, as in the reference. Same arguments and
+    returns as :func:`keyframe_neighbours` (``keyframes`` holds one keyframe per group, ascending).
+    """
+    frames = frames.to(keyframes.device)
+    group = frames // batch_size
+    if int(group.max()) >= len(keyframes):
+        raise ValueError(f"frame {int(frames.max())} is past the last group of {len(keyframes)} keyframes")
+    previous = (group - 1).clamp(min=0)
+    centre = group * batch_size + batch_size // 2
+    d_own, d_previous = (frames - centre).abs(), (frames - (centre - batch_size)).abs()
+    weight = torch.where(group > 0, blend_weights(d_own, d_previous, mode), torch.ones(len(frames), device=frames.device))
+    return group, previous, weight
 
 
 def keyframe_neighbours(frames: Tensor, keyframes: Tensor, mode: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
@@ -249,6 +273,8 @@ class TokenFlowState:
 
     Attributes:
         blend: the keyframe blend (:func:`blend_weights`).
+        pairing: which two keyframes a frame takes: ``"reference"`` (:func:`reference_neighbours`,
+            with ``batch_size``) or ``"nearest"`` (:func:`keyframe_neighbours`).
         max_scores: bound on the scores or similarities held at once.
         mode: ``"keyframes"`` (extended attention, record) or ``"propagate"``.
         keyframes: (K,) the step's keyframe indices, on the device.
@@ -258,6 +284,8 @@ class TokenFlowState:
     """
 
     blend: str = "sigmoid"
+    pairing: str = "reference"
+    batch_size: int = 8
     max_scores: int = MAX_SCORES
     mode: str = "propagate"
     keyframes: Tensor | None = None
@@ -313,7 +341,10 @@ class TokenFlowState:
         if self._neighbours is None:
             keyframes = self.keyframes
             frames = self.frames.to(keyframes.device)
-            first, second, weight = keyframe_neighbours(frames, keyframes, self.blend)
+            if self.pairing == "reference":
+                first, second, weight = reference_neighbours(frames, keyframes, self.batch_size, self.blend)
+            else:
+                first, second, weight = keyframe_neighbours(frames, keyframes, self.blend)
             search = (keyframes[first] != frames).nonzero().flatten()
             blended = (first != second).nonzero().flatten()
             self._neighbours = (first, second, weight, search, blended)
@@ -416,15 +447,18 @@ class TokenFlowProcessor:
         return out.reshape(branches * frames, n, -1).to(hidden_states.dtype)
 
 
-def apply_tokenflow(unet: torch.nn.Module, blend: str = "sigmoid", max_scores: int = MAX_SCORES) -> TokenFlowState:
+def apply_tokenflow(unet: torch.nn.Module, blend: str = "sigmoid", max_scores: int = MAX_SCORES,
+                    pairing: str = "nearest", batch_size: int = 8) -> TokenFlowState:
     """Replace the self-attention processor of every ``BasicTransformerBlock`` with a :class:`TokenFlowProcessor`.
 
     Re-applying first removes the old patch. Returns the shared :class:`TokenFlowState`.
     """
     if blend not in BLEND_MODES:
         raise ConfigError(f"tokenflow.blend must be one of {', '.join(BLEND_MODES)}, got {blend!r}")
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"tokenflow.pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
     remove_tokenflow(unet)
-    state = TokenFlowState(blend=blend, max_scores=max_scores)
+    state = TokenFlowState(blend=blend, pairing=pairing, batch_size=batch_size, max_scores=max_scores)
     originals = {}
     pnp_blocks = pnp_attention_blocks(unet)
     for name, block in _transformer_blocks(unet):
@@ -465,7 +499,8 @@ class TokenFlowHooks(MethodHooks):
         if self.settings.tokenflow.batch_size < 1:
             raise ConfigError(f"tokenflow.batch_size must be at least 1, got {self.settings.tokenflow.batch_size}")
         self.device = editor.device
-        self.state = apply_tokenflow(editor.unet, self.settings.tokenflow.blend)
+        c = self.settings.tokenflow
+        self.state = apply_tokenflow(editor.unet, c.blend, pairing=c.pairing, batch_size=c.batch_size)
         return self.state
 
     def unpatch(self, unet) -> None:
