@@ -9,12 +9,12 @@ Layout under the output folder (the output contract other tools read):
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
+from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, publish, temporary_path
 
 
 def shard_path(out_dir: Path, stem: str) -> Path:
@@ -39,20 +39,17 @@ def read_marker(out_dir: Path, stem: str) -> dict | None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary sibling, fsyncs, renames: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes `data` as indented JSON atomically: readers see the old file or the whole new one."""
+    atomic_write(path, json.dumps(data, indent=2))
 
 
 def remove_stale_temporaries(out_dir: Path, stem: str) -> None:
-    """Deletes the temporary files an interrupted attempt at this shard left behind."""
+    """Deletes the temporary files an interrupted attempt at this shard left behind.
+
+    Matches the names `core.atomic.temporary_path` gives: `.{name}.{pid}.{random}.tmp`.
+    """
     for folder, name in (("shards", f"{stem}.tar"), ("stats", f"{stem}.jsonl"), ("stats", f"{stem}.json")):
-        for tmp in (Path(out_dir) / folder).glob(f".{name}.*.tmp"):
+        for tmp in (Path(out_dir) / folder).glob(f".{name}.*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
 
 
@@ -65,12 +62,12 @@ class ShardOutput:
         (self.out_dir / "shards").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "stats").mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir, stem)
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._tar_tmp = self.out_dir / "shards" / f".{stem}.tar.{tag}.tmp"
-        self._rows_tmp = self.out_dir / "stats" / f".{stem}.jsonl.{tag}.tmp"
-        self._tar_file = open(self._tar_tmp, "wb")
+        # Streamed into unique temporaries (a retry racing this attempt never shares them), published in `commit`.
+        self._tar_tmp = temporary_path(shard_path(self.out_dir, stem))
+        self._rows_tmp = temporary_path(rows_path(self.out_dir, stem))
+        self._tar_file = open(self._tar_tmp, "xb")
         self._tar = wds.TarWriter(self._tar_file, encoder=False)
-        self._rows_file = open(self._rows_tmp, "w")
+        self._rows_file = open(self._rows_tmp, "x")
         self.keys: list[str] = []
         self.rows: list[dict] = []
 
@@ -87,13 +84,11 @@ class ShardOutput:
 
     def commit(self, marker: dict) -> dict:
         """Closes and renames the shard and its rows, then writes the done marker (last)."""
-        self._tar.close()
-        for f in (self._tar_file, self._rows_file):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        os.replace(self._tar_tmp, shard_path(self.out_dir, self.stem))
-        os.replace(self._rows_tmp, rows_path(self.out_dir, self.stem))
+        self._tar.close()  # writes the tar's end blocks; leaves the file open
+        self._tar_file.close()
+        self._rows_file.close()
+        publish(self._tar_tmp, shard_path(self.out_dir, self.stem))
+        publish(self._rows_tmp, rows_path(self.out_dir, self.stem))
         write_json_atomic(marker_path(self.out_dir, self.stem), marker)
         return marker
 
