@@ -11,7 +11,6 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from vidbatch.attention import MergeSettings
 from vidbatch.config import Config, EditSpec, parse_control
 from vidbatch.controls import canny_frames, load_controlnet
+from vidbatch.core.paths import looks_like_path
 from vidbatch.editing import EditorSettings, VideoEditor
 from vidbatch.errors import SampleError, VidbatchError
 from vidbatch.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
@@ -282,7 +282,7 @@ class VideoEditModule(L.LightningModule):
         when there is one; with HF_HUB_OFFLINE set (read now, not at import) and no snapshot the
         reason is returned at once instead of waiting on hub retries.
         """
-        from vidbatch.models import _hub_offline, _looks_like_path, _quiet_loading
+        from vidbatch.models import _hub_offline, _quiet_loading
         from vidbatch.tiny_model import _build, default_cache_root
 
         if name is None or str(name).strip().lower() in ("", "none"):
@@ -297,7 +297,7 @@ class VideoEditModule(L.LightningModule):
                     return str(_build(folder, make_tiny_clip, replace=folder.exists())), None
             except OSError as exc:
                 return None, f"CLIP model tiny could not be built in {folder}: {exc}"
-        if _looks_like_path(name) or Path(name).expanduser().exists():
+        if looks_like_path(name):  # an existing file or folder, or clearly meant as one
             return name, None  # ClipScorer names a missing or broken folder itself
         from huggingface_hub import snapshot_download
 
