@@ -15,6 +15,8 @@ from typing import Any
 import webdataset as wds
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, publish, temporary_path
+from vidbatch.core.rows import DoneMarker, EditRow
+from vidbatch.errors import ConfigError
 
 
 def shard_path(out_dir: Path, stem: str) -> Path:
@@ -30,12 +32,26 @@ def marker_path(out_dir: Path, stem: str) -> Path:
 
 
 def is_done(out_dir: Path, stem: str) -> bool:
-    return marker_path(out_dir, stem).is_file()
+    """True when the shard has a done marker (its outputs are complete); resuming skips it."""
+    return read_done_marker(out_dir, stem) is not None
+
+
+def read_done_marker(out_dir: Path, stem: str) -> DoneMarker | None:
+    """The shard's done marker, or None when it has none; a ConfigError if the file is not a marker."""
+    path = marker_path(out_dir, stem)
+    if not path.is_file():
+        return None
+    try:
+        return DoneMarker.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{path} is not a done marker vidbatch can read ({exc}); delete it to redo the shard, "
+                          "or rerun with --overwrite") from exc
 
 
 def read_marker(out_dir: Path, stem: str) -> dict | None:
-    path = marker_path(out_dir, stem)
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The done marker as raw JSON (for readers not yet on `DoneMarker`), or None when there is none."""
+    marker = read_done_marker(out_dir, stem)
+    return None if marker is None else marker.to_json()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -69,27 +85,27 @@ class ShardOutput:
         self._tar = wds.TarWriter(self._tar_file, encoder=False)
         self._rows_file = open(self._rows_tmp, "x")
         self.keys: list[str] = []
-        self.rows: list[dict] = []
+        self.rows: list[EditRow] = []
 
-    def add(self, key: str, members: dict[str, bytes], rows: list[dict]) -> None:
+    def add(self, key: str, members: dict[str, bytes], rows: list[EditRow]) -> None:
         """One sample: `members` maps extensions (`{edit}.mp4`, `json`) to bytes; `rows` go to the jsonl."""
         if key in self.keys:
             raise ValueError(f"sample key {key!r} appears twice in shard {self.stem}")
         self._tar.write({"__key__": key, **members})
         for row in rows:
-            self._rows_file.write(json.dumps(row) + "\n")
+            self._rows_file.write(json.dumps(row.to_json()) + "\n")
         self._rows_file.flush()
         self.keys.append(key)
         self.rows.extend(rows)
 
-    def commit(self, marker: dict) -> dict:
+    def commit(self, marker: DoneMarker) -> DoneMarker:
         """Closes and renames the shard and its rows, then writes the done marker (last)."""
         self._tar.close()  # writes the tar's end blocks; leaves the file open
         self._tar_file.close()
         self._rows_file.close()
         publish(self._tar_tmp, shard_path(self.out_dir, self.stem))
         publish(self._rows_tmp, rows_path(self.out_dir, self.stem))
-        write_json_atomic(marker_path(self.out_dir, self.stem), marker)
+        write_json_atomic(marker_path(self.out_dir, self.stem), marker.to_json())
         return marker
 
     def abort(self) -> None:
