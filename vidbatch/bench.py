@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vidbatch.core.atomic import atomic_write
 from vidbatch.errors import ConfigError, ModelLoadError
 
 REQUIRED_FIELDS = ("method", "frames", "size", "invert_s_per_frame", "edit_s_per_frame", "peak_memory_mb")
@@ -757,9 +758,7 @@ def _worker(spec_path: str, out_path: str) -> int:
         row = {"error": str(exc), "error_type": "ModelLoadError"}
     except Exception as exc:  # noqa: BLE001 - reported as the pair's error row
         row = {"error": f"{type(exc).__name__}: {exc}"[:500], "error_type": type(exc).__name__}
-    tmp = Path(out_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(row))
-    os.replace(tmp, out_path)
+    atomic_write(out_path, json.dumps(row))
     return 0
 
 

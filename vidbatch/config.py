@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from vidbatch.core.atomic import atomic_write
 from vidbatch.errors import ConfigError
 
 EDIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -384,8 +385,5 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Writes the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    """Writes the resolved config as YAML, atomically (a unique temporary: two drivers may write it at once)."""
+    atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

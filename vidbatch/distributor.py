@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 from rich.console import Console
 
 from vidbatch.config import Config, RuntimeConfig
+from vidbatch.core.rows import DoneMarker
 from vidbatch.errors import ConfigError, VidbatchError
 from vidbatch.progress import RunProgress
 
@@ -181,7 +182,7 @@ class ShardWorker:
         return {"worker": self.name, "pid": os.getpid(), "node": socket.gethostname(),
                 "device": str(self.module.target_device)}
 
-    def process(self, url: str, stem: str, attempt: int) -> dict:
+    def process(self, url: str, stem: str, attempt: int) -> DoneMarker:
         from vidbatch.runner import process_shard
 
         self._send({"type": "start", "stem": stem, "attempt": attempt})
@@ -326,11 +327,11 @@ class Dispatcher:
         slot.ref = slot.handle.process.remote(self.urls[index], self.stems[index], state.attempt)
         self._emit({"type": "dispatch", "stem": self.stems[index], "attempt": state.attempt, "worker": slot.name})
 
-    def _shard_done(self, index: int, marker: dict, slot: _Slot) -> None:
+    def _shard_done(self, index: int, marker: DoneMarker, slot: _Slot) -> None:
         state = self.shards[index]
         # The marker is the truth; events may have been lost or may still be on their way.
-        self.progress.adjust(marker["samples"] - state.videos, marker["samples_failed"] - state.failed,
-                             marker["frames"] - state.frames)
+        self.progress.adjust(marker.samples - state.videos, marker.samples_failed - state.failed,
+                             marker.frames - state.frames)
         state.closed = True
         self.progress.shard_done(self.stems[index], ok=True)
         self._emit({"type": "shard_done", "stem": self.stems[index], "attempt": state.attempt, "worker": slot.name})

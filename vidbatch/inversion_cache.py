@@ -8,7 +8,8 @@ Layout (the store may live on a shared NFS/Lustre filesystem used by many proces
 
     root/ab/abcdef....safetensors   one entry: the tensors + a JSON metadata header (never pickle)
     root/ab/abcdef....hits          hit counter: one newline appended per hit (`wc -l` counts it)
-    root/ab/.abcdef....<pid>.<uuid>.tmp   an entry being written (renamed into place when complete)
+    root/ab/.abcdef....safetensors.<pid>.<random>.tmp   an entry being written (`core.atomic`: renamed
+                                    into place when complete)
 
 Concurrency rules, all without locks (locks are unreliable on network filesystems):
 - an entry is written under a unique temporary name in its final directory, fsynced, then `os.replace`d
@@ -32,7 +33,6 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vidbatch.core.atomic import TMP_SUFFIX, atomic_path
 from vidbatch.errors import ConfigError
 
 __all__ = [
@@ -61,7 +62,6 @@ _KEY_TAG = b"vidbatch.inversion_key/1"
 
 _ENTRY_SUFFIX = ".safetensors"
 _HITS_SUFFIX = ".hits"
-_TMP_SUFFIX = ".tmp"
 _KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
 _STALE_TMP_SECONDS = 3600.0  # a temp file this old belongs to a writer that died
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; guards against reading garbage lengths
@@ -320,20 +320,6 @@ def _unlink_quiet(path: Path) -> bool:
         return False
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; best effort (some filesystems refuse to open or fsync directories)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _prepare_for_save(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous, detached tensors; copies only what must be copied.
 
@@ -508,21 +494,11 @@ class InversionCache:
             "checksum": tensor_checksum(cpu),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Same directory as the final name (so the rename is atomic), unique per process and call.
-        tmp = path.parent / f".{key}.{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
-        try:
+        # A unique temporary beside the final name (so the rename is atomic), fsynced, renamed, the folder
+        # fsynced; removed if saving fails.
+        with atomic_path(path) as tmp:
             save_file(cpu, str(tmp), metadata=metadata)
             del cpu
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # the data must be on disk before the name points at it
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink_quiet(tmp)
-            raise
-        _fsync_dir(path.parent)
         if self.max_bytes is not None:
             self._prune(self.max_bytes, keep=key)
         return path
@@ -654,7 +630,7 @@ class InversionCache:
             present = set(names)
             for name in names:
                 p = d / name
-                if name.startswith(".") and name.endswith(_TMP_SUFFIX):
+                if name.startswith(".") and name.endswith(TMP_SUFFIX):  # core.atomic temporaries
                     try:
                         if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
                             _unlink_quiet(p)

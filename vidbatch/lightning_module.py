@@ -11,7 +11,6 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
@@ -22,6 +21,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from vidbatch.attention import MergeSettings
 from vidbatch.config import Config, EditSpec, parse_control
 from vidbatch.controls import canny_frames, load_controlnet
+from vidbatch.core.paths import looks_like_path
+from vidbatch.core.rows import STATUS_OK, EditRow
 from vidbatch.editing import EditorSettings, VideoEditor
 from vidbatch.errors import SampleError, VidbatchError
 from vidbatch.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
@@ -52,7 +53,7 @@ class PreparedSample:
 class SampleResult:
     key: str
     members: dict[str, bytes]
-    rows: list[dict]
+    rows: list[EditRow]
     frames_edited: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -196,23 +197,21 @@ class VideoEditModule(L.LightningModule):
     def predict_step(self, sample: PreparedSample, batch_idx: int = 0) -> SampleResult:
         return self.edit_sample(sample)
 
-    def _row(self, sample: PreparedSample, edit: EditSpec) -> dict:
+    @staticmethod
+    def _row(sample: PreparedSample, edit: EditSpec) -> EditRow:
+        """The row of one (video, edit) before editing: failed with the decode error, if any, metrics null."""
         frames = sample.frames
-        return {"key": sample.key, "edit": edit.name, "status": "failed", "error": sample.error,
-                "frames": None if frames is None else int(frames.shape[0]),
-                "width": None if frames is None else int(frames.shape[2]),
-                "height": None if frames is None else int(frames.shape[1]),
-                "fps": sample.fps, "prompt": None, "inversion_cache": None,
-                "seconds": {"decode": 0.0, "invert": 0.0, "edit": 0.0, "encode": 0.0, "total": 0.0},
-                "peak_memory_mb": None}
+        return EditRow.pending(sample.key, edit.name, metric_names=METRIC_KEYS, error=sample.error,
+                               frames=None if frames is None else int(frames.shape[0]),
+                               width=None if frames is None else int(frames.shape[2]),
+                               height=None if frames is None else int(frames.shape[1]),
+                               fps=sample.fps)
 
     def edit_sample(self, sample: PreparedSample) -> SampleResult:
         """Edits one sample for every edit; each failure becomes a `failed` row naming its cause."""
         device = self.target_device
         rows = [self._row(sample, edit) for edit in sample.edits]
-        for row in rows:
-            self._blank_metrics(row)
-        rows[0]["seconds"]["decode"] = sample.decode_seconds  # shared stages count on the first edit
+        rows[0].seconds["decode"] = sample.decode_seconds  # shared stages count on the first edit
         members: dict[str, bytes] = {}
         frames_edited = 0
         if sample.error is None:
@@ -231,9 +230,10 @@ class VideoEditModule(L.LightningModule):
                     started = time.perf_counter()
                     members[f"{name}.mp4"] = encode_mp4(result.frames[name], sample.fps, audio=sample.audio,
                                                         crf=self.config.video.crf)
-                    row["seconds"].update(result.seconds[name])
-                    row["seconds"]["encode"] = time.perf_counter() - started
-                    row.update(status="ok", error=None, prompt=prompt, inversion_cache=result.inversion_cache)
+                    row.seconds.update(result.seconds[name])
+                    row.seconds["encode"] = time.perf_counter() - started
+                    row.status, row.error, row.prompt = STATUS_OK, None, prompt
+                    row.inversion_cache = result.inversion_cache
                     frames_edited += len(result.frames[name])
                     self._measure(row, sample.frames, result.frames[name], prompt, source_prompt)
             except VidbatchError as exc:
@@ -243,12 +243,11 @@ class VideoEditModule(L.LightningModule):
                 self._fail(rows, sample.key, f"{type(exc).__name__}: {exc}")
             memory = peak_memory_mb(device)
             for row in rows:
-                row["peak_memory_mb"] = round(memory, 1)
+                row.peak_memory_mb = round(memory, 1)
         else:
             log.warning("sample %s failed: %s", sample.key, sample.error)
         for row in rows:
-            row["seconds"]["total"] = sum(v for k, v in row["seconds"].items() if k != "total")
-            row["seconds"] = {k: round(v, 4) for k, v in row["seconds"].items()}
+            row.close_seconds()
         return SampleResult(key=sample.key, members=members, rows=rows, frames_edited=frames_edited)
 
     # -- quality metrics ---------------------------------------------------------------------------
@@ -283,7 +282,7 @@ class VideoEditModule(L.LightningModule):
         when there is one; with HF_HUB_OFFLINE set (read now, not at import) and no snapshot the
         reason is returned at once instead of waiting on hub retries.
         """
-        from vidbatch.models import _hub_offline, _looks_like_path, _quiet_loading
+        from vidbatch.models import _hub_offline, _quiet_loading
         from vidbatch.tiny_model import _build, default_cache_root
 
         if name is None or str(name).strip().lower() in ("", "none"):
@@ -298,7 +297,7 @@ class VideoEditModule(L.LightningModule):
                     return str(_build(folder, make_tiny_clip, replace=folder.exists())), None
             except OSError as exc:
                 return None, f"CLIP model tiny could not be built in {folder}: {exc}"
-        if _looks_like_path(name) or Path(name).expanduser().exists():
+        if looks_like_path(name):  # an existing file or folder, or clearly meant as one
             return name, None  # ClipScorer names a missing or broken folder itself
         from huggingface_hub import snapshot_download
 
@@ -310,35 +309,24 @@ class VideoEditModule(L.LightningModule):
                               "in the local hub cache (download it first, or set metrics.clip_model to a folder)")
             return name, None
 
-    @staticmethod
-    def _blank_metrics(row: dict) -> None:
-        """Adds the metric fields to a row: values null until measured, `seconds.metrics` before `total`."""
-        row["metrics"] = dict.fromkeys(METRIC_KEYS)
-        row["metrics_by"] = None
-        row["model_fingerprint"] = None
-        row["metrics_error"] = None
-        total = row["seconds"].pop("total", 0.0)
-        row["seconds"]["metrics"] = 0.0
-        row["seconds"]["total"] = total
-
-    def _measure(self, row: dict, source: np.ndarray, edited: np.ndarray, prompt: str, source_prompt: str) -> None:
-        """Fills `row["metrics"]` for one edited video; a metric that fails leaves nulls and a
+    def _measure(self, row: EditRow, source: np.ndarray, edited: np.ndarray, prompt: str, source_prompt: str) -> None:
+        """Fills `row.metrics` for one edited video; a metric that fails leaves nulls and a
         `metrics_error`, never failing the edit itself. `source` are the decoded frames that were edited."""
         m = self.config.metrics
         started = time.perf_counter()
-        row["metrics_by"] = dict(self.metrics_by)
-        row["model_fingerprint"] = self.editor.model_identity  # computed for the inversion cache, else null
+        row.metrics_by = dict(self.metrics_by)
+        row.model_fingerprint = self.editor.model_identity  # computed for the inversion cache, else null
         try:
-            row["metrics"] = compute_metrics(source, edited, prompt, source_prompt or None, warp=m.warp_error,
-                                             interp=m.interp_psnr, clip=self.clip_scorer, flow_method=m.flow)
+            row.metrics = compute_metrics(source, edited, prompt, source_prompt or None, warp=m.warp_error,
+                                          interp=m.interp_psnr, clip=self.clip_scorer, flow_method=m.flow)
         except Exception as exc:  # noqa: BLE001 - a metric bug must not cost the edited video
-            log.warning("metrics of %s/%s failed: %s: %s", row["key"], row["edit"], type(exc).__name__, exc)
-            row["metrics_error"] = f"{type(exc).__name__}: {exc}"
-        row["seconds"]["metrics"] = time.perf_counter() - started
+            log.warning("metrics of %s/%s failed: %s: %s", row.key, row.edit, type(exc).__name__, exc)
+            row.metrics_error = f"{type(exc).__name__}: {exc}"
+        row.seconds["metrics"] = time.perf_counter() - started
 
     @staticmethod
-    def _fail(rows: list[dict], key: str, message: str) -> None:
+    def _fail(rows: list[EditRow], key: str, message: str) -> None:
         log.warning("sample %s failed: %s", key, message)
         for row in rows:
-            if row["status"] != "ok":
-                row.update(status="failed", error=message)
+            if not row.ok:
+                row.error = message  # still `failed`: rows are built failed and turn ok only when encoded

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vidbatch.core.paths import looks_like_path
 from vidbatch.errors import ConfigError, ModelLoadError
 
 FLOW_METHODS = ("dis", "farneback")
@@ -262,7 +263,7 @@ def make_tiny_clip(out_dir: str | Path, *, seed: int = 0) -> Path:
 
 
 def _looks_like_path(model: str) -> bool:
-    return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
+    return looks_like_path(model)
 
 
 def _read_preprocessor_config(model: str) -> dict:

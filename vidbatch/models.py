@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
+from vidbatch.core.paths import looks_like_path
 from vidbatch.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -75,13 +76,6 @@ def _hub_offline() -> bool:
 def _is_hub_file_url(model_id: str) -> bool:
     """A single-file checkpoint on the hub, e.g. https://huggingface.co/org/repo/blob/main/model.safetensors."""
     return model_id.startswith(_HUB_URL_PREFIXES) and model_id.lower().endswith(SINGLE_FILE_SUFFIXES)
-
-
-def _looks_like_path(model_id: str) -> bool:
-    """True when `model_id` is clearly meant as a local path rather than a hub id ("org/name" or "name")."""
-    if model_id.startswith(("/", "./", "../", "~", ".\\")) or model_id.lower().endswith(SINGLE_FILE_SUFFIXES):
-        return True
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model_id) is None
 
 
 @contextlib.contextmanager
@@ -278,7 +272,7 @@ def load_pipeline(
                 pipe = _load_single_file(local, model_id, dtype, single_file_config)
             elif _is_hub_file_url(model_id):
                 pipe = _load_single_file(model_id, model_id, dtype, single_file_config)
-            elif _looks_like_path(model_id):
+            elif looks_like_path(model_id) or model_id.lower().endswith(SINGLE_FILE_SUFFIXES):  # a missing checkpoint
                 raise ModelLoadError(
                     f"model.id '{model_id}': no such file or folder. Fix: check the path, or use a hub id "
                     "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"

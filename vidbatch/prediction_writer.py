@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from vidbatch.core.rows import DoneMarker, SampleRecord
 from vidbatch.lightning_module import SampleResult
 from vidbatch.shard_io import ShardOutput
 
@@ -36,29 +37,17 @@ class ShardPredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: SampleResult, batch_indices: Any,
                            batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        record = {"key": prediction.key, "rows": prediction.rows}
-        members = {**prediction.members, "json": json.dumps(record).encode()}
+        record = SampleRecord(prediction.key, prediction.rows)
+        members = {**prediction.members, "json": json.dumps(record.to_json()).encode()}
         self.output.add(prediction.key, members, prediction.rows)
         if self.on_sample is not None:
             self.on_sample(prediction)
 
-    def finish(self) -> dict:
+    def finish(self) -> DoneMarker:
         """Commits the shard: tar and jsonl under their final names, then the done marker."""
-        rows = self.output.rows
-        failed_keys = {r["key"] for r in rows if r["status"] != "ok"}
-        marker = {
-            "shard": self.url,
-            "stem": self.output.stem,
-            "samples": len(self.output.keys),
-            "samples_ok": len(self.output.keys) - len(failed_keys),
-            "samples_failed": len(failed_keys),
-            "rows_ok": sum(r["status"] == "ok" for r in rows),
-            "rows_failed": sum(r["status"] != "ok" for r in rows),
-            "frames": sum(r["frames"] or 0 for r in rows if r["status"] == "ok"),
-            "seconds": round(time.perf_counter() - self._started, 3),
-            "started_at": self.started_at,
-            "finished_at": utc_now(),
-        }
+        marker = DoneMarker.for_shard(shard=self.url, stem=self.output.stem, keys=self.output.keys,
+                                      rows=self.output.rows, seconds=time.perf_counter() - self._started,
+                                      started_at=self.started_at, finished_at=utc_now())
         return self.output.commit(marker)
 
     def abort(self) -> None:

@@ -22,6 +22,7 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from rich.console import Console
 
 from vidbatch.config import Config, save_config
+from vidbatch.core.rows import DoneMarker
 from vidbatch.errors import ConfigError
 from vidbatch.lightning_module import SampleResult, VideoEditModule
 from vidbatch.prediction_writer import ShardPredictionWriter
@@ -137,7 +138,7 @@ class VideoSink(Protocol):
 
 
 def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
-                  progress: VideoSink | None = None) -> dict:
+                  progress: VideoSink | None = None) -> DoneMarker:
     """Runs the Lightning predict loop over one shard and commits its output; returns the done marker.
 
     Any exception leaves no file under a final name (the temporaries are removed) and propagates;
@@ -148,7 +149,7 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
 
     def on_sample(result: SampleResult) -> None:
         if progress is not None:
-            progress.video_done(result.frames_edited, all(r["status"] == "ok" for r in result.rows))
+            progress.video_done(result.frames_edited, all(row.ok for row in result.rows))
 
     with sigterm_exits(), warnings.catch_warnings():
         for message in QUIET_LIGHTNING_WARNINGS:

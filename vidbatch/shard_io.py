@@ -9,12 +9,14 @@ Layout under the output folder (the output contract other tools read):
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
+from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, publish, temporary_path
+from vidbatch.core.rows import DoneMarker, EditRow
+from vidbatch.errors import ConfigError
 
 
 def shard_path(out_dir: Path, stem: str) -> Path:
@@ -30,29 +32,40 @@ def marker_path(out_dir: Path, stem: str) -> Path:
 
 
 def is_done(out_dir: Path, stem: str) -> bool:
-    return marker_path(out_dir, stem).is_file()
+    """True when the shard has a done marker (its outputs are complete); resuming skips it."""
+    return read_done_marker(out_dir, stem) is not None
+
+
+def read_done_marker(out_dir: Path, stem: str) -> DoneMarker | None:
+    """The shard's done marker, or None when it has none; a ConfigError if the file is not a marker."""
+    path = marker_path(out_dir, stem)
+    if not path.is_file():
+        return None
+    try:
+        return DoneMarker.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{path} is not a done marker vidbatch can read ({exc}); delete it to redo the shard, "
+                          "or rerun with --overwrite") from exc
 
 
 def read_marker(out_dir: Path, stem: str) -> dict | None:
-    path = marker_path(out_dir, stem)
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The done marker as raw JSON (for readers not yet on `DoneMarker`), or None when there is none."""
+    marker = read_done_marker(out_dir, stem)
+    return None if marker is None else marker.to_json()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary sibling, fsyncs, renames: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes `data` as indented JSON atomically: readers see the old file or the whole new one."""
+    atomic_write(path, json.dumps(data, indent=2))
 
 
 def remove_stale_temporaries(out_dir: Path, stem: str) -> None:
-    """Deletes the temporary files an interrupted attempt at this shard left behind."""
+    """Deletes the temporary files an interrupted attempt at this shard left behind.
+
+    Matches the names `core.atomic.temporary_path` gives: `.{name}.{pid}.{random}.tmp`.
+    """
     for folder, name in (("shards", f"{stem}.tar"), ("stats", f"{stem}.jsonl"), ("stats", f"{stem}.json")):
-        for tmp in (Path(out_dir) / folder).glob(f".{name}.*.tmp"):
+        for tmp in (Path(out_dir) / folder).glob(f".{name}.*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
 
 
@@ -65,36 +78,34 @@ class ShardOutput:
         (self.out_dir / "shards").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "stats").mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir, stem)
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._tar_tmp = self.out_dir / "shards" / f".{stem}.tar.{tag}.tmp"
-        self._rows_tmp = self.out_dir / "stats" / f".{stem}.jsonl.{tag}.tmp"
-        self._tar_file = open(self._tar_tmp, "wb")
+        # Streamed into unique temporaries (a retry racing this attempt never shares them), published in `commit`.
+        self._tar_tmp = temporary_path(shard_path(self.out_dir, stem))
+        self._rows_tmp = temporary_path(rows_path(self.out_dir, stem))
+        self._tar_file = open(self._tar_tmp, "xb")
         self._tar = wds.TarWriter(self._tar_file, encoder=False)
-        self._rows_file = open(self._rows_tmp, "w")
+        self._rows_file = open(self._rows_tmp, "x")
         self.keys: list[str] = []
-        self.rows: list[dict] = []
+        self.rows: list[EditRow] = []
 
-    def add(self, key: str, members: dict[str, bytes], rows: list[dict]) -> None:
+    def add(self, key: str, members: dict[str, bytes], rows: list[EditRow]) -> None:
         """One sample: `members` maps extensions (`{edit}.mp4`, `json`) to bytes; `rows` go to the jsonl."""
         if key in self.keys:
             raise ValueError(f"sample key {key!r} appears twice in shard {self.stem}")
         self._tar.write({"__key__": key, **members})
         for row in rows:
-            self._rows_file.write(json.dumps(row) + "\n")
+            self._rows_file.write(json.dumps(row.to_json()) + "\n")
         self._rows_file.flush()
         self.keys.append(key)
         self.rows.extend(rows)
 
-    def commit(self, marker: dict) -> dict:
+    def commit(self, marker: DoneMarker) -> DoneMarker:
         """Closes and renames the shard and its rows, then writes the done marker (last)."""
-        self._tar.close()
-        for f in (self._tar_file, self._rows_file):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        os.replace(self._tar_tmp, shard_path(self.out_dir, self.stem))
-        os.replace(self._rows_tmp, rows_path(self.out_dir, self.stem))
-        write_json_atomic(marker_path(self.out_dir, self.stem), marker)
+        self._tar.close()  # writes the tar's end blocks; leaves the file open
+        self._tar_file.close()
+        self._rows_file.close()
+        publish(self._tar_tmp, shard_path(self.out_dir, self.stem))
+        publish(self._rows_tmp, rows_path(self.out_dir, self.stem))
+        write_json_atomic(marker_path(self.out_dir, self.stem), marker.to_json())
         return marker
 
     def abort(self) -> None:

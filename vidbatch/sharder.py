@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
 import webdataset as wds
 
+from vidbatch.core.atomic import atomic_open
 from vidbatch.errors import ConfigError
 from vidbatch.samples import VIDEO_EXTENSIONS
 
@@ -62,8 +61,7 @@ def pack_shards(video_dir: str | Path, out_dir: str | Path, *, prompts_file: str
     written = []
     for index, start in enumerate(range(0, len(videos), samples_per_shard)):
         final = out_dir / f"{prefix}-{index:06d}.tar"
-        tmp = out_dir / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as stream:
+        with atomic_open(final, "wb") as stream:
             writer = wds.TarWriter(stream, encoder=False)
             for video in videos[start:start + samples_per_shard]:
                 sample = {"__key__": sample_key(video, used),
@@ -73,8 +71,5 @@ def pack_shards(video_dir: str | Path, out_dir: str | Path, *, prompts_file: str
                     sample["json"] = json.dumps(meta).encode()
                 writer.write(sample)
             writer.close()
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, final)
         written.append(final)
     return written
