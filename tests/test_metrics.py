@@ -12,6 +12,7 @@ import torch
 
 from vidbatch import metrics
 from vidbatch.errors import ConfigError
+from vidbatch.metrics import flow as flow_module
 from vidbatch.metrics import (
     ClipScorer,
     compute_metrics,
@@ -78,11 +79,11 @@ def test_unknown_flow_method_is_a_config_error(video):
 def test_valid_mask_consistency_and_frame_border():
     fw = np.zeros((16, 20, 2), np.float32)
     fw[..., 0] = 3.0  # everything moves 3 px right
-    consistent = metrics._valid_mask(fw, -fw, metrics.DEFAULT_OCCLUSION_THRESHOLD)
+    consistent = flow_module._valid_mask(fw, -fw, metrics.DEFAULT_OCCLUSION_THRESHOLD)
     # Only the 3 right-most columns leave the frame.
     assert consistent[:, :17].all() and not consistent[:, 17:].any()
     # A backward flow that does not undo the forward one (|3 + 3|^2 = 36 > 0.01 * 18 + 0.5).
-    inconsistent = metrics._valid_mask(fw, fw.copy(), metrics.DEFAULT_OCCLUSION_THRESHOLD)
+    inconsistent = flow_module._valid_mask(fw, fw.copy(), metrics.DEFAULT_OCCLUSION_THRESHOLD)
     assert not inconsistent.any()
 
 

@@ -25,7 +25,7 @@ from vidbatch.controls import canny_frames, load_controlnet
 from vidbatch.editing import EditorSettings, VideoEditor
 from vidbatch.errors import SampleError, VidbatchError
 from vidbatch.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
-from vidbatch.metrics import METRIC_KEYS, compute_metrics, load_clip_scorer, make_tiny_clip
+from vidbatch.metrics import compute_metrics, load_clip_scorer, make_tiny_clip, metric_keys
 from vidbatch.models import LoraSpec, load_pipeline, model_fingerprint
 from vidbatch.samples import InputSample, read_samples
 from vidbatch.video_io import decode_video, encode_mp4
@@ -312,7 +312,7 @@ class VideoEditModule(L.LightningModule):
     @staticmethod
     def _blank_metrics(row: dict) -> None:
         """Adds the metric fields to a row: values null until measured, `seconds.metrics` before `total`."""
-        row["metrics"] = dict.fromkeys(METRIC_KEYS)
+        row["metrics"] = dict.fromkeys(metric_keys())
         row["metrics_by"] = None
         row["model_fingerprint"] = None
         row["metrics_error"] = None
