@@ -23,16 +23,10 @@ from rich.console import Console
 import vidbatch.lightning_module as lm
 from conftest import FAST, TINY, read_output, run_cli, video_sample, write_shard
 from vidbatch.metrics import METRIC_KEYS, compute_metrics
-from vidbatch.report import (
-    MAX_BARS,
-    SHEET_FRAMES,
-    SHEET_HEIGHT,
-    _nice_ceiling,
-    contact_sheet,
-    svg_bars,
-    write_report,
-)
-from vidbatch.summary import distribution, print_summary
+from vidbatch.report import write_report
+from vidbatch.report.charts import MAX_BARS, _nice_ceiling, svg_bars
+from vidbatch.report.media import SHEET_FRAMES, SHEET_HEIGHT, contact_sheet
+from vidbatch.report.summary import distribution, print_summary
 from vidbatch.video_io import decode_video
 
 EDITS = 'edits=[{"name": "ink", "prompt": "{prompt}, ink drawing"}, {"name": "neon", "prompt": "neon glow"}]'
