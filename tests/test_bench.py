@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from conftest import run_cli
-from vidbatch.bench import (REQUIRED_FIELDS, PeakMemory, SyncOpCounter, markdown_table, native_size,
-                            probe_unet_flops)
+from vidbatch.tools.bench.flops import SyncOpCounter, probe_unet_flops
+from vidbatch.tools.bench.main import native_size
+from vidbatch.tools.bench.sampler import PeakMemory
+from vidbatch.tools.bench.spec import REQUIRED_FIELDS
+from vidbatch.tools.bench.tables import markdown_table
 from vidbatch.editing import EditorSettings, VideoEditor
 from vidbatch.models import load_pipeline
 

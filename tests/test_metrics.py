@@ -3,6 +3,7 @@ translates by a few pixels per frame) and on a tiny random-weight CLIP."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import cv2
@@ -12,6 +13,7 @@ import torch
 
 from vidbatch import metrics
 from vidbatch.errors import ConfigError
+from vidbatch.metrics import flow as flow_module
 from vidbatch.metrics import (
     ClipScorer,
     compute_metrics,
@@ -78,11 +80,11 @@ def test_unknown_flow_method_is_a_config_error(video):
 def test_valid_mask_consistency_and_frame_border():
     fw = np.zeros((16, 20, 2), np.float32)
     fw[..., 0] = 3.0  # everything moves 3 px right
-    consistent = metrics._valid_mask(fw, -fw, metrics.DEFAULT_OCCLUSION_THRESHOLD)
+    consistent = flow_module._valid_mask(fw, -fw, metrics.DEFAULT_OCCLUSION_THRESHOLD)
     # Only the 3 right-most columns leave the frame.
     assert consistent[:, :17].all() and not consistent[:, 17:].any()
     # A backward flow that does not undo the forward one (|3 + 3|^2 = 36 > 0.01 * 18 + 0.5).
-    inconsistent = metrics._valid_mask(fw, fw.copy(), metrics.DEFAULT_OCCLUSION_THRESHOLD)
+    inconsistent = flow_module._valid_mask(fw, fw.copy(), metrics.DEFAULT_OCCLUSION_THRESHOLD)
     assert not inconsistent.any()
 
 
@@ -307,3 +309,36 @@ def test_compute_metrics_not_computable_is_none(video, scorer):
     one = compute_metrics(video[:1], video[:1], "p", "s", warp=True, interp=True, clip=scorer)
     assert one["warp_error"] is None and one["interp_psnr"] is None and one["clip_frame"] is None
     assert one["clip_text"] is not None
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+
+def test_registry_entries_and_config_agree():
+    """Every metric has labels and a direction; the config's flow choices are the metrics' flows;
+    a metric key cannot be registered twice."""
+    from vidbatch.config import MetricsConfig
+
+    registered = metrics.registered_metrics()
+    assert tuple(m.key for m in registered) == metrics.METRIC_KEYS == metrics.metric_keys()
+    assert all(m.label and m.short_label and m.direction in ("higher", "lower") for m in registered)
+    assert [m.key for m in registered if m.lower_is_better] == ["warp_error"]
+    flow_field = next(f for f in dataclasses.fields(MetricsConfig) if f.name == "flow")
+    assert tuple(flow_field.metadata["choices"]) == metrics.FLOW_METHODS
+    with pytest.raises(ValueError, match="registered already"):
+        metrics.register(registered[0])
+    with pytest.raises(ValueError, match="direction"):
+        metrics.Metric("x", "x", "x", "up", lambda inputs: 0.0)
+
+
+def test_clip_metrics_share_one_clip_pass(video, scorer, monkeypatch):
+    calls = []
+    original = ClipScorer.scores
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClipScorer, "scores", counting)
+    compute_metrics(video, video, "a blue car", "a red car", warp=False, interp=False, clip=scorer)
+    assert len(calls) == 1

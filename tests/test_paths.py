@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vidbatch import metrics, models
+from vidbatch import models
+from vidbatch.metrics import clip
 from vidbatch.core.paths import looks_like_path
 
 
@@ -43,6 +44,5 @@ def test_empty_text_is_not_a_path():
 
 
 def test_models_and_metrics_use_the_one_rule():
-    assert not hasattr(models, "_looks_like_path")   # the private copy is gone
-    for text in ("openai/clip-vit-base-patch32", "a/b/c", "./x"):
-        assert metrics._looks_like_path(text) == looks_like_path(text)
+    assert not hasattr(models, "_looks_like_path") and not hasattr(clip, "_looks_like_path")  # the copies are gone
+    assert clip.looks_like_path is looks_like_path

@@ -22,17 +22,12 @@ from rich.console import Console
 
 import vidbatch.lightning_module as lm
 from conftest import FAST, TINY, read_output, run_cli, video_sample, write_shard
+from vidbatch.core.rows import DoneMarker
 from vidbatch.metrics import METRIC_KEYS, compute_metrics
-from vidbatch.report import (
-    MAX_BARS,
-    SHEET_FRAMES,
-    SHEET_HEIGHT,
-    _nice_ceiling,
-    contact_sheet,
-    svg_bars,
-    write_report,
-)
-from vidbatch.summary import distribution, print_summary
+from vidbatch.report import write_report
+from vidbatch.report.charts import MAX_BARS, _nice_ceiling, svg_bars
+from vidbatch.report.media import SHEET_FRAMES, SHEET_HEIGHT, contact_sheet
+from vidbatch.report.summary import distribution, print_summary
 from vidbatch.video_io import decode_video
 
 EDITS = 'edits=[{"name": "ink", "prompt": "{prompt}, ink drawing"}, {"name": "neon", "prompt": "neon glow"}]'
@@ -322,3 +317,77 @@ def test_report_in_headless_chromium(metrics_run, tmp_path):
     image = cv2.imread(str(shot))
     assert image.shape[:2] == (1800, 1400)
     assert image.std() > 20  # a rendered page, not a blank one
+
+
+# --- a metric added through the registry alone ------------------------------------------------
+
+
+def test_a_registered_metric_reaches_rows_summary_and_report(tmp_path):
+    """One `register(Metric(...))` in this file, nothing else: the metric is computed with the
+    others, gets its distribution in summary.json, its row in the console table, and its line and
+    sortable column in the report."""
+    from vidbatch.config import load_config
+    from vidbatch.metrics import Metric, metric_keys, register, unregister
+    from vidbatch.report.summary import build_summary, write_summary
+
+    def mean_brightness(inputs) -> float:
+        return float(inputs.edited.mean() / 255.0)
+
+    register(Metric("brightness", "mean brightness", "bright", "higher", mean_brightness))
+    try:
+        rng = np.random.default_rng(0)
+        clip = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+        computed = compute_metrics(clip, clip, "p", "s", warp=True, interp=True, clip=None)
+        assert list(computed) == [*METRIC_KEYS, "brightness"] == list(metric_keys())
+        assert computed["brightness"] == pytest.approx(clip.mean() / 255.0)
+
+        out = tmp_path / "out"
+        (out / "stats").mkdir(parents=True)
+        rows = [{"key": f"v{i}", "edit": "ink", "prompt": "p", "status": "ok", "error": None, "frames": 4,
+                 "width": 16, "height": 16, "fps": 8.0, "peak_memory_mb": 100.0, "metrics_error": None,
+                 "metrics": {**computed, "brightness": value},
+                 "seconds": {"decode": 0.1, "invert": 0.2, "edit": 0.3, "encode": 0.1, "metrics": 0.1, "total": 0.8}}
+                for i, value in enumerate((0.25, 0.75))]
+        (out / "stats" / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        marker = DoneMarker(shard="s.tar", stem="s", samples=2, samples_ok=2, samples_failed=0, rows_ok=2, rows_failed=0,
+                            frames=8, seconds=1.6, started_at="2026-01-01T00:00:00Z", finished_at="2026-01-01T00:00:02Z")
+        (out / "stats" / "s.json").write_text(json.dumps(marker.to_json()))
+        summary = build_summary(out, load_config(None), ["s"], ["s.tar"], {}, 2.0)
+        assert summary["metrics"]["brightness"]["n"] == 2
+        assert summary["metrics"]["brightness"]["mean"] == pytest.approx(0.5)
+        write_summary(out, summary)
+        assert json.loads((out / "summary.json").read_text())["metrics"]["brightness"]["max"] == 0.75
+
+        console = Console(record=True, width=200)
+        print_summary(summary, console, out)
+        assert "mean mean brightness" in console.export_text()
+
+        page = write_report(out, strict=True).read_text()
+        assert "<th>mean brightness</th>" in page  # its line in the metric table
+        assert 'data-col="brightness"' in page and ">bright</button>" in page  # its sortable column
+        assert 'title="sort by mean brightness (higher is better)"' in page
+        assert 'data-v="0.75"' in page
+    finally:
+        unregister("brightness")
+    assert "brightness" not in metric_keys()
+
+
+def test_report_write_failure_leaves_no_temporary(tmp_path, monkeypatch):
+    """A report that fails half-way (here: rendering the page) leaves neither a temporary media
+    folder nor a temporary page, and the previous report in place."""
+    import vidbatch.report.page as page
+
+    out = tmp_path / "out"
+    (out / "stats").mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"inputs": []}))
+    assert write_report(out, strict=True) is not None
+    before = sorted(p.name for p in out.iterdir())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(page, "render_report", broken)
+    with pytest.raises(RuntimeError, match="render failed"):
+        write_report(out, strict=True)
+    assert write_report(out) is None  # not strict: logged, no exception
+    assert sorted(p.name for p in out.iterdir()) == before == ["report.html", "report_media", "stats", "summary.json"]

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cache":
             return _cache(args, console)
         if args.command == "bench":
-            from vidbatch.bench import bench_main
+            from vidbatch.tools.bench import bench_main
 
             return bench_main(args, console)
         if args.command == "make-tiny-model":

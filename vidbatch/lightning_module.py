@@ -26,7 +26,7 @@ from vidbatch.core.rows import STATUS_OK, EditRow
 from vidbatch.editing import EditorSettings, VideoEditor
 from vidbatch.errors import SampleError, VidbatchError
 from vidbatch.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
-from vidbatch.metrics import METRIC_KEYS, compute_metrics, load_clip_scorer, make_tiny_clip
+from vidbatch.metrics import compute_metrics, load_clip_scorer, make_tiny_clip, metric_keys
 from vidbatch.models import LoraSpec, load_pipeline, model_fingerprint
 from vidbatch.samples import InputSample, read_samples
 from vidbatch.video_io import decode_video, encode_mp4
@@ -201,7 +201,7 @@ class VideoEditModule(L.LightningModule):
     def _row(sample: PreparedSample, edit: EditSpec) -> EditRow:
         """The row of one (video, edit) before editing: failed with the decode error, if any, metrics null."""
         frames = sample.frames
-        return EditRow.pending(sample.key, edit.name, metric_names=METRIC_KEYS, error=sample.error,
+        return EditRow.pending(sample.key, edit.name, metric_names=metric_keys(), error=sample.error,
                                frames=None if frames is None else int(frames.shape[0]),
                                width=None if frames is None else int(frames.shape[2]),
                                height=None if frames is None else int(frames.shape[1]),

@@ -30,7 +30,7 @@ from vidbatch.progress import RunProgress
 from vidbatch.report import write_report
 from vidbatch.samples import check_local_urls, expand_urls, shard_stem
 from vidbatch.shard_io import is_done, marker_path
-from vidbatch.summary import build_summary, print_summary, write_summary
+from vidbatch.report.summary import build_summary, print_summary, write_summary
 
 log = logging.getLogger("vidbatch")
 

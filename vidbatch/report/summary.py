@@ -1,4 +1,5 @@
-"""The run summary: `OUT/summary.json` built from the shards' stats files, and its rich table."""
+"""The run summary: `OUT/summary.json` built from the shards' stats files, its rich table, and
+reading a finished run back (its summary and rows) for the report."""
 
 from __future__ import annotations
 
@@ -9,22 +10,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 from rich.console import Console
 from rich.table import Table
 
 from vidbatch import __version__
 from vidbatch.config import Config
-from vidbatch.metrics import METRIC_KEYS
-from vidbatch.shard_io import read_marker, rows_path, write_json_atomic
+from vidbatch.core.atomic import atomic_write
+from vidbatch.errors import VidbatchError
+from vidbatch.metrics import get_metric, metric_keys
+from vidbatch.samples import shard_stem
+from vidbatch.shard_io import read_marker, rows_path
 
-# Row labels of the run table.
-METRIC_LABELS = {
-    "warp_error": "warp error (lower is better)",
-    "interp_psnr": "interpolation PSNR dB",
-    "clip_text": "CLIP text alignment",
-    "clip_frame": "CLIP frame consistency",
-    "clip_dir": "directional CLIP",
-}
 FLOW_NAMES = {"dis": "DIS (medium preset)", "farneback": "Farneback"}
 STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")
 PACKAGES = ("torch", "diffusers", "transformers", "lightning", "webdataset", "opencv-python-headless")
@@ -38,15 +35,18 @@ def failure_cause(error: str) -> str:
     return cause[:160]
 
 
+def _nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """The `q` quantile of sorted values, nearest rank."""
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float] | None:
+    """Mean, median, p90 and maximum (nearest rank) of a time or memory figure; None when empty."""
     if not values:
         return None
     ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-    return {"mean": sum(ordered) / len(ordered), "p50": at(0.5), "p90": at(0.9), "max": ordered[-1]}
+    return {"mean": sum(ordered) / len(ordered), "p50": _nearest_rank(ordered, 0.5),
+            "p90": _nearest_rank(ordered, 0.9), "max": ordered[-1]}
 
 
 def distribution(values: Sequence[float]) -> dict[str, float] | None:
@@ -54,12 +54,9 @@ def distribution(values: Sequence[float]) -> dict[str, float] | None:
     if not values:
         return None
     ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-    return {"n": len(ordered), "mean": sum(ordered) / len(ordered), "min": ordered[0], "p10": at(0.1),
-            "p50": at(0.5), "p90": at(0.9), "max": ordered[-1]}
+    return {"n": len(ordered), "mean": sum(ordered) / len(ordered), "min": ordered[0],
+            "p10": _nearest_rank(ordered, 0.1), "p50": _nearest_rank(ordered, 0.5),
+            "p90": _nearest_rank(ordered, 0.9), "max": ordered[-1]}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -82,8 +79,6 @@ def metrics_by(ok_rows: Sequence[dict], config: Config) -> dict:
     Read from the rows (each worker records what it loaded), falling back to the config when no
     edit succeeded. Several workers that disagree are listed, joined by '; '.
     """
-    import cv2
-
     by = [r["metrics_by"] for r in ok_rows if r.get("metrics_by")]
     m = config.metrics
     if by:
@@ -105,9 +100,8 @@ def metrics_by(ok_rows: Sequence[dict], config: Config) -> dict:
     }
 
 
-def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Sequence[str],
-                  failed_shards: dict[str, str], wall_seconds: float) -> dict:
-    """Summarises every shard of the run (this invocation's and earlier ones' done shards)."""
+def _read_done_shards(out_dir: Path, stems: Sequence[str]) -> tuple[list[dict], list[dict]]:
+    """The rows and done markers of the shards of `stems` that are done (have a marker)."""
     rows: list[dict] = []
     markers = []
     for stem in stems:
@@ -118,6 +112,19 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
         path = rows_path(out_dir, stem)
         if path.is_file():
             rows.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return rows, markers
+
+
+def metric_distributions(ok_rows: Sequence[dict]) -> dict[str, dict[str, float] | None]:
+    """Each registered metric's distribution over the successful edits that have a value for it."""
+    return {key: distribution([r["metrics"][key] for r in ok_rows if (r.get("metrics") or {}).get(key) is not None])
+            for key in metric_keys()}
+
+
+def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Sequence[str],
+                  failed_shards: dict[str, str], wall_seconds: float) -> dict:
+    """Summarises every shard of the run (this invocation's and earlier ones' done shards)."""
+    rows, markers = _read_done_shards(out_dir, stems)
     ok = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
     shard_seconds = sum(m["seconds"] for m in markers)
@@ -125,8 +132,6 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
     videos = len({(r["key"]) for r in ok})
     # Rows of runs before metrics existed have no "metrics" stage: it cost them nothing.
     stage_seconds = {stage: percentiles([r["seconds"].get(stage, 0.0) for r in ok]) for stage in STAGES}
-    metric_values = {k: distribution([r["metrics"][k] for r in ok if (r.get("metrics") or {}).get(k) is not None])
-                     for k in METRIC_KEYS}
     metric_seconds = sum(r["seconds"].get("metrics", 0.0) for r in ok)
     total_seconds = sum(r["seconds"]["total"] for r in ok)
     fingerprints = _distinct([r.get("model_fingerprint") for r in ok])
@@ -160,7 +165,7 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
         "wall_seconds": round(wall_seconds, 3),
         "seconds_per_edit": stage_seconds,
         "peak_memory_mb": percentiles([r["peak_memory_mb"] for r in ok if r.get("peak_memory_mb") is not None]),
-        "metrics": metric_values,
+        "metrics": metric_distributions(ok),
         "metrics_by": metrics_by(ok, config),
         "metrics_cost": {"seconds": round(metric_seconds, 4),
                          "share_of_total": metric_seconds / total_seconds if total_seconds else None,
@@ -170,9 +175,43 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
 
 
 def write_summary(out_dir: Path, summary: dict) -> Path:
+    """Writes `OUT/summary.json` atomically; returns its path."""
     path = Path(out_dir) / "summary.json"
-    write_json_atomic(path, summary)
+    atomic_write(path, json.dumps(summary, indent=2))
     return path
+
+
+def load_summary(out_dir: Path) -> dict:
+    """`OUT/summary.json` of a finished run; VidbatchError naming the folder when there is none."""
+    path = Path(out_dir) / "summary.json"
+    if not path.is_file():
+        raise VidbatchError(f"no summary.json in {out_dir}: not the output folder of a finished "
+                            "`vidbatch run` (run it first, or give the folder you passed to --output)")
+    return json.loads(path.read_text())
+
+
+def load_rows(out_dir: Path, summary: dict) -> list[dict]:
+    """The jsonl rows of the run's shards (in input order), each with its `shard` stem added."""
+    stems = [shard_stem(u) for u in summary.get("inputs") or []]
+    if not stems:  # a summary without inputs: every shard in the folder
+        stems = sorted(p.stem for p in (Path(out_dir) / "stats").glob("*.jsonl"))
+    rows = []
+    for stem in stems:
+        path = Path(out_dir) / "stats" / f"{stem}.jsonl"
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rows.append({**json.loads(line), "shard": stem})
+    return rows
+
+
+def _table_label(key: str) -> str:
+    """A metric's row label in the run table: its name, and the direction when lower is better."""
+    metric = get_metric(key)
+    if metric is None:  # a key of an older run's rows that is no longer registered
+        return key
+    return f"{metric.label} (lower is better)" if metric.lower_is_better else metric.label
 
 
 def print_summary(summary: dict, console: Console, out_dir: Path) -> None:
@@ -198,7 +237,7 @@ def print_summary(summary: dict, console: Console, out_dir: Path) -> None:
                       f"{metric_s['mean']:.3f}" + (f" ({share:.0%} of total)" if share is not None else ""))
     for key, stats in (s.get("metrics") or {}).items():
         if stats is not None:
-            table.add_row(f"mean {METRIC_LABELS.get(key, key)}", f"{stats['mean']:.4g}")
+            table.add_row(f"mean {_table_label(key)}", f"{stats['mean']:.4g}")
     by = s.get("metrics_by") or {}
     if by.get("flow_impl"):
         table.add_row("warp error flow", by["flow_impl"])

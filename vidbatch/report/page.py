@@ -1,0 +1,321 @@
+"""`OUT/report.html`: one self-contained page (inline CSS, JS and SVG; no network) about a run.
+
+The page shows the run summary, the metric distributions and which flow / CLIP produced them, plots
+of time and memory per (video, edit), and a table of every (video, edit) sortable by each metric and
+time column. Its style and scripts are the files of `vidbatch/report/assets/`, inlined; its media
+live next to it under `OUT/report_media/` (see `vidbatch.report.media`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from vidbatch import __version__
+from vidbatch.core.atomic import atomic_write
+from vidbatch.metrics import Metric, get_metric, registered_metrics
+from vidbatch.report.charts import svg_bars
+from vidbatch.report.format import escape as _e
+from vidbatch.report.format import fmt as _fmt
+from vidbatch.report.media import MEDIA_DIR, Media, atomic_directory, build_media
+from vidbatch.report.summary import load_rows, load_summary
+
+log = logging.getLogger("vidbatch")
+
+# Per-sample time stages drawn in the time plot, with their colours (colour-blind-safe set).
+STAGE_COLORS = {"decode": "#8da0cb", "invert": "#66c2a5", "edit": "#fc8d62", "encode": "#e78ac3",
+                "metrics": "#a6d854"}
+# Time columns of the sample table, after the metrics.
+TABLE_STAGES = ("total", "invert", "edit", "metrics")
+DISTRIBUTION_STATS = ("n", "mean", "min", "p10", "p50", "p90", "max")
+
+
+@functools.cache
+def asset(name: str) -> str:
+    """The text of `vidbatch/report/assets/{name}` (package data, so it works from a wheel too)."""
+    return resources.files("vidbatch.report").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def _better(metric: Metric | None) -> str:
+    return "lower ↓" if metric is not None and metric.lower_is_better else "higher ↑"
+
+
+def _card(label: str, value: str, bad: bool = False) -> str:
+    return f'<div class="card{" bad" if bad else ""}"><div class="v">{_e(value)}</div><div class="k">{_e(label)}</div></div>'
+
+
+def _summary_html(s: dict) -> str:
+    samples, edits, shards = s.get("samples") or {}, s.get("edits") or {}, s.get("shards") or {}
+    throughput = s.get("throughput") or {}
+    total = (s.get("seconds_per_edit") or {}).get("total")
+    memory = s.get("peak_memory_mb")
+    cost = s.get("metrics_cost") or {}
+    cards = [
+        _card("shards done / total", f"{shards.get('done', 0)} / {shards.get('total', 0)}"),
+        _card("shards failed", str(shards.get("failed", 0)), bad=bool(shards.get("failed"))),
+        _card("videos ok", str(samples.get("ok", 0))),
+        _card("videos failed", str(samples.get("failed", 0)), bad=bool(samples.get("failed"))),
+        _card("edits ok / failed", f"{edits.get('ok', 0)} / {edits.get('failed', 0)}", bad=bool(edits.get("failed"))),
+        _card("frames edited", f"{s.get('frames_edited', 0):,}"),
+        _card("frames / s", _fmt(throughput.get("frames_per_second"))),
+        _card("videos / hour", _fmt(throughput.get("videos_per_hour"))),
+        _card("device-hours", _fmt(s.get("device_hours"))),
+        _card("seconds per edit (mean)", _fmt(total["mean"]) if total else "–"),
+        _card("metrics share of time", f"{cost['share_of_total']:.1%}" if cost.get("share_of_total") is not None else "–"),
+        _card("peak memory MB (max)", _fmt(memory["max"], 4) if memory else "–"),
+    ]
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _metrics_html(s: dict) -> str:
+    """The distribution of every registered metric, and which flow and CLIP produced them."""
+    stats = s.get("metrics") or {}
+    by = s.get("metrics_by") or {}
+    head = "<th>better</th>" + "".join(f'<th class="num">{k}</th>' for k in DISTRIBUTION_STATS)
+    body = []
+    for metric in registered_metrics():
+        d = stats.get(metric.key)
+        better = f'<td class="muted">{_better(metric)}</td>'
+        if d is None:
+            body.append(f'<tr><th>{_e(metric.label)}</th>{better}<td colspan="7" class="muted">not computed</td></tr>')
+        else:
+            cells = "".join(f'<td class="num">{_fmt(d.get(k), 4)}</td>' for k in DISTRIBUTION_STATS)
+            body.append(f"<tr><th>{_e(metric.label)}</th>{better}{cells}</tr>")
+    clip_off = by.get("clip_off")
+    clip = (f"<code>{_e(by['clip_model'])}</code>" if by.get("clip_model")
+            else f'<span class="err">off: {_e(clip_off)}</span>' if clip_off and clip_off != "disabled"
+            else '<span class="muted">off (metrics.clip_model: none)</span>')
+    flow = _e(by.get("flow_impl")) if by.get("flow_impl") else '<span class="muted">warp error off</span>'
+    return (f'<table class="kv"><thead><tr><th>metric</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            f'<table class="kv" style="margin-top:10px"><tr><th>warp error flow</th><td>{flow}</td></tr>'
+            f"<tr><th>CLIP model</th><td>{clip}</td></tr>"
+            f'<tr><th>interpolation PSNR</th><td class="muted">frame t predicted as the mean of t−1 and t+1 '
+            "(flow-free); comparable between runs of vidbatch only</td></tr></table>")
+
+
+def _failures_html(s: dict) -> str:
+    causes = s.get("failures_by_cause") or {}
+    failed_shards = (s.get("shards") or {}).get("failed_shards") or {}
+    if not causes and not failed_shards:
+        return '<p class="muted">no failures</p>'
+    items = [f'<tr><td class="num">{n}</td><td class="err">{_e(c)}</td></tr>' for c, n in causes.items()]
+    items += [f'<tr><td class="num">shard {_e(stem)}</td><td class="err">{_e(c)}</td></tr>' for stem, c in failed_shards.items()]
+    return f'<table><thead><tr><th class="num">edits</th><th>cause</th></tr></thead><tbody>{"".join(items)}</tbody></table>'
+
+
+def _run_html(s: dict, out_dir: Path) -> str:
+    version = s.get("model_version") or {}
+    packages = ", ".join(f"{k} {v}" for k, v in (s.get("packages") or {}).items() if v)
+    inputs = s.get("inputs") or []
+    shown = "".join(f"<div><code>{_e(u)}</code></div>" for u in inputs[:20])
+    if len(inputs) > 20:
+        shown += f'<div class="muted">… and {len(inputs) - 20} more</div>'
+    rows = [
+        ("model", f"<code>{_e(s.get('model'))}</code>"),
+        ("weights fingerprint", f"<code>{_e(version.get('fingerprint'))}</code>" if version.get("fingerprint")
+         else '<span class="muted">not computed (computed with the inversion cache on)</span>'),
+        ("LoRAs", _e(", ".join(f"{l['path']} × {l['scale']}" for l in s.get("loras") or []) or "none")),
+        ("method / control", _e(f"{s.get('method')} / {s.get('control')}")),
+        ("config hash", f"<code>{_e(s.get('config_hash'))}</code> (<code>config.yaml</code> beside this page)"),
+        ("vidbatch", _e(s.get("vidbatch_version"))),
+        ("packages", _e(packages)),
+        ("wall seconds", _fmt(s.get("wall_seconds"), 5)),
+        ("inputs", shown),
+    ]
+    return '<table class="kv">' + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A sortable numeric column of the sample table."""
+
+    name: str  # data-col of its header, e.g. "warp_error" or "total_s"
+    header: str
+    value: Callable[[dict], Any]  # reads the value from a row
+    digits: int  # significant digits shown
+
+
+def _metric_value(key: str) -> Callable[[dict], Any]:
+    return lambda row: (row.get("metrics") or {}).get(key)
+
+
+def _stage_value(stage: str) -> Callable[[dict], Any]:
+    return lambda row: (row.get("seconds") or {}).get(stage)
+
+
+def numeric_columns() -> list[Column]:
+    """Every registered metric, then the times and the peak memory (built per page, so a metric
+    registered after import has its column)."""
+    return [*[Column(m.key, m.short_label, _metric_value(m.key), 4) for m in registered_metrics()],
+            *[Column(f"{stage}_s", f"{stage} s", _stage_value(stage), 3) for stage in TABLE_STAGES],
+            Column("memory_mb", "peak MB", lambda r: r.get("peak_memory_mb"), 3)]
+
+
+def _th(name: str, label: str, kind: str) -> str:
+    cls = ' class="num"' if kind == "num" else ""
+    metric = get_metric(name)
+    full = f"{metric.label} ({metric.direction} is better)" if metric is not None else label
+    return (f'<th{cls} data-col="{name}" data-type="{kind}" aria-sort="none"><button type="button" '
+            f'title="sort by {_e(full)}">{_e(label)}</button></th>')
+
+
+def _media_html(item: Media | None, row: dict) -> str:
+    if item is None:
+        return ""
+    parts = []
+    if item.edited:
+        videos = []
+        for src, poster, caption in ((item.source, item.source_poster, "source"),
+                                     (item.edited, item.edited_poster, row.get("edit"))):
+            if src:
+                videos.append(f'<figure><video src="{_e(src)}" poster="{_e(poster)}" controls loop muted playsinline '
+                              f'preload="none"></video><figcaption>{_e(caption)}</figcaption></figure>')
+        parts.append(f'<div class="pair">{"".join(videos)}</div>')
+    if item.sheet:
+        parts.append(f'<img class="sheet" src="{_e(item.sheet)}" loading="lazy" '
+                     f'alt="frames of {_e(row.get("key"))} / {_e(row.get("edit"))}">')
+    if item.note:
+        parts.append(f'<div class="note">{_e(item.note)}</div>')
+    return "".join(parts)
+
+
+def _number_cell(value: Any, digits: int) -> str:
+    """A numeric cell; its `data-v` is what the page sorts by (empty for a missing value)."""
+    ok_num = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return (f'<td class="num" data-v="{repr(float(value)) if ok_num else ""}">'
+            f'{_fmt(value, digits) if ok_num else "–"}</td>')
+
+
+def _row_html(i: int, row: dict, item: Media | None, columns: list[Column]) -> str:
+    """One (video, edit) of the sample table."""
+    failed = row.get("status") != "ok"
+    size = f"{row['frames']} fr · {row['width']}×{row['height']}" if row.get("frames") else ""
+    cells = [f'<td data-v="{_e(row.get("shard"))}/{_e(row.get("key"))}"><b>{_e(row.get("key"))}</b>'
+             f'<div class="small muted">{_e(row.get("shard"))}</div><div class="small muted">{_e(size)}</div></td>',
+             f'<td data-v="{_e(row.get("edit"))}">{_e(row.get("edit"))}'
+             f'<div class="prompt">{_e(row.get("prompt"))}</div></td>',
+             f'<td class="status" data-v="{_e(row.get("status"))}">{_e(row.get("status"))}</td>']
+    if failed:  # where the videos would be, so that it is seen next to the sample's name
+        cells.append(f'<td class="err">{_e(row.get("error") or "failed")}</td>')
+    else:
+        extra = f'<div class="err">metrics failed: {_e(row["metrics_error"])}</div>' if row.get("metrics_error") else ""
+        cells.append(f"<td>{_media_html(item, row)}{extra}</td>")
+    cells += [_number_cell(column.value(row), column.digits) for column in columns]
+    cls = ' class="failed"' if failed else ""
+    return (f'<tr data-i="{i}" data-key="{_e(row.get("key"))}" data-edit="{_e(row.get("edit"))}"{cls}>'
+            f'{"".join(cells)}</tr>')
+
+
+def _table_html(rows: list[dict], media: dict[int, Media]) -> str:
+    """One row per (video, edit): sample, edit and its prompt, media (or the error), metrics, times."""
+    columns = numeric_columns()
+    head = [_th("sample", "sample", "text"), _th("edit", "edit", "text"), _th("status", "status", "text"),
+            "<th>source | edit</th>", *[_th(c.name, c.header, "num") for c in columns]]
+    body = [_row_html(i, row, media.get(i), columns) for i, row in enumerate(rows)]
+    return (f'<div class="table-wrap"><table id="sample-table"><thead><tr>{"".join(head)}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _plots_html(rows: list[dict]) -> str:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return '<p class="muted">no successful edits to plot</p>'
+    labels = [f"{r['shard']}/{r['key']} {r['edit']}" for r in ok]
+    times = [{k: float((r.get("seconds") or {}).get(k) or 0.0) for k in STAGE_COLORS} for r in ok]
+    memory = [{"peak MB": float(r.get("peak_memory_mb") or 0.0)} for r in ok]
+    return ('<div class="plots">'
+            + svg_bars(times, labels, STAGE_COLORS, title="seconds per (video, edit), by stage", unit="s")
+            + svg_bars(memory, labels, {"peak MB": "#7f8fb0"}, title="peak memory per (video, edit)", unit="MB")
+            + "</div>")
+
+
+def render_report(out_dir: Path, summary: dict, rows: list[dict], media: dict[int, Media], *,
+                  as_videos: bool) -> str:
+    """The report page as one HTML string (everything inline but the media files).
+
+    `error_hook.js` runs first, in <head>: any script error or console.error lands in #js-errors,
+    visible on the page (and to tests reading the DOM).
+    """
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    ok_count = sum(r.get("status") == "ok" for r in rows)
+    media_note = ("source and edited videos side by side (they play together)" if as_videos else
+                  f"{ok_count} edits: contact sheets (source frames above edited frames) instead of videos")
+    play_all = '<button type="button" id="play-all">play all shown videos</button>' if as_videos and ok_count else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>vidbatch report: {_e(Path(out_dir).name)}</title>
+<style>
+{asset("report.css")}</style>
+<script>
+{asset("error_hook.js")}</script>
+</head><body>
+<main>
+<h1>vidbatch report</h1>
+<div class="muted"><code>{_e(Path(out_dir).resolve())}</code> · generated {_e(generated)} by vidbatch {_e(__version__)}
+ · model <code>{_e(summary.get("model"))}</code> · {_e(summary.get("method"))}</div>
+<div id="js-errors" hidden></div>
+<h2>Summary</h2>
+{_summary_html(summary)}
+<h2>Quality metrics</h2>
+{_metrics_html(summary)}
+<h2>Failures</h2>
+{_failures_html(summary)}
+<h2>Time and memory</h2>
+{_plots_html(rows)}
+<h2>Samples</h2>
+<div class="muted">{_e(media_note)}. Click a column header to sort; empty values sort last.</div>
+<div class="controls"><input type="search" id="filter" placeholder="filter: key, edit, prompt, error…" aria-label="filter rows">
+<label><input type="checkbox" id="only-failed"> failures only</label> {play_all}<span id="row-count" class="muted"></span></div>
+{_table_html(rows, media)}
+<h2>Run</h2>
+{_run_html(summary, out_dir)}
+</main>
+<script>
+{asset("report.js")}</script>
+</body></html>
+"""
+
+
+
+
+def write_report(out_dir: str | Path, summary: dict | None = None, *, max_videos: int = 50,
+                 max_sheets: int = 500, strict: bool = False) -> Path | None:
+    """Writes `OUT/report.html` and `OUT/report_media/` (both replaced atomically).
+
+    Args:
+        out_dir: a run's output folder.
+        summary: the run summary (read from `OUT/summary.json` when None).
+        max_videos: above this many successful edits, contact sheets replace the videos.
+        max_sheets: at most this many contact sheets (the first ones in table order).
+        strict: raise on failure. Otherwise (at the end of a run, whose outputs are complete
+            already) a failure is logged and None is returned.
+
+    Returns:
+        the report's path, or None when it could not be written and `strict` is False. A failed
+        write leaves no temporary file or folder behind.
+    """
+    out_dir = Path(out_dir)
+    try:
+        summary = summary if summary is not None else load_summary(out_dir)
+        rows = load_rows(out_dir, summary)
+        ok_count = sum(r.get("status") == "ok" for r in rows)
+        with atomic_directory(out_dir / MEDIA_DIR) as media_dir:
+            media = build_media(out_dir, summary, rows, media_dir, max_videos=max_videos, max_sheets=max_sheets)
+            page = render_report(out_dir, summary, rows, media, as_videos=ok_count <= max_videos)
+        path = out_dir / "report.html"
+        atomic_write(path, page)
+        log.info("report written to %s", path)
+        return path
+    except Exception as exc:
+        if strict:
+            raise
+        log.warning("report not written: %s: %s (rebuild it with `vidbatch report %s`)",
+                    type(exc).__name__, exc, out_dir)
+        return None
