@@ -615,7 +615,7 @@ def run_bench(model: str, methods: Sequence[str], frames: Sequence[int], *, size
     A measurement that fails (out of memory, say) yields a row with the pair, `error` and `error_type`
     instead of the figures. A model that cannot be loaded raises ModelLoadError.
     """
-    from vidbatch.config import parse_control
+    from vidbatch.config import resolve_control
 
     validate(methods, frames, size, steps, repeat)
     model_dir = _prepare_model(model)
@@ -625,7 +625,7 @@ def run_bench(model: str, methods: Sequence[str], frames: Sequence[int], *, size
                                   steps=steps, control=control, dtype=dtype, device=device,
                                   overrides=list(overrides)))
     clip_size = base.video.size or 512
-    if "controlnet" in parse_control(base.edit.control):
+    if "controlnet" in resolve_control(base.edit.method, base.edit.control):
         raise ConfigError("bench does not load a ControlNet: use --control none, pnp or sdedit")
     peak: tuple[float | None, str | None] = (None, None)
     with tempfile.TemporaryDirectory(prefix="vidbatch-bench-") as tmp:

@@ -23,6 +23,11 @@ from vidbatch.errors import ConfigError
 EDIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 METHODS = ("per-frame", "extended", "vidtome", "tokenflow", "vid2vid-zero")
 CONTROLS = ("none", "pnp", "sdedit", "controlnet")
+# What `edit.control: auto` means per method. vid2vid-zero ties the edit to the source with its own
+# null-text inversion and prompt-to-prompt (its authors stack no PnP on it); the other methods are
+# PnP-based, as in VidToMe and TokenFlow.
+AUTO_CONTROL = {"vid2vid-zero": "none"}
+AUTO_CONTROL_DEFAULT = "pnp"
 
 
 def parse_control(text: str) -> frozenset[str]:
@@ -30,9 +35,24 @@ def parse_control(text: str) -> frozenset[str]:
     parts = [p.strip() for p in text.split("+")]
     unknown = [p for p in parts if p not in CONTROLS]
     if unknown or ("none" in parts and len(parts) > 1) or len(set(parts)) != len(parts):
-        raise ConfigError(f"config key 'edit.control' must be one of {', '.join(CONTROLS)} or several joined by '+' "
-                          f"(e.g. 'pnp+controlnet'), got {text!r}")
+        raise ConfigError(f"config key 'edit.control' must be 'auto', one of {', '.join(CONTROLS)} or several "
+                          f"joined by '+' (e.g. 'pnp+controlnet'), got {text!r}")
     return frozenset(p for p in parts if p != "none")
+
+
+def resolve_control_name(method: str, control: str) -> str:
+    """`edit.control` with `auto` replaced by the method's control (`none` for vid2vid-zero, else `pnp`).
+
+    The one place `auto` is resolved; an explicit value (e.g. `pnp` with vid2vid-zero) is kept as given.
+    """
+    if control.strip() != "auto":
+        return control
+    return AUTO_CONTROL.get(method, AUTO_CONTROL_DEFAULT)
+
+
+def resolve_control(method: str, control: str) -> frozenset[str]:
+    """The controls an edit with `method` gets from `edit.control` (`auto` resolved per method); see `parse_control`."""
+    return parse_control(resolve_control_name(method, control))
 
 
 def _key(default: Any, *, choices: list | None = None, minimum: float | None = None,
@@ -79,8 +99,9 @@ class VideoConfig:
 @dataclass
 class EditConfig:
     method: str = _key("vidtome", choices=list(METHODS), help="how self-attention sees the other frames")
-    control: str = _key("pnp", help="ties the edit to the source: none, pnp, sdedit, controlnet, or several "
-                                    "joined by '+' (e.g. pnp+controlnet)")
+    control: str = _key("auto", help="ties the edit to the source: none, pnp, sdedit, controlnet, or several "
+                                     "joined by '+' (e.g. pnp+controlnet); 'auto': none for vid2vid-zero (its "
+                                     "own inversion and prompt-to-prompt), pnp for the other methods")
     steps: int = _key(50, minimum=1, maximum=1000, help="DDIM denoising steps")
     guidance: float = _key(7.5, minimum=0, help="classifier-free guidance scale")
     seed: int = _key(0, minimum=0, help="seed; with the sample key and edit name it fixes every random choice")
@@ -319,7 +340,7 @@ def _validate(config: Config) -> None:
         seen.add(edit.name)
         if not edit.prompt.strip():
             raise ConfigError(f"config key 'edits[{i}].prompt' is empty")
-    controls = parse_control(config.edit.control)
+    controls = resolve_control(config.edit.method, config.edit.control)
     if "controlnet" in controls and not config.controlnet.model:
         raise ConfigError("edit.control includes 'controlnet' but config key 'controlnet.model' is not set; "
                           "point it at a ControlNet folder or hub id")
