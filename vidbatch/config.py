@@ -133,22 +133,36 @@ class TokenFlowConfig:
                       help="tokenflow: weights of a frame's two keyframes by temporal distance; 'sigmoid' is TokenFlow's")
 
 
+# vid2vid-zero's dense spatio-temporal attention: the first transformer of the first down block, of the
+# mid block and of the first cross-attention up block (its authors' `st_attn_idx: 0`).
+V2VZ_DENSE_BLOCKS = ["down_blocks.0.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0"]
+# vid2vid-zero's share of the steps with prompt-to-prompt control per mode (its authors' test_vid2vid_zero.py:
+# AttentionReplace gets cross_replace_steps 0.8, AttentionRefine 0.4).
+V2VZ_CROSS_REPLACE = {"replace": 0.8, "refine": 0.4}
+
+
 @dataclass
 class Vid2VidZeroConfig:
     null_steps: int = _key(1, minimum=0, help="vid2vid-zero: Adam steps on the null embedding per denoising step; 0: no "
                                              "null-text optimisation (the empty prompt's embedding)")
     null_lr: float = _key(0.01, minimum=0, help="vid2vid-zero: Adam learning rate of the null-text optimisation")
     null_early_stop: float = _key(1e-5, minimum=0, help="vid2vid-zero: stop a step's optimisation below this loss")
+    null_uncond_ratio: float = _key(-0.5, minimum=-1, maximum=1,
+                                    help="vid2vid-zero: the steps that use the optimised null embeddings: r > 0 the "
+                                         "steps i <= r*steps, r < 0 the steps i >= (1+r)*steps (-0.5: the second "
+                                         "half); the other steps use the empty prompt's embedding")
     invert_with_prompt: bool = _key(False, help="vid2vid-zero: DDIM-invert with the source prompt instead of the empty one")
     cross_frame: bool = _key(True, help="vid2vid-zero: cross-frame self-attention; false: each frame alone")
-    dense_blocks: list[str] = _key(["down_blocks.0", "mid_block", "up_blocks.1"],
-                                   help="vid2vid-zero: blocks (module name prefixes) with dense attention over the "
-                                        "chunk; the others attend to the first and the previous frame")
+    dense_blocks: list[str] = _key(V2VZ_DENSE_BLOCKS,
+                                   help="vid2vid-zero: blocks (module names, or prefixes ending at a '.') with dense "
+                                        "attention over the chunk; the others attend to the first and the previous frame")
     p2p: str = _key("auto", choices=["auto", "replace", "refine", "none"],
                     help="vid2vid-zero: prompt-to-prompt cross-attention control; 'auto': replace when the source "
                          "and edit prompts have the same token count, else refine")
-    cross_replace: float = _key(0.8, minimum=0, maximum=1,
-                                help="vid2vid-zero: share of the steps whose cross-attention maps come from the source")
+    cross_replace: Union[float, Literal["auto"]] = _key(
+        "auto", minimum=0, maximum=1,
+        help="vid2vid-zero: share of the steps whose cross-attention maps come from the source; 'auto': 0.8 "
+             "for replace, 0.4 for refine (vid2vid-zero's)")
 
 
 @dataclass
