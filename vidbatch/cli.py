@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--frames", type=int, nargs="+", default=[32], help="frame counts to measure (default: 32)")
     bench.add_argument("--methods", nargs="+", default=None, help="editing methods (default: all)")
     bench.add_argument("--steps", type=int, default=None, help="DDIM steps, inversion and edit (default: edit.steps, 50)")
-    bench.add_argument("--control", default=None, help="none, pnp or sdedit (default: edit.control, pnp)")
+    bench.add_argument("--control", default=None, help="none, pnp or sdedit (default: edit.control, auto: pnp, none for vid2vid-zero)")
     bench.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
     bench.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: auto)")
     bench.add_argument("--compile", action="store_true", help="torch.compile the UNet (compile time is reported apart)")

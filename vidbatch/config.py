@@ -24,6 +24,11 @@ from vidbatch.errors import ConfigError
 EDIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 METHODS = ("per-frame", "extended", "vidtome", "tokenflow", "vid2vid-zero")
 CONTROLS = ("none", "pnp", "sdedit", "controlnet")
+# What `edit.control: auto` means per method. vid2vid-zero ties the edit to the source with its own
+# null-text inversion and prompt-to-prompt (its authors stack no PnP on it); the other methods are
+# PnP-based, as in VidToMe and TokenFlow.
+AUTO_CONTROL = {"vid2vid-zero": "none"}
+AUTO_CONTROL_DEFAULT = "pnp"
 
 
 def parse_control(text: str) -> frozenset[str]:
@@ -31,9 +36,24 @@ def parse_control(text: str) -> frozenset[str]:
     parts = [p.strip() for p in text.split("+")]
     unknown = [p for p in parts if p not in CONTROLS]
     if unknown or ("none" in parts and len(parts) > 1) or len(set(parts)) != len(parts):
-        raise ConfigError(f"config key 'edit.control' must be one of {', '.join(CONTROLS)} or several joined by '+' "
-                          f"(e.g. 'pnp+controlnet'), got {text!r}")
+        raise ConfigError(f"config key 'edit.control' must be 'auto', one of {', '.join(CONTROLS)} or several "
+                          f"joined by '+' (e.g. 'pnp+controlnet'), got {text!r}")
     return frozenset(p for p in parts if p != "none")
+
+
+def resolve_control_name(method: str, control: str) -> str:
+    """`edit.control` with `auto` replaced by the method's control (`none` for vid2vid-zero, else `pnp`).
+
+    The one place `auto` is resolved; an explicit value (e.g. `pnp` with vid2vid-zero) is kept as given.
+    """
+    if control.strip() != "auto":
+        return control
+    return AUTO_CONTROL.get(method, AUTO_CONTROL_DEFAULT)
+
+
+def resolve_control(method: str, control: str) -> frozenset[str]:
+    """The controls an edit with `method` gets from `edit.control` (`auto` resolved per method); see `parse_control`."""
+    return parse_control(resolve_control_name(method, control))
 
 
 def _key(default: Any, *, choices: list | None = None, minimum: float | None = None,
@@ -80,8 +100,9 @@ class VideoConfig:
 @dataclass
 class EditConfig:
     method: str = _key("vidtome", choices=list(METHODS), help="how self-attention sees the other frames")
-    control: str = _key("pnp", help="ties the edit to the source: none, pnp, sdedit, controlnet, or several "
-                                    "joined by '+' (e.g. pnp+controlnet)")
+    control: str = _key("auto", help="ties the edit to the source: none, pnp, sdedit, controlnet, or several "
+                                     "joined by '+' (e.g. pnp+controlnet); 'auto': none for vid2vid-zero (its "
+                                     "own inversion and prompt-to-prompt), pnp for the other methods")
     steps: int = _key(50, minimum=1, maximum=1000, help="DDIM denoising steps")
     guidance: float = _key(7.5, minimum=0, help="classifier-free guidance scale")
     seed: int = _key(0, minimum=0, help="seed; with the sample key and edit name it fixes every random choice")
@@ -117,22 +138,36 @@ class TokenFlowConfig:
                              "and next keyframe by position (the paper's description)")
 
 
+# vid2vid-zero's dense spatio-temporal attention: the first transformer of the first down block, of the
+# mid block and of the first cross-attention up block (its authors' `st_attn_idx: 0`).
+V2VZ_DENSE_BLOCKS = ["down_blocks.0.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0"]
+# vid2vid-zero's share of the steps with prompt-to-prompt control per mode (its authors' test_vid2vid_zero.py:
+# AttentionReplace gets cross_replace_steps 0.8, AttentionRefine 0.4).
+V2VZ_CROSS_REPLACE = {"replace": 0.8, "refine": 0.4}
+
+
 @dataclass
 class Vid2VidZeroConfig:
     null_steps: int = _key(1, minimum=0, help="vid2vid-zero: Adam steps on the null embedding per denoising step; 0: no "
                                              "null-text optimisation (the empty prompt's embedding)")
     null_lr: float = _key(0.01, minimum=0, help="vid2vid-zero: Adam learning rate of the null-text optimisation")
     null_early_stop: float = _key(1e-5, minimum=0, help="vid2vid-zero: stop a step's optimisation below this loss")
+    null_uncond_ratio: float = _key(-0.5, minimum=-1, maximum=1,
+                                    help="vid2vid-zero: the steps that use the optimised null embeddings: r > 0 the "
+                                         "steps i <= r*steps, r < 0 the steps i >= (1+r)*steps (-0.5: the second "
+                                         "half); the other steps use the empty prompt's embedding")
     invert_with_prompt: bool = _key(False, help="vid2vid-zero: DDIM-invert with the source prompt instead of the empty one")
     cross_frame: bool = _key(True, help="vid2vid-zero: cross-frame self-attention; false: each frame alone")
-    dense_blocks: list[str] = _key(["down_blocks.0", "mid_block", "up_blocks.1"],
-                                   help="vid2vid-zero: blocks (module name prefixes) with dense attention over the "
-                                        "chunk; the others attend to the first and the previous frame")
+    dense_blocks: list[str] = _key(V2VZ_DENSE_BLOCKS,
+                                   help="vid2vid-zero: blocks (module names, or prefixes ending at a '.') with dense "
+                                        "attention over the chunk; the others attend to the first and the previous frame")
     p2p: str = _key("auto", choices=["auto", "replace", "refine", "none"],
                     help="vid2vid-zero: prompt-to-prompt cross-attention control; 'auto': replace when the source "
                          "and edit prompts have the same token count, else refine")
-    cross_replace: float = _key(0.8, minimum=0, maximum=1,
-                                help="vid2vid-zero: share of the steps whose cross-attention maps come from the source")
+    cross_replace: Union[float, Literal["auto"]] = _key(
+        "auto", minimum=0, maximum=1,
+        help="vid2vid-zero: share of the steps whose cross-attention maps come from the source; 'auto': 0.8 "
+             "for replace, 0.4 for refine (vid2vid-zero's)")
 
 
 @dataclass
@@ -326,7 +361,7 @@ def _validate(config: Config) -> None:
         seen.add(edit.name)
         if not edit.prompt.strip():
             raise ConfigError(f"config key 'edits[{i}].prompt' is empty")
-    controls = parse_control(config.edit.control)
+    controls = resolve_control(config.edit.method, config.edit.control)
     if "controlnet" in controls and not config.controlnet.model:
         raise ConfigError("edit.control includes 'controlnet' but config key 'controlnet.model' is not set; "
                           "point it at a ControlNet folder or hub id")

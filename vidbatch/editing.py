@@ -20,7 +20,7 @@ from torch import Tensor
 
 from vidbatch import ddim, memory
 from vidbatch.attention import MergeSettings, apply_patch, remove_patch
-from vidbatch.config import TokenFlowConfig, Vid2VidZeroConfig, parse_control
+from vidbatch.config import TokenFlowConfig, Vid2VidZeroConfig, resolve_control
 from vidbatch.controls import PnpResidualInjector, condition_tensor
 from vidbatch.errors import ConfigError
 from vidbatch.inversion_cache import InversionCache, inversion_key
@@ -33,7 +33,7 @@ class EditorSettings:
     """What the engine needs to know; built by the application from the run config."""
 
     method: str = "per-frame"
-    control: str = "none"                     # one of config.CONTROLS, or several joined by '+'
+    control: str = "none"                     # one of config.CONTROLS, several joined by '+', or "auto" (per method)
     merge: MergeSettings = field(default_factory=MergeSettings)
     pnp_f_t: float = 0.8
     pnp_attn_t: float = 0.5
@@ -199,7 +199,7 @@ class VideoEditor:
         then required, since it is part of every key. `controlnet` is needed by the `controlnet` control."""
         if cache is not None and not model_identity:
             raise ValueError("an inversion cache needs the model's identity (vidbatch.models.model_fingerprint)")
-        self.controls = parse_control(settings.control)
+        self.controls = resolve_control(settings.method, settings.control)
         if ("controlnet" in self.controls) != (controlnet is not None):
             raise ValueError("edit.control includes 'controlnet' exactly when a ControlNet model is given")
         self.controlnet = controlnet

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from vidbatch.attention import MergeSettings
-from vidbatch.config import Config, EditSpec, parse_control
+from vidbatch.config import Config, EditSpec, resolve_control, resolve_control_name
 from vidbatch.controls import canny_frames, load_controlnet
 from vidbatch.core.paths import looks_like_path
 from vidbatch.core.rows import STATUS_OK, EditRow
@@ -105,7 +105,7 @@ class ShardDataset(IterableDataset):
     def control_frames(self, sample: InputSample, frames: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """The ControlNet condition of a sample, or the reason it has none: (images, error)."""
         c = self.config.controlnet
-        if "controlnet" not in parse_control(self.config.edit.control):
+        if "controlnet" not in resolve_control(self.config.edit.method, self.config.edit.control):
             return None, None
         if c.condition == "canny":
             return canny_frames(frames, c.canny_low, c.canny_high), None
@@ -164,7 +164,7 @@ class VideoEditModule(L.LightningModule):
         # A plain attribute, not a submodule: the editor places the weights itself and Lightning
         # must not move or wrap them.
         controlnet = None
-        if "controlnet" in parse_control(config.edit.control):
+        if "controlnet" in resolve_control(config.edit.method, config.edit.control):
             controlnet = load_controlnet(config.controlnet.model, dtype=dtype, device=self.target_device)
         object.__setattr__(self, "editor",
                            VideoEditor(pipe, self.editor_settings(config), cache, identity, controlnet))
@@ -175,7 +175,8 @@ class VideoEditModule(L.LightningModule):
         m = config.merge
         budget = config.runtime.max_memory_gb
         return EditorSettings(
-            method=config.edit.method, control=config.edit.control, steps=config.edit.steps,
+            method=config.edit.method, control=resolve_control_name(config.edit.method, config.edit.control),
+            steps=config.edit.steps,
             inversion_steps=config.inversion.steps, guidance=config.edit.guidance,
             negative_prompt=config.edit.negative_prompt, eta=config.edit.eta, strength=config.edit.strength,
             chunk_size=m.chunk_size, chunk_order=m.chunk_order,

@@ -8,13 +8,16 @@ Three parts, each switchable in the `vid2vid_zero:` config section:
   current latent lands on the inverted latent of the next step (:func:`optimise_null_embeddings`).
   One embedding per step, shared by all frames, stored in the inversion cache with the trajectory
   (`Inversion.extras["null_embeddings"]`, (S, 77, C)). The edit uses it as its unconditional
-  embedding (`edit.negative_prompt` is not used). `null_steps: 0` keeps the empty prompt's embedding.
+  embedding in the steps `null_uncond_ratio` selects (:func:`uses_null_embedding`; by default the second
+  half), the empty prompt's in the others (`edit.negative_prompt` is not used). `null_steps: 0` keeps the
+  empty prompt's embedding. The optimisation runs in float32 whatever the model's dtype.
 - **Cross-frame attention** (:class:`CrossFrameProcessor`): in the `dense_blocks` self-attention
   is dense over the chunk's frames (spatio-temporal); elsewhere every frame attends to the first
   and the previous frame of the video. Frame 0's and the last frame's attention inputs are kept
   per block for the step, so chunks see across their borders (the chunks run in order, `seq`).
 - **Prompt-to-prompt** (:class:`PromptToPromptProcessor`): a source branch (branch 0: the inverted
-  latent of the step with the source prompt) runs for the first `cross_replace` share of the steps;
+  latent of the step with the source prompt) runs for the first `int(cross_replace * (steps + 1))` steps
+  (:func:`cross_replace_share`: by default 0.8 for replace, 0.4 for refine);
   the edit branch's cross-attention maps are replaced by the source branch's ("replace", when the
   prompts have the same token count) or, for the words the prompts share, mapped through a token
   alignment ("refine", :func:`refine_mapping`).
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from vidbatch import ddim
 from vidbatch.attention import _attend, _transformer_blocks
+from vidbatch.config import V2VZ_CROSS_REPLACE
 from vidbatch.controls import pnp_attention_blocks
 from vidbatch.editing import Inversion, MethodHooks
 from vidbatch.errors import ConfigError
@@ -46,11 +50,13 @@ __all__ = [
     "Vid2VidZeroHooks",
     "Vid2VidZeroState",
     "apply_vid2vid_zero",
+    "cross_replace_share",
     "optimise_null_embeddings",
     "p2p_mode",
     "refine_mapping",
     "remove_vid2vid_zero",
     "replace_maps",
+    "uses_null_embedding",
 ]
 
 log = logging.getLogger("vidbatch")
@@ -76,7 +82,12 @@ def p2p_mode(mode: str, source_ids: list[int], edit_ids: list[int]) -> str:
 
 
 def refine_mapping(source_ids: list[int], edit_ids: list[int], length: int = 77) -> tuple[Tensor, Tensor]:
-    """Which source token's map each edit token takes: a longest-common-subsequence alignment of the ids.
+    """Which source token's map each edit token takes: prompt-to-prompt's global alignment of the ids.
+
+    The alignment is prompt-to-prompt's (vid2vid-zero's ``seq_aligner.get_mapper``): Needleman-Wunsch with
+    gap 0, match 1, mismatch -1, traced back from the ends of both prompts preferring, on ties, to leave
+    the edit token unmatched, then to skip the source token, then to pair them. Where a token id repeats,
+    this tie rule decides which occurrences pair up.
 
     Args:
         source_ids, edit_ids: the prompts' token ids with their start and end tokens, no padding.
@@ -84,32 +95,37 @@ def refine_mapping(source_ids: list[int], edit_ids: list[int], length: int = 77)
 
     Returns:
         ``mapper`` (length,) int64: for every edit position, a source position; ``alphas`` (length,)
-        float32: 1 where the edit token is a shared word (or padding, aligned with the source's
-        padding), 0 for new words, which keep their own maps.
+        float32: 1 where the edit token is paired with a source token, 0 for new words, which keep their
+        own maps (their ``mapper`` entry is their own position, weighted 0; the reference writes -1 there,
+        the last position, also weighted 0). Positions after the edit prompt (padding) take the source's
+        same position with weight 1, as in the reference.
     """
     n, m = len(source_ids), len(edit_ids)
     if n > length or m > length:
         raise ValueError(f"token sequences of {n} and {m} exceed the length {length}")
-    # lcs[i][j]: the longest common subsequence of source_ids[i:] and edit_ids[j:].
-    lcs = np.zeros((n + 1, m + 1), dtype=np.int64)
-    for i in range(n - 1, -1, -1):
-        for j in range(m - 1, -1, -1):
-            lcs[i, j] = lcs[i + 1, j + 1] + 1 if source_ids[i] == edit_ids[j] else max(lcs[i + 1, j], lcs[i, j + 1])
+    left, up, diagonal = 1, 2, 3
+    score = np.zeros((n + 1, m + 1), dtype=np.int64)          # gap 0: the first row and column stay 0
+    trace = np.zeros((n + 1, m + 1), dtype=np.int64)
+    trace[0, 1:], trace[1:, 0] = left, up
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            moves = (score[i, j - 1], score[i - 1, j],
+                     score[i - 1, j - 1] + (1 if source_ids[i - 1] == edit_ids[j - 1] else -1))
+            best = max(moves)
+            score[i, j] = best
+            trace[i, j] = left if moves[0] == best else up if moves[1] == best else diagonal
     mapper = torch.arange(length)
-    alphas = torch.zeros(length)
-    i = j = 0
-    while i < n and j < m:
-        if source_ids[i] == edit_ids[j]:
-            mapper[j], alphas[j] = i, 1.0
-            i, j = i + 1, j + 1
-        elif lcs[i + 1, j] >= lcs[i, j + 1]:
-            i += 1
+    alphas = torch.ones(length)
+    i, j = n, m
+    while i > 0 or j > 0:
+        if trace[i, j] == diagonal:
+            i, j = i - 1, j - 1
+            mapper[j] = i
+        elif trace[i, j] == left:
+            j -= 1
+            alphas[j] = 0.0                                    # an edit token without a source partner
         else:
-            j += 1
-    # Padding after the prompts: the edit's k-th padding position takes the source's k-th.
-    pad = torch.arange(m, length)
-    mapper[m:] = (pad - m + n).clamp(max=length - 1)
-    alphas[m:] = 1.0
+            i -= 1
     return mapper, alphas
 
 
@@ -128,6 +144,33 @@ def replace_maps(source: Tensor, edit: Tensor, mode: str, mapper: Tensor | None 
     raise ValueError(f"unknown prompt-to-prompt mode {mode!r}")
 
 
+def cross_replace_share(cross_replace: float | str, mode: str) -> float:
+    """The share of the steps with prompt-to-prompt control: a number as given, ``auto`` vid2vid-zero's per mode.
+
+    vid2vid-zero's ``test_vid2vid_zero.py`` gives AttentionReplace ``cross_replace_steps=0.8`` and
+    AttentionRefine 0.4 (its ``self_replace_steps``); 0 for ``none``.
+    """
+    if mode == "none":
+        return 0.0
+    if cross_replace == "auto":
+        return V2VZ_CROSS_REPLACE[mode]
+    if isinstance(cross_replace, str):
+        raise ConfigError(f"vid2vid_zero.cross_replace must be a number in [0, 1] or 'auto', got {cross_replace!r}")
+    return float(cross_replace)
+
+
+def uses_null_embedding(step: int, num_steps: int, ratio: float) -> bool:
+    """Whether denoising step `step` (0 = noisiest) of `num_steps` uses the optimised null embedding.
+
+    vid2vid-zero's ``null_uncond_ratio`` (its pipeline, literally): ``ratio > 0``: the steps
+    ``step <= num_steps * ratio``; ``ratio <= 0``: the steps ``step >= num_steps * (1 + ratio)``, so -0.5 (its
+    configs') is the second half and 0 none. The other steps use the empty prompt's embedding.
+    """
+    if ratio > 0:
+        return not step > num_steps * ratio
+    return not step < num_steps * (1 + ratio)
+
+
 # ---------------------------------------------------------------------------------------------
 # Null-text inversion
 
@@ -144,6 +187,17 @@ def optimise_null_embeddings(editor, inversion: Inversion, prompt: str, *, steps
     bounded by the batch. The learning rate decays linearly to half over the steps (Mokady et al.'s
     ``lr * (1 - k / 100)`` for 50 steps). The UNet stays stock (per-frame attention), as in vid2vid-zero.
 
+    Precision: the whole optimisation runs in float32 whatever the model's dtype, as vid2vid-zero's does
+    (its UNet stays float32). In float16 the UNet's backward pass underflows: the loss is a mean over every
+    latent value of the video, so the gradient reaching the UNet is ~2*error/numel, below float16's
+    smallest value on the late, low-error steps (most of the embedding's gradient is 0 there); in float16 and
+    bfloat16 the surviving gradients are so coarse that Adam, which normalises them entry by entry, follows
+    rounding noise. Keeping only the embedding or the loss in float32 does not help: the gradient is made
+    inside the UNet. So the UNet's weights are cast to float32 for the optimisation and back afterwards
+    (lossless: float16 and bfloat16 values are exactly representable in float32), which costs the float32
+    weights' memory during the optimisation (+1.7 GB for SD 1.5 in float16) and float32 speed.
+
+
     Args:
         editor: the :class:`vidbatch.editing.VideoEditor` (its UNet, schedule, guidance, batch size).
         inversion: the DDIM inversion; its ``timesteps`` are the edit's.
@@ -158,7 +212,19 @@ def optimise_null_embeddings(editor, inversion: Inversion, prompt: str, *, steps
     # Lightning predicts under inference mode, where no graph can be built: leave it for the
     # optimisation, and work on ordinary copies of the tensors made in it (`_copy`).
     with torch.inference_mode(False):
-        return _optimise_null_embeddings(editor, inversion, prompt, steps, lr, early_stop)
+        if steps == 0 or editor.dtype == torch.float32:
+            return _optimise_null_embeddings(editor, inversion, prompt, steps, lr, early_stop)
+        model_dtype = editor.dtype
+        # Embedded before the switch: the editor's text cache must keep the model's dtype.
+        editor.text_embedding(""), editor.text_embedding(prompt)
+        try:
+            editor.unet.to(torch.float32)
+            editor.dtype = torch.float32        # `editor._unet` casts its inputs to this
+            nulls = _optimise_null_embeddings(editor, inversion, prompt, steps, lr, early_stop)
+        finally:
+            editor.unet.to(model_dtype)
+            editor.dtype = model_dtype
+        return nulls.to(model_dtype)
 
 
 def _copy(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
@@ -175,7 +241,7 @@ def _optimise_null_embeddings(editor, inversion: Inversion, prompt: str, steps: 
     if steps == 0:
         return null.expand(num_steps, -1, -1).to(editor.dtype).cpu().contiguous()
     guidance, kind = editor.settings.guidance, editor.prediction_type
-    cond = _copy(editor.text_embedding(prompt), device)
+    cond = _copy(editor.text_embedding(prompt), device, editor.dtype)
     alphas, final = editor._alphas()
     timesteps = _copy(inversion.timesteps, device)
     alpha_t, alpha_prev = ddim.alphas_for(_copy(alphas, device), _copy(final, device), timesteps)
@@ -440,6 +506,7 @@ class Vid2VidZeroHooks(MethodHooks):
         self.state: Vid2VidZeroState | None = None
         self.device: torch.device | None = None
         self.replace_steps = 0   # steps with prompt-to-prompt control (and the source branch)
+        self.empty: Tensor | None = None   # (1, L, C) the empty prompt's embedding (steps without null embeddings)
 
     @property
     def config(self):
@@ -470,7 +537,11 @@ class Vid2VidZeroHooks(MethodHooks):
         if mode == "refine":
             mapper, alphas = refine_mapping(source_ids, edit_ids, tokenizer.model_max_length)
             mapper, alphas = mapper.to(self.device), alphas.to(self.device)
-        self.replace_steps = int(self.settings.steps * c.cross_replace) if mode != "none" else 0
+        # vid2vid-zero (prompt-to-prompt's get_time_words_attention_alpha): its alpha table has steps + 1 rows and
+        # the first int(share * (steps + 1)) are 1: 40 of 50 steps at 0.8, 6 of 7.
+        share = cross_replace_share(c.cross_replace, mode)
+        self.replace_steps = min(int(share * (self.settings.steps + 1)), self.settings.steps)
+        self.empty = editor.text_embedding("")
         self.state = apply_vid2vid_zero(editor.unet, c.cross_frame, c.dense_blocks)
         self.state.p2p, self.state.mapper, self.state.alphas = mode, mapper, alphas
         return self.state
@@ -489,6 +560,8 @@ class Vid2VidZeroHooks(MethodHooks):
         nulls = inversion.extras.get("null_embeddings")
         if nulls is None:  # an inversion made without these hooks (plain `invert`): the negative prompt
             return default
+        if not uses_null_embedding(step, len(nulls), self.config.null_uncond_ratio):
+            return self.empty.to(self.device, default.dtype)
         return nulls[step:step + 1].to(self.device, default.dtype)
 
     def begin_step(self, step: int, num_frames: int, predict, generator: torch.Generator) -> None:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vidbatch import __version__
-from vidbatch.config import Config
+from vidbatch.config import Config, resolve_control_name
 from vidbatch.core.atomic import atomic_write
 from vidbatch.errors import VidbatchError
 from vidbatch.metrics import get_metric, metric_keys
@@ -140,7 +140,7 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
         "model": config.model.id,
         "loras": [{"path": l.path, "scale": l.scale} for l in config.model.loras],
         "method": config.edit.method,
-        "control": config.edit.control,
+        "control": resolve_control_name(config.edit.method, config.edit.control),   # "auto" resolved
         "config_hash": config.digest(),
         "model_version": {
             "id": config.model.id,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 from rich.console import Console
 
 from vidbatch import tiny_model
-from vidbatch.config import METHODS, parse_control
+from vidbatch.config import METHODS, resolve_control
 from vidbatch.errors import ConfigError, ModelLoadError
 from vidbatch.tools.bench.measure import measure_safely
 from vidbatch.tools.bench.spec import CLIP_FPS, BenchSpec, bench_config
@@ -120,7 +120,7 @@ def run_bench(model: str, methods: Sequence[str], frames: Sequence[int], *, size
                                   steps=steps, control=control, dtype=dtype, device=device,
                                   overrides=list(overrides)))
     clip_size = base.video.size or 512
-    if "controlnet" in parse_control(base.edit.control):
+    if "controlnet" in resolve_control(base.edit.method, base.edit.control):
         raise ConfigError("bench does not load a ControlNet: use --control none, pnp or sdedit")
     peak: tuple[float | None, str | None] = (None, None)
     with tempfile.TemporaryDirectory(prefix="vidbatch-bench-") as tmp:
