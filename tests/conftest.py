@@ -34,7 +34,7 @@ def hermetic_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory) -> dict[str, Path]:
     """Short generated clips in several containers: name -> path."""
-    from vidbatch.video_io import make_test_video
+    from vidbatch.io.video import make_test_video
 
     folder = tmp_path_factory.mktemp("clips")
     made = {
@@ -98,7 +98,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pipe():
     """The built-in tiny pipeline, loaded once per test module."""
-    from vidbatch.models import load_pipeline
+    from vidbatch.models.loading import load_pipeline
 
     return load_pipeline("tiny")
 

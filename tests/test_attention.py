@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from vidbatch.attention import (
+from vidbatch.engine.processors import (
     FrameAttentionState,
     FrameAttnProcessor,
     MergeSettings,
     apply_patch,
     remove_patch,
 )
-from vidbatch.errors import ConfigError
-from vidbatch.merge import join_frames, local_merge, split_frames
+from vidbatch.core.errors import ConfigError
+from vidbatch.engine.methods.merge import join_frames, local_merge, split_frames
 
 BRANCHES, FRAMES = 2, 4
 
@@ -347,7 +347,7 @@ def record_decisions(monkeypatch) -> list[tuple[str, object]]:
     """Wraps the merge functions the processors call; records every block's final destination frame
     (the frame all of whose tokens survive local merging) and global side (True: the global set was
     the source side, i.e. every local token survived). Works on any version of the processors."""
-    import vidbatch.attention as processors
+    import vidbatch.engine.processors as processors
 
     seen: list[tuple[str, object]] = []
     real_local, real_global = processors.local_merge, processors.global_merge
@@ -412,7 +412,7 @@ def test_merge_draws_are_made_in_begin_chunk_not_in_the_blocks(model):
         assert torch.equal(g.get_state(), drawn)
     assert len(state.draws.local_offsets) == 2 and state.draws.global_is_src is not None
     # The draws are the reference's, in its order: the local levels first (then the global side).
-    from vidbatch.merge import draw_local_offsets
+    from vidbatch.engine.methods.merge import draw_local_offsets
 
     state.begin_step()
     state.begin_chunk(8, BRANCHES, torch.Generator().manual_seed(0))
@@ -458,7 +458,7 @@ def test_proportional_attention_over_identical_frames_equals_extended_attention(
 
 def static_clip_pixels(pipe, proportional: bool) -> torch.Tensor:
     """12 identical 32x32 frames edited with VidToMe in 3 chunks of 4; decoded pixels in float grey levels."""
-    from vidbatch.editing import EditorSettings, VideoEditor
+    from vidbatch.engine.editor import EditorSettings, VideoEditor
 
     rng = np.random.default_rng(0)
     frame = np.kron(rng.integers(0, 255, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)

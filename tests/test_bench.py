@@ -14,8 +14,8 @@ from vidbatch.tools.bench.main import native_size
 from vidbatch.tools.bench.sampler import PeakMemory
 from vidbatch.tools.bench.spec import REQUIRED_FIELDS
 from vidbatch.tools.bench.tables import markdown_table
-from vidbatch.editing import EditorSettings, VideoEditor
-from vidbatch.models import load_pipeline
+from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.models.loading import load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_peak_memory_sees_a_large_allocation():
 
 
 def test_native_size_and_markdown(pipe, hermetic_cache):
-    from vidbatch.tiny_model import tiny_model_dir
+    from vidbatch.models.builtin import tiny_model_dir
 
     assert native_size(tiny_model_dir()) == 64
     assert native_size(None) is None

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vidbatch.config import Config, load_config, save_config
-from vidbatch.errors import ConfigError
+from vidbatch.config.schema import Config, load_config, save_config
+from vidbatch.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

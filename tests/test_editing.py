@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vidbatch.editing import EditorSettings, VideoEditor, chunk_schedule, sample_seed
-from vidbatch.inversion_cache import InversionCache
-from vidbatch.models import load_pipeline, model_fingerprint
+from vidbatch.engine.editor import EditorSettings, VideoEditor, chunk_schedule, sample_seed
+from vidbatch.engine.inversion_cache import InversionCache
+from vidbatch.models.loading import load_pipeline, model_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_finer_inversion_keeps_the_latents_at_the_edit_timesteps(pipe, method, m
     """`inversion.steps=20, edit.steps=10` edits with every method, and what the denoiser gets is the
     20-step inversion's latents at the 10 edit timesteps (as TokenFlow inverts with 500 steps and keeps
     the latents of its 50 edit steps)."""
-    from vidbatch.config import Vid2VidZeroConfig
+    from vidbatch.config.schema import Vid2VidZeroConfig
 
     frames = frames_of(4)
     extra = {"vid2vid_zero": Vid2VidZeroConfig(null_steps=1)} if method == "vid2vid-zero" else {}
@@ -190,7 +190,7 @@ def test_finer_inversion_through_the_cache_hit_equals_miss(pipe, tmp_path):
 
 
 def test_inversion_steps_that_do_not_nest_the_edit_steps_are_a_clear_error(pipe):
-    from vidbatch.errors import ConfigError
+    from vidbatch.core.errors import ConfigError
 
     frames = frames_of(6, count=2)
     with pytest.raises(ConfigError, match=r"inversion.steps \(30\).*edit.steps \(20\).*timestep_spacing.*40"):
@@ -202,8 +202,8 @@ def test_inversion_steps_that_do_not_nest_the_edit_steps_are_a_clear_error(pipe)
 def test_auto_chunk_counts_the_source_branch_of_each_method(pipe, monkeypatch):
     """The memory estimate sees the branches each method runs: the source branch with PnP, TokenFlow
     (every step) and vid2vid-zero (its prompt-to-prompt steps)."""
-    from vidbatch import memory
-    from vidbatch.config import Vid2VidZeroConfig
+    from vidbatch.engine import memory
+    from vidbatch.config.schema import Vid2VidZeroConfig
 
     seen = []
     real = memory.pick_chunk_size

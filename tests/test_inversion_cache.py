@@ -1,4 +1,4 @@
-"""Tests of vidbatch.inversion_cache: keys, round trips, corruption handling, concurrency, LRU eviction."""
+"""Tests of vidbatch.engine.inversion_cache: keys, round trips, corruption handling, concurrency, LRU eviction."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vidbatch.errors import ConfigError
-from vidbatch.inversion_cache import (
+from vidbatch.core.errors import ConfigError
+from vidbatch.engine.inversion_cache import (
     FORMAT_VERSION,
     InversionCache,
     cache_max_bytes,

@@ -1,4 +1,4 @@
-"""Unit tests of vidbatch.merge: bipartite matching, local and global merging, merge/unmerge."""
+"""Unit tests of vidbatch.engine.methods.merge: bipartite matching, local and global merging, merge/unmerge."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidbatch.merge import Merge, bipartite_match, global_merge, join_frames, local_merge, split_frames
+from vidbatch.engine.methods.merge import Merge, bipartite_match, global_merge, join_frames, local_merge, split_frames
 
 FRAME_COUNTS = [1, 2, 3, 5, 8, 17, 64]
 
@@ -291,7 +291,7 @@ def test_invalid_arguments_raise():
 
 
 def test_sizes_count_original_tokens_through_local_and_global_levels():
-    from vidbatch.merge import size_bias
+    from vidbatch.engine.methods.merge import size_bias
 
     torch.manual_seed(2)
     x = torch.randn(2, 8 * 6, 4)
@@ -315,7 +315,7 @@ def test_sizes_count_original_tokens_through_local_and_global_levels():
 
 @pytest.mark.parametrize("num_frames", [2, 4, 5, 8, 16, 17])
 def test_drawn_offsets_give_the_matching_drawn_inside(num_frames):
-    from vidbatch.merge import draw_global_side, draw_local_offsets
+    from vidbatch.engine.methods.merge import draw_global_side, draw_local_offsets
 
     x = torch.randn(2, num_frames * 3, 4)
     offsets = draw_local_offsets(num_frames, 4, gen(4))
@@ -367,7 +367,7 @@ def test_merge_decisions_match_the_reference_implementation():
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from vidbatch.attention import FrameAttentionState, FrameAttnProcessor, MergeSettings
+    from vidbatch.engine.processors import FrameAttentionState, FrameAttnProcessor, MergeSettings
 
     with safe_open(str(GOLDEN), "pt") as f:
         meta = json.loads(f.metadata()["description"])

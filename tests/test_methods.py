@@ -10,11 +10,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from vidbatch.attention import MergeSettings
-from vidbatch.controls import canny_frames, make_tiny_controlnet
-from vidbatch.editing import EditorSettings, VideoEditor
-from vidbatch.memory import estimate_chunk_bytes, pick_chunk_size
-from vidbatch.models import load_pipeline
+from vidbatch.engine.processors import MergeSettings
+from vidbatch.engine.controls import canny_frames, make_tiny_controlnet
+from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.engine.memory import estimate_chunk_bytes, pick_chunk_size
+from vidbatch.models.loading import load_pipeline
 from conftest import moving_frames
 
 
@@ -120,7 +120,7 @@ def test_controlnet_with_pnp(pipe, tmp_path):
 
 
 def test_v_prediction_model_edits(tmp_path):
-    from vidbatch.tiny_model import make_tiny_model
+    from vidbatch.models.builtin import make_tiny_model
 
     v_pipe = load_pipeline(str(make_tiny_model(tmp_path / "v", prediction_type="v_prediction")))
     assert v_pipe.scheduler.config.prediction_type == "v_prediction"
@@ -146,8 +146,8 @@ def test_auto_chunk_size_grows_with_the_budget(pipe):
 MEMORY_PROBE = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
-    from vidbatch.editing import EditorSettings, VideoEditor
-    from vidbatch.models import load_pipeline
+    from vidbatch.engine.editor import EditorSettings, VideoEditor
+    from vidbatch.models.loading import load_pipeline
     frames = int(sys.argv[1])
     rng = np.random.default_rng(0)
     video = rng.integers(0, 255, (frames, 128, 128, 3), dtype=np.uint8)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vidbatch import metrics
-from vidbatch.errors import ConfigError
+from vidbatch.core.errors import ConfigError
 from vidbatch.metrics import flow as flow_module
 from vidbatch.metrics import (
     ClipScorer,
@@ -317,7 +317,7 @@ def test_compute_metrics_not_computable_is_none(video, scorer):
 def test_registry_entries_and_config_agree():
     """Every metric has labels and a direction; the config's flow choices are the metrics' flows;
     a metric key cannot be registered twice."""
-    from vidbatch.config import MetricsConfig
+    from vidbatch.config.schema import MetricsConfig
 
     registered = metrics.registered_metrics()
     assert tuple(m.key for m in registered) == metrics.METRIC_KEYS == metrics.metric_keys()

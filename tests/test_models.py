@@ -1,4 +1,4 @@
-"""Tests of vidbatch.tiny_model and vidbatch.models: offline random-weight SD pipelines, loading, LoRA, fingerprint."""
+"""Tests of vidbatch.models.builtin and vidbatch.models.loading: offline random-weight SD pipelines, loading, LoRA, fingerprint."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidbatch import models, tiny_model
-from vidbatch.errors import ModelLoadError
-from vidbatch.models import LoraSpec, load_pipeline, model_fingerprint
+from vidbatch.models import loading as models
+
+from vidbatch.models import builtin as tiny_model
+from vidbatch.core.errors import ModelLoadError
+from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -404,7 +406,7 @@ def test_fingerprint_and_cache_are_shared_across_processes(tmp_path, lora_file):
     weights = tmp_path / "cache" / "models" / tiny_model.TINY_MODEL_VERSION / "unet"
     mtime = (weights / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     code = (
-        "import sys; from vidbatch.models import LoraSpec, load_pipeline, model_fingerprint as fp;"
+        "import sys; from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint as fp;"
         "s = [LoraSpec(sys.argv[1], 0.7)];"
         "print(fp(load_pipeline('tiny'))); print(fp(load_pipeline('tiny', loras=s), s))"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vidbatch import models
+from vidbatch.models import loading as models
 from vidbatch.metrics import clip
 from vidbatch.core.paths import looks_like_path
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import FAST, TINY, read_output, run_cli, video_sample, write_shard
-from vidbatch.video_io import decode_video, probe_video
+from vidbatch.io.video import decode_video, probe_video
 
 EDITS = 'edits=[{"name": "ink", "prompt": "{prompt}, ink drawing"}, {"name": "neon", "prompt": "neon glow"}]'
 
@@ -123,7 +123,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(tmp_path, clips):
 
 
 def test_bad_inputs_fail_their_rows_and_the_shard_goes_on(tmp_path, clips):
-    from vidbatch.video_io import make_test_video
+    from vidbatch.io.video import make_test_video
 
     data = clips["pattern"].read_bytes()
     one_frame = make_test_video(tmp_path / "one.mp4", seconds=0.125, fps=8, size=(64, 64))

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
-from vidbatch.attention import apply_patch, remove_patch
-from vidbatch.controls import PnpResidualInjector
-from vidbatch.tiny_model import sd15_random_config
+from vidbatch.engine.processors import apply_patch, remove_patch
+from vidbatch.engine.controls import PnpResidualInjector
+from vidbatch.models.builtin import sd15_random_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pnp_reference.json"
 BRANCHES, FRAMES, LATENT, TOKENS = 3, 2, 16, 8
@@ -41,7 +41,7 @@ TINY_QK_BLOCKS = frozenset(
 # --- models and inputs (the golden fixture was made with exactly these) -------------------------
 
 def sd15_layout_config() -> dict:
-    """SD 1.5's UNet config (vidbatch.tiny_model.sd15_random_config) with small widths.
+    """SD 1.5's UNet config (vidbatch.models.builtin.sd15_random_config) with small widths.
 
     Same block types, levels, layers per block, heads and resnet/attention structure; channels
     (32, 32, 64, 64) instead of (320, 640, 1280, 1280), cross-attention width 16, 16x16 latents.
@@ -251,7 +251,7 @@ def test_qk_injection_acts_in_the_reference_blocks_with_source_queries_and_keys(
 
 def test_pnp_attention_blocks_on_sd15_and_tiny_layouts(pipe):
     """SD 1.5's exact UNet (built on the meta device: no weights): the reference's 8; tiny: the rule's 5."""
-    from vidbatch.controls import pnp_attention_blocks
+    from vidbatch.engine.controls import pnp_attention_blocks
 
     with torch.device("meta"):
         sd15 = UNet2DConditionModel(**sd15_random_config()["unet"])
@@ -263,8 +263,8 @@ def test_pnp_attention_blocks_on_sd15_and_tiny_layouts(pipe):
 @pytest.mark.parametrize("method", ["per-frame", "tokenflow", "vid2vid-zero"])
 def test_every_method_patches_qk_injection_into_the_same_blocks(sd15_layout, method):
     """The three self-attention processor families take q/k injection in the reference's 8 blocks only."""
-    from vidbatch.tokenflow import apply_tokenflow, remove_tokenflow
-    from vidbatch.vid2vid_zero import apply_vid2vid_zero, remove_vid2vid_zero
+    from vidbatch.engine.methods.tokenflow import apply_tokenflow, remove_tokenflow
+    from vidbatch.engine.methods.vid2vid_zero import apply_vid2vid_zero, remove_vid2vid_zero
 
     apply, remove = {
         "per-frame": (lambda u: apply_patch(u, "per-frame"), remove_patch),

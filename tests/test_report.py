@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-import vidbatch.lightning_module as lm
+import vidbatch.batch.module as lm
 from conftest import FAST, TINY, read_output, run_cli, video_sample, write_shard
 from vidbatch.core.rows import DoneMarker
 from vidbatch.metrics import METRIC_KEYS, compute_metrics
@@ -28,7 +28,7 @@ from vidbatch.report import write_report
 from vidbatch.report.charts import MAX_BARS, _nice_ceiling, svg_bars
 from vidbatch.report.media import SHEET_FRAMES, SHEET_HEIGHT, contact_sheet
 from vidbatch.report.summary import distribution, print_summary
-from vidbatch.video_io import decode_video
+from vidbatch.io.video import decode_video
 
 EDITS = 'edits=[{"name": "ink", "prompt": "{prompt}, ink drawing"}, {"name": "neon", "prompt": "neon glow"}]'
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -326,7 +326,7 @@ def test_a_registered_metric_reaches_rows_summary_and_report(tmp_path):
     """One `register(Metric(...))` in this file, nothing else: the metric is computed with the
     others, gets its distribution in summary.json, its row in the console table, and its line and
     sortable column in the report."""
-    from vidbatch.config import load_config
+    from vidbatch.config.schema import load_config
     from vidbatch.metrics import Metric, metric_keys, register, unregister
     from vidbatch.report.summary import build_summary, write_summary
 

@@ -9,9 +9,9 @@ import pytest
 
 from conftest import FAST, TINY, read_output, run_cli, video_sample, write_shard
 from vidbatch.core.rows import STAGES, DoneMarker, EditRow, SampleRecord
-from vidbatch.errors import ConfigError
+from vidbatch.core.errors import ConfigError
 from vidbatch.metrics import METRIC_KEYS
-from vidbatch.shard_io import is_done, marker_path, read_done_marker
+from vidbatch.io.output_shards import is_done, marker_path, read_done_marker
 
 # The README's "Output (a contract)" section, written out: other tools read exactly these keys.
 CONTRACT_ROW_KEYS = ["key", "edit", "status", "error", "frames", "width", "height", "fps", "prompt",
@@ -104,7 +104,7 @@ def test_a_file_that_is_not_a_marker_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One good and one undecodable video, two edits, through the CLI (a few seconds)."""
-    from vidbatch.video_io import make_test_video
+    from vidbatch.io.video import make_test_video
 
     root = tmp_path_factory.mktemp("rows")
     clip = make_test_video(root / "clip.mp4", seconds=0.5, fps=8, size=(48, 32))

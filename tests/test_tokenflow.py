@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from vidbatch import tokenflow
-from vidbatch.config import TokenFlowConfig, load_config
-from vidbatch.editing import EditorSettings, VideoEditor
+from vidbatch.engine.methods import tokenflow
+from vidbatch.config.schema import TokenFlowConfig, load_config
+from vidbatch.engine.editor import EditorSettings, VideoEditor
 
-from vidbatch.tokenflow import (
+from vidbatch.engine.methods.tokenflow import (
     TokenFlowProcessor,
     TokenFlowState,
     keyframe_attention,
@@ -237,7 +237,7 @@ def test_still_video_edits_to_identical_frames(pipe):
 
 
 def test_config_reaches_the_engine():
-    from vidbatch.lightning_module import VideoEditModule
+    from vidbatch.batch.module import VideoEditModule
 
     config = load_config(None, ["edit.method=tokenflow", "tokenflow.batch_size=4", "tokenflow.blend=linear"])
     settings = VideoEditModule.editor_settings(config)
@@ -372,7 +372,7 @@ def test_propagation_matches_the_reference_implementation():
 
     from safetensors.torch import load_file
 
-    from vidbatch.tokenflow import blend_weights
+    from vidbatch.engine.methods.tokenflow import blend_weights
 
     ref = load_file(str(Path(__file__).parent / "fixtures" / "tokenflow_reference_propagation.safetensors"))
     features, keyframes, outputs = ref["features"], ref["keyframes"], ref["keyframe_outputs"]
@@ -397,7 +397,7 @@ def test_propagation_matches_the_reference_implementation():
 def test_auto_chunk_counts_the_source_branch_and_the_keyframe_pass(pipe, monkeypatch, caplog):
     """TokenFlow runs the source branch in every step (3 branches without PnP too), and its keyframe
     pass is one UNet call on ceil(T / batch_size) keyframes whose records stay during propagation."""
-    from vidbatch import memory
+    from vidbatch.engine import memory
 
     seen = {}
     real = memory.pick_chunk_size
@@ -436,8 +436,8 @@ def test_reference_pairing_is_the_default_and_reproduces_the_reference():
 
     from safetensors.torch import load_file
 
-    from vidbatch.config import TokenFlowConfig as Settings
-    from vidbatch.tokenflow import reference_neighbours
+    from vidbatch.config.schema import TokenFlowConfig as Settings
+    from vidbatch.engine.methods.tokenflow import reference_neighbours
 
     assert Settings().pairing == "reference"
     ref = load_file(str(Path(__file__).parent / "fixtures" / "tokenflow_reference_propagation.safetensors"))

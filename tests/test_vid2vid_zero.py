@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from vidbatch.config import Vid2VidZeroConfig, load_config
-from vidbatch.editing import EditorSettings, VideoEditor
-from vidbatch.errors import ConfigError
-from vidbatch.inversion_cache import InversionCache
-from vidbatch.models import model_fingerprint
-from vidbatch.vid2vid_zero import (
+from vidbatch.config.schema import Vid2VidZeroConfig, load_config
+from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.core.errors import ConfigError
+from vidbatch.engine.inversion_cache import InversionCache
+from vidbatch.models.loading import model_fingerprint
+from vidbatch.engine.methods.vid2vid_zero import (
     CrossFrameProcessor,
     PromptToPromptProcessor,
     Vid2VidZeroState,
@@ -239,7 +239,7 @@ def test_null_embeddings_go_through_the_inversion_cache(pipe, tmp_path):
 
 
 def test_config_reaches_the_engine():
-    from vidbatch.lightning_module import VideoEditModule
+    from vidbatch.batch.module import VideoEditModule
 
     config = load_config(None, ["edit.method=vid2vid-zero", "vid2vid_zero.null_steps=3", "vid2vid_zero.p2p=refine",
                                 "vid2vid_zero.dense_blocks=[mid_block]"])
@@ -307,7 +307,7 @@ def test_null_embeddings_only_in_the_second_half_by_default(pipe):
 
 
 def test_null_uncond_ratio_selects_the_steps_like_vid2vid_zero():
-    from vidbatch.vid2vid_zero import uses_null_embedding
+    from vidbatch.engine.methods.vid2vid_zero import uses_null_embedding
 
     def steps(ratio: float, n: int = 10) -> list[int]:
         return [k for k in range(n) if uses_null_embedding(k, n, ratio)]
@@ -323,8 +323,8 @@ def test_null_text_optimisation_in_half_precision_lowers_the_error_as_in_float32
     """The first (noisiest) step's optimisation (5 Adam steps) lowers its one-step reconstruction error by as much
     as in float32. Measured here: float32 0.252 -> 0.166 (0.66), float16 0.256 -> 0.170, bfloat16 0.250 -> 0.161;
     before, with the UNet's own float16 gradient, float16 only to 0.224 (0.875)."""
-    from vidbatch import ddim
-    from vidbatch.models import load_pipeline
+    from vidbatch.engine import ddim
+    from vidbatch.models.loading import load_pipeline
 
     frames = moving_frames(4, 64)
 
@@ -359,8 +359,8 @@ def test_dense_attention_in_exactly_vid2vid_zeros_three_blocks_on_sd15():
     channels: with the default dense_blocks exactly vid2vid-zero's 3 transformers are dense."""
     from diffusers import UNet2DConditionModel
 
-    from vidbatch.tiny_model import sd15_random_config
-    from vidbatch.vid2vid_zero import apply_vid2vid_zero, remove_vid2vid_zero
+    from vidbatch.models.builtin import sd15_random_config
+    from vidbatch.engine.methods.vid2vid_zero import apply_vid2vid_zero, remove_vid2vid_zero
 
     config = dict(sd15_random_config()["unet"], block_out_channels=(8, 8, 16, 16), norm_num_groups=4,
                   cross_attention_dim=8, attention_head_dim=2)
@@ -376,7 +376,7 @@ def test_dense_attention_in_exactly_vid2vid_zeros_three_blocks_on_sd15():
 
 def count_p2p_steps(pipe, monkeypatch, steps: int, prompt: str, source: str, **v2v) -> list[int]:
     """The denoising steps in which prompt-to-prompt changed the edit branch's cross-attention maps."""
-    import vidbatch.vid2vid_zero as v2vz
+    import vidbatch.engine.methods.vid2vid_zero as v2vz
 
     current, controlled = [None], set()
     begin_step, replace = v2vz.Vid2VidZeroHooks.begin_step, v2vz.replace_maps
@@ -409,8 +409,8 @@ def test_prompt_to_prompt_steps_are_cross_replace_times_steps(pipe, monkeypatch)
 
 
 def test_auto_control_is_none_for_vid2vid_zero_and_pnp_for_the_others(pipe):
-    from vidbatch.config import resolve_control
-    from vidbatch.lightning_module import VideoEditModule
+    from vidbatch.config.schema import resolve_control
+    from vidbatch.batch.module import VideoEditModule
 
     config = load_config(None, ["edit.method=vid2vid-zero"])
     assert config.edit.control == "auto" and resolve_control(config.edit.method, config.edit.control) == frozenset()
@@ -442,7 +442,7 @@ def test_prompt_to_prompt_window_matches_vid2vid_zeros():
     """Fixture: baaivision/vid2vid-zero at a3e41c0f, `vid2vid_zero/p2p/ptp_utils.py::get_time_words_attention_alpha(
     ["a b", "a c"], steps, cross_replace_steps, tokenizer=None)` for steps 10, 50, 7 and shares 0.8 (its replace)
     and 0.4 (its refine): the steps whose alpha is 1."""
-    from vidbatch.vid2vid_zero import Vid2VidZeroHooks, cross_replace_share
+    from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroHooks, cross_replace_share
 
     for case in json.loads(FIXTURE.read_text())["cross_replace_window"]:
         mode = {0.8: "replace", 0.4: "refine"}[case["cross_replace_steps"]]

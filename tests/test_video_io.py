@@ -1,4 +1,4 @@
-"""Tests of vidbatch.video_io with the real ffmpeg of imageio-ffmpeg; clips are generated per test session."""
+"""Tests of vidbatch.io.video with the real ffmpeg of imageio-ffmpeg; clips are generated per test session."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vidbatch import video_io
-from vidbatch.errors import VideoDecodeError
-from vidbatch.video_io import (
+from vidbatch.io import video as video_io
+from vidbatch.core.errors import VideoDecodeError
+from vidbatch.io.video import (
     VideoInfo,
     decode_video,
     encode_mp4,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vidbatch.errors import ConfigError, ModelLoadError, VidbatchError
+from vidbatch.core.errors import ConfigError, ModelLoadError, VidbatchError
 
 EXIT_OK, EXIT_SHARD_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from vidbatch.config import load_config
-    from vidbatch.progress import setup_logging
-    from vidbatch.runner import run
+    from vidbatch.config.schema import load_config
+    from vidbatch.dispatch.progress import setup_logging
+    from vidbatch.dispatch.run import run
 
     config = load_config(args.config, args.overrides)
     out_dir = Path(args.output)
@@ -111,7 +111,7 @@ def _cache(args: argparse.Namespace, console: Console) -> int:
 
     from rich.table import Table
 
-    from vidbatch.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
+    from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
 
     cache = InversionCache(inversion_cache_dir(args.dir))
     if args.action == "ls":
@@ -151,15 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args, console)
         if args.command == "demo":
-            from vidbatch.demo import run_demo
-            from vidbatch.progress import setup_logging
+            from vidbatch.tools.demo import run_demo
+            from vidbatch.dispatch.progress import setup_logging
 
             out_dir = Path(args.output)
             out_dir.mkdir(parents=True, exist_ok=True)
             setup_logging(out_dir / "run.log", console)
             return run_demo(out_dir, args.overrides, console)
         if args.command == "shard":
-            from vidbatch.sharder import pack_shards
+            from vidbatch.io.packing import pack_shards
 
             paths = pack_shards(args.video_dir, args.output, prompts_file=args.prompts,
                                 samples_per_shard=args.samples_per_shard, prefix=args.prefix)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(args, console)
         if args.command == "make-tiny-model":
-            from vidbatch.tiny_model import make_tiny_model
+            from vidbatch.models.builtin import make_tiny_model
 
             console.print(f"tiny model written to {make_tiny_model(args.dir, seed=args.seed)}")
             return EXIT_OK

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from vidbatch.core.paths import looks_like_path
-from vidbatch.errors import ModelLoadError
+from vidbatch.core.errors import ModelLoadError
 from vidbatch.metrics.frames import check_frames
-from vidbatch.tiny_model import build_tokenizer
+from vidbatch.models.builtin import build_tokenizer
 
 # OpenAI CLIP normalisation, used when a model folder has no preprocessor config.
 _OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -12,7 +12,7 @@ import math
 import cv2
 import numpy as np
 
-from vidbatch.errors import ConfigError
+from vidbatch.core.errors import ConfigError
 from vidbatch.metrics.frames import check_frames
 
 FLOW_METHODS = ("dis", "farneback")

@@ -28,8 +28,8 @@ import numpy as np
 import yaml
 
 from vidbatch.core.atomic import fsync_dir, publish, temporary_path
-from vidbatch.samples import read_samples, shard_stem
-from vidbatch.video_io import decode_video, encode_mp4
+from vidbatch.io.input_shards import read_samples, shard_stem
+from vidbatch.io.video import decode_video, encode_mp4
 
 log = logging.getLogger("vidbatch")
 

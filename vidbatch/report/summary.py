@@ -15,12 +15,12 @@ from rich.console import Console
 from rich.table import Table
 
 from vidbatch import __version__
-from vidbatch.config import Config, resolve_control_name
+from vidbatch.config.schema import Config, resolve_control_name
 from vidbatch.core.atomic import atomic_write
-from vidbatch.errors import VidbatchError
+from vidbatch.core.errors import VidbatchError
 from vidbatch.metrics import get_metric, metric_keys
-from vidbatch.samples import shard_stem
-from vidbatch.shard_io import read_marker, rows_path
+from vidbatch.io.input_shards import shard_stem
+from vidbatch.io.output_shards import read_marker, rows_path
 
 FLOW_NAMES = {"dis": "DIS (medium preset)", "farneback": "Farneback"}
 STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")

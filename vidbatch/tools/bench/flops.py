@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from vidbatch.editing import VideoEditor
+from vidbatch.engine.editor import VideoEditor
 from vidbatch.tools.bench.spec import EDIT_PROMPT, SOURCE_PROMPT
 
 

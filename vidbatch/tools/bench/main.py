@@ -14,13 +14,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 
-from vidbatch import tiny_model
-from vidbatch.config import METHODS, resolve_control
-from vidbatch.errors import ConfigError, ModelLoadError
+from vidbatch.models import builtin as tiny_model
+from vidbatch.config.schema import METHODS, resolve_control
+from vidbatch.core.errors import ConfigError, ModelLoadError
 from vidbatch.tools.bench.measure import measure_safely
 from vidbatch.tools.bench.spec import CLIP_FPS, BenchSpec, bench_config
 from vidbatch.tools.bench.tables import markdown_table, rich_table
-from vidbatch.video_io import make_test_video
+from vidbatch.io.video import make_test_video
 
 # Run as `python -m WORKER_MODULE SPEC.json ROW.json` for one measurement in a fresh process.
 WORKER_MODULE = "vidbatch.tools.bench.worker"

@@ -1,7 +1,7 @@
 """`vidbatch bench`: time, memory and FLOPs of each editing method on a generated clip.
 
 For every (frames, method) pair the benchmark edits one synthetic clip (ffmpeg's ``testsrc2``, moving)
-with the real engine (:class:`vidbatch.editing.VideoEditor`: VAE encode, DDIM inversion, chunked guided
+with the real engine (:class:`vidbatch.engine.editor.VideoEditor`: VAE encode, DDIM inversion, chunked guided
 denoising, VAE decode) and reports one row:
 
 * seconds per frame for inversion (VAE encode + DDIM inversion) and for the edit (denoising + VAE decode),
@@ -32,16 +32,16 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vidbatch.config import Config
-from vidbatch.editing import EditorSettings, VideoEditor
-from vidbatch.errors import ModelLoadError
-from vidbatch.lightning_module import VideoEditModule, resolve_device, resolve_dtype
-from vidbatch.models import load_pipeline
+from vidbatch.config.schema import Config
+from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.core.errors import ModelLoadError
+from vidbatch.batch.module import VideoEditModule, resolve_device, resolve_dtype
+from vidbatch.models.loading import load_pipeline
 from vidbatch.tools.bench.device import device_description, device_peak, sync
 from vidbatch.tools.bench.flops import UnetSampleCounter, probe_unet_flops
 from vidbatch.tools.bench.sampler import PeakMemory
 from vidbatch.tools.bench.spec import EDIT_PROMPT, SOURCE_PROMPT, BenchSpec, bench_config
-from vidbatch.video_io import decode_video
+from vidbatch.io.video import decode_video
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vidbatch.config import Config, load_config
+from vidbatch.config.schema import Config, load_config
 
 REQUIRED_FIELDS = ("method", "frames", "size", "invert_s_per_frame", "edit_s_per_frame", "peak_memory_mb")
 SOURCE_PROMPT = "a test pattern of moving colour bars"

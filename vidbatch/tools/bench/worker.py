@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from vidbatch.core.atomic import atomic_write
-from vidbatch.errors import ModelLoadError
+from vidbatch.core.errors import ModelLoadError
 from vidbatch.tools.bench.measure import measure
 from vidbatch.tools.bench.spec import BenchSpec
 

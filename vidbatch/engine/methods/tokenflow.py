@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vidbatch import memory
-from vidbatch.attention import _broadcast_branch0, _transformer_blocks
-from vidbatch.controls import pnp_attention_blocks
-from vidbatch.editing import MethodHooks
-from vidbatch.errors import ConfigError
-from vidbatch.merge import join_frames, split_frames
+from vidbatch.engine import memory
+from vidbatch.engine.processors import _broadcast_branch0, _transformer_blocks
+from vidbatch.engine.controls import pnp_attention_blocks
+from vidbatch.engine.editor import MethodHooks
+from vidbatch.core.errors import ConfigError
+from vidbatch.engine.methods.merge import join_frames, split_frames
 
 __all__ = [
     "BLEND_MODES",
@@ -325,7 +325,7 @@ class TokenFlowState:
                     inject_qk: bool = False, latent_hw: tuple[int, int] | None = None) -> None:
         """Declare the next UNet call: ``num_frames`` frames for ``num_branches`` branches (batch branch-major).
 
-        Same signature as :meth:`vidbatch.attention.FrameAttentionState.begin_chunk`; TokenFlow draws
+        Same signature as :meth:`vidbatch.engine.processors.FrameAttentionState.begin_chunk`; TokenFlow draws
         nothing here (the hooks draw the keyframes), ``latent_hw`` is not needed.
         """
         if num_frames < 1 or num_branches < 1:
@@ -363,7 +363,7 @@ class TokenFlowProcessor:
         state: the :class:`TokenFlowState` shared by the UNet's processors.
         name: the block's module name; keys its record.
         pnp_qk: the block takes PnP's query/key injection (set from
-            :func:`vidbatch.controls.pnp_attention_blocks` at patch time).
+            :func:`vidbatch.engine.controls.pnp_attention_blocks` at patch time).
     """
 
     def __init__(self, state: TokenFlowState, name: str, pnp_qk: bool = False) -> None:

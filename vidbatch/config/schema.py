@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from vidbatch.core.atomic import atomic_write
-from vidbatch.errors import ConfigError
+from vidbatch.core.errors import ConfigError
 
 EDIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 METHODS = ("per-frame", "extended", "vidtome", "tokenflow", "vid2vid-zero")

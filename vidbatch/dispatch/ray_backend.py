@@ -40,10 +40,10 @@ from typing import Any, Callable, Sequence
 
 from rich.console import Console
 
-from vidbatch.config import Config, RuntimeConfig
+from vidbatch.config.schema import Config, RuntimeConfig
 from vidbatch.core.rows import DoneMarker
-from vidbatch.errors import ConfigError, VidbatchError
-from vidbatch.progress import RunProgress
+from vidbatch.core.errors import ConfigError, VidbatchError
+from vidbatch.dispatch.progress import RunProgress
 
 log = logging.getLogger("vidbatch")
 
@@ -173,7 +173,7 @@ class ShardWorker:
             raise ConfigError(f"the output folder {self.out_dir} is not the driver's on node {socket.gethostname()} "
                               "(its config.yaml is missing or differs): with several nodes the output folder must "
                               "be on a filesystem every node shares")
-        from vidbatch.lightning_module import VideoEditModule
+        from vidbatch.batch.module import VideoEditModule
 
         # Lightning's per-trainer banners ("GPU available: ...") would reach the driver once per shard per
         # worker; it sets its logger's level when imported, so this comes after the import.
@@ -183,7 +183,7 @@ class ShardWorker:
                 "device": str(self.module.target_device)}
 
     def process(self, url: str, stem: str, attempt: int) -> DoneMarker:
-        from vidbatch.runner import process_shard
+        from vidbatch.dispatch.run import process_shard
 
         self._send({"type": "start", "stem": stem, "attempt": attempt})
         return process_shard(self.module, url, stem, self.out_dir, _ShardEvents(self._send, stem, attempt))
@@ -487,7 +487,7 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
     the driver with every worker event (`video`, `start`, `log`) and driver event (`dispatch`,
     `worker_ready`, `worker_replaced`, `retry`, `shard_done`, `shard_failed`), each a dict with `type`.
     """
-    from vidbatch.runner import finish_run, prepare_run
+    from vidbatch.dispatch.run import finish_run, prepare_run
 
     console = console or Console()
     started = time.perf_counter()

@@ -15,8 +15,8 @@ from typing import Any, Callable
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from vidbatch.core.rows import DoneMarker, SampleRecord
-from vidbatch.lightning_module import SampleResult
-from vidbatch.shard_io import ShardOutput
+from vidbatch.batch.module import SampleResult
+from vidbatch.io.output_shards import ShardOutput
 
 
 def utc_now() -> str:

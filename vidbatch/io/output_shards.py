@@ -16,7 +16,7 @@ import webdataset as wds
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, publish, temporary_path
 from vidbatch.core.rows import DoneMarker, EditRow
-from vidbatch.errors import ConfigError
+from vidbatch.core.errors import ConfigError
 
 
 def shard_path(out_dir: Path, stem: str) -> Path:

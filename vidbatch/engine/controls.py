@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vidbatch.errors import ModelLoadError
+from vidbatch.core.errors import ModelLoadError
 
 class PnpResidualInjector:
     """PnP's residual injection: the `conv2` output of `unet.up_blocks[1].resnets[1]` becomes branch 0's in every branch.

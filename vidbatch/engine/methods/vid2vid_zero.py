@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vidbatch import ddim
-from vidbatch.attention import _attend, _transformer_blocks
-from vidbatch.config import V2VZ_CROSS_REPLACE
-from vidbatch.controls import pnp_attention_blocks
-from vidbatch.editing import Inversion, MethodHooks
-from vidbatch.errors import ConfigError
+from vidbatch.engine import ddim
+from vidbatch.engine.processors import _attend, _transformer_blocks
+from vidbatch.config.schema import V2VZ_CROSS_REPLACE
+from vidbatch.engine.controls import pnp_attention_blocks
+from vidbatch.engine.editor import Inversion, MethodHooks
+from vidbatch.core.errors import ConfigError
 
 __all__ = [
     "P2P_MODES",
@@ -199,7 +199,7 @@ def optimise_null_embeddings(editor, inversion: Inversion, prompt: str, *, steps
 
 
     Args:
-        editor: the :class:`vidbatch.editing.VideoEditor` (its UNet, schedule, guidance, batch size).
+        editor: the :class:`vidbatch.engine.editor.VideoEditor` (its UNet, schedule, guidance, batch size).
         inversion: the DDIM inversion; its ``timesteps`` are the edit's.
         prompt: the source prompt (the conditional branch of the guided prediction).
         steps: Adam steps per denoising step (0: the empty prompt's embedding for every step).
@@ -353,7 +353,7 @@ class CrossFrameProcessor:
         name: the block's module name (keys the kept frames).
         dense: dense spatio-temporal attention over the chunk's frames in this block.
         pnp_qk: the block takes PnP's query/key injection (set from
-            :func:`vidbatch.controls.pnp_attention_blocks` at patch time).
+            :func:`vidbatch.engine.controls.pnp_attention_blocks` at patch time).
     """
 
     def __init__(self, state: Vid2VidZeroState, name: str, dense: bool, pnp_qk: bool = False) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vidbatch.config import load_config
-from vidbatch.errors import ConfigError
-from vidbatch.runner import run_local
-from vidbatch.sharder import pack_shards
-from vidbatch.video_io import make_test_video
+from vidbatch.config.schema import load_config
+from vidbatch.core.errors import ConfigError
+from vidbatch.dispatch.run import run_local
+from vidbatch.io.packing import pack_shards
+from vidbatch.io.video import make_test_video
 
 # Moving, textured content from ffmpeg's generators, with a description each.
 DEMO_CLIPS = [
@@ -29,7 +29,7 @@ DEMO_EDITS = [
 
 def preset_path(name: str) -> Path:
     """A preset from the repository's configs/ folder."""
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"preset '{path}' not found; run the demo from a checkout of the vidbatch repository")
     return path

@@ -31,7 +31,7 @@ import ffmpeg
 import imageio_ffmpeg
 import numpy as np
 
-from vidbatch.errors import VideoDecodeError
+from vidbatch.core.errors import VideoDecodeError
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import webdataset as wds
 
 from vidbatch.core.atomic import atomic_open
-from vidbatch.errors import ConfigError
-from vidbatch.samples import VIDEO_EXTENSIONS
+from vidbatch.core.errors import ConfigError
+from vidbatch.io.input_shards import VIDEO_EXTENSIONS
 
 
 def sample_key(path: Path, used: set[str]) -> str:

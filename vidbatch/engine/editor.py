@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vidbatch import ddim, memory
-from vidbatch.attention import MergeSettings, apply_patch, remove_patch
-from vidbatch.config import TokenFlowConfig, Vid2VidZeroConfig, resolve_control
-from vidbatch.controls import PnpResidualInjector, condition_tensor
-from vidbatch.errors import ConfigError
-from vidbatch.inversion_cache import InversionCache, inversion_key
+from vidbatch.engine import ddim
+
+from vidbatch.engine import memory
+from vidbatch.engine.processors import MergeSettings, apply_patch, remove_patch
+from vidbatch.config.schema import TokenFlowConfig, Vid2VidZeroConfig, resolve_control
+from vidbatch.engine.controls import PnpResidualInjector, condition_tensor
+from vidbatch.core.errors import ConfigError
+from vidbatch.engine.inversion_cache import InversionCache, inversion_key
 
 log = logging.getLogger("vidbatch")
 
@@ -136,7 +138,7 @@ def _positions(timesteps: Tensor, wanted: Tensor) -> Tensor | None:
 class MethodHooks:
     """Where an editing method varies the engine's loops; these defaults serve per-frame, extended and vidtome.
 
-    TokenFlow (`vidbatch.tokenflow`) and vid2vid-zero (`vidbatch.vid2vid_zero`) subclass it, so their
+    TokenFlow (`vidbatch.engine.methods.tokenflow`) and vid2vid-zero (`vidbatch.engine.methods.vid2vid_zero`) subclass it, so their
     specifics stay in their modules and the loops below stay one loop for every method.
     """
 
@@ -180,11 +182,11 @@ def method_hooks(settings: EditorSettings) -> MethodHooks:
     """The hooks of `settings.method`."""
     # Imported here: these modules build on this one.
     if settings.method == "tokenflow":
-        from vidbatch.tokenflow import TokenFlowHooks
+        from vidbatch.engine.methods.tokenflow import TokenFlowHooks
 
         return TokenFlowHooks(settings)
     if settings.method == "vid2vid-zero":
-        from vidbatch.vid2vid_zero import Vid2VidZeroHooks
+        from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroHooks
 
         return Vid2VidZeroHooks(settings)
     return MethodHooks(settings)
@@ -198,7 +200,7 @@ class VideoEditor:
         """`cache` stores inversions keyed by content; `model_identity` (a weights fingerprint) is
         then required, since it is part of every key. `controlnet` is needed by the `controlnet` control."""
         if cache is not None and not model_identity:
-            raise ValueError("an inversion cache needs the model's identity (vidbatch.models.model_fingerprint)")
+            raise ValueError("an inversion cache needs the model's identity (vidbatch.models.loading.model_fingerprint)")
         self.controls = resolve_control(settings.method, settings.control)
         if ("controlnet" in self.controls) != (controlnet is not None):
             raise ValueError("edit.control includes 'controlnet' exactly when a ControlNet model is given")

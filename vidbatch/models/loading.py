@@ -2,7 +2,7 @@
 
 `model.id` may be:
 
-* ``"tiny"``: the tiny random-weight pipeline (:func:`vidbatch.tiny_model.tiny_model_dir`), for tests and demos;
+* ``"tiny"``: the tiny random-weight pipeline (:func:`vidbatch.models.builtin.tiny_model_dir`), for tests and demos;
 * ``"sd15-random"``: SD 1.5's exact architecture with random weights, for timing at full size;
 * a local diffusers folder (one with ``model_index.json``);
 * a ``.safetensors`` / ``.ckpt`` single-file checkpoint in the original (CompVis/A1111) layout;
@@ -10,7 +10,7 @@
 
 Whatever the source, the pipeline comes back ready for vidbatch's inference-only use: DDIM scheduler (keeping
 the model's prediction_type), no safety checker, no progress bars, eval mode, gradients off, LoRAs fused into
-the weights. Every failure a user can cause is raised as :class:`vidbatch.errors.ModelLoadError` naming the
+the weights. Every failure a user can cause is raised as :class:`vidbatch.core.errors.ModelLoadError` naming the
 thing that failed and the fix.
 """
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from vidbatch.core.paths import looks_like_path
-from vidbatch.errors import ModelLoadError
+from vidbatch.core.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -215,7 +215,7 @@ def _adapter_names(pipe) -> list[str]:
 
 def _random_model_dir(model_id: str) -> Path:
     """The cached folder of a built-in random-weight model, built on first use."""
-    from vidbatch import tiny_model
+    from vidbatch.models import builtin as tiny_model
 
     build = tiny_model.tiny_model_dir if model_id == "tiny" else tiny_model.sd15_random_dir
     try:

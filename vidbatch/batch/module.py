@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vidbatch.attention import MergeSettings
-from vidbatch.config import Config, EditSpec, resolve_control, resolve_control_name
-from vidbatch.controls import canny_frames, load_controlnet
+from vidbatch.engine.processors import MergeSettings
+from vidbatch.config.schema import Config, EditSpec, resolve_control, resolve_control_name
+from vidbatch.engine.controls import canny_frames, load_controlnet
 from vidbatch.core.paths import looks_like_path
 from vidbatch.core.rows import STATUS_OK, EditRow
-from vidbatch.editing import EditorSettings, VideoEditor
-from vidbatch.errors import SampleError, VidbatchError
-from vidbatch.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
+from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.core.errors import SampleError, VidbatchError
+from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
 from vidbatch.metrics import compute_metrics, load_clip_scorer, make_tiny_clip, metric_keys
-from vidbatch.models import LoraSpec, load_pipeline, model_fingerprint
-from vidbatch.samples import InputSample, read_samples
-from vidbatch.video_io import decode_video, encode_mp4
+from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint
+from vidbatch.io.input_shards import InputSample, read_samples
+from vidbatch.io.video import decode_video, encode_mp4
 
 log = logging.getLogger("vidbatch")
 
@@ -256,7 +256,7 @@ class VideoEditModule(L.LightningModule):
     def _setup_metrics(self, config: Config, dtype: torch.dtype) -> None:
         """Loads the CLIP scorer once per worker; a CLIP model that cannot be loaded turns the CLIP
         scores off (null values) with the reason logged here once and recorded with every row."""
-        from vidbatch.models import _quiet_loading
+        from vidbatch.models.loading import _quiet_loading
 
         m = config.metrics
         clip_model, reason = self.resolve_clip_model(m.clip_model)
@@ -283,8 +283,8 @@ class VideoEditModule(L.LightningModule):
         when there is one; with HF_HUB_OFFLINE set (read now, not at import) and no snapshot the
         reason is returned at once instead of waiting on hub retries.
         """
-        from vidbatch.models import _hub_offline, _quiet_loading
-        from vidbatch.tiny_model import _build, default_cache_root
+        from vidbatch.models.loading import _hub_offline, _quiet_loading
+        from vidbatch.models.builtin import _build, default_cache_root
 
         if name is None or str(name).strip().lower() in ("", "none"):
             return None, "disabled"

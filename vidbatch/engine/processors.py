@@ -24,7 +24,7 @@ Methods:
 - ``vidtome``: in blocks at most ``max_downsample`` below the latent grid, VidToMe local (and
   global) token merging of the chunk, attention over the merged set, unmerge; per-frame elsewhere.
 
-With ``inject_qk`` (Plug-and-Play) the blocks of :func:`vidbatch.controls.pnp_attention_blocks`
+With ``inject_qk`` (Plug-and-Play) the blocks of :func:`vidbatch.engine.controls.pnp_attention_blocks`
 (8 decoder self-attentions on SD 1.x/2.x) use the queries and keys of branch 0 (the source branch)
 in every branch, position by position.
 """
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vidbatch.controls import pnp_attention_blocks
-from vidbatch.errors import ConfigError
-from vidbatch.merge import (
+from vidbatch.engine.controls import pnp_attention_blocks
+from vidbatch.core.errors import ConfigError
+from vidbatch.engine.methods.merge import (
     MERGE_MODES,
     Merge,
     draw_global_side,
@@ -82,7 +82,7 @@ class MergeSettings:
         target_stride: one destination frame in every ``target_stride`` frames (>= 2).
         align_batch: one matching for all guidance branches (required with PnP injection).
         max_downsample: merge only in blocks whose grid is at most this much below the latent.
-        merge_mode: ``"replace"`` (VidToMe) or ``"mean"`` (see :meth:`vidbatch.merge.Merge.merge`).
+        merge_mode: ``"replace"`` (VidToMe) or ``"mean"`` (see :meth:`vidbatch.engine.methods.merge.Merge.merge`).
         proportional_attention: add ``log(size)`` to the attention logits of every merged key, its
             size being the number of original tokens it stands for (through the local levels and the
             global set); off in the paper and the reference.
@@ -137,8 +137,8 @@ class MergeDraws:
 
     Attributes:
         local_offsets: the destination-frame offset of every local level
-            (:func:`vidbatch.merge.draw_local_offsets`); ``(1,)`` tensors on the generator's device.
-        global_is_src: the global-merging side (:func:`vidbatch.merge.draw_global_side`); ``None``
+            (:func:`vidbatch.engine.methods.merge.draw_local_offsets`); ``(1,)`` tensors on the generator's device.
+        global_is_src: the global-merging side (:func:`vidbatch.engine.methods.merge.draw_global_side`); ``None``
             while no block had a global set.
     """
 
@@ -295,8 +295,8 @@ class MergedChunk:
 
     Attributes:
         tokens: ``(B, M, C)`` the tokens attended over (local tokens, merged with the global set).
-        local: the local :class:`~vidbatch.merge.Merge` over the chunk's ``F*N`` tokens.
-        glob: the global :class:`~vidbatch.merge.Merge` over ``[local tokens | global set]``, or ``None``
+        local: the local :class:`~vidbatch.engine.methods.merge.Merge` over the chunk's ``F*N`` tokens.
+        glob: the global :class:`~vidbatch.engine.methods.merge.Merge` over ``[local tokens | global set]``, or ``None``
             when no global set took part.
         bias: ``(Bm, 1, 1, M)`` the proportional-attention bias, or ``None``.
     """
@@ -321,7 +321,7 @@ class FrameAttnProcessor:
         name: the block's module name (``down_blocks.0.attentions.0.transformer_blocks.0``); keys
             the block's global tokens and statistics.
         pnp_qk: the block takes PnP's query/key injection (``apply_patch`` sets it from
-            :func:`vidbatch.controls.pnp_attention_blocks`).
+            :func:`vidbatch.engine.controls.pnp_attention_blocks`).
     """
 
     def __init__(self, state: FrameAttentionState, name: str, pnp_qk: bool = False) -> None:

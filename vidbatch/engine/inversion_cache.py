@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_path
-from vidbatch.errors import ConfigError
+from vidbatch.core.errors import ConfigError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,7 +57,7 @@ __all__ = [
 
 # Bump both when the entry layout or the key scheme changes: entries of another version never collide
 # with this one's (the key tag is part of every key) and are treated as invalid if they somehow do.
-FORMAT_VERSION = "vidbatch.inversion_cache/1"
+FORMAT_VERSION = "vidbatch.engine.inversion_cache/1"
 _KEY_TAG = b"vidbatch.inversion_key/1"
 
 _ENTRY_SUFFIX = ".safetensors"
@@ -663,7 +663,7 @@ class InversionCache:
 
 def inversion_cache_dir(configured: str | None = None) -> Path:
     """`inversion.cache_dir` when set, else `inversions` under the vidbatch cache ($VIDBATCH_CACHE or ~/.cache/vidbatch)."""
-    from vidbatch.tiny_model import default_cache_root
+    from vidbatch.models.builtin import default_cache_root
 
     return Path(configured).expanduser() if configured else default_cache_root() / "inversions"
 

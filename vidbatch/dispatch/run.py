@@ -1,6 +1,6 @@
 """Running a job: planning shards, the `local` backend, and `run`, which picks the backend.
 
-`local` processes every shard in this process, one after another; `ray` (vidbatch/distributor.py)
+`local` processes every shard in this process, one after another; `ray` (vidbatch/dispatch/ray_backend.py)
 hands shards to one worker per GPU. Both resume from done markers and share `prepare_run` (plan,
 config.yaml) and `finish_run` (summary, exit code).
 """
@@ -21,15 +21,15 @@ import lightning as L
 from lightning.fabric.plugins.environments import LightningEnvironment
 from rich.console import Console
 
-from vidbatch.config import Config, save_config
+from vidbatch.config.schema import Config, save_config
 from vidbatch.core.rows import DoneMarker
-from vidbatch.errors import ConfigError
-from vidbatch.lightning_module import SampleResult, VideoEditModule
-from vidbatch.prediction_writer import ShardPredictionWriter
-from vidbatch.progress import RunProgress
+from vidbatch.core.errors import ConfigError
+from vidbatch.batch.module import SampleResult, VideoEditModule
+from vidbatch.batch.writer import ShardPredictionWriter
+from vidbatch.dispatch.progress import RunProgress
 from vidbatch.report import write_report
-from vidbatch.samples import check_local_urls, expand_urls, shard_stem
-from vidbatch.shard_io import is_done, marker_path
+from vidbatch.io.input_shards import check_local_urls, expand_urls, shard_stem
+from vidbatch.io.output_shards import is_done, marker_path
 from vidbatch.report.summary import build_summary, print_summary, write_summary
 
 log = logging.getLogger("vidbatch")
@@ -222,7 +222,7 @@ def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool
         return run_local(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
                          num_shards=num_shards, console=console)
     if config.runtime.backend == "ray":
-        from vidbatch.distributor import run_ray
+        from vidbatch.dispatch.ray_backend import run_ray
 
         return run_ray(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
                        num_shards=num_shards, console=console, on_event=on_event)

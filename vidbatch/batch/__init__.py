@@ -1,0 +1,1 @@
+"""One shard end to end: dataset, Lightning module, prediction writer."""

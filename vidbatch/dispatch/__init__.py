@@ -1,0 +1,1 @@
+"""Running a plan of shards: the backend choice, local and Ray backends, progress."""

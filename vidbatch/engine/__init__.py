@@ -1,0 +1,1 @@
+"""The editing engine: DDIM loop, chunk schedule, memory estimate, inversion cache, methods, controls."""

@@ -1,0 +1,1 @@
+"""Editing methods, one file each, registered by name."""

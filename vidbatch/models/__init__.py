@@ -1,0 +1,1 @@
+"""Loading pipelines (hub id, folder, single file, LoRA), fingerprints, built-in random models."""
