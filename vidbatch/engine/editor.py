@@ -344,7 +344,8 @@ class VideoEditor:
             # Prompt-to-prompt ("auto" is "replace" or "refine", never "none") runs the source branch
             # for the first `cross_replace` of the steps (`Vid2VidZeroHooks.needs_source`).
             c = s.vid2vid_zero
-            with_source = with_source or (c.p2p != "none" and int(s.steps * c.cross_replace) > 0)
+            runs_p2p = c.cross_replace == "auto" or int(s.steps * c.cross_replace) > 0   # "auto" is 0.8 or 0.4
+            with_source = with_source or (c.p2p != "none" and runs_p2p)
         return 3 if with_source else 2
 
     def inversion_batch_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int:
