@@ -34,7 +34,7 @@ def hermetic_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory) -> dict[str, Path]:
     """Short generated clips in several containers: name -> path."""
-    from vidbatch.io.video import make_test_video
+    from vidbatch.testing.clips import make_test_video
 
     folder = tmp_path_factory.mktemp("clips")
     made = {

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidbatch.models import loading as models
-
 from vidbatch.models import builtin as tiny_model
+from vidbatch.models import loading as models
+from vidbatch.testing import checkpoints
 from vidbatch.core.errors import ModelLoadError
 from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint
 
@@ -27,7 +27,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_file(tiny_dir, tmp_path_factory) -> Path:
-    return models.make_lora_file(tiny_dir, tmp_path_factory.mktemp("lora") / "lora.safetensors", rank=4, seed=0)
+    return checkpoints.make_lora_file(tiny_dir, tmp_path_factory.mktemp("lora") / "lora.safetensors", rank=4, seed=0)
 
 
 @pytest.fixture(autouse=True)
@@ -250,7 +250,7 @@ def test_load_pipeline_converts_dtype(tiny_dir):
 def test_single_file_checkpoint_round_trip(tiny_dir, tmp_path, suffix):
     from safetensors import safe_open
 
-    ckpt = models.make_single_file_checkpoint(tiny_dir, tmp_path / f"tiny{suffix}")
+    ckpt = checkpoints.make_single_file_checkpoint(tiny_dir, tmp_path / f"tiny{suffix}")
     if suffix == ".ckpt":
         keys = list(torch.load(str(ckpt), weights_only=True)["state_dict"])
     else:
@@ -274,7 +274,7 @@ def test_single_file_checkpoint_round_trip(tiny_dir, tmp_path, suffix):
 
 
 def test_single_file_without_config_offline_names_the_fix(tiny_dir, tmp_path):
-    ckpt = models.make_single_file_checkpoint(tiny_dir, tmp_path / "model.safetensors")
+    ckpt = checkpoints.make_single_file_checkpoint(tiny_dir, tmp_path / "model.safetensors")
     with pytest.raises(ModelLoadError, match="single_file_config") as info:
         load_pipeline(str(ckpt))
     assert str(ckpt) in str(info.value)

@@ -123,7 +123,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(tmp_path, clips):
 
 
 def test_bad_inputs_fail_their_rows_and_the_shard_goes_on(tmp_path, clips):
-    from vidbatch.io.video import make_test_video
+    from vidbatch.testing.clips import make_test_video
 
     data = clips["pattern"].read_bytes()
     one_frame = make_test_video(tmp_path / "one.mp4", seconds=0.125, fps=8, size=(64, 64))

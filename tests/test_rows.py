@@ -104,7 +104,7 @@ def test_a_file_that_is_not_a_marker_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One good and one undecodable video, two edits, through the CLI (a few seconds)."""
-    from vidbatch.io.video import make_test_video
+    from vidbatch.testing.clips import make_test_video
 
     root = tmp_path_factory.mktemp("rows")
     clip = make_test_video(root / "clip.mp4", seconds=0.5, fps=8, size=(48, 32))

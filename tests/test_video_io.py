@@ -9,12 +9,12 @@ import pytest
 
 from vidbatch.io import video as video_io
 from vidbatch.core.errors import VideoDecodeError
+from vidbatch.testing.clips import make_test_video
 from vidbatch.io.video import (
     VideoInfo,
     decode_video,
     encode_mp4,
     fps_to_rational,
-    make_test_video,
     output_size,
     probe_video,
 )
@@ -335,7 +335,7 @@ def test_error_limits(clips):
 
 def test_error_no_video_stream(tmp_path):
     path = tmp_path / "tone.m4a"
-    video_io._run_ffmpeg(
+    video_io.run_ffmpeg(
         [video_io.ffmpeg_exe(), "-f", "lavfi", "-i", "sine=duration=0.5", "-c:a", "aac", str(path)], "write audio"
     )
     with pytest.raises(VideoDecodeError, match="no video stream"):

@@ -3,7 +3,6 @@
 * `probe_video` reads what `ffmpeg -i` prints (this ffmpeg has no ffprobe).
 * `decode_video` turns a file's bytes into upright, resized RGB frames `(T, H, W, 3)` uint8 (+ its audio).
 * `encode_mp4` turns frames back into a web-playable H.264 mp4.
-* `make_test_video` writes small synthetic clips for tests, the demo and the benchmarks.
 
 ffmpeg always runs from an argument list (never a shell); its stderr is drained by a thread while we read
 its stdout, otherwise ffmpeg blocks on a full stderr pipe on long videos.
@@ -43,7 +42,6 @@ __all__ = [
     "output_size",
     "decode_video",
     "encode_mp4",
-    "make_test_video",
     "fps_to_rational",
 ]
 
@@ -119,13 +117,13 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _compile(stream: ffmpeg.nodes.OutputStream, loglevel: str = "error") -> list[str]:
+def ffmpeg_args(stream: ffmpeg.nodes.OutputStream, loglevel: str = "error") -> list[str]:
     """ffmpeg-python graph -> argument list; global options go first (ffmpeg ignores trailing options)."""
     args = stream.compile(cmd=ffmpeg_exe())
     return [args[0], "-hide_banner", "-nostdin", "-nostats", "-loglevel", loglevel, *args[1:]]
 
 
-def _file_url(path: str | Path) -> str:
+def file_url(path: str | Path) -> str:
     """`file:` URL so that a path with a colon or a leading dash is never read as a protocol or an option."""
     return "file:" + str(Path(path).resolve())
 
@@ -202,7 +200,7 @@ class _StderrDrain(threading.Thread):
         self._stream.close()
 
 
-def _run_ffmpeg(args: list[str], what: str) -> subprocess.CompletedProcess:
+def run_ffmpeg(args: list[str], what: str) -> subprocess.CompletedProcess:
     """Run an ffmpeg command that writes files (no pipes to read); RuntimeError naming `what` on failure."""
     proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True)
     if proc.returncode != 0:
@@ -312,10 +310,10 @@ def _parse_ffmpeg_info(stderr: str) -> _Probe:
 
 
 def _probe(path: str | Path) -> _Probe:
-    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", _file_url(path)]
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", file_url(path)]
     proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True)
     # Without an output file ffmpeg always exits non-zero: the dump on stderr is what matters.
-    stderr = proc.stderr.decode("utf-8", errors="replace").replace(_file_url(path), "<input>")
+    stderr = proc.stderr.decode("utf-8", errors="replace").replace(file_url(path), "<input>")
     return _parse_ffmpeg_info(stderr)
 
 
@@ -382,7 +380,7 @@ def _decode_frames(
     Returns (frames, ffmpeg exit code, drained stderr).
     """
     width, height = size
-    video = ffmpeg.input(_file_url(path))[f"v:{probe.video_index}"]
+    video = ffmpeg.input(file_url(path))[f"v:{probe.video_index}"]
     # ffmpeg autorotates by default, before our filters: the scale target is in display orientation.
     if frame_stride > 1:
         video = video.filter("select", f"not(mod(n,{frame_stride}))")
@@ -394,7 +392,7 @@ def _decode_frames(
     out_opts: dict = {"format": "rawvideo", "pix_fmt": "rgb24", "fps_mode": "passthrough"}
     if max_frames is not None:
         out_opts["frames:v"] = max_frames  # ffmpeg stops reading and decoding once it has these
-    args = _compile(ffmpeg.output(video, "pipe:", **out_opts), loglevel=_DECODE_LOGLEVEL)
+    args = ffmpeg_args(ffmpeg.output(video, "pipe:", **out_opts), loglevel=_DECODE_LOGLEVEL)
 
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     drain = _StderrDrain(proc.stderr)
@@ -422,13 +420,13 @@ def _decode_frames(
 def _extract_audio(path: Path, audio_index: int, seconds: float, workdir: Path) -> bytes:
     """First `seconds` of audio stream `audio_index` as AAC in an .m4a (re-encoded: sample-accurate cut)."""
     out = workdir / "audio.m4a"
-    audio = ffmpeg.input(_file_url(path))[f"a:{audio_index}"]
+    audio = ffmpeg.input(file_url(path))[f"a:{audio_index}"]
     stream = ffmpeg.output(
-        audio, _file_url(out), format="mp4", acodec="aac", audio_bitrate="128k", t=f"{seconds:.6f}",
+        audio, file_url(out), format="mp4", acodec="aac", audio_bitrate="128k", t=f"{seconds:.6f}",
         movflags="+faststart",
     ).overwrite_output()
     try:
-        _run_ffmpeg(_compile(stream), "extract the audio track")
+        run_ffmpeg(ffmpeg_args(stream), "extract the audio track")
     except RuntimeError as exc:
         raise VideoDecodeError(f"audio track could not be extracted: {exc}") from None
     return out.read_bytes()
@@ -498,7 +496,7 @@ def decode_video(
         size = output_size(info.width, info.height, short_side, multiple)
         frames, returncode, drain = _decode_frames(path, probe, size, max_frames, frame_stride)
         count = len(frames)
-        cause = _meaningful_lines(drain.damage or drain.tail).replace(_file_url(path), "<input>")
+        cause = _meaningful_lines(drain.damage or drain.tail).replace(file_url(path), "<input>")
         if count == 0:
             raise VideoDecodeError(
                 f"no frame could be decoded (corrupt or truncated video, ffmpeg exit code {returncode}): {cause}"
@@ -566,9 +564,9 @@ def encode_mp4(frames: np.ndarray, fps: float, *, audio: bytes | None = None, cr
             # drops the last 1-2 video frames (all of them for a 1-frame clip) because of the AAC priming
             # offset and the encoder delay. Stream copy cuts at packet granularity (~23 ms at 44.1 kHz).
             seconds = count / Fraction(rate)
-            streams.append(ffmpeg.input(_file_url(audio_path), t=f"{float(seconds):.6f}")["a:0"])
+            streams.append(ffmpeg.input(file_url(audio_path), t=f"{float(seconds):.6f}")["a:0"])
             opts.update(acodec="copy")
-        args = _compile(ffmpeg.output(*streams, _file_url(out_path), **opts).overwrite_output())
+        args = ffmpeg_args(ffmpeg.output(*streams, file_url(out_path), **opts).overwrite_output())
 
         proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         drain = _StderrDrain(proc.stderr)
@@ -591,94 +589,3 @@ def encode_mp4(frames: np.ndarray, fps: float, *, audio: bytes | None = None, cr
         if returncode != 0:
             raise RuntimeError(f"ffmpeg failed to encode mp4 (exit code {returncode}): {_meaningful_lines(drain.tail)}")
         return out_path.read_bytes()
-
-
-# ------------------------------------------------------------------------------------------ test clips
-
-# suffix -> (video codec options, audio codec options or None when the container takes no audio)
-_CLIP_CODECS: dict[str, tuple[dict, dict | None]] = {
-    ".mp4": ({"vcodec": "libx264", "pix_fmt": "yuv420p", "preset": "veryfast"}, {"acodec": "aac"}),
-    ".m4v": ({"vcodec": "libx264", "pix_fmt": "yuv420p", "preset": "veryfast"}, {"acodec": "aac"}),
-    ".mov": ({"vcodec": "libx264", "pix_fmt": "yuv420p", "preset": "veryfast"}, {"acodec": "aac"}),
-    ".mkv": ({"vcodec": "libx264", "pix_fmt": "yuv420p", "preset": "veryfast"}, {"acodec": "aac"}),
-    ".webm": (
-        {"vcodec": "libvpx-vp9", "pix_fmt": "yuv420p", "deadline": "realtime", "cpu-used": 8, "crf": 32,
-         "video_bitrate": 0, "row-mt": 1},
-        {"acodec": "libopus"},
-    ),
-    ".avi": ({"vcodec": "mjpeg", "pix_fmt": "yuvj420p", "q:v": 3}, {"acodec": "pcm_s16le"}),
-    ".gif": ({"vcodec": "gif"}, None),
-}
-# containers that store a display matrix
-_ROTATABLE = {".mp4", ".m4v", ".mov", ".mkv", ".webm"}
-
-
-def _lavfi_source(source: str, size: tuple[int, int], rate: str) -> str:
-    """'testsrc2' or 'color=c=red,drawbox=...' -> generator with size and rate, then any extra filters."""
-    generator, _, rest = source.partition(",")
-    sep = ":" if "=" in generator else "="
-    spec = f"{generator}{sep}size={size[0]}x{size[1]}:rate={rate}"
-    return f"{spec},{rest}" if rest else spec
-
-
-def make_test_video(
-    path: str | Path,
-    *,
-    seconds: float = 1.0,
-    fps: float = 8,
-    size: tuple[int, int] = (96, 64),
-    source: str = "testsrc2",
-    audio: bool = False,
-    rotation: int = 0,
-) -> Path:
-    """Write a synthetic clip of `round(seconds * fps)` frames made by ffmpeg's lavfi generators.
-
-    Args:
-        path: output file; its suffix picks container and codec: .mp4/.m4v/.mov/.mkv (H.264 + AAC),
-            .webm (VP9 + Opus), .avi (MJPEG + PCM), .gif (no audio).
-        size: stored (width, height) before rotation.
-        source: a lavfi video generator (testsrc2, mandelbrot, life, cellauto, color...), optionally with
-            its own options and extra filters: "color=c=red,drawbox=y=ih/2:h=ih/2:color=blue:t=fill".
-        audio: add a 440 Hz sine track of the same duration.
-        rotation: clockwise display rotation (0/90/180/270) stored as a display matrix
-            (mp4, m4v, mov, mkv, webm only); a player, and `decode_video`, show the frames turned by it.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in _CLIP_CODECS:
-        raise ValueError(f"unsupported test clip suffix {suffix!r}; use one of {sorted(_CLIP_CODECS)}")
-    if rotation % 90 or not 0 <= rotation < 360:
-        raise ValueError(f"rotation must be 0, 90, 180 or 270, got {rotation}")
-    if rotation and suffix not in _ROTATABLE:
-        raise ValueError(f"{suffix} cannot store a display rotation; use one of {sorted(_ROTATABLE)}")
-    video_opts, audio_opts = _CLIP_CODECS[suffix]
-    if audio and audio_opts is None:
-        raise ValueError(f"{suffix} clips cannot carry audio")
-    count = max(1, round(seconds * fps))
-    rate = fps_to_rational(fps)
-    duration = count / Fraction(rate)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="vidbatch-clip-") as tmp:
-        target = Path(tmp) / ("raw" + suffix) if rotation else path
-        streams = [ffmpeg.input(_lavfi_source(source, size, rate), format="lavfi")["v"]]
-        opts = dict(video_opts, **{"frames:v": count})
-        if audio:
-            sine = f"sine=frequency=440:sample_rate=44100:duration={float(duration):.6f}"
-            streams.append(ffmpeg.input(sine, format="lavfi")["a"])
-            opts.update(audio_opts)
-        stream = ffmpeg.output(*streams, _file_url(target), format=_muxer(suffix), **opts).overwrite_output()
-        _run_ffmpeg(_compile(stream), f"write test clip {path.name}")
-        if rotation:
-            # Stream copy with a new display matrix (counter-clockwise in ffmpeg): no re-encoding.
-            src = ffmpeg.input(_file_url(target), **{"display_rotation:v:0": -rotation})
-            stream = ffmpeg.output(
-                src, _file_url(path), format=_muxer(suffix), codec="copy", map=0
-            ).overwrite_output()
-            _run_ffmpeg(_compile(stream), f"set rotation of test clip {path.name}")
-    return path
-
-
-def _muxer(suffix: str) -> str:
-    return {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm",
-            ".avi": "avi", ".gif": "gif"}[suffix]

@@ -12,7 +12,7 @@ from vidbatch.config.schema import load_config
 from vidbatch.core.errors import ConfigError
 from vidbatch.dispatch.run import run_local
 from vidbatch.io.packing import pack_shards
-from vidbatch.io.video import make_test_video
+from vidbatch.testing.clips import make_test_video
 
 # Moving, textured content from ffmpeg's generators, with a description each.
 DEMO_CLIPS = [

@@ -20,7 +20,7 @@ from vidbatch.core.errors import ConfigError, ModelLoadError
 from vidbatch.tools.bench.measure import measure_safely
 from vidbatch.tools.bench.spec import CLIP_FPS, BenchSpec, bench_config
 from vidbatch.tools.bench.tables import markdown_table, rich_table
-from vidbatch.io.video import make_test_video
+from vidbatch.testing.clips import make_test_video
 
 # Run as `python -m WORKER_MODULE SPEC.json ROW.json` for one measurement in a fresh process.
 WORKER_MODULE = "vidbatch.tools.bench.worker"
