@@ -24,6 +24,7 @@ import vidbatch.batch.module as lm
 from conftest import FAST, TINY, read_output, run_cli, video_sample, write_shard
 from vidbatch.core.rows import DoneMarker
 from vidbatch.metrics import METRIC_KEYS, compute_metrics
+from vidbatch.metrics.clip import resolve_clip_model
 from vidbatch.report import write_report
 from vidbatch.report.charts import MAX_BARS, _nice_ceiling, svg_bars
 from vidbatch.report.media import SHEET_FRAMES, SHEET_HEIGHT, contact_sheet
@@ -241,15 +242,14 @@ def test_missing_clip_model_nulls_clip_scores_says_why_once_and_report_rebuilds(
 
 
 def test_resolve_clip_model(tmp_path, hermetic_cache, monkeypatch):
-    resolve = lm.VideoEditModule.resolve_clip_model
-    assert resolve("none") == (None, "disabled") and resolve(None) == (None, "disabled")
-    assert resolve(str(tmp_path / "x")) == (str(tmp_path / "x"), None)  # ClipScorer names a missing folder
-    folder, reason = resolve("tiny")
+    assert resolve_clip_model("none") == (None, "disabled") and resolve_clip_model(None) == (None, "disabled")
+    assert resolve_clip_model(str(tmp_path / "x")) == (str(tmp_path / "x"), None)  # ClipScorer names a missing folder
+    folder, reason = resolve_clip_model("tiny")
     assert reason is None and folder == str(hermetic_cache / "models" / "tiny-clip")
     # HF_HUB_OFFLINE is read when resolving (not at import): no hub retries, the reason at once.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    folder, reason = resolve("vidbatch-test/no-such-clip-model")
+    folder, reason = resolve_clip_model("vidbatch-test/no-such-clip-model")
     assert folder is None and "HF_HUB_OFFLINE" in reason and "vidbatch-test/no-such-clip-model" in reason
 
 

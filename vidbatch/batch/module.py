@@ -21,13 +21,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from vidbatch.engine.processors import MergeSettings
 from vidbatch.config.schema import Config, EditSpec, resolve_control, resolve_control_name
 from vidbatch.engine.controls import canny_frames, load_controlnet
-from vidbatch.core.paths import looks_like_path
 from vidbatch.core.rows import STATUS_OK, EditRow
 from vidbatch.engine.editor import EditorSettings, VideoEditor
 from vidbatch.core.errors import SampleError, VidbatchError
 from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
-from vidbatch.metrics import compute_metrics, load_clip_scorer, make_tiny_clip, metric_keys
-from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint
+from vidbatch.metrics import compute_metrics, load_clip_scorer, metric_keys
+from vidbatch.metrics.clip import resolve_clip_model
+from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint, quiet_loading
 from vidbatch.io.input_shards import InputSample, read_samples
 from vidbatch.io.video import decode_video, encode_mp4
 
@@ -256,14 +256,12 @@ class VideoEditModule(L.LightningModule):
     def _setup_metrics(self, config: Config, dtype: torch.dtype) -> None:
         """Loads the CLIP scorer once per worker; a CLIP model that cannot be loaded turns the CLIP
         scores off (null values) with the reason logged here once and recorded with every row."""
-        from vidbatch.models.loading import _quiet_loading
-
         m = config.metrics
-        clip_model, reason = self.resolve_clip_model(m.clip_model)
+        clip_model, reason = resolve_clip_model(m.clip_model)
         scorer = None
         if clip_model is not None:
             clip_dtype = dtype if self.target_device.type == "cuda" else torch.float32
-            with _quiet_loading():
+            with quiet_loading():
                 scorer, reason = load_clip_scorer(clip_model, self.target_device, clip_dtype)
         if reason not in (None, "disabled"):
             log.warning("CLIP scores are off for this run: %s", reason)
@@ -272,43 +270,6 @@ class VideoEditModule(L.LightningModule):
         self.metrics_by = {"flow": m.flow if m.warp_error else None,
                            "clip": clip_model if scorer is not None else None,
                            "clip_off": None if scorer is not None else reason}
-
-    @staticmethod
-    def resolve_clip_model(name: str | None) -> tuple[str | None, str | None]:
-        """`metrics.clip_model` -> (what `ClipScorer` loads, None) or (None, why there is no CLIP).
-
-        "none"/null: off. "tiny": the random-weight CLIP built once into
-        `$VIDBATCH_CACHE/models/tiny-clip` (built in a temporary folder and renamed: concurrent
-        workers never see a half-written model). A hub id resolves to its local hub-cache snapshot
-        when there is one; with HF_HUB_OFFLINE set (read now, not at import) and no snapshot the
-        reason is returned at once instead of waiting on hub retries.
-        """
-        from vidbatch.models.loading import _hub_offline, _quiet_loading
-        from vidbatch.models.builtin import _build, default_cache_root
-
-        if name is None or str(name).strip().lower() in ("", "none"):
-            return None, "disabled"
-        name = str(name).strip()
-        if name == "tiny":
-            folder = default_cache_root() / "models" / "tiny-clip"
-            if (folder / "preprocessor_config.json").is_file():  # make_tiny_clip writes it last
-                return str(folder), None
-            try:
-                with _quiet_loading():
-                    return str(_build(folder, make_tiny_clip, replace=folder.exists())), None
-            except OSError as exc:
-                return None, f"CLIP model tiny could not be built in {folder}: {exc}"
-        if looks_like_path(name):  # an existing file or folder, or clearly meant as one
-            return name, None  # ClipScorer names a missing or broken folder itself
-        from huggingface_hub import snapshot_download
-
-        try:
-            return snapshot_download(name, local_files_only=True), None
-        except Exception:  # noqa: BLE001 - not in the local hub cache (or no such repo)
-            if _hub_offline():
-                return None, (f"CLIP model {name} could not be loaded: HF_HUB_OFFLINE is set and it is not "
-                              "in the local hub cache (download it first, or set metrics.clip_model to a folder)")
-            return name, None
 
     def _measure(self, row: EditRow, source: np.ndarray, edited: np.ndarray, prompt: str, source_prompt: str) -> None:
         """Fills `row.metrics` for one edited video; a metric that fails leaves nulls and a

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from vidbatch.core.paths import looks_like_path
 from vidbatch.core.errors import ModelLoadError
 from vidbatch.metrics.frames import check_frames
-from vidbatch.models.builtin import build_tokenizer
+from vidbatch.models.builtin import build_folder_atomically, build_tokenizer, default_cache_root
+from vidbatch.models.loading import hub_offline, quiet_loading
 
 # OpenAI CLIP normalisation, used when a model folder has no preprocessor config.
 _OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -212,3 +213,37 @@ def load_clip_scorer(
     except Exception as exc:  # noqa: BLE001 - any failure means "no CLIP scores", with the reason
         first_line = (str(exc).strip().splitlines() or [""])[0]
         return None, f"CLIP model {model} could not be loaded: {type(exc).__name__}: {first_line}"
+
+
+def resolve_clip_model(name: str | None) -> tuple[str | None, str | None]:
+    """`metrics.clip_model` -> (what `ClipScorer` loads, None) or (None, why there is no CLIP).
+
+    "none"/null: off. "tiny": the random-weight CLIP built once into
+    `$VIDBATCH_CACHE/models/tiny-clip` (built in a temporary folder and renamed: concurrent
+    workers never see a half-written model). A hub id resolves to its local hub-cache snapshot
+    when there is one; with HF_HUB_OFFLINE set (read now, not at import) and no snapshot the
+    reason is returned at once instead of waiting on hub retries.
+    """
+    if name is None or str(name).strip().lower() in ("", "none"):
+        return None, "disabled"
+    name = str(name).strip()
+    if name == "tiny":
+        folder = default_cache_root() / "models" / "tiny-clip"
+        if (folder / "preprocessor_config.json").is_file():  # make_tiny_clip writes it last
+            return str(folder), None
+        try:
+            with quiet_loading():
+                return str(build_folder_atomically(folder, make_tiny_clip, replace=folder.exists())), None
+        except OSError as exc:
+            return None, f"CLIP model tiny could not be built in {folder}: {exc}"
+    if looks_like_path(name):  # an existing file or folder, or clearly meant as one
+        return name, None  # ClipScorer names a missing or broken folder itself
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True), None
+    except Exception:  # noqa: BLE001 - not in the local hub cache (or no such repo)
+        if hub_offline():
+            return None, (f"CLIP model {name} could not be loaded: HF_HUB_OFFLINE is set and it is not "
+                          "in the local hub cache (download it first, or set metrics.clip_model to a folder)")
+        return name, None

@@ -383,7 +383,7 @@ def _save_pipeline(
     (tmp_dir / "vidbatch_model.json").write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
-def _build(out_dir: str | Path, build_fn, *, replace: bool) -> Path:
+def build_folder_atomically(out_dir: str | Path, build_fn, *, replace: bool) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -438,7 +438,7 @@ def make_tiny_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str 
     Returns:
         `out_dir` as a Path.
     """
-    return _build(out_dir, _tiny_builder(seed, prediction_type), replace=True)
+    return build_folder_atomically(out_dir, _tiny_builder(seed, prediction_type), replace=True)
 
 
 def make_sd15_random(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
@@ -447,7 +447,7 @@ def make_sd15_random(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype =
     Parameters are initialised in float32 (plain CPU init: about 4 GB of RAM and tens of seconds) and saved in
     `dtype`. Tokenizer: our small one; its ids are all < 49408, which is all the text encoder needs.
     """
-    return _build(out_dir, _sd15_builder(seed, dtype), replace=True)
+    return build_folder_atomically(out_dir, _sd15_builder(seed, dtype), replace=True)
 
 
 def default_cache_root() -> Path:
@@ -466,8 +466,8 @@ def _cached_build(out_dir: Path, build_fn) -> Path:
         return out_dir
     if out_dir.exists():
         # Not ours to trust (an interrupted copy, a stray folder): rebuild beside it and swap.
-        return _build(out_dir, build_fn, replace=True)
-    return _build(out_dir, build_fn, replace=False)
+        return build_folder_atomically(out_dir, build_fn, replace=True)
+    return build_folder_atomically(out_dir, build_fn, replace=False)
 
 
 def tiny_model_dir(cache_root: Path | None = None) -> Path:

@@ -60,7 +60,7 @@ def _first_line(exc: BaseException) -> str:
     return text[:300].rstrip(".")
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it at call time too so a late setting counts.
     import huggingface_hub.constants
 
@@ -76,7 +76,7 @@ def _is_hub_file_url(model_id: str) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
+def quiet_loading() -> Iterator[None]:
     """Silence diffusers'/transformers' per-component loading bars (noise in batch logs), then restore them."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
@@ -123,7 +123,7 @@ def _load_single_file(path: Path | str, label: str, dtype: torch.dtype, config: 
     try:
         return StableDiffusionPipeline.from_single_file(
             str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False,
-            local_files_only=_hub_offline() or (config is not None and Path(config).is_dir()), **kwargs,
+            local_files_only=hub_offline() or (config is not None and Path(config).is_dir()), **kwargs,
         )
     except Exception as exc:
         hint = (
@@ -140,7 +140,7 @@ def _load_single_file(path: Path | str, label: str, dtype: torch.dtype, config: 
 def _load_hub(model_id: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         return StableDiffusionPipeline.from_pretrained(
             model_id, dtype=dtype, safety_checker=None, requires_safety_checker=False,
@@ -253,7 +253,7 @@ def load_pipeline(
     from diffusers import DDIMScheduler
 
     model_id = str(model_id)
-    with _quiet_loading():
+    with quiet_loading():
         if model_id in ("tiny", "sd15-random"):
             pipe = _load_folder(_random_model_dir(model_id), model_id, dtype)
         else:
