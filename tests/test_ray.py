@@ -30,7 +30,7 @@ from vidbatch.config.schema import load_config  # noqa: E402
 from vidbatch.dispatch.ray_backend import WorkerPlan, plan_workers  # noqa: E402
 from vidbatch.core.errors import ConfigError, ModelLoadError  # noqa: E402
 from vidbatch.dispatch.progress import setup_logging  # noqa: E402
-from vidbatch.dispatch.run import run  # noqa: E402
+from vidbatch.api import run  # noqa: E402
 
 # Two CPU workers; 4 frames a video keeps a shard at a few seconds on a slow CI machine. No inversion
 # cache: a cache hit would make a shard too quick to be killed in the middle.

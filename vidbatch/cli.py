@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, console: Console) -> int:
     from vidbatch.config.schema import load_config
     from vidbatch.dispatch.progress import setup_logging
-    from vidbatch.dispatch.run import run
+    from vidbatch.api import run
 
     config = load_config(args.config, args.overrides)
     out_dir = Path(args.output)

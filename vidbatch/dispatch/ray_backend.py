@@ -2,7 +2,7 @@
 
 The driver (the `vidbatch run` process) joins a Ray cluster (`runtime.ray_address`, `$RAY_ADDRESS`) or
 starts an embedded local one, then starts `ShardWorker` actors: one per GPU (`num_gpus=1`), or
-`runtime.workers` CPU workers. Each loads the model once and runs `runner.process_shard` (the
+`runtime.workers` CPU workers. Each loads the model once and runs `batch.shard.process_shard` (the
 Lightning predict loop) shard after shard.
 
 Dispatch is dynamic: the driver keeps exactly one shard in flight per ready worker and gives the next
@@ -43,6 +43,9 @@ from rich.console import Console
 from vidbatch.config.schema import Config, RuntimeConfig
 from vidbatch.core.rows import DoneMarker
 from vidbatch.core.errors import ConfigError, VidbatchError
+from vidbatch.batch.module import VideoEditModule
+from vidbatch.batch.shard import process_shard
+from vidbatch.dispatch.plan import RunOutcome, prepare_run
 from vidbatch.dispatch.progress import RunProgress
 
 log = logging.getLogger("vidbatch")
@@ -173,8 +176,6 @@ class ShardWorker:
             raise ConfigError(f"the output folder {self.out_dir} is not the driver's on node {socket.gethostname()} "
                               "(its config.yaml is missing or differs): with several nodes the output folder must "
                               "be on a filesystem every node shares")
-        from vidbatch.batch.module import VideoEditModule
-
         # Lightning's per-trainer banners ("GPU available: ...") would reach the driver once per shard per
         # worker; it sets its logger's level when imported, so this comes after the import.
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -183,8 +184,6 @@ class ShardWorker:
                 "device": str(self.module.target_device)}
 
     def process(self, url: str, stem: str, attempt: int) -> DoneMarker:
-        from vidbatch.dispatch.run import process_shard
-
         self._send({"type": "start", "stem": stem, "attempt": attempt})
         return process_shard(self.module, url, stem, self.out_dir, _ShardEvents(self._send, stem, attempt))
 
@@ -480,15 +479,13 @@ class _RaySession:
 
 def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
             shard_index: int = 0, num_shards: int = 1, console: Console | None = None,
-            on_event: Callable[[dict], None] | None = None) -> int:
-    """Runs the job on Ray. Returns the exit code: 0 all shards done, 1 a shard failed (rerun to continue).
+            on_event: Callable[[dict], None] | None = None) -> RunOutcome:
+    """Runs the shards still to do on Ray; a shard that keeps failing is recorded as failed.
 
     Usage, config and model errors raise (the CLI turns them into exit code 2). `on_event` is called on
     the driver with every worker event (`video`, `start`, `log`) and driver event (`dispatch`,
     `worker_ready`, `worker_replaced`, `retry`, `shard_done`, `shard_failed`), each a dict with `type`.
     """
-    from vidbatch.dispatch.run import finish_run, prepare_run
-
     console = console or Console()
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
@@ -506,4 +503,4 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
                 dispatcher = Dispatcher(config, plan.urls, plan.stems, plan.todo, out_dir, workers, progress,
                                         on_event)
                 failed = dispatcher.run()
-    return finish_run(config, out_dir, plan, failed, started, console)
+    return RunOutcome(plan=plan, failed=failed, started=started)

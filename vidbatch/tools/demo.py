@@ -10,7 +10,7 @@ from rich.console import Console
 
 from vidbatch.config.schema import load_config
 from vidbatch.core.errors import ConfigError
-from vidbatch.dispatch.run import run_local
+from vidbatch.api import run
 from vidbatch.io.packing import pack_shards
 from vidbatch.testing.clips import make_test_video
 
@@ -54,7 +54,7 @@ def run_demo(output: Path, overrides: list[str], console: Console) -> int:
     with tempfile.TemporaryDirectory(prefix="vidbatch-demo-") as tmp:
         console.print("making demo clips and packing them into two shards ...")
         shards = make_demo_inputs(Path(tmp))
-        code = run_local(config, [str(s) for s in shards], output, overwrite=True, console=console)
+        code = run(config, [str(s) for s in shards], output, overwrite=True, console=console)
     console.print(f"\noutputs in [bold]{output}[/bold]: shards/ (edited videos), stats/ (per-sample rows), "
                   "summary.json, report.html (open it in a browser), config.yaml, run.log")
     return code
