@@ -14,6 +14,7 @@ portrait clip). ffmpeg prints the display matrix counter-clockwise ("rotation of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -24,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Iterable, Iterator
 
 import ffmpeg
 import imageio_ffmpeg
@@ -198,6 +199,24 @@ class _StderrDrain(threading.Thread):
             if len(self.damage) < 16 and any(m in low for m in _TRUNCATION_MARKERS):
                 self.damage.append(line)
         self._stream.close()
+
+
+@contextlib.contextmanager
+def _ffmpeg_process(args: list[str], *, stdin: int, stdout: int) -> Iterator[tuple[subprocess.Popen, _StderrDrain]]:
+    """Starts ffmpeg with its stderr drained in a thread; on leaving, a process still running is killed
+    and reaped (an exception mid-stream must not leave ffmpeg behind) and its pipes are closed."""
+    proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+    drain = _StderrDrain(proc.stderr)
+    drain.start()
+    try:
+        yield proc, drain
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        drain.join()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def run_ffmpeg(args: list[str], what: str) -> subprocess.CompletedProcess:
@@ -394,18 +413,9 @@ def _decode_frames(
         out_opts["frames:v"] = max_frames  # ffmpeg stops reading and decoding once it has these
     args = ffmpeg_args(ffmpeg.output(video, "pipe:", **out_opts), loglevel=_DECODE_LOGLEVEL)
 
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    drain = _StderrDrain(proc.stderr)
-    drain.start()
-    try:
+    with _ffmpeg_process(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as (proc, drain):
         buf = _read_all(proc.stdout)
         returncode = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        drain.join()
-        proc.stdout.close()
     if returncode < 0:
         # Killed by a signal (preemption, scancel, OOM killer): the job is ending, the video is not
         # at fault, so this must not become a "corrupt video" row in a committed shard.
@@ -568,10 +578,7 @@ def encode_mp4(frames: np.ndarray, fps: float, *, audio: bytes | None = None, cr
             opts.update(acodec="copy")
         args = ffmpeg_args(ffmpeg.output(*streams, file_url(out_path), **opts).overwrite_output())
 
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        drain = _StderrDrain(proc.stderr)
-        drain.start()
-        try:
+        with _ffmpeg_process(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as (proc, drain):
             try:
                 view = memoryview(frames).cast("B")
                 step = width * height * 3 * 8
@@ -581,11 +588,6 @@ def encode_mp4(frames: np.ndarray, fps: float, *, audio: bytes | None = None, cr
             except BrokenPipeError:
                 pass  # ffmpeg quit early; its exit code and stderr say why
             returncode = proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            drain.join()
         if returncode != 0:
             raise RuntimeError(f"ffmpeg failed to encode mp4 (exit code {returncode}): {_meaningful_lines(drain.tail)}")
         return out_path.read_bytes()
