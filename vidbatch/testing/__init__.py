@@ -1,0 +1,1 @@
+"""Fixtures for tests and demos; the library never imports this package."""
