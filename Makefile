@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(BIN)/vidbatch demo --output demo-out
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from vidbatch.engine.processors import (
+from vidbatch.engine.methods.vidtome import (
     FrameAttentionState,
     FrameAttnProcessor,
+    MergeConfig,
     MergeSettings,
     apply_patch,
     remove_patch,
@@ -347,7 +348,7 @@ def record_decisions(monkeypatch) -> list[tuple[str, object]]:
     """Wraps the merge functions the processors call; records every block's final destination frame
     (the frame all of whose tokens survive local merging) and global side (True: the global set was
     the source side, i.e. every local token survived). Works on any version of the processors."""
-    import vidbatch.engine.processors as processors
+    import vidbatch.engine.methods.vidtome as processors
 
     seen: list[tuple[str, object]] = []
     real_local, real_global = processors.local_merge, processors.global_merge
@@ -464,7 +465,7 @@ def static_clip_pixels(pipe, proportional: bool) -> torch.Tensor:
     frame = np.kron(rng.integers(0, 255, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)
     frames = np.repeat(frame[None], 12, axis=0)
     editor = VideoEditor(pipe, EditorSettings(method="vidtome", steps=5, chunk_size=4, chunk_order="seq",
-                                              merge=MergeSettings(proportional_attention=proportional)))
+                                              method_settings=MergeConfig(proportional_attention=proportional)))
     inversion, _ = editor.cached_invert(frames, "a texture")
     latents = editor.denoise(inversion, "a painting", 0, "a texture")
     with torch.no_grad():

@@ -144,10 +144,10 @@ def test_finer_inversion_keeps_the_latents_at_the_edit_timesteps(pipe, method, m
     """`inversion.steps=20, edit.steps=10` edits with every method, and what the denoiser gets is the
     20-step inversion's latents at the 10 edit timesteps (as TokenFlow inverts with 500 steps and keeps
     the latents of its 50 edit steps)."""
-    from vidbatch.config.schema import Vid2VidZeroConfig
+    from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroConfig
 
     frames = frames_of(4)
-    extra = {"vid2vid_zero": Vid2VidZeroConfig(null_steps=1)} if method == "vid2vid-zero" else {}
+    extra = {"method_settings": Vid2VidZeroConfig(null_steps=1)} if method == "vid2vid-zero" else {}
     editor = VideoEditor(pipe, EditorSettings(steps=10, inversion_steps=20, method=method, chunk_size=3, **extra))
     given = []
     real = VideoEditor.denoise
@@ -203,13 +203,13 @@ def test_auto_chunk_counts_the_source_branch_of_each_method(pipe, monkeypatch):
     """The memory estimate sees the branches each method runs: the source branch with PnP, TokenFlow
     (every step) and vid2vid-zero (its prompt-to-prompt steps)."""
     from vidbatch.engine import memory
-    from vidbatch.config.schema import Vid2VidZeroConfig
+    from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroConfig
 
     seen = []
     real = memory.pick_chunk_size
     monkeypatch.setattr(memory, "pick_chunk_size", lambda n, b, **kw: seen.append(kw["branches"]) or real(n, b, **kw))
     cases = [({}, 2), ({"control": "pnp"}, 3), ({"method": "tokenflow"}, 3), ({"method": "vid2vid-zero"}, 3),
-             ({"method": "vid2vid-zero", "vid2vid_zero": Vid2VidZeroConfig(p2p="none")}, 2)]
+             ({"method": "vid2vid-zero", "method_settings": Vid2VidZeroConfig(p2p="none")}, 2)]
     for settings, branches in cases:
         seen.clear()
         VideoEditor(pipe, EditorSettings(chunk_size="auto", memory_budget_bytes=2**30, **settings)).chunk_size_for(8, (4, 4))

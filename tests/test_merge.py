@@ -367,7 +367,7 @@ def test_merge_decisions_match_the_reference_implementation():
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from vidbatch.engine.processors import FrameAttentionState, FrameAttnProcessor, MergeSettings
+    from vidbatch.engine.methods.vidtome import FrameAttentionState, FrameAttnProcessor, MergeSettings
 
     with safe_open(str(GOLDEN), "pt") as f:
         meta = json.loads(f.metadata()["description"])

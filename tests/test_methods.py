@@ -10,8 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from vidbatch.engine.processors import MergeSettings
-from vidbatch.engine.controls import canny_frames, make_tiny_controlnet
+from vidbatch.engine.controls.controlnet import canny_frames
+from vidbatch.engine.methods.vidtome import MergeConfig
+from vidbatch.testing.controlnet import make_tiny_controlnet
 from vidbatch.engine.editor import EditorSettings, VideoEditor
 from vidbatch.engine.memory import estimate_chunk_bytes, pick_chunk_size
 from vidbatch.models.loading import load_pipeline
@@ -37,9 +38,9 @@ def latents(pipe, seed=0, **settings):
 
 
 def test_vidtome_without_merging_equals_extended(pipe):
-    off = MergeSettings(local_ratio=0.0, global_merge=False)
-    a = latents(pipe, method="vidtome", merge=off)
-    b = latents(pipe, method="extended", merge=off)
+    off = MergeConfig(local_ratio=0.0, global_merge=False)
+    a = latents(pipe, method="vidtome", method_settings=off)
+    b = latents(pipe, method="extended", method_settings=off)
     assert torch_allclose(a, b)
     c = latents(pipe, method="vidtome")
     assert not torch_allclose(a, c)   # merging does change the result
@@ -85,7 +86,7 @@ def test_any_frame_count_works(pipe, frames):
 
 
 def test_global_ratio_zero_works(pipe):
-    out = edit(pipe, method="vidtome", merge=MergeSettings(global_ratio=0.0))
+    out = edit(pipe, method="vidtome", method_settings=MergeConfig(global_ratio=0.0))
     assert out.shape == (6, 32, 32, 3)
 
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
-from vidbatch.engine.processors import apply_patch, remove_patch
-from vidbatch.engine.controls import PnpResidualInjector
+from vidbatch.engine.controls.pnp import PnpResidualInjector
+from vidbatch.engine.methods.vidtome import apply_patch, remove_patch
 from vidbatch.models.builtin import sd15_random_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pnp_reference.json"
@@ -251,7 +251,7 @@ def test_qk_injection_acts_in_the_reference_blocks_with_source_queries_and_keys(
 
 def test_pnp_attention_blocks_on_sd15_and_tiny_layouts(pipe):
     """SD 1.5's exact UNet (built on the meta device: no weights): the reference's 8; tiny: the rule's 5."""
-    from vidbatch.engine.controls import pnp_attention_blocks
+    from vidbatch.engine.controls.pnp import pnp_attention_blocks
 
     with torch.device("meta"):
         sd15 = UNet2DConditionModel(**sd15_random_config()["unet"])

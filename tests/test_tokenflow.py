@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from vidbatch.engine.methods import tokenflow
-from vidbatch.config.schema import TokenFlowConfig, load_config
+from vidbatch.config.schema import load_config
+from vidbatch.engine.methods.tokenflow import TokenFlowConfig
 from vidbatch.engine.editor import EditorSettings, VideoEditor
 
 from vidbatch.engine.methods.tokenflow import (
@@ -210,16 +211,16 @@ def test_every_frame_a_keyframe_equals_extended_attention_in_one_chunk(pipe, inv
     keyframe), so the edit equals extended attention. With PnP it would not: TokenFlow's source branch
     attends per frame (as in the reference), the `extended` method's across the chunk."""
     every = latents(pipe, inversion, method="tokenflow", control="none",
-                    tokenflow=TokenFlowConfig(batch_size=1, pairing="nearest"))
+                    method_settings=TokenFlowConfig(batch_size=1, pairing="nearest"))
     extended = latents(pipe, inversion, method="extended", control="none", chunk_size=6, chunk_order="seq")
     assert close(every, extended)
     # The check can fail: fewer keyframes do change the result.
-    fewer = latents(pipe, inversion, method="tokenflow", control="none", tokenflow=TokenFlowConfig(batch_size=3))
+    fewer = latents(pipe, inversion, method="tokenflow", control="none", method_settings=TokenFlowConfig(batch_size=3))
     assert not close(fewer, extended)
 
 
 def test_same_seed_bit_identical_other_seed_differs_and_chunking_does_not_matter(pipe, inversion):
-    settings = dict(method="tokenflow", control="pnp", tokenflow=TokenFlowConfig(batch_size=3))
+    settings = dict(method="tokenflow", control="pnp", method_settings=TokenFlowConfig(batch_size=3))
     a = latents(pipe, inversion, seed=1, **settings)
     assert torch.equal(a, latents(pipe, inversion, seed=1, **settings))
     assert not close(a, latents(pipe, inversion, seed=3, **settings))        # other keyframes
@@ -231,7 +232,7 @@ def test_same_seed_bit_identical_other_seed_differs_and_chunking_does_not_matter
 def test_still_video_edits_to_identical_frames(pipe):
     still = np.repeat(moving_frames(1), 6, axis=0)
     editor = VideoEditor(pipe, EditorSettings(steps=3, chunk_size=4, method="tokenflow", control="pnp",
-                                              tokenflow=TokenFlowConfig(batch_size=4)))
+                                              method_settings=TokenFlowConfig(batch_size=4)))
     out = editor.edit(still, "a texture", [("e", "a painting")], seed=0, key="k").frames["e"].astype(int)
     assert max(np.abs(out[0] - f).max() for f in out[1:]) <= 1
 
@@ -242,7 +243,7 @@ def test_config_reaches_the_engine():
     config = load_config(None, ["edit.method=tokenflow", "tokenflow.batch_size=4", "tokenflow.blend=linear"])
     settings = VideoEditModule.editor_settings(config)
     assert settings.method == "tokenflow"
-    assert (settings.tokenflow.batch_size, settings.tokenflow.blend) == (4, "linear")
+    assert (settings.method_settings.batch_size, settings.method_settings.blend) == (4, "linear")
     with pytest.raises(Exception, match="tokenflow.blend"):
         load_config(None, ["tokenflow.blend=cubic"])
 
@@ -342,7 +343,7 @@ def test_keyframes_are_drawn_anew_in_every_step(pipe, inversion, monkeypatch):
         return real(self, keyframes)
 
     monkeypatch.setattr(TokenFlowState, "begin_keyframes", spy)
-    settings = dict(method="tokenflow", tokenflow=TokenFlowConfig(batch_size=2))
+    settings = dict(method="tokenflow", method_settings=TokenFlowConfig(batch_size=2))
     latents(pipe, inversion, seed=0, **settings)
     first = list(drawn)
     assert len(first) == 3 and len(set(first)) > 1          # one draw per step, not one per edit
@@ -408,7 +409,7 @@ def test_auto_chunk_counts_the_source_branch_and_the_keyframe_pass(pipe, monkeyp
 
     monkeypatch.setattr(memory, "pick_chunk_size", spy)
     editor = VideoEditor(pipe, EditorSettings(method="tokenflow", control="none", chunk_size="auto",
-                                              memory_budget_bytes=2**40, tokenflow=TokenFlowConfig(batch_size=8)))
+                                              memory_budget_bytes=2**40, method_settings=TokenFlowConfig(batch_size=8)))
     assert editor.chunk_size_for(20, (8, 8)) == 20
     assert (seen["branches"], seen["keyframes"], seen["method"]) == (3, 3, "tokenflow")
     # On SD-like sizes: the chunk chosen leaves room for the records, and the keyframe pass fits too.
@@ -417,7 +418,7 @@ def test_auto_chunk_counts_the_source_branch_and_the_keyframe_pass(pipe, monkeyp
     budget = 2**36
     chosen = memory.pick_chunk_size(120, budget, **kwargs)
     assert 1 < chosen < 120
-    keyframe_pass = memory.estimate_keyframe_pass_bytes(15, (64, 64), branches=3, channels=320, heads=8,
+    keyframe_pass = tokenflow.estimate_keyframe_pass_bytes(15, (64, 64), branches=3, channels=320, heads=8,
                                                         dtype_bytes=2, materialised_scores=False)
     assert keyframe_pass <= memory.estimate_chunk_bytes(chosen, **kwargs) <= 0.7 * budget
     # The records held during propagation cost frames: fewer than 3-branch activations alone allow.
@@ -436,7 +437,7 @@ def test_reference_pairing_is_the_default_and_reproduces_the_reference():
 
     from safetensors.torch import load_file
 
-    from vidbatch.config.schema import TokenFlowConfig as Settings
+    from vidbatch.engine.methods.tokenflow import TokenFlowConfig as Settings
     from vidbatch.engine.methods.tokenflow import reference_neighbours
 
     assert Settings().pairing == "reference"

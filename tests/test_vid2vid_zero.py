@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from vidbatch.config.schema import Vid2VidZeroConfig, load_config
+from vidbatch.config.schema import load_config
+from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroConfig
 from vidbatch.engine.editor import EditorSettings, VideoEditor
 from vidbatch.core.errors import ConfigError
 from vidbatch.engine.inversion_cache import InversionCache
@@ -36,7 +37,7 @@ def editor(pipe, cache=None, **settings) -> VideoEditor:
     base = dict(steps=3, chunk_size=3, chunk_order="mix", method="vid2vid-zero", control="none")
     v2v = settings.pop("v2v", {})
     base.update(settings)
-    return VideoEditor(pipe, EditorSettings(vid2vid_zero=Vid2VidZeroConfig(**v2v), **base), cache,
+    return VideoEditor(pipe, EditorSettings(method_settings=Vid2VidZeroConfig(**v2v), **base), cache,
                        model_fingerprint(pipe) if cache is not None else None)
 
 
@@ -243,7 +244,7 @@ def test_config_reaches_the_engine():
 
     config = load_config(None, ["edit.method=vid2vid-zero", "vid2vid_zero.null_steps=3", "vid2vid_zero.p2p=refine",
                                 "vid2vid_zero.dense_blocks=[mid_block]"])
-    settings = VideoEditModule.editor_settings(config).vid2vid_zero
+    settings = VideoEditModule.editor_settings(config).method_settings
     assert (settings.null_steps, settings.p2p, settings.dense_blocks) == (3, "refine", ["mid_block"])
     with pytest.raises(ConfigError, match="vid2vid_zero.p2p"):
         load_config(None, ["vid2vid_zero.p2p=swap"])
@@ -379,7 +380,7 @@ def count_p2p_steps(pipe, monkeypatch, steps: int, prompt: str, source: str, **v
     import vidbatch.engine.methods.vid2vid_zero as v2vz
 
     current, controlled = [None], set()
-    begin_step, replace = v2vz.Vid2VidZeroHooks.begin_step, v2vz.replace_maps
+    begin_step, replace = v2vz.Vid2VidZero.begin_step, v2vz.replace_maps
 
     def recording_begin_step(self, step, *args):
         current[0] = step
@@ -389,7 +390,7 @@ def count_p2p_steps(pipe, monkeypatch, steps: int, prompt: str, source: str, **v
         controlled.add(current[0])
         return replace(*args, **kwargs)
 
-    monkeypatch.setattr(v2vz.Vid2VidZeroHooks, "begin_step", recording_begin_step)
+    monkeypatch.setattr(v2vz.Vid2VidZero, "begin_step", recording_begin_step)
     monkeypatch.setattr(v2vz, "replace_maps", recording_replace)
     edit(pipe, prompt=prompt, source=source, steps=steps, frames=moving_frames(3),
          v2v=dict(null_steps=0, cross_frame=False, **v2v))
@@ -442,11 +443,11 @@ def test_prompt_to_prompt_window_matches_vid2vid_zeros():
     """Fixture: baaivision/vid2vid-zero at a3e41c0f, `vid2vid_zero/p2p/ptp_utils.py::get_time_words_attention_alpha(
     ["a b", "a c"], steps, cross_replace_steps, tokenizer=None)` for steps 10, 50, 7 and shares 0.8 (its replace)
     and 0.4 (its refine): the steps whose alpha is 1."""
-    from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroHooks, cross_replace_share
+    from vidbatch.engine.methods.vid2vid_zero import Vid2VidZero, cross_replace_share
 
     for case in json.loads(FIXTURE.read_text())["cross_replace_window"]:
         mode = {0.8: "replace", 0.4: "refine"}[case["cross_replace_steps"]]
-        hooks = Vid2VidZeroHooks(EditorSettings(method="vid2vid-zero", steps=case["steps"]))
+        hooks = Vid2VidZero(EditorSettings(method="vid2vid-zero", steps=case["steps"]))
         share = cross_replace_share("auto", mode)
         hooks.replace_steps = min(int(share * (case["steps"] + 1)), case["steps"])   # as `patch` sets it
         assert [k for k in range(case["steps"]) if hooks.needs_source(k)] == case["active_steps"], case

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vidbatch.engine.processors import MergeSettings
 from vidbatch.config.schema import Config, EditSpec, resolve_control, resolve_control_name
-from vidbatch.engine.controls import canny_frames, load_controlnet
+from vidbatch.engine.controls.controlnet import canny_frames, load_controlnet
+from vidbatch.engine.plugins import get_method
 from vidbatch.core.rows import STATUS_OK, EditRow
 from vidbatch.engine.editor import EditorSettings, VideoEditor
 from vidbatch.core.errors import SampleError, VidbatchError
@@ -172,7 +172,9 @@ class VideoEditModule(L.LightningModule):
 
     @staticmethod
     def editor_settings(config: Config) -> EditorSettings:
+        """The engine's settings from the run config; the method gets its own section (`Method.section`)."""
         m = config.merge
+        section = get_method(config.edit.method).section
         budget = config.runtime.max_memory_gb
         return EditorSettings(
             method=config.edit.method, control=resolve_control_name(config.edit.method, config.edit.control),
@@ -182,12 +184,8 @@ class VideoEditModule(L.LightningModule):
             chunk_size=m.chunk_size, chunk_order=m.chunk_order,
             memory_budget_bytes=None if budget is None else int(budget * 2**30),
             inversion_batch=config.inversion.batch_size,
-            merge=MergeSettings(local_ratio=m.local_ratio, global_ratio=m.global_ratio, global_merge=m.global_merge,
-                                global_rand=m.global_rand, target_stride=m.target_stride,
-                                align_batch=m.align_batch, max_downsample=m.max_downsample,
-                                proportional_attention=m.proportional_attention),
-            pnp_f_t=config.pnp.f_t, pnp_attn_t=config.pnp.attn_t, controlnet_scale=config.controlnet.scale,
-            tokenflow=config.tokenflow, vid2vid_zero=config.vid2vid_zero)
+            method_settings=getattr(config, section) if section else None,
+            pnp_f_t=config.pnp.f_t, pnp_attn_t=config.pnp.attn_t, controlnet_scale=config.controlnet.scale)
 
     def dataloader(self, url: str) -> DataLoader:
         dataset = ShardDataset(url, self.config, self.editor.size_multiple)

@@ -1,7 +1,12 @@
 """The typed run configuration: schema, YAML presets, `--set key=value` overrides and validation.
 
-Every key is a dataclass field. Constraints a user can break (choices, ranges) live in the field's
-metadata, so one validator serves every key and every error names the key and what is valid.
+Every key is a dataclass field declared with :func:`vidbatch.core.settings.setting` (default,
+choices, bounds, help); :mod:`vidbatch.config.fields` parses and validates them. The sections are
+the application's own (model, video, edit, edits, inversion, metrics, runtime) and those of the
+engine's plug-ins: every registered method's and control's settings section
+(:func:`vidbatch.engine.plugins.sections`: `merge` for vidtome, `pnp`, `controlnet`, `tokenflow`,
+`vid2vid_zero`). The :class:`Config` dataclass is built from the registries
+(:func:`config_class`), so a method registered later gets its section and `--set section.key=...`.
 """
 
 from __future__ import annotations
@@ -9,233 +14,117 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
 import yaml
 
 from vidbatch.core.atomic import atomic_write
+from vidbatch.core.edits import EDIT_NAME_PATTERN, EditSpec
 from vidbatch.core.errors import ConfigError
+from vidbatch.core.settings import setting
+from vidbatch.config.fields import build
+from vidbatch.engine.controls.controlnet import ControlNetConfig
+from vidbatch.engine.controls.pnp import PnpConfig
+from vidbatch.engine.methods.tokenflow import TokenFlowConfig
+from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroConfig
+from vidbatch.engine.methods.vidtome import MergeConfig
+from vidbatch.engine.plugins import (
+    get_control,
+    method_names,
+    parse_control,
+    resolve_control,
+    resolve_control_name,
+    sections,
+)
 
-EDIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
-METHODS = ("per-frame", "extended", "vidtome", "tokenflow", "vid2vid-zero")
-CONTROLS = ("none", "pnp", "sdedit", "controlnet")
-# What `edit.control: auto` means per method. vid2vid-zero ties the edit to the source with its own
-# null-text inversion and prompt-to-prompt (its authors stack no PnP on it); the other methods are
-# PnP-based, as in VidToMe and TokenFlow.
-AUTO_CONTROL = {"vid2vid-zero": "none"}
-AUTO_CONTROL_DEFAULT = "pnp"
-
-
-def parse_control(text: str) -> frozenset[str]:
-    """`'pnp+controlnet'` -> {'pnp', 'controlnet'}; `'none'` -> {}. ConfigError on unknown names."""
-    parts = [p.strip() for p in text.split("+")]
-    unknown = [p for p in parts if p not in CONTROLS]
-    if unknown or ("none" in parts and len(parts) > 1) or len(set(parts)) != len(parts):
-        raise ConfigError(f"config key 'edit.control' must be 'auto', one of {', '.join(CONTROLS)} or several "
-                          f"joined by '+' (e.g. 'pnp+controlnet'), got {text!r}")
-    return frozenset(p for p in parts if p != "none")
-
-
-def resolve_control_name(method: str, control: str) -> str:
-    """`edit.control` with `auto` replaced by the method's control (`none` for vid2vid-zero, else `pnp`).
-
-    The one place `auto` is resolved; an explicit value (e.g. `pnp` with vid2vid-zero) is kept as given.
-    """
-    if control.strip() != "auto":
-        return control
-    return AUTO_CONTROL.get(method, AUTO_CONTROL_DEFAULT)
-
-
-def resolve_control(method: str, control: str) -> frozenset[str]:
-    """The controls an edit with `method` gets from `edit.control` (`auto` resolved per method); see `parse_control`."""
-    return parse_control(resolve_control_name(method, control))
-
-
-def _key(default: Any, *, choices: list | None = None, minimum: float | None = None,
-         maximum: float | None = None, help: str = "") -> Any:
-    """A config field with the constraints the validator checks."""
-    meta = {"choices": choices, "min": minimum, "max": maximum, "help": help}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
-    return field(default=default, metadata=meta)
-
+__all__ = [
+    "EDIT_NAME_PATTERN", "Config", "ConfigBase", "ControlNetConfig", "EditConfig", "EditSpec", "InversionConfig",
+    "LoraConfig", "MergeConfig", "MetricsConfig", "ModelConfig", "PnpConfig", "RuntimeConfig", "TokenFlowConfig",
+    "Vid2VidZeroConfig", "VideoConfig", "config_class", "load_config", "parse_control", "parse_override",
+    "resolve_control", "resolve_control_name", "save_config",
+]
 
 @dataclass
 class LoraConfig:
-    path: str = _key("", help="LoRA file (.safetensors) or folder")
-    scale: float = _key(1.0, help="strength the LoRA is fused with; 0 disables it")
-
-
-@dataclass
-class EditSpec:
-    name: str = _key("", help="names the output member {key}.{name}.mp4: letters, digits, _ and -")
-    prompt: str = _key("", help="edit prompt; '{prompt}' stands for the sample's own description")
+    path: str = setting("", help="LoRA file (.safetensors) or folder")
+    scale: float = setting(1.0, help="strength the LoRA is fused with; 0 disables it")
 
 
 @dataclass
 class ModelConfig:
-    id: str = _key("tiny", help="'tiny', 'sd15-random', a hub id, a diffusers folder or a .safetensors/.ckpt file")
-    single_file_config: str | None = _key(None, help="diffusers folder or hub id describing a single-file checkpoint's architecture")
-    loras: list[LoraConfig] = _key([], help="LoRAs fused into the model, each {path, scale}")
-    dtype: str = _key("auto", choices=["auto", "float32", "float16", "bfloat16"],
-                      help="'auto': float16 on CUDA, float32 on CPU")
+    id: str = setting("tiny", help="'tiny', 'sd15-random', a hub id, a diffusers folder or a .safetensors/.ckpt file")
+    single_file_config: str | None = setting(None, help="diffusers folder or hub id describing a single-file checkpoint's architecture")
+    loras: list[LoraConfig] = setting([], help="LoRAs fused into the model, each {path, scale}")
+    dtype: str = setting("auto", choices=["auto", "float32", "float16", "bfloat16"],
+                         help="'auto': float16 on CUDA, float32 on CPU")
 
 
 @dataclass
 class VideoConfig:
-    size: int | None = _key(512, minimum=8, help="short side of the edited video in pixels; null keeps the source size")
-    max_frames: int | None = _key(None, minimum=1, help="edit at most this many frames (after the stride); null: all")
-    frame_stride: int = _key(1, minimum=1, help="keep every n-th source frame; the output fps is divided by it")
-    min_frames: int = _key(2, minimum=1, help="a video with fewer frames (after selection) fails")
-    max_input_mb: float = _key(2048.0, minimum=0, help="a video file larger than this fails")
-    max_source_pixels: int = _key(8192 * 8192, minimum=1, help="a source larger than width*height fails")
-    crf: int = _key(18, minimum=0, maximum=51, help="H.264 quality of the output (lower is better)")
+    size: int | None = setting(512, minimum=8, help="short side of the edited video in pixels; null keeps the source size")
+    max_frames: int | None = setting(None, minimum=1, help="edit at most this many frames (after the stride); null: all")
+    frame_stride: int = setting(1, minimum=1, help="keep every n-th source frame; the output fps is divided by it")
+    min_frames: int = setting(2, minimum=1, help="a video with fewer frames (after selection) fails")
+    max_input_mb: float = setting(2048.0, minimum=0, help="a video file larger than this fails")
+    max_source_pixels: int = setting(8192 * 8192, minimum=1, help="a source larger than width*height fails")
+    crf: int = setting(18, minimum=0, maximum=51, help="H.264 quality of the output (lower is better)")
 
 
 @dataclass
 class EditConfig:
-    method: str = _key("vidtome", choices=list(METHODS), help="how self-attention sees the other frames")
-    control: str = _key("auto", help="ties the edit to the source: none, pnp, sdedit, controlnet, or several "
-                                     "joined by '+' (e.g. pnp+controlnet); 'auto': none for vid2vid-zero (its "
-                                     "own inversion and prompt-to-prompt), pnp for the other methods")
-    steps: int = _key(50, minimum=1, maximum=1000, help="DDIM denoising steps")
-    guidance: float = _key(7.5, minimum=0, help="classifier-free guidance scale")
-    seed: int = _key(0, minimum=0, help="seed; with the sample key and edit name it fixes every random choice")
-    negative_prompt: str = _key("ugly, blurry, low res", help="the unconditional branch's prompt")
-    eta: float = _key(0.0, minimum=0, maximum=1, help="DDIM eta: 0 is deterministic given the inversion, >0 adds seeded noise")
-    strength: float = _key(1.0, minimum=0, maximum=1, help="sdedit: share of the steps re-done from the inverted latent")
+    method: str = setting("vidtome", choices=method_names, help="how self-attention sees the other frames")
+    control: str = setting("auto", help="ties the edit to the source: none, pnp, sdedit, controlnet, or several "
+                                        "joined by '+' (e.g. pnp+controlnet); 'auto': none for vid2vid-zero (its "
+                                        "own inversion and prompt-to-prompt), pnp for the other methods")
+    steps: int = setting(50, minimum=1, maximum=1000, help="DDIM denoising steps")
+    guidance: float = setting(7.5, minimum=0, help="classifier-free guidance scale")
+    seed: int = setting(0, minimum=0, help="seed; with the sample key and edit name it fixes every random choice")
+    negative_prompt: str = setting("ugly, blurry, low res", help="the unconditional branch's prompt")
+    eta: float = setting(0.0, minimum=0, maximum=1, help="DDIM eta: 0 is deterministic given the inversion, >0 adds seeded noise")
+    strength: float = setting(1.0, minimum=0, maximum=1, help="sdedit: share of the steps re-done from the inverted latent")
 
 
 @dataclass
 class InversionConfig:
-    steps: int | None = _key(None, minimum=1, maximum=1000, help="DDIM inversion steps; null: edit.steps")
-    prompt: str = _key("{prompt}", help="prompt of the inversion (the source description); '{prompt}' is the sample's")
-    batch_size: Union[int, Literal["auto"]] = _key(8, minimum=1, help="frames inverted per UNet call ('auto': fit runtime.max_memory_gb)")
-    cache: bool = _key(True, help="reuse inversions across edits, reruns and workers (content-addressed)")
-    cache_dir: str | None = _key(None, help="inversion cache folder; null: $VIDBATCH_CACHE/inversions or ~/.cache/vidbatch/inversions")
-    cache_max_gb: float | None = _key(None, minimum=0, help="evict least recently used entries above this size")
-
-
-@dataclass
-class PnpConfig:
-    f_t: float = _key(0.8, minimum=0, maximum=1, help="share of the steps whose residual features come from the source branch")
-    attn_t: float = _key(0.5, minimum=0, maximum=1, help="share of the steps whose decoder self-attention q/k come from the source branch")
-
-
-@dataclass
-class TokenFlowConfig:
-    batch_size: int = _key(8, minimum=1, help="tokenflow: one keyframe drawn at random per this many frames, every step")
-    blend: str = _key("sigmoid", choices=["sigmoid", "linear"],
-                      help="tokenflow: weights of a frame's two keyframes by temporal distance; 'sigmoid' is TokenFlow's")
-    pairing: str = _key("reference", choices=["reference", "nearest"],
-                        help="tokenflow: a frame's two keyframes: 'reference' as TokenFlow's code (its group's and the "
-                             "previous group's, weighed by distance to the group centres); 'nearest' the previous "
-                             "and next keyframe by position (the paper's description)")
-
-
-# vid2vid-zero's dense spatio-temporal attention: the first transformer of the first down block, of the
-# mid block and of the first cross-attention up block (its authors' `st_attn_idx: 0`).
-V2VZ_DENSE_BLOCKS = ["down_blocks.0.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0"]
-# vid2vid-zero's share of the steps with prompt-to-prompt control per mode (its authors' test_vid2vid_zero.py:
-# AttentionReplace gets cross_replace_steps 0.8, AttentionRefine 0.4).
-V2VZ_CROSS_REPLACE = {"replace": 0.8, "refine": 0.4}
-
-
-@dataclass
-class Vid2VidZeroConfig:
-    null_steps: int = _key(1, minimum=0, help="vid2vid-zero: Adam steps on the null embedding per denoising step; 0: no "
-                                             "null-text optimisation (the empty prompt's embedding)")
-    null_lr: float = _key(0.01, minimum=0, help="vid2vid-zero: Adam learning rate of the null-text optimisation")
-    null_early_stop: float = _key(1e-5, minimum=0, help="vid2vid-zero: stop a step's optimisation below this loss")
-    null_uncond_ratio: float = _key(-0.5, minimum=-1, maximum=1,
-                                    help="vid2vid-zero: the steps that use the optimised null embeddings: r > 0 the "
-                                         "steps i <= r*steps, r < 0 the steps i >= (1+r)*steps (-0.5: the second "
-                                         "half); the other steps use the empty prompt's embedding")
-    invert_with_prompt: bool = _key(False, help="vid2vid-zero: DDIM-invert with the source prompt instead of the empty one")
-    cross_frame: bool = _key(True, help="vid2vid-zero: cross-frame self-attention; false: each frame alone")
-    dense_blocks: list[str] = _key(V2VZ_DENSE_BLOCKS,
-                                   help="vid2vid-zero: blocks (module names, or prefixes ending at a '.') with dense "
-                                        "attention over the chunk; the others attend to the first and the previous frame")
-    p2p: str = _key("auto", choices=["auto", "replace", "refine", "none"],
-                    help="vid2vid-zero: prompt-to-prompt cross-attention control; 'auto': replace when the source "
-                         "and edit prompts have the same token count, else refine")
-    cross_replace: Union[float, Literal["auto"]] = _key(
-        "auto", minimum=0, maximum=1,
-        help="vid2vid-zero: share of the steps whose cross-attention maps come from the source; 'auto': 0.8 "
-             "for replace, 0.4 for refine (vid2vid-zero's)")
-
-
-@dataclass
-class ControlNetConfig:
-    model: str | None = _key(None, help="ControlNet: diffusers folder or hub id (needed by control 'controlnet')")
-    condition: str = _key("canny", choices=["canny", "video"],
-                          help="'canny': edges of the source frames; 'video': the sample's {key}.control.mp4")
-    scale: float = _key(1.0, minimum=0, help="ControlNet conditioning scale")
-    canny_low: int = _key(100, minimum=0, maximum=255, help="Canny lower threshold")
-    canny_high: int = _key(200, minimum=0, maximum=255, help="Canny upper threshold")
+    steps: int | None = setting(None, minimum=1, maximum=1000, help="DDIM inversion steps; null: edit.steps")
+    prompt: str = setting("{prompt}", help="prompt of the inversion (the source description); '{prompt}' is the sample's")
+    batch_size: Union[int, Literal["auto"]] = setting(8, minimum=1, help="frames inverted per UNet call ('auto': fit runtime.max_memory_gb)")
+    cache: bool = setting(True, help="reuse inversions across edits, reruns and workers (content-addressed)")
+    cache_dir: str | None = setting(None, help="inversion cache folder; null: $VIDBATCH_CACHE/inversions or ~/.cache/vidbatch/inversions")
+    cache_max_gb: float | None = setting(None, minimum=0, help="evict least recently used entries above this size")
 
 
 @dataclass
 class MetricsConfig:
-    warp_error: bool = _key(True, help="temporal consistency: flow on the source, edited frames warped along it")
-    interp_psnr: bool = _key(True, help="VidToMe's interpolation PSNR of the edited video")
-    flow: str = _key("dis", choices=["dis", "farneback"], help="OpenCV optical flow for warp_error")
-    clip_model: str | None = _key("none", help="CLIP for clip_text/clip_frame/clip_dir: hub id, folder, 'tiny' or 'none'")
-
-
-@dataclass
-class MergeConfig:
-    chunk_size: Union[int, Literal["auto"]] = _key(4, minimum=1, help="frames per UNet call ('auto': fit runtime.max_memory_gb)")
-    local_ratio: float = _key(0.9, minimum=0, maximum=1, help="share of source tokens merged inside a chunk")
-    global_ratio: float = _key(0.8, minimum=0, maximum=1, help="share merged between a chunk and the global tokens")
-    global_merge: bool = _key(True, help="merge across chunks through a per-block global token set")
-    global_rand: float = _key(0.5, minimum=0, maximum=1, help="probability that the global set is the source side")
-    target_stride: int = _key(4, minimum=2, help="one destination frame per this many frames")
-    align_batch: bool = _key(True, help="one matching shared by the guidance branches")
-    max_downsample: int = _key(2, choices=[1, 2, 4, 8], help="merge in blocks at most this downsampled")
-    proportional_attention: bool = _key(False, help="weigh every merged token's attention by the number of tokens "
-                                                    "it stands for (ToMe); off in the paper")
-    chunk_order: str = _key("mix", choices=["seq", "rand", "mix"], help="how chunks are cut and visited each step")
+    warp_error: bool = setting(True, help="temporal consistency: flow on the source, edited frames warped along it")
+    interp_psnr: bool = setting(True, help="VidToMe's interpolation PSNR of the edited video")
+    flow: str = setting("dis", choices=["dis", "farneback"], help="OpenCV optical flow for warp_error")
+    clip_model: str | None = setting("none", help="CLIP for clip_text/clip_frame/clip_dir: hub id, folder, 'tiny' or 'none'")
 
 
 @dataclass
 class RuntimeConfig:
-    backend: str = _key("ray", choices=["ray", "local"],
-                        help="'ray': one worker per GPU (or runtime.workers CPU workers) on a Ray cluster, shards "
-                             "handed out dynamically, lost workers replaced; 'local': in-process, shard after shard")
-    ray_address: str | None = _key(None, help="Ray cluster to join ('HOST:PORT', 'auto', 'ray://...'); "
-                                              "null: $RAY_ADDRESS, else start an embedded local cluster")
-    workers: int | None = _key(None, minimum=1, help="Ray workers; null: one per GPU of the cluster, "
-                                                     "or 1 on a cluster without GPUs")
-    cpus_per_worker: int = _key(1, minimum=1, help="Ray CPUs each worker reserves; a CPU worker runs this many torch threads")
-    max_shard_retries: int = _key(2, minimum=0, help="times a shard is given out again after its worker died or it "
-                                                    "raised; then it is reported failed (a rerun continues it)")
-    worker_start_timeout_s: float = _key(600.0, minimum=1, help="give up when no Ray worker could start for this long")
-    device: str = _key("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (with Ray: 'cuda' workers get one GPU each)")
-    max_memory_gb: float | None = _key(None, minimum=0, help="memory budget for chunk_size 'auto'; null: what the device has free")
-    log_every_s: float = _key(30.0, minimum=0.1, help="seconds between plain status lines when not on a terminal")
+    backend: str = setting("ray", choices=["ray", "local"],
+                           help="'ray': one worker per GPU (or runtime.workers CPU workers) on a Ray cluster, shards "
+                                "handed out dynamically, lost workers replaced; 'local': in-process, shard after shard")
+    ray_address: str | None = setting(None, help="Ray cluster to join ('HOST:PORT', 'auto', 'ray://...'); "
+                                                 "null: $RAY_ADDRESS, else start an embedded local cluster")
+    workers: int | None = setting(None, minimum=1, help="Ray workers; null: one per GPU of the cluster, "
+                                                        "or 1 on a cluster without GPUs")
+    cpus_per_worker: int = setting(1, minimum=1, help="Ray CPUs each worker reserves; a CPU worker runs this many torch threads")
+    max_shard_retries: int = setting(2, minimum=0, help="times a shard is given out again after its worker died or it "
+                                                       "raised; then it is reported failed (a rerun continues it)")
+    worker_start_timeout_s: float = setting(600.0, minimum=1, help="give up when no Ray worker could start for this long")
+    device: str = setting("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (with Ray: 'cuda' workers get one GPU each)")
+    max_memory_gb: float | None = setting(None, minimum=0, help="memory budget for chunk_size 'auto'; null: what the device has free")
+    log_every_s: float = setting(30.0, minimum=0.1, help="seconds between plain status lines when not on a terminal")
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    video: VideoConfig = field(default_factory=VideoConfig)
-    edit: EditConfig = field(default_factory=EditConfig)
-    edits: list[EditSpec] = _key([{"name": "edit", "prompt": "{prompt}, oil painting"}],
-                                 help="the edits applied to every video, each {name, prompt}")
-    inversion: InversionConfig = field(default_factory=InversionConfig)
-    merge: MergeConfig = field(default_factory=MergeConfig)
-    pnp: PnpConfig = field(default_factory=PnpConfig)
-    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
-    tokenflow: TokenFlowConfig = field(default_factory=TokenFlowConfig)
-    vid2vid_zero: Vid2VidZeroConfig = field(default_factory=Vid2VidZeroConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+class ConfigBase:
+    """What every built :class:`Config` class has beyond its sections."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,105 +135,51 @@ class Config:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsing and validation
+# The application's sections before and after the plug-ins'.
+LEADING_SECTIONS = (("model", ModelConfig), ("video", VideoConfig), ("edit", EditConfig))
+TRAILING_SECTIONS = (("metrics", MetricsConfig), ("runtime", RuntimeConfig))
+# Where the built-in plug-ins' sections sit: where they were before methods and controls were
+# plug-ins, so resolved configs (config.yaml) keep their key order. Other sections follow, in
+# registration order.
+PLUGIN_SECTION_ORDER = ("merge", "pnp", "controlnet", "tokenflow", "vid2vid_zero")
+
+_classes: dict[tuple, type] = {}
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null"}.get(tp, str(tp))
+def _plugin_sections() -> list[tuple[str, type]]:
+    found = [(s.name, s.settings_type) for s in sections()]
+    rank = {name: i for i, name in enumerate(PLUGIN_SECTION_ORDER)}
+    return sorted(found, key=lambda item: rank.get(item[0], len(rank)))   # stable: the rest keep their order
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Returns `value` as type `tp`, or raises ConfigError naming `path`."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(item, item_tp, f"{path}[{i}]") for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
-        return _build(tp, value, path)
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
+def config_class() -> type:
+    """The `Config` dataclass for the plug-ins registered now (built once per set of sections).
+
+    Fields: `model`, `video`, `edit`, `edits`, `inversion`, the plug-in sections, `metrics`, `runtime`.
+    The module's `Config` names the latest one built (so pickling finds it by name).
+    """
+    global Config
+    plugins = tuple(_plugin_sections())
+    cls = _classes.get(plugins)
+    if cls is None:
+        def section(name: str, tp: type) -> tuple:
+            return name, tp, field(default_factory=tp)
+
+        fields = [section(n, t) for n, t in LEADING_SECTIONS]
+        fields.append(("edits", list[EditSpec], setting([{"name": "edit", "prompt": "{prompt}, oil painting"}],
+                                                           help="the edits applied to every video, each {name, prompt}")))
+        fields.append(section("inversion", InversionConfig))
+        fields += [section(n, t) for n, t in plugins]
+        fields += [section(n, t) for n, t in TRAILING_SECTIONS]
+        cls = dataclasses.make_dataclass("Config", fields, bases=(ConfigBase,))
+        cls.__module__ = __name__   # pickled by reference as vidbatch.config.schema.Config
+        cls.__doc__ = "The run configuration: one attribute per section (see config_class)."
+        _classes[plugins] = cls
+    Config = cls
+    return cls
 
 
-def _check_constraints(value: Any, meta: typing.Mapping, path: str) -> None:
-    if value is None or isinstance(value, (list, dict)) or dataclasses.is_dataclass(value):
-        return
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        valid = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"config key '{path}' must be one of {valid}, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if meta.get("min") is not None and value < meta["min"]:
-            raise ConfigError(f"config key '{path}' must be >= {meta['min']}, got {value!r}")
-        if meta.get("max") is not None and value > meta["max"]:
-            raise ConfigError(f"config key '{path}' must be <= {meta['max']}, got {value!r}")
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            where = f"'{prefix}'" if prefix else "the top level"
-            raise ConfigError(
-                f"unknown config key '{_join(prefix, str(key))}'; valid keys in {where}: {', '.join(fields)}")
-    values = {}
-    for name, f in fields.items():
-        path = _join(prefix, name)
-        if name in data:
-            value = _coerce(data[name], hints[name], path)
-        else:
-            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if isinstance(value, list) and typing.get_origin(hints[name]) is list:
-                value = _coerce(value, hints[name], path)
-        _check_constraints(value, f.metadata, path)
-        values[name] = value
-    return cls(**values)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+Config = config_class()
 
 
 def _validate(config: Config) -> None:
@@ -361,10 +196,9 @@ def _validate(config: Config) -> None:
         seen.add(edit.name)
         if not edit.prompt.strip():
             raise ConfigError(f"config key 'edits[{i}].prompt' is empty")
-    controls = resolve_control(config.edit.method, config.edit.control)
-    if "controlnet" in controls and not config.controlnet.model:
-        raise ConfigError("edit.control includes 'controlnet' but config key 'controlnet.model' is not set; "
-                          "point it at a ControlNet folder or hub id")
+    for name in sorted(resolve_control(config.edit.method, config.edit.control)):
+        control = get_control(name)
+        control.check(getattr(config, control.section) if control.section else None)
     v = config.video
     if v.max_frames is not None and v.max_frames < v.min_frames:
         raise ConfigError(f"config key 'video.max_frames' ({v.max_frames}) is below 'video.min_frames' "
@@ -414,7 +248,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 raise ConfigError(f"--set {text!r}: '{'.'.join(keys[: i + 1])}' is not a section")
             node = child
         node[keys[-1]] = value
-    config = _build(Config, data, "")
+    config = build(config_class(), data, "")
     _validate(config)
     return config
 

@@ -2,8 +2,9 @@
 
 One `VideoEditor` holds a loaded pipeline and edits one video at a time for any number of edit
 prompts. Frames go through the UNet chunk by chunk, so memory is bounded by the chunk, not the
-video. How self-attention sees the other frames of a chunk (`method`) is the business of the
-attention processors; this module only cuts the chunks and drives the loop.
+video. How self-attention sees the other frames of a chunk is the business of the method (a
+:class:`vidbatch.engine.method.Method` from the registry, with its attention processors); this
+module only cuts the chunks and drives the loop, calling the method's hooks where it varies.
 """
 
 from __future__ import annotations
@@ -18,59 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vidbatch.engine import ddim
-
-from vidbatch.engine import memory
-from vidbatch.engine.processors import MergeSettings, apply_patch, remove_patch
-from vidbatch.config.schema import TokenFlowConfig, Vid2VidZeroConfig, resolve_control
-from vidbatch.engine.controls import PnpResidualInjector, condition_tensor
 from vidbatch.core.errors import ConfigError
+from vidbatch.engine import ddim, memory
+from vidbatch.engine.controls.controlnet import condition_tensor
+from vidbatch.engine.controls.pnp import PnpResidualInjector, injection_steps
+from vidbatch.engine.controls.sdedit import first_step
 from vidbatch.engine.inversion_cache import InversionCache, inversion_key
+from vidbatch.engine.method import EditorSettings, Inversion, Method
+from vidbatch.engine.plugins import get_method, resolve_control
 
 log = logging.getLogger("vidbatch")
-
-
-@dataclass
-class EditorSettings:
-    """What the engine needs to know; built by the application from the run config."""
-
-    method: str = "per-frame"
-    control: str = "none"                     # one of config.CONTROLS, several joined by '+', or "auto" (per method)
-    merge: MergeSettings = field(default_factory=MergeSettings)
-    pnp_f_t: float = 0.8
-    pnp_attn_t: float = 0.5
-    controlnet_scale: float = 1.0
-    steps: int = 50
-    inversion_steps: int | None = None
-    guidance: float = 7.5
-    negative_prompt: str = ""
-    eta: float = 0.0
-    strength: float = 1.0
-    chunk_size: int | str = 4                 # frames per UNet call, or "auto" (fit memory_budget_bytes)
-    memory_budget_bytes: int | None = None    # for "auto"; None: what the device has free
-    chunk_order: str = "seq"
-    vae_batch: int = 8
-    inversion_batch: int | str = 8            # frames per inversion UNet call, or "auto"
-    tokenflow: TokenFlowConfig = field(default_factory=TokenFlowConfig)          # method "tokenflow"
-    vid2vid_zero: Vid2VidZeroConfig = field(default_factory=Vid2VidZeroConfig)   # method "vid2vid-zero"
-
-
-@dataclass
-class Inversion:
-    """A DDIM inversion trajectory of one video, at the edit's timesteps.
-
-    timesteps: (S,) the edit's DDIM timesteps, descending (``S = edit.steps``). The inversion itself
-    may run finer (``inversion.steps`` a refinement of the edit's schedule); only the latents at the
-    edit's timesteps are kept. trajectory: (S, T, 4, h, w) on the CPU; trajectory[k] is the latent at
-    timesteps[k] (trajectory[0] is the noisiest), i.e. the latent denoising step k starts from.
-    clean: (T, 4, h, w), the VAE latents of the frames.
-    extras: method-specific tensors cached with the trajectory (vid2vid-zero: "null_embeddings").
-    """
-
-    timesteps: Tensor
-    trajectory: Tensor
-    clean: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,61 +93,9 @@ def _positions(timesteps: Tensor, wanted: Tensor) -> Tensor | None:
     return match.int().argmax(1)
 
 
-class MethodHooks:
-    """Where an editing method varies the engine's loops; these defaults serve per-frame, extended and vidtome.
-
-    TokenFlow (`vidbatch.engine.methods.tokenflow`) and vid2vid-zero (`vidbatch.engine.methods.vid2vid_zero`) subclass it, so their
-    specifics stay in their modules and the loops below stay one loop for every method.
-    """
-
-    def __init__(self, settings: EditorSettings):
-        self.settings = settings
-
-    def patch(self, editor: VideoEditor, prompt: str, source_prompt: str):
-        """Installs the attention processors for one edit; returns the state the loop drives (`begin_step`,
-        `begin_chunk`)."""
-        return apply_patch(editor.unet, self.settings.method, self.settings.merge)
-
-    def unpatch(self, unet) -> None:
-        remove_patch(unet)
-
-    def chunk_order(self) -> str:
-        return self.settings.chunk_order
-
-    def needs_source(self, step: int) -> bool:
-        """Whether `step` runs the source branch even where PnP does not inject."""
-        return False
-
-    def uncond_embedding(self, inversion: Inversion, step: int, default: Tensor) -> Tensor:
-        """The unconditional branch's (1, 77, C) embedding at `step`."""
-        return default
-
-    def begin_step(self, step: int, num_frames: int, predict, generator: torch.Generator) -> None:
-        """Runs before a step's chunks; `predict(frames)` is the guided UNet on any frames, (F, 4, h, w)."""
-
-    def begin_chunk(self, frames: Tensor) -> None:
-        """The video frame indices (F,) of the next UNet call."""
-
-    def inversion_parts(self) -> dict:
-        """Settings beyond the DDIM inversion's that change a cached inversion (part of its key)."""
-        return {}
-
-    def invert(self, editor: VideoEditor, frames: np.ndarray, prompt: str) -> Inversion:
-        return editor.invert(frames, prompt)
-
-
-def method_hooks(settings: EditorSettings) -> MethodHooks:
-    """The hooks of `settings.method`."""
-    # Imported here: these modules build on this one.
-    if settings.method == "tokenflow":
-        from vidbatch.engine.methods.tokenflow import TokenFlowHooks
-
-        return TokenFlowHooks(settings)
-    if settings.method == "vid2vid-zero":
-        from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroHooks
-
-        return Vid2VidZeroHooks(settings)
-    return MethodHooks(settings)
+def method_for(settings: EditorSettings) -> Method:
+    """A fresh instance of `settings.method` (its hooks keep per-edit state)."""
+    return get_method(settings.method)(settings)
 
 
 class VideoEditor:
@@ -316,37 +222,18 @@ class VideoEditor:
         s = self.settings
         if s.chunk_size != "auto":
             return int(s.chunk_size)
-        m = s.merge
+        method = method_for(s)
         branches = self.max_branches()
-        keyframes = -(-num_frames // s.tokenflow.batch_size) if s.method == "tokenflow" else 0
-        chunk = self._fit(num_frames, latent_hw, branches=branches, method=s.method, keyframes=keyframes,
-                          share=memory.attended_share(s.method, m.local_ratio, m.global_ratio, m.global_merge,
-                                                      m.target_stride))
-        if keyframes:
-            # The keyframe pass is one UNet call whatever the chunk: say so when it alone will not fit.
-            budget = s.memory_budget_bytes or memory.available_memory_bytes(self.device)
-            needed = memory.estimate_keyframe_pass_bytes(
-                keyframes, latent_hw, branches=branches, channels=self.unet.config.block_out_channels[0],
-                heads=self._heads(), dtype_bytes=torch.finfo(self.dtype).bits // 8,
-                materialised_scores=self.device.type != "cuda")
-            if needed > memory.BUDGET_SHARE * budget:
-                log.warning("tokenflow: the keyframe pass (%d keyframes of %d frames in one UNet call) is estimated "
-                            "at %.2f GB, over the %.2f GB budget; raise tokenflow.batch_size (fewer keyframes)",
-                            keyframes, num_frames, needed / 1e9, memory.BUDGET_SHARE * budget / 1e9)
+        chunk = self._fit(num_frames, latent_hw, branches=branches, method=s.method,
+                          keyframes=method.keyframes(num_frames), share=method.attended_share())
+        budget = s.memory_budget_bytes or memory.available_memory_bytes(self.device)
+        method.check_budget(num_frames, latent_hw, budget, branches=branches, **self._geometry())
         return chunk
 
     def max_branches(self) -> int:
-        """The most guidance branches one UNet call of this edit runs: uncond and cond, and the source
-        branch where some step runs it (PnP; TokenFlow in every step; vid2vid-zero's prompt-to-prompt steps)."""
-        s = self.settings
-        with_source = "pnp" in self.controls or s.method == "tokenflow"
-        if s.method == "vid2vid-zero":
-            # Prompt-to-prompt ("auto" is "replace" or "refine", never "none") runs the source branch
-            # for the first `cross_replace` of the steps (`Vid2VidZeroHooks.needs_source`).
-            c = s.vid2vid_zero
-            runs_p2p = c.cross_replace == "auto" or int(s.steps * c.cross_replace) > 0   # "auto" is 0.8 or 0.4
-            with_source = with_source or (c.p2p != "none" and runs_p2p)
-        return 3 if with_source else 2
+        """The most guidance branches one UNet call of this edit runs (`Method.max_branches`): uncond and
+        cond, and the source branch where some step runs it (PnP, or the method's own need)."""
+        return method_for(self.settings).max_branches(self.controls)
 
     def inversion_batch_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int:
         """`inversion_batch`, or with "auto" the largest per-frame batch that fits the budget."""
@@ -356,10 +243,12 @@ class VideoEditor:
 
     def _fit(self, num_frames: int, latent_hw: tuple[int, int], **estimate) -> int:
         budget = self.settings.memory_budget_bytes or memory.available_memory_bytes(self.device)
-        return memory.pick_chunk_size(
-            num_frames, budget, latent_hw=latent_hw, channels=self.unet.config.block_out_channels[0],
-            heads=self._heads(), dtype_bytes=torch.finfo(self.dtype).bits // 8,
-            materialised_scores=self.device.type != "cuda", **estimate)
+        return memory.pick_chunk_size(num_frames, budget, latent_hw=latent_hw, **self._geometry(), **estimate)
+
+    def _geometry(self) -> dict:
+        """What the memory estimates need to know of the model and device."""
+        return dict(channels=self.unet.config.block_out_channels[0], heads=self._heads(),
+                    dtype_bytes=torch.finfo(self.dtype).bits // 8, materialised_scores=self.device.type != "cuda")
 
     def _heads(self) -> int:
         heads = self.unet.config.attention_head_dim  # diffusers' name; for SD 1.x/2.x it holds the head count
@@ -406,7 +295,7 @@ class VideoEditor:
         """Index into the edit timesteps where denoising starts (SDEdit skips the noisiest steps)."""
         steps = self.settings.steps
         if "sdedit" in self.controls:
-            return min(steps - int(round(steps * self.settings.strength)), steps - 1)
+            return first_step(steps, self.settings.strength)
         return 0
 
     @torch.no_grad()
@@ -417,7 +306,7 @@ class VideoEditor:
         Per step, frames go through the UNet chunk by chunk (`chunk_schedule`); the attention
         processors see one chunk per call. Branches per call: `[uncond, cond]`, with a leading
         `source` branch while PnP injects or the method needs it (the inverted latent of the step with
-        `source_prompt`). The method's `MethodHooks` add their steps to the loop (TokenFlow's keyframe
+        `source_prompt`). The method's hooks (:class:`vidbatch.engine.method.Method`) add their steps to the loop (TokenFlow's keyframe
         pass, vid2vid-zero's null embeddings). `control_images` (T, H, W, 3) uint8 condition the
         ControlNet when one is loaded.
         """
@@ -442,13 +331,12 @@ class VideoEditor:
         cond = self.text_embedding(prompt)
         source = self.text_embedding(source_prompt)
         pnp = "pnp" in self.controls
-        pnp_feature_steps = int(s.steps * s.pnp_f_t) if pnp else 0
-        pnp_attention_steps = int(s.steps * s.pnp_attn_t) if pnp else 0
+        pnp_feature_steps, pnp_attention_steps = injection_steps(s.steps, s.pnp_f_t, s.pnp_attn_t) if pnp else (0, 0)
         condition = None
         if self.controlnet is not None:
             condition = condition_tensor(control_images, self.device, self.dtype)
         chunk_size = self.chunk_size_for(len(x), tuple(x.shape[-2:]))
-        hooks = method_hooks(s)
+        hooks = method_for(s)
         state = hooks.patch(self, prompt, source_prompt)
         injector = PnpResidualInjector(self.unet) if pnp else None
         try:
@@ -498,7 +386,7 @@ class VideoEditor:
         scheduler = json.loads(json.dumps(dict(self._scheduler.config), default=str))
         steps = self.settings.inversion_steps or self.settings.steps
         parts = {"model": self.model_identity, "scheduler": scheduler, "dtype": str(self.dtype),
-                 "steps": steps, "prompt": prompt, **method_hooks(self.settings).inversion_parts()}
+                 "steps": steps, "prompt": prompt, **method_for(self.settings).inversion_parts()}
         if steps != self.settings.steps:
             # A finer inversion keeps only the edit's timesteps: which ones is part of the entry.
             # (Equal counts keep every step, the same entry as before finer inversions existed.)
@@ -507,7 +395,7 @@ class VideoEditor:
 
     def cached_invert(self, frames: np.ndarray, prompt: str) -> tuple[Inversion, str]:
         """`invert` through the cache; returns the inversion and "hit", "miss" or "off"."""
-        invert = method_hooks(self.settings).invert
+        invert = method_for(self.settings).invert
         if self.cache is None:
             return invert(self, frames, prompt), "off"
         key = self.inversion_key(frames, prompt)

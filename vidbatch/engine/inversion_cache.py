@@ -57,7 +57,7 @@ __all__ = [
 
 # Bump both when the entry layout or the key scheme changes: entries of another version never collide
 # with this one's (the key tag is part of every key) and are treated as invalid if they somehow do.
-FORMAT_VERSION = "vidbatch.engine.inversion_cache/1"
+FORMAT_VERSION = "vidbatch.inversion_cache/1"
 _KEY_TAG = b"vidbatch.inversion_key/1"
 
 _ENTRY_SUFFIX = ".safetensors"

@@ -1,249 +1,55 @@
-"""Self-attention processors for video frames (per-frame, extended, VidToMe) and the patch API.
+"""The plumbing every method's attention processors share.
 
-Only the self-attention (``attn1``) of every ``BasicTransformerBlock`` of a diffusers UNet is
-replaced; cross-attention and feed-forward stay stock. All patched processors of one UNet share one
-:class:`FrameAttentionState`, which the editing engine drives:
+A method replaces attention processors of a diffusers UNet's ``BasicTransformerBlock``s and drives
+them through a state object of its own. What is the same for every method lives here:
 
-.. code-block:: python
+- :func:`attend`: project, attend with SDPA and project out, as ``AttnProcessor2_0`` does, with
+  PnP's query/key injection (:func:`broadcast_branch0`).
+- :func:`check_layout`: a UNet call's batch is ``B*F``, branch-major (all frames of branch 0, then
+  branch 1, ...); processors check it against the chunk the engine declared.
+- :func:`transformer_blocks`: the blocks a method patches (AnimateDiff's motion modules, whose
+  blocks are ``BasicTransformerBlock``s too, are not frame attention and are skipped).
+- :func:`install_processors` / :func:`restore_processors`: the one way a method installs its
+  processors (through diffusers' ``unet.attn_processors`` / ``unet.set_attn_processor``) and the
+  one way they are taken out again.
 
-    state = apply_patch(unet, "vidtome", MergeSettings())
-    for step in steps:
-        state.begin_step()                                   # forget the global tokens
-        for chunk in chunks:
-            state.begin_chunk(len(chunk), num_branches=2, generator=g)
-            unet(latents_of_chunk_for_all_branches, t, text)  # batch B*F, branch-major
-    remove_patch(unet)
-
-A UNet call on a chunk of ``F`` frames has batch ``B*F``, branch-major (all frames of branch 0, then
-branch 1, ...). The self-attention input is ``hidden_states = norm1(x)`` of shape ``(B*F, N, C)``.
-
-Methods:
-
-- ``per-frame``: attention inside each frame, exactly the stock ``AttnProcessor2_0``.
-- ``extended``: attention over all ``F*N`` tokens of the chunk, per branch.
-- ``vidtome``: in blocks at most ``max_downsample`` below the latent grid, VidToMe local (and
-  global) token merging of the chunk, attention over the merged set, unmerge; per-frame elsewhere.
-
-With ``inject_qk`` (Plug-and-Play) the blocks of :func:`vidbatch.engine.controls.pnp_attention_blocks`
-(8 decoder self-attentions on SD 1.x/2.x) use the queries and keys of branch 0 (the source branch)
-in every branch, position by position.
+Shapes: ``B`` guidance branches, ``F`` frames of a UNet call, ``N`` tokens of one frame, ``C``
+channels, ``h`` heads, ``d`` head width.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vidbatch.engine.controls import pnp_attention_blocks
-from vidbatch.core.errors import ConfigError
-from vidbatch.engine.methods.merge import (
-    MERGE_MODES,
-    Merge,
-    draw_global_side,
-    draw_local_offsets,
-    global_merge,
-    join_frames,
-    local_merge,
-    size_bias,
-    split_frames,
-)
-
 __all__ = [
-    "METHODS",
-    "BlockStats",
-    "FrameAttentionState",
-    "FrameAttnProcessor",
-    "MergeDraws",
-    "MergedChunk",
-    "MergeSettings",
-    "apply_patch",
-    "remove_patch",
+    "ProcessorPatch",
+    "attend",
+    "broadcast_branch0",
+    "check_layout",
+    "installed_patch",
+    "install_processors",
+    "restore_processors",
+    "transformer_blocks",
 ]
 
-METHODS = ("per-frame", "extended", "vidtome")
-
-# Attribute of the UNet that holds what apply_patch changed, for remove_patch.
-_PATCH_ATTR = "_vidbatch_frame_attention"
-
-
-@dataclass
-class MergeSettings:
-    """VidToMe merging parameters (defaults: the reference's).
-
-    Attributes:
-        local_ratio: fraction of the source tokens merged at every local level.
-        global_ratio: fraction of the source side merged between the chunk and the global set.
-        global_merge: merge with the block's global token set (the previous chunk's tokens).
-        global_rand: probability that the global set is the source side of the global matching.
-        target_stride: one destination frame in every ``target_stride`` frames (>= 2).
-        align_batch: one matching for all guidance branches (required with PnP injection).
-        max_downsample: merge only in blocks whose grid is at most this much below the latent.
-        merge_mode: ``"replace"`` (VidToMe) or ``"mean"`` (see :meth:`vidbatch.engine.methods.merge.Merge.merge`).
-        proportional_attention: add ``log(size)`` to the attention logits of every merged key, its
-            size being the number of original tokens it stands for (through the local levels and the
-            global set); off in the paper and the reference.
-    """
-
-    local_ratio: float = 0.9
-    global_ratio: float = 0.8
-    global_merge: bool = True
-    global_rand: float = 0.5
-    target_stride: int = 4
-    align_batch: bool = True
-    max_downsample: int = 2
-    merge_mode: str = "replace"
-    proportional_attention: bool = False
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid value."""
-        for key in ("local_ratio", "global_ratio", "global_rand"):
-            value = getattr(self, key)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"merge.{key} must be in [0, 1], got {value}")
-        if self.target_stride < 2:
-            raise ConfigError(f"merge.target_stride must be at least 2, got {self.target_stride}")
-        if self.max_downsample < 1:
-            raise ConfigError(f"merge.max_downsample must be at least 1, got {self.max_downsample}")
-        if self.merge_mode not in MERGE_MODES:
-            raise ConfigError(f"merge.merge_mode must be one of {MERGE_MODES}, got {self.merge_mode!r}")
+# Attribute of the UNet that holds the installed patch, for restore_processors.
+PATCH_ATTR = "_vidbatch_processors"
+# Module names containing this are AnimateDiff motion modules: temporal attention, not frame attention.
+MOTION_MODULES = "motion_modules"
 
 
-@dataclass
-class BlockStats:
-    """Token counts of one block's last self-attention call, per guidance branch.
-
-    Attributes:
-        tokens: tokens of the chunk, ``F*N``.
-        local: tokens after local merging (``tokens`` when nothing was merged).
-        attended: size of the token set one query attends over (``N`` per-frame, ``F*N`` extended,
-            the merged set including global tokens with VidToMe).
-        downsample: the block's grid downsampling from the latent grid (0 when unknown).
-    """
-
-    tokens: int
-    local: int
-    attended: int
-    downsample: int = 0
-
-
-@dataclass
-class MergeDraws:
-    """The random draws of one UNet call, shared by every merged block (as the reference's blocks,
-    whose generators are copies of one state, draw the same numbers).
-
-    Attributes:
-        local_offsets: the destination-frame offset of every local level
-            (:func:`vidbatch.engine.methods.merge.draw_local_offsets`); ``(1,)`` tensors on the generator's device.
-        global_is_src: the global-merging side (:func:`vidbatch.engine.methods.merge.draw_global_side`); ``None``
-            while no block had a global set.
-    """
-
-    local_offsets: list[Tensor | int]
-    global_is_src: bool | None = None
-
-
-class FrameAttentionState:
-    """State shared by all patched processors of one UNet; created by :func:`apply_patch`.
-
-    Attributes:
-        method: ``"per-frame"``, ``"extended"`` or ``"vidtome"``.
-        settings: the :class:`MergeSettings` (used by ``vidtome``).
-        num_frames, num_branches, generator, inject_qk: the current chunk (see :meth:`begin_chunk`).
-        latent_tokens: ``h*w`` of the latent, recorded at every UNet call (or from ``latent_hw``).
-        draws: the :class:`MergeDraws` of the current chunk (``vidtome`` with a generator), drawn by
-            :meth:`begin_chunk`.
-        global_tokens: block name -> ``(B, L, C)`` global token set of the current step.
-        global_sizes: block name -> ``(Bm, L)`` how many tokens of its chunk every global token
-            stands for (with ``proportional_attention``).
-        stats: block name -> :class:`BlockStats` of the block's last call.
-    """
-
-    def __init__(self, method: str, settings: MergeSettings) -> None:
-        self.method = method
-        self.settings = settings
-        self.num_frames: int | None = None
-        self.num_branches: int | None = None
-        self.generator: torch.Generator | None = None
-        self.inject_qk = False
-        self.latent_tokens: int | None = None
-        self.draws: MergeDraws | None = None
-        self.global_tokens: dict[str, Tensor] = {}
-        self.global_sizes: dict[str, Tensor] = {}
-        self.stats: dict[str, BlockStats] = {}
-
-    def begin_step(self) -> None:
-        """Start a denoising step: forget every block's global tokens."""
-        self.global_tokens.clear()
-        self.global_sizes.clear()
-
-    def begin_chunk(
-        self,
-        num_frames: int,
-        num_branches: int,
-        generator: torch.Generator | None = None,
-        inject_qk: bool = False,
-        latent_hw: tuple[int, int] | None = None,
-    ) -> None:
-        """Declare the next UNet call(s): a chunk of ``num_frames`` frames for ``num_branches`` branches.
-
-        Args:
-            num_frames: ``F``, frames of the chunk.
-            num_branches: ``B``, guidance branches; the UNet batch must be ``B*F``, branch-major.
-            generator: the only source of randomness of ``vidtome``. The draws of the call are made
-                here, once, in the reference's order (the destination frame of every local level,
-                then the global side when a global set exists) and every merged block uses them, so
-                all blocks pick the same destination frames and side. The same seed gives
-                bit-identical output.
-            inject_qk: PnP: the blocks built with ``pnp_qk`` use branch 0's queries and keys in
-                every branch.
-            latent_hw: the latent's ``(h, w)``; only needed when the processors are called without
-                the UNet's forward (which records it).
-        """
-        if num_frames < 1 or num_branches < 1:
-            raise ValueError(f"a chunk needs at least one frame and one branch, got {num_frames} and {num_branches}")
-        if inject_qk and self.method == "vidtome" and not self.settings.align_batch:
-            raise ConfigError(
-                "PnP query/key injection needs the guidance branches position-aligned: "
-                "set merge.align_batch to true (or disable PnP)"
-            )
-        self.num_frames = num_frames
-        self.num_branches = num_branches
-        self.generator = generator
-        self.inject_qk = inject_qk
-        self.draws = None
-        if self.method == "vidtome" and generator is not None:
-            s = self.settings
-            offsets = []
-            if s.local_ratio > 0 and num_frames > 1:
-                offsets = draw_local_offsets(num_frames, s.target_stride, generator)
-            side = None
-            if s.global_merge and self.global_tokens:
-                side = draw_global_side(s.global_rand, generator)
-            self.draws = MergeDraws(offsets, side)
-        if latent_hw is not None:
-            self.latent_tokens = int(latent_hw[0]) * int(latent_hw[1])
-
-    def downsample(self, num_tokens: int) -> int:
-        """Downsampling of a block with ``num_tokens`` tokens per frame from the latent grid."""
-        if self.latent_tokens is None:
-            raise RuntimeError(
-                "the latent size is unknown: call the patched UNet itself (apply_patch records it), "
-                "or pass latent_hw to begin_chunk"
-            )
-        return int(math.ceil(math.sqrt(self.latent_tokens / num_tokens) - 1e-6))
-
-
-def _broadcast_branch0(t: Tensor, num_branches: int) -> Tensor:
+def broadcast_branch0(t: Tensor, num_branches: int) -> Tensor:
     """Copy branch 0 into every branch: ``(B*k, ...) -> (B*k, ...)``, batch branch-major."""
     b0 = t.reshape(num_branches, -1, *t.shape[1:])[:1]
     return b0.expand(num_branches, *b0.shape[1:]).reshape(t.shape)
 
 
-def _attend(
+def attend(
     attn,
     hidden_states: Tensor,
     context: Tensor | None = None,
@@ -280,8 +86,8 @@ def _attend(
     if attn.norm_k is not None:
         key = attn.norm_k(key)
     if inject_branches is not None and inject_branches > 1:
-        query = _broadcast_branch0(query, inject_branches)
-        key = _broadcast_branch0(key, inject_branches)
+        query = broadcast_branch0(query, inject_branches)
+        key = broadcast_branch0(key, inject_branches)
 
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
     out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
@@ -289,276 +95,102 @@ def _attend(
     return attn.to_out[1](out)
 
 
-@dataclass
-class MergedChunk:
-    """One block's merged chunk (:meth:`FrameAttnProcessor.merge_chunk`).
+def check_layout(what: str, name: str, batch: int, num_frames: int | None, num_branches: int | None) -> tuple[int, int]:
+    """``(B, F)`` of a processor call whose batch must be ``num_branches * num_frames`` (branch-major).
 
-    Attributes:
-        tokens: ``(B, M, C)`` the tokens attended over (local tokens, merged with the global set).
-        local: the local :class:`~vidbatch.engine.methods.merge.Merge` over the chunk's ``F*N`` tokens.
-        glob: the global :class:`~vidbatch.engine.methods.merge.Merge` over ``[local tokens | global set]``, or ``None``
-            when no global set took part.
-        bias: ``(Bm, 1, 1, M)`` the proportional-attention bias, or ``None``.
+    Raises RuntimeError when the engine declared no chunk (``begin_chunk`` not called) or the batch
+    does not match it: a processor must never guess which rows are which frame of which branch.
     """
-
-    tokens: Tensor
-    local: Merge
-    glob: Merge | None
-    bias: Tensor | None
-
-    def unmerge(self, out: Tensor) -> Tensor:
-        """``(B, M, C') -> (B, F*N, C')``: every position of the chunk takes its merged token's value."""
-        if self.glob is not None:
-            out = self.glob.unmerge(out)[:, : self.local.num_kept]
-        return self.local.unmerge(out)
+    if num_frames is None or num_branches is None:
+        raise RuntimeError(f"{what} attention needs the chunk layout: call state.begin_chunk() before the UNet")
+    if batch != num_frames * num_branches:
+        raise RuntimeError(f"block {name} got a batch of {batch}, but begin_chunk declared "
+                           f"{num_branches} branches x {num_frames} frames")
+    return num_branches, num_frames
 
 
-class FrameAttnProcessor:
-    """Self-attention processor for one ``BasicTransformerBlock.attn1``, driven by a shared state.
+def transformer_blocks(unet: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``(module name, block)`` of every ``BasicTransformerBlock`` that attends within frames, in forward order.
 
-    Args:
-        state: the :class:`FrameAttentionState` shared by the UNet's patched processors.
-        name: the block's module name (``down_blocks.0.attentions.0.transformer_blocks.0``); keys
-            the block's global tokens and statistics.
-        pnp_qk: the block takes PnP's query/key injection (``apply_patch`` sets it from
-            :func:`vidbatch.engine.controls.pnp_attention_blocks`).
+    AnimateDiff's motion modules are built from ``BasicTransformerBlock``s too, but they attend
+    across time already: a frame-attention processor there would break them, so they are skipped.
     """
-
-    def __init__(self, state: FrameAttentionState, name: str, pnp_qk: bool = False) -> None:
-        self.state = state
-        self.name = name
-        self.pnp_qk = pnp_qk
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-        *args,
-        **kwargs,
-    ) -> Tensor:
-        st = self.state
-        if st.method == "per-frame":
-            return self._per_frame(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError(
-                f"{st.method} attention is self-attention without a mask; block {self.name} passed "
-                "encoder_hidden_states or an attention mask to attn1"
-            )
-        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
-            raise NotImplementedError(f"{st.method} attention supports (batch, tokens, channels) input without spatial/group norm")
-        num_branches, num_frames = self._chunk(hidden_states)
-        if st.method == "vidtome":
-            ds = st.downsample(hidden_states.shape[1])
-            if ds > st.settings.max_downsample:
-                return self._per_frame(attn, hidden_states, None, None, temb, downsample=ds)
-            out = self._vidtome(attn, hidden_states, num_branches, num_frames, ds)
-        elif st.method == "extended":
-            x = join_frames(hidden_states, num_frames)
-            out = split_frames(_attend(attn, x, inject_branches=self._inject(num_branches)), num_frames)
-            t = x.shape[1]
-            st.stats[self.name] = BlockStats(tokens=t, local=t, attended=t)
-        else:
-            raise ConfigError(f"unknown attention method {st.method!r}; expected one of {METHODS}")
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-    def _chunk(self, hidden_states: Tensor) -> tuple[int, int]:
-        st = self.state
-        if st.num_frames is None or st.num_branches is None:
-            raise RuntimeError(f"{st.method} attention needs the chunk layout: call state.begin_chunk() before the UNet")
-        if hidden_states.shape[0] != st.num_frames * st.num_branches:
-            raise RuntimeError(
-                f"block {self.name} got a batch of {hidden_states.shape[0]}, but begin_chunk declared "
-                f"{st.num_branches} branches x {st.num_frames} frames"
-            )
-        return st.num_branches, st.num_frames
-
-    def _inject(self, num_branches: int) -> int | None:
-        return num_branches if (self.state.inject_qk and self.pnp_qk) else None
-
-    def _per_frame(
-        self,
-        attn,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None,
-        attention_mask: Tensor | None,
-        temb: Tensor | None,
-        downsample: int = 0,
-    ) -> Tensor:
-        """The stock ``AttnProcessor2_0`` computation, plus PnP injection."""
-        st = self.state
-        inject = None
-        if st.inject_qk and self.pnp_qk:
-            inject = self._chunk(hidden_states)[0]
-
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if encoder_hidden_states is not None and attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        n = hidden_states.shape[1]
-        out = _attend(attn, hidden_states, encoder_hidden_states, attention_mask, inject)
-
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        out = out / attn.rescale_output_factor
-        if st.num_frames is not None and hidden_states.shape[0] == st.num_frames * (st.num_branches or 0):
-            t = st.num_frames * n
-            st.stats[self.name] = BlockStats(tokens=t, local=t, attended=n, downsample=downsample)
-        return out
-
-    def _vidtome(self, attn, hidden_states: Tensor, num_branches: int, num_frames: int, downsample: int) -> Tensor:
-        """Local (+ global) merge, joint attention over the merged set, unmerge: ``(B*F, N, C)`` in and out."""
-        x = join_frames(hidden_states, num_frames)  # (B, F*N, C)
-        merged = self.merge_chunk(x, num_frames, num_branches)
-        out = _attend(attn, merged.tokens, attention_mask=merged.bias, inject_branches=self._inject(num_branches))
-        self.state.stats[self.name] = BlockStats(
-            tokens=x.shape[1], local=merged.local.num_kept, attended=merged.tokens.shape[1], downsample=downsample
-        )
-        return split_frames(merged.unmerge(out), num_frames)
-
-    def merge_chunk(self, x: Tensor, num_frames: int, num_branches: int) -> MergedChunk:
-        """VidToMe merging of one chunk in this block, with the call's draws; updates the global set.
-
-        Args:
-            x: ``(B, F*N, C)`` the block's normalised input, frames joined.
-            num_frames: ``F``.
-            num_branches: ``B``.
-
-        Returns:
-            The :class:`MergedChunk`: the tokens to attend over and how to un-merge the output.
-        """
-        st, s = self.state, self.state.settings
-        draws = st.draws
-        if draws is None and ((s.local_ratio > 0 and num_frames > 1) or s.global_merge):
-            raise RuntimeError("vidtome attention needs a torch.Generator: pass one to begin_chunk")
-        offsets = draws.local_offsets if draws is not None else []
-        local = local_merge(x, num_frames, s.local_ratio, s.target_stride, align_batch=s.align_batch, offsets=offsets)
-        tokens = local.merge(x, s.merge_mode)  # (B, L, C)
-        num_local = tokens.shape[1]
-        # Proportional attention: how many of the chunk's tokens every merged token stands for.
-        local_sizes = sizes = local.sizes() if s.proportional_attention else None  # (Bm, L)
-
-        glob: Merge | None = None
-        if s.global_merge:
-            previous = st.global_tokens.get(self.name)
-            if previous is None:
-                st.global_tokens[self.name] = tokens.detach()
-            else:
-                if previous.shape[0] != num_branches or previous.shape[2] != x.shape[2]:
-                    raise RuntimeError(
-                        f"block {self.name}: the global tokens ({tuple(previous.shape)}) come from chunks with "
-                        f"another layout than this one ({num_branches} branches); call begin_step() between runs"
-                    )
-                if draws.global_is_src is None:
-                    # A second UNet call after one begin_chunk met a global set: draw the side once,
-                    # the other blocks of the call use it too.
-                    draws.global_is_src = draw_global_side(s.global_rand, st.generator)
-                glob = global_merge(tokens, previous, s.global_ratio, s.global_rand, align_batch=s.align_batch,
-                                    global_is_src=draws.global_is_src)
-                tokens = glob.merge(torch.cat([tokens, previous.to(tokens.dtype)], dim=1), s.merge_mode)
-                # The new global set: this chunk's tokens at the local level, as the global matching
-                # left them (merged ones take their global destination's value). Replaces the old set.
-                st.global_tokens[self.name] = glob.unmerge(tokens)[:, :num_local].detach()
-                if sizes is not None:
-                    # A global token stands for its group of the previous chunk's tokens.
-                    before = st.global_sizes.get(self.name)
-                    if before is None:  # a global set left by a call without proportional attention
-                        before = torch.ones(1, previous.shape[1], device=sizes.device, dtype=sizes.dtype)
-                    bm = max(sizes.shape[0], before.shape[0])
-                    sizes = glob.sizes(torch.cat([sizes.expand(bm, -1), before.expand(bm, -1)], dim=1))
-            if local_sizes is not None:
-                st.global_sizes[self.name] = local_sizes
-
-        # An additive (Bm, 1, 1, M) bias; none when every token stands for itself.
-        bias = None
-        if sizes is not None and (not local.is_identity or glob is not None):
-            bias = size_bias(sizes, tokens.dtype)
-        return MergedChunk(tokens=tokens, local=local, glob=glob, bias=bias)
-
-
-@dataclass
-class _Patch:
-    state: FrameAttentionState
-    originals: dict[str, object] = field(default_factory=dict)  # block name -> attn1's old processor
-    hook: torch.utils.hooks.RemovableHandle | None = None
-
-
-def _transformer_blocks(unet: torch.nn.Module):
+    # diffusers is imported here, not at the top: importing it costs seconds and the pure helpers
+    # above do not need it.
     from diffusers.models.attention import BasicTransformerBlock
 
     for name, module in unet.named_modules():
-        if isinstance(module, BasicTransformerBlock):
+        if isinstance(module, BasicTransformerBlock) and MOTION_MODULES not in name:
             yield name, module
 
 
-def apply_patch(unet: torch.nn.Module, method: str, merge: MergeSettings | None = None) -> FrameAttentionState:
-    """Replace the self-attention processors of every ``BasicTransformerBlock`` of ``unet``.
+@dataclass
+class ProcessorPatch:
+    """What :func:`install_processors` changed on one UNet.
 
-    Re-patching a patched UNet first removes the old patch. A forward pre-hook records the latent
-    size at every UNet call (``vidtome`` needs it to find the blocks to merge in).
+    Attributes:
+        owner: who installed it (a method's name); :func:`restore_processors` can be told to
+            restore only its own patch.
+        state: the state object the processors share (returned to the installer).
+        originals: ``unet.attn_processors`` before the patch (processor path -> processor).
+        handles: hooks registered with the patch, removed with it.
+        on_restore: called after the processors are restored (e.g. to drop per-step caches).
+    """
+
+    owner: str
+    state: object
+    originals: dict[str, object]
+    handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    on_restore: Callable[[], None] | None = None
+
+
+def install_processors(unet: torch.nn.Module, owner: str, state: object,
+                       make: Callable[[str, torch.nn.Module], dict[str, object]],
+                       on_restore: Callable[[], None] | None = None) -> ProcessorPatch:
+    """Install a method's processors on every frame-attention block of `unet`; returns the patch.
+
+    Any patch already installed (by any method) is restored first, so patches never nest.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (any module holding ``BasicTransformerBlock``s).
-        method: ``"per-frame"``, ``"extended"`` or ``"vidtome"``.
-        merge: the merging settings (``vidtome`` only); defaults to :class:`MergeSettings()`.
+        unet: a diffusers model with ``attn_processors`` / ``set_attn_processor`` (a UNet, a ControlNet).
+        owner: the installer's name, recorded for :func:`restore_processors`.
+        state: the object the processors share; kept with the patch.
+        make: ``make(block_name, block)`` -> ``{"attn1": processor, "attn2": processor}`` (either
+            key may be left out: that attention keeps its processor).
+        on_restore: called when the patch is restored.
 
-    Returns:
-        The :class:`FrameAttentionState` that drives the processors.
+    Raises ValueError when `unet` has no ``BasicTransformerBlock`` to patch.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown attention method {method!r}; expected one of {', '.join(METHODS)}")
-    settings = merge if merge is not None else MergeSettings()
-    settings.validate()
-    remove_patch(unet)
-
-    state = FrameAttentionState(method, settings)
-    patch = _Patch(state)
-    pnp_blocks = pnp_attention_blocks(unet)
-    for name, block in _transformer_blocks(unet):
-        patch.originals[name] = block.attn1.processor
-        block.attn1.set_processor(FrameAttnProcessor(state, name, pnp_qk=name in pnp_blocks))
-    if not patch.originals:
+    restore_processors(unet)
+    originals = dict(unet.attn_processors)
+    processors = dict(originals)
+    blocks = 0
+    for name, block in transformer_blocks(unet):
+        blocks += 1
+        for attention, processor in make(name, block).items():
+            processors[f"{name}.{attention}.processor"] = processor
+    if not blocks:
         raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
-
-    def record_latent_size(module, args, kwargs):
-        sample = args[0] if args else kwargs.get("sample")
-        if sample is not None and sample.ndim == 4:
-            state.latent_tokens = sample.shape[-2] * sample.shape[-1]
-
-    patch.hook = unet.register_forward_pre_hook(record_latent_size, with_kwargs=True)
-    setattr(unet, _PATCH_ATTR, patch)
-    return state
+    unet.set_attn_processor(processors)
+    patch = ProcessorPatch(owner, state, originals, on_restore=on_restore)
+    setattr(unet, PATCH_ATTR, patch)
+    return patch
 
 
-def remove_patch(unet: torch.nn.Module) -> None:
-    """Restore the processors ``apply_patch`` replaced (the stock ``AttnProcessor2_0``); no-op if unpatched."""
-    patch: _Patch | None = getattr(unet, _PATCH_ATTR, None)
-    if patch is None:
+def installed_patch(unet: torch.nn.Module) -> ProcessorPatch | None:
+    """The patch installed on `unet`, or None."""
+    return getattr(unet, PATCH_ATTR, None)
+
+
+def restore_processors(unet: torch.nn.Module, owner: str | None = None) -> None:
+    """Put back the processors the installed patch replaced; a no-op when none is installed, or when
+    `owner` is given and the patch is someone else's."""
+    patch = installed_patch(unet)
+    if patch is None or (owner is not None and patch.owner != owner):
         return
-    for name, processor in patch.originals.items():
-        unet.get_submodule(name).attn1.set_processor(processor)
-    if patch.hook is not None:
-        patch.hook.remove()
-    patch.state.global_tokens.clear()
-    patch.state.global_sizes.clear()
-    delattr(unet, _PATCH_ATTR)
+    unet.set_attn_processor(dict(patch.originals))
+    for handle in patch.handles:
+        handle.remove()
+    if patch.on_restore is not None:
+        patch.on_restore()
+    delattr(unet, PATCH_ATTR)

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import braceexpand
 import webdataset as wds
 
-from vidbatch.config.schema import EDIT_NAME_PATTERN, EditSpec
+from vidbatch.core.edits import EDIT_NAME_PATTERN, EditSpec
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "gif", "m4v")
 

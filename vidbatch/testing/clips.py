@@ -28,11 +28,18 @@ _CLIP_CODECS: dict[str, tuple[dict, dict | None]] = {
 _ROTATABLE = {".mp4", ".m4v", ".mov", ".mkv", ".webm"}
 
 
+# Generators that fill their first frame at random: seeded, so a clip (and everything made from it,
+# the demo's outputs included) is the same on every run.
+_SEEDED_GENERATORS = ("life", "cellauto")
+
+
 def _lavfi_source(source: str, size: tuple[int, int], rate: str) -> str:
     """'testsrc2' or 'color=c=red,drawbox=...' -> generator with size and rate, then any extra filters."""
     generator, _, rest = source.partition(",")
     sep = ":" if "=" in generator else "="
     spec = f"{generator}{sep}size={size[0]}x{size[1]}:rate={rate}"
+    if generator.split("=")[0] in _SEEDED_GENERATORS and "seed=" not in generator:
+        spec += ":seed=0"
     return f"{spec},{rest}" if rest else spec
 
 

@@ -32,27 +32,34 @@ frame in a block, ``C`` channels, ``h`` heads, ``d`` head width.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vidbatch.engine import memory
-from vidbatch.engine.processors import _broadcast_branch0, _transformer_blocks
-from vidbatch.engine.controls import pnp_attention_blocks
-from vidbatch.engine.editor import MethodHooks
 from vidbatch.core.errors import ConfigError
+from vidbatch.core.settings import setting
+from vidbatch.engine import memory
+from vidbatch.engine.controls.pnp import pnp_attention_blocks
+from vidbatch.engine.method import Method
 from vidbatch.engine.methods.merge import join_frames, split_frames
+from vidbatch.engine.processors import broadcast_branch0, check_layout, install_processors, restore_processors
+
+log = logging.getLogger("vidbatch")
 
 __all__ = [
     "BLEND_MODES",
     "KeyframeRecord",
-    "TokenFlowHooks",
+    "TokenFlow",
+    "TokenFlowConfig",
     "TokenFlowProcessor",
     "TokenFlowState",
     "apply_tokenflow",
     "blend_weights",
+    "estimate_keyframe_pass_bytes",
+    "estimate_keyframe_records_bytes",
     "keyframe_attention",
     "keyframe_neighbours",
     "reference_neighbours",
@@ -65,10 +72,29 @@ __all__ = [
 BLEND_MODES = ("sigmoid", "linear")
 
 # Upper bound on the attention scores (keyframe attention) or similarities (correspondence search)
-# held at once: 64 MB in float32, whatever the number of keyframes. Defined with the memory estimate.
-MAX_SCORES = memory.MAX_SCORES
+# held at once, in elements: 64 MB in float32, whatever the number of keyframes.
+MAX_SCORES = 1 << 24
+# TokenFlow's keyframe pass leaves, in every transformer block, its self-attention outputs (every
+# branch) and the source branch's inputs: (branches + 1) x keyframes x tokens x channels of that
+# block. Summed over SD's blocks (5 per level at 1, 1/2, 1/4 of the first level's tokens x
+# channels, and the mid block) that is 8.8 times the first level's; rounded up.
+RECORD_FACTOR = 10
 
-_PATCH_ATTR = "_vidbatch_tokenflow"
+# Who installed the TokenFlow processors (for restore_processors).
+PATCH_OWNER = "tokenflow"
+
+
+@dataclass
+class TokenFlowConfig:
+    """The `tokenflow` config section."""
+
+    batch_size: int = setting(8, minimum=1, help="tokenflow: one keyframe drawn at random per this many frames, every step")
+    blend: str = setting("sigmoid", choices=["sigmoid", "linear"],
+                         help="tokenflow: weights of a frame's two keyframes by temporal distance; 'sigmoid' is TokenFlow's")
+    pairing: str = setting("reference", choices=["reference", "nearest"],
+                           help="tokenflow: a frame's two keyframes: 'reference' as TokenFlow's code (its group's and the "
+                                "previous group's, weighed by distance to the group centres); 'nearest' the previous "
+                                "and next keyframe by position (the paper's description)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +295,7 @@ class KeyframeRecord:
 
 @dataclass
 class TokenFlowState:
-    """State shared by the TokenFlow processors of one UNet; the engine (through :class:`TokenFlowHooks`) drives it.
+    """State shared by the TokenFlow processors of one UNet; the engine (through :class:`TokenFlow`) drives it.
 
     Attributes:
         blend: the keyframe blend (:func:`blend_weights`).
@@ -363,7 +389,7 @@ class TokenFlowProcessor:
         state: the :class:`TokenFlowState` shared by the UNet's processors.
         name: the block's module name; keys its record.
         pnp_qk: the block takes PnP's query/key injection (set from
-            :func:`vidbatch.engine.controls.pnp_attention_blocks` at patch time).
+            :func:`vidbatch.engine.controls.pnp.pnp_attention_blocks` at patch time).
     """
 
     def __init__(self, state: TokenFlowState, name: str, pnp_qk: bool = False) -> None:
@@ -380,11 +406,7 @@ class TokenFlowProcessor:
         if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
             raise NotImplementedError("tokenflow attention supports (batch, tokens, channels) input without "
                                       "spatial/group norm")
-        if st.num_frames is None or st.num_branches is None:
-            raise RuntimeError("tokenflow attention needs the chunk layout: call state.begin_chunk() before the UNet")
-        if hidden_states.shape[0] != st.num_frames * st.num_branches:
-            raise RuntimeError(f"block {self.name} got a batch of {hidden_states.shape[0]}, but begin_chunk declared "
-                               f"{st.num_branches} branches x {st.num_frames} frames")
+        check_layout("tokenflow", self.name, hidden_states.shape[0], st.num_frames, st.num_branches)
         if st.mode == "keyframes":
             out = self._keyframes(attn, hidden_states)
         else:
@@ -405,7 +427,7 @@ class TokenFlowProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if st.inject_qk and self.pnp_qk and branches > 1:  # PnP: the source branch's queries and keys
-            query, key = _broadcast_branch0(query, branches), _broadcast_branch0(key, branches)
+            query, key = broadcast_branch0(query, branches), broadcast_branch0(key, branches)
         n = hidden_states.shape[1]
         out = torch.empty_like(query)  # (B, h, K*N, d)
         # The source branch reconstructs each keyframe alone (stock per-frame attention), as in the
@@ -457,37 +479,63 @@ def apply_tokenflow(unet: torch.nn.Module, blend: str = "sigmoid", max_scores: i
         raise ConfigError(f"tokenflow.blend must be one of {', '.join(BLEND_MODES)}, got {blend!r}")
     if pairing not in PAIRINGS:
         raise ConfigError(f"tokenflow.pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
-    remove_tokenflow(unet)
     state = TokenFlowState(blend=blend, pairing=pairing, batch_size=batch_size, max_scores=max_scores)
-    originals = {}
     pnp_blocks = pnp_attention_blocks(unet)
-    for name, block in _transformer_blocks(unet):
-        originals[name] = block.attn1.processor
-        block.attn1.set_processor(TokenFlowProcessor(state, name, pnp_qk=name in pnp_blocks))
-    if not originals:
-        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
-    setattr(unet, _PATCH_ATTR, (state, originals))
+    install_processors(unet, PATCH_OWNER, state,
+                       lambda name, block: {"attn1": TokenFlowProcessor(state, name, pnp_qk=name in pnp_blocks)},
+                       on_restore=state.records.clear)
     return state
 
 
 def remove_tokenflow(unet: torch.nn.Module) -> None:
     """Restore the processors :func:`apply_tokenflow` replaced; a no-op when not patched."""
-    patch = getattr(unet, _PATCH_ATTR, None)
-    if patch is None:
-        return
-    state, originals = patch
-    for name, processor in originals.items():
-        unet.get_submodule(name).attn1.set_processor(processor)
-    state.records.clear()
-    delattr(unet, _PATCH_ATTR)
+    restore_processors(unet, PATCH_OWNER)
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine's hooks
+# Memory
 
 
-class TokenFlowHooks(MethodHooks):
+def estimate_keyframe_records_bytes(keyframes: int, latent_hw: tuple[int, int], *, branches: int, channels: int,
+                                    dtype_bytes: int) -> int:
+    """Bytes TokenFlow's keyframe pass keeps for the propagation pass of the step (all blocks)."""
+    tokens = latent_hw[0] * latent_hw[1]
+    return RECORD_FACTOR * (branches + 1) * keyframes * tokens * channels * dtype_bytes
+
+
+def estimate_keyframe_pass_bytes(keyframes: int, latent_hw: tuple[int, int], *, branches: int, channels: int,
+                                 heads: int, dtype_bytes: int, materialised_scores: bool) -> int:
+    """Peak bytes of TokenFlow's keyframe pass: one UNet call on all `keyframes` frames (it is never chunked).
+
+    The edit branches attend over every keyframe's tokens (``K*N``), in query chunks of at most
+    `MAX_SCORES` scores; the source branch attends within each keyframe. The records it leaves for
+    the propagation (:func:`estimate_keyframe_records_bytes`) build up during the call.
+    """
+    tokens = latent_hw[0] * latent_hw[1]
+    activations = memory.activation_bytes(keyframes * tokens, branches=branches, channels=channels,
+                                          dtype_bytes=dtype_bytes)
+    records = estimate_keyframe_records_bytes(keyframes, latent_hw, branches=branches, channels=channels,
+                                              dtype_bytes=dtype_bytes)
+    scores = 0
+    if materialised_scores:
+        joint = keyframes * tokens
+        edit = (branches - 1) * heads * joint * joint
+        source = heads * keyframes * tokens * tokens
+        # Scores and their softmax, each bounded by the query chunking.
+        scores = 2 * (min(edit, MAX_SCORES) + min(source, MAX_SCORES)) * dtype_bytes
+    return int(activations + records + scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+
+
+class TokenFlow(Method):
     """TokenFlow in the engine's denoising loop: a keyframe pass before every step's chunks."""
+
+    name = "tokenflow"
+    section = "tokenflow"
+    settings_type = TokenFlowConfig
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -496,10 +544,10 @@ class TokenFlowHooks(MethodHooks):
         self.generator: torch.Generator | None = None   # the keyframes', seeded at the first step
 
     def patch(self, editor, prompt: str, source_prompt: str) -> TokenFlowState:
-        if self.settings.tokenflow.batch_size < 1:
-            raise ConfigError(f"tokenflow.batch_size must be at least 1, got {self.settings.tokenflow.batch_size}")
+        c = self.config
+        if c.batch_size < 1:
+            raise ConfigError(f"tokenflow.batch_size must be at least 1, got {c.batch_size}")
         self.device = editor.device
-        c = self.settings.tokenflow
         self.state = apply_tokenflow(editor.unet, c.blend, pairing=c.pairing, batch_size=c.batch_size)
         return self.state
 
@@ -514,7 +562,7 @@ class TokenFlowHooks(MethodHooks):
             # Keyframes draw from their own generator (seeded once from the engine's), so they do not
             # depend on how many draws the chunk order takes: any chunking gives the same edit.
             self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        keyframes = sample_keyframes(num_frames, self.settings.tokenflow.batch_size, self.generator).to(self.device)
+        keyframes = sample_keyframes(num_frames, self.config.batch_size, self.generator).to(self.device)
         self.state.begin_keyframes(keyframes)
         # The prediction itself is not kept: the propagation pass recomputes every frame, keyframes
         # included (they take their own recorded outputs, so they come out the same).
@@ -523,3 +571,41 @@ class TokenFlowHooks(MethodHooks):
 
     def begin_chunk(self, frames: Tensor) -> None:
         self.state.set_frames(frames)
+
+    # -- memory profile ----------------------------------------------------------------------------
+
+    def max_branches(self, controls: frozenset[str]) -> int:
+        return 3   # the source branch runs in every step
+
+    def keyframes(self, num_frames: int) -> int:
+        return -(-num_frames // self.config.batch_size)
+
+    @classmethod
+    def chunk_bytes(cls, num_frames: int, latent_hw: tuple[int, int], *, branches: int, channels: int, heads: int,
+                    dtype_bytes: int, materialised_scores: bool, share: float = 1.0, keyframes: int = 0) -> int:
+        """The peak of a step: the propagation of the chunk (no attention scores; a bounded similarity
+        search) while the keyframe pass's records are held, or the keyframe pass itself, whichever is
+        larger; the chunk size only changes the first. `keyframes`: ``ceil(T / tokenflow.batch_size)``."""
+        if keyframes < 1:
+            raise ValueError("the tokenflow estimate needs the number of keyframes (ceil(frames / batch_size))")
+        tokens = latent_hw[0] * latent_hw[1]
+        propagation = (memory.activation_bytes(num_frames * tokens, branches=branches, channels=channels,
+                                               dtype_bytes=dtype_bytes)
+                       + estimate_keyframe_records_bytes(keyframes, latent_hw, branches=branches, channels=channels,
+                                                         dtype_bytes=dtype_bytes)
+                       + 4 * MAX_SCORES)   # float32 similarities of the correspondence search
+        keyframe_pass = estimate_keyframe_pass_bytes(keyframes, latent_hw, branches=branches, channels=channels,
+                                                     heads=heads, dtype_bytes=dtype_bytes,
+                                                     materialised_scores=materialised_scores)
+        return int(max(propagation, keyframe_pass))
+
+    def check_budget(self, num_frames: int, latent_hw: tuple[int, int], budget_bytes: int, *, branches: int,
+                     channels: int, heads: int, dtype_bytes: int, materialised_scores: bool) -> None:
+        # The keyframe pass is one UNet call whatever the chunk: say so when it alone will not fit.
+        keyframes = self.keyframes(num_frames)
+        needed = estimate_keyframe_pass_bytes(keyframes, latent_hw, branches=branches, channels=channels, heads=heads,
+                                              dtype_bytes=dtype_bytes, materialised_scores=materialised_scores)
+        if needed > memory.BUDGET_SHARE * budget_bytes:
+            log.warning("tokenflow: the keyframe pass (%d keyframes of %d frames in one UNet call) is estimated "
+                        "at %.2f GB, over the %.2f GB budget; raise tokenflow.batch_size (fewer keyframes)",
+                        keyframes, num_frames, needed / 1e9, memory.BUDGET_SHARE * budget_bytes / 1e9)

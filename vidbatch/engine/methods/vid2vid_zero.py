@@ -30,24 +30,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vidbatch.engine import ddim
-from vidbatch.engine.processors import _attend, _transformer_blocks
-from vidbatch.config.schema import V2VZ_CROSS_REPLACE
-from vidbatch.engine.controls import pnp_attention_blocks
-from vidbatch.engine.editor import Inversion, MethodHooks
 from vidbatch.core.errors import ConfigError
+from vidbatch.core.settings import setting
+from vidbatch.engine import ddim
+from vidbatch.engine.controls.pnp import pnp_attention_blocks
+from vidbatch.engine.method import Inversion, Method
+from vidbatch.engine.processors import attend, check_layout, install_processors, restore_processors, transformer_blocks
 
 __all__ = [
     "P2P_MODES",
     "CrossFrameProcessor",
     "PromptToPromptProcessor",
-    "Vid2VidZeroHooks",
+    "Vid2VidZero",
+    "Vid2VidZeroConfig",
     "Vid2VidZeroState",
     "apply_vid2vid_zero",
     "cross_replace_share",
@@ -62,7 +64,41 @@ __all__ = [
 log = logging.getLogger("vidbatch")
 
 P2P_MODES = ("auto", "replace", "refine", "none")
-_PATCH_ATTR = "_vidbatch_vid2vid_zero"
+# Who installed the vid2vid-zero processors (for restore_processors).
+PATCH_OWNER = "vid2vid-zero"
+
+# vid2vid-zero's dense spatio-temporal attention: the first transformer of the first down block, of the
+# mid block and of the first cross-attention up block (its authors' `st_attn_idx: 0`).
+V2VZ_DENSE_BLOCKS = ["down_blocks.0.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0"]
+# vid2vid-zero's share of the steps with prompt-to-prompt control per mode (its authors' test_vid2vid_zero.py:
+# AttentionReplace gets cross_replace_steps 0.8, AttentionRefine 0.4).
+V2VZ_CROSS_REPLACE = {"replace": 0.8, "refine": 0.4}
+
+
+@dataclass
+class Vid2VidZeroConfig:
+    """The `vid2vid_zero` config section."""
+
+    null_steps: int = setting(1, minimum=0, help="vid2vid-zero: Adam steps on the null embedding per denoising step; 0: no "
+                                                 "null-text optimisation (the empty prompt's embedding)")
+    null_lr: float = setting(0.01, minimum=0, help="vid2vid-zero: Adam learning rate of the null-text optimisation")
+    null_early_stop: float = setting(1e-5, minimum=0, help="vid2vid-zero: stop a step's optimisation below this loss")
+    null_uncond_ratio: float = setting(-0.5, minimum=-1, maximum=1,
+                                       help="vid2vid-zero: the steps that use the optimised null embeddings: r > 0 the "
+                                            "steps i <= r*steps, r < 0 the steps i >= (1+r)*steps (-0.5: the second "
+                                            "half); the other steps use the empty prompt's embedding")
+    invert_with_prompt: bool = setting(False, help="vid2vid-zero: DDIM-invert with the source prompt instead of the empty one")
+    cross_frame: bool = setting(True, help="vid2vid-zero: cross-frame self-attention; false: each frame alone")
+    dense_blocks: list[str] = setting(V2VZ_DENSE_BLOCKS,
+                                      help="vid2vid-zero: blocks (module names, or prefixes ending at a '.') with dense "
+                                           "attention over the chunk; the others attend to the first and the previous frame")
+    p2p: str = setting("auto", choices=["auto", "replace", "refine", "none"],
+                       help="vid2vid-zero: prompt-to-prompt cross-attention control; 'auto': replace when the source "
+                            "and edit prompts have the same token count, else refine")
+    cross_replace: Union[float, Literal["auto"]] = setting(
+        "auto", minimum=0, maximum=1,
+        help="vid2vid-zero: share of the steps whose cross-attention maps come from the source; 'auto': 0.8 "
+             "for replace, 0.4 for refine (vid2vid-zero's)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,12 +373,7 @@ class Vid2VidZeroState:
 
 
 def _check_layout(state: Vid2VidZeroState, name: str, batch: int) -> tuple[int, int]:
-    if state.num_frames is None or state.num_branches is None:
-        raise RuntimeError("vid2vid-zero attention needs the chunk layout: call state.begin_chunk() before the UNet")
-    if batch != state.num_frames * state.num_branches:
-        raise RuntimeError(f"block {name} got a batch of {batch}, but begin_chunk declared "
-                           f"{state.num_branches} branches x {state.num_frames} frames")
-    return state.num_branches, state.num_frames
+    return check_layout("vid2vid-zero", name, batch, state.num_frames, state.num_branches)
 
 
 class CrossFrameProcessor:
@@ -353,7 +384,7 @@ class CrossFrameProcessor:
         name: the block's module name (keys the kept frames).
         dense: dense spatio-temporal attention over the chunk's frames in this block.
         pnp_qk: the block takes PnP's query/key injection (set from
-            :func:`vidbatch.engine.controls.pnp_attention_blocks` at patch time).
+            :func:`vidbatch.engine.controls.pnp.pnp_attention_blocks` at patch time).
     """
 
     def __init__(self, state: Vid2VidZeroState, name: str, dense: bool, pnp_qk: bool = False) -> None:
@@ -375,13 +406,13 @@ class CrossFrameProcessor:
         inject = branches if (st.inject_qk and self.pnp_qk) else None
         b, n, c = branches, hidden_states.shape[1], hidden_states.shape[2]
         if not st.cross_frame:
-            out = _attend(attn, hidden_states, inject_branches=inject)
+            out = attend(attn, hidden_states, inject_branches=inject)
         elif self.dense:
             x = hidden_states.reshape(b, frames * n, c)
-            out = _attend(attn, x, inject_branches=inject).reshape(b * frames, n, -1)
+            out = attend(attn, x, inject_branches=inject).reshape(b * frames, n, -1)
         else:
             context = self._first_and_previous(hidden_states, b, frames)
-            out = _attend(attn, hidden_states, context, inject_branches=inject)
+            out = attend(attn, hidden_states, context, inject_branches=inject)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
@@ -454,52 +485,46 @@ def _is_dense(name: str, prefixes: list[str]) -> bool:
 def apply_vid2vid_zero(unet: torch.nn.Module, cross_frame: bool = True,
                        dense_blocks: list[str] | tuple[str, ...] = ()) -> Vid2VidZeroState:
     """Replace every ``BasicTransformerBlock``'s self- and cross-attention processors; returns the shared state."""
-    remove_vid2vid_zero(unet)
     state = Vid2VidZeroState(cross_frame=cross_frame)
-    originals = {}
-    names = []
     pnp_blocks = pnp_attention_blocks(unet)
-    for name, block in _transformer_blocks(unet):
-        names.append(name)
-        originals[name] = (block.attn1.processor, block.attn2.processor if block.attn2 is not None else None)
-        block.attn1.set_processor(CrossFrameProcessor(state, name, _is_dense(name, list(dense_blocks)),
-                                                      pnp_qk=name in pnp_blocks))
+    dense = list(dense_blocks)
+
+    def processors(name: str, block) -> dict[str, object]:
+        made = {"attn1": CrossFrameProcessor(state, name, _is_dense(name, dense), pnp_qk=name in pnp_blocks)}
         if block.attn2 is not None:
-            block.attn2.set_processor(PromptToPromptProcessor(state, name, block.attn2.processor))
-    if not names:
-        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
-    unmatched = [p for p in dense_blocks if not any(_is_dense(n, [p]) for n in names)]
+            made["attn2"] = PromptToPromptProcessor(state, name, block.attn2.processor)
+        return made
+
+    install_processors(unet, PATCH_OWNER, state, processors, on_restore=state.begin_step)
+    names = [name for name, _ in transformer_blocks(unet)]
+    unmatched = [p for p in dense if not any(_is_dense(n, [p]) for n in names)]
     if unmatched:
         log.warning("vid2vid_zero.dense_blocks %s match no transformer block of this UNet", unmatched)
-    setattr(unet, _PATCH_ATTR, (state, originals))
     return state
 
 
 def remove_vid2vid_zero(unet: torch.nn.Module) -> None:
     """Restore the processors :func:`apply_vid2vid_zero` replaced; a no-op when not patched."""
-    patch = getattr(unet, _PATCH_ATTR, None)
-    if patch is None:
-        return
-    state, originals = patch
-    for name, (attn1, attn2) in originals.items():
-        block = unet.get_submodule(name)
-        block.attn1.set_processor(attn1)
-        if attn2 is not None:
-            block.attn2.set_processor(attn2)
-    state.begin_step()
-    delattr(unet, _PATCH_ATTR)
+    restore_processors(unet, PATCH_OWNER)
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine's hooks
+# The method
 
 
 def _token_ids(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
 
 
-class Vid2VidZeroHooks(MethodHooks):
+class Vid2VidZero(Method):
     """vid2vid-zero in the engine: null-text inversion, per-step null embeddings, cross-frame attention, p2p."""
+
+    name = "vid2vid-zero"
+    section = "vid2vid_zero"
+    settings_type = Vid2VidZeroConfig
+    # Its own null-text inversion and prompt-to-prompt tie the edit to the source; its authors stack
+    # no PnP on it.
+    default_control = "none"
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -507,10 +532,6 @@ class Vid2VidZeroHooks(MethodHooks):
         self.device: torch.device | None = None
         self.replace_steps = 0   # steps with prompt-to-prompt control (and the source branch)
         self.empty: Tensor | None = None   # (1, L, C) the empty prompt's embedding (steps without null embeddings)
-
-    @property
-    def config(self):
-        return self.settings.vid2vid_zero
 
     def inversion_parts(self) -> dict:
         c = self.config
@@ -569,3 +590,16 @@ class Vid2VidZeroHooks(MethodHooks):
 
     def begin_chunk(self, frames: Tensor) -> None:
         self.state.set_frames(frames)
+
+    # -- memory profile ----------------------------------------------------------------------------
+
+    def max_branches(self, controls: frozenset[str]) -> int:
+        # Prompt-to-prompt runs the source branch in its window of steps (`needs_source`); with p2p
+        # "auto" the mode (replace or refine) depends on the prompts, so either may be the one.
+        return 3 if "pnp" in controls or self.replace_steps_at_most() > 0 else 2
+
+    def replace_steps_at_most(self) -> int:
+        """The most steps prompt-to-prompt (and so the source branch) can run, whatever the prompts."""
+        c, steps = self.config, self.settings.steps
+        modes = ("replace", "refine") if c.p2p == "auto" else (c.p2p,)
+        return max(min(int(cross_replace_share(c.cross_replace, mode) * (steps + 1)), steps) for mode in modes)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Sequence
 from rich.console import Console
 
 from vidbatch.models import builtin as tiny_model
-from vidbatch.config.schema import METHODS, resolve_control
+from vidbatch.config.schema import resolve_control
+from vidbatch.engine.plugins import method_names
 from vidbatch.core.errors import ConfigError, ModelLoadError
 from vidbatch.tools.bench.measure import measure_safely
 from vidbatch.tools.bench.spec import CLIP_FPS, BenchSpec, bench_config
@@ -27,8 +28,8 @@ WORKER_MODULE = "vidbatch.tools.bench.worker"
 
 
 def default_methods() -> list[str]:
-    """Every method the engine has (config.METHODS), in its order."""
-    return list(METHODS)
+    """Every method registered with the engine, in registration order."""
+    return list(method_names())
 
 
 def validate(methods: Sequence[str], frames: Sequence[int], size: int | None, steps: int | None,

@@ -1,26 +1,39 @@
-"""Controls that tie the edit to the source video: PnP feature injection and ControlNet conditions.
+"""Plug-and-Play (Tumanyan et al.) as a control: `edit.control: pnp`.
 
-`edit.control` names one control or several joined by '+', e.g. `pnp+controlnet`:
-- `pnp`: Plug-and-Play (Tumanyan et al.). A source branch denoises the inverted latents with the
-  source prompt; for the first `f_t` of the steps its residual features (the `conv2` output of
-  `up_blocks[1].resnets[1]`, before the skip path is added) replace the edit branches', and for the
-  first `attn_t` its self-attention queries and keys do in the decoder blocks of
-  :func:`pnp_attention_blocks` (the attention processors carry that part out).
-- `sdedit`: start from the inverted latent part-way (`edit.strength`), not from the noisiest step.
-- `controlnet`: a ControlNet conditioned on Canny edges of the source frames, or on control
-  frames the sample brings as `{key}.control.mp4`.
+A source branch denoises the inverted latents with the source prompt; for the first `pnp.f_t` of
+the steps its residual features (the `conv2` output of `up_blocks[1].resnets[1]`, before the skip
+path is added) replace the edit branches' (:class:`PnpResidualInjector`), and for the first
+`pnp.attn_t` its self-attention queries and keys do in the decoder blocks of
+:func:`pnp_attention_blocks` (every method's attention processors carry that part out, see
+:func:`vidbatch.engine.processors.attend`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
-import cv2
-import numpy as np
 import torch
 from torch import Tensor
 
 from vidbatch.core.errors import ModelLoadError
+from vidbatch.core.settings import setting
+from vidbatch.engine.control import Control
+
+__all__ = ["Pnp", "PnpConfig", "PnpResidualInjector", "pnp_attention_blocks", "injection_steps"]
+
+
+@dataclass
+class PnpConfig:
+    """The `pnp` config section."""
+
+    f_t: float = setting(0.8, minimum=0, maximum=1, help="share of the steps whose residual features come from the source branch")
+    attn_t: float = setting(0.5, minimum=0, maximum=1, help="share of the steps whose decoder self-attention q/k come from the source branch")
+
+
+def injection_steps(steps: int, f_t: float, attn_t: float) -> tuple[int, int]:
+    """How many of the first steps inject (residual features, self-attention queries and keys)."""
+    return int(steps * f_t), int(steps * attn_t)
+
 
 class PnpResidualInjector:
     """PnP's residual injection: the `conv2` output of `unet.up_blocks[1].resnets[1]` becomes branch 0's in every branch.
@@ -76,6 +89,7 @@ def pnp_attention_blocks(unet: torch.nn.Module) -> frozenset[str]:
     Returns an empty set for a module without `up_blocks` (nothing to inject into); the names are
     those `unet.named_modules()` gives, e.g. `up_blocks.1.attentions.1.transformer_blocks.0`.
     """
+    # diffusers is imported here: it is heavy, and nothing else in this module needs it.
     from diffusers.models.attention import BasicTransformerBlock
 
     decoder_attentions: list[tuple[str, torch.nn.Module]] = []
@@ -90,44 +104,7 @@ def pnp_attention_blocks(unet: torch.nn.Module) -> frozenset[str]:
     return frozenset(names)
 
 
-def canny_frames(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-    """Canny edges of each frame as a 3-channel image: (T, H, W, 3) uint8 -> (T, H, W, 3) uint8."""
-    edges = [cv2.Canny(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), low, high) for f in frames]
-    return np.repeat(np.stack(edges)[..., None], 3, axis=-1)
-
-
-def condition_tensor(images: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(T, H, W, 3) uint8 -> (T, 3, H, W) in [0, 1], as diffusers' ControlNets expect."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return tensor.permute(0, 3, 1, 2).to(dtype) / 255.0
-
-
-def load_controlnet(model_id: str, *, dtype: torch.dtype, device: torch.device):
-    """A ControlNetModel from a diffusers folder or a hub id; ModelLoadError with the cause otherwise."""
-    from diffusers import ControlNetModel
-
-    try:
-        controlnet = ControlNetModel.from_pretrained(model_id, torch_dtype=dtype)
-    except Exception as exc:
-        where = "folder" if Path(model_id).exists() else "hub id (is the hub reachable?)"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"controlnet.model '{model_id}' could not be loaded as a diffusers {where}: {first}. "
-                             "Fix: point controlnet.model at a local ControlNet folder") from exc
-    return controlnet.to(device).eval().requires_grad_(False)
-
-
-def make_tiny_controlnet(unet, out_dir: str | Path, *, seed: int = 0) -> Path:
-    """A ControlNet made from a (tiny) UNet with seeded random conditioning weights, saved as a diffusers folder.
-
-    diffusers' `from_unet` zero-initialises the output convolutions (a fresh ControlNet changes
-    nothing); we randomise them so tests can see the control act.
-    """
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
-    with torch.no_grad():
-        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-            torch.nn.init.normal_(module.weight, std=0.05)
-    controlnet.save_pretrained(out_dir)
-    return Path(out_dir)
+class Pnp(Control):
+    name = "pnp"
+    section = "pnp"
+    settings_type = PnpConfig

@@ -1,0 +1,189 @@
+"""What an editing method is to the engine: the :class:`Method` base class, and the data it sees.
+
+The engine (:class:`vidbatch.engine.editor.VideoEditor`) runs one loop for every method: VAE
+encode, DDIM inversion, per step the chunks of frames through the UNet with guidance branches
+``[source?, uncond, cond]``, VAE decode. A method changes that loop only through the hooks of its
+:class:`Method` subclass, and tells the memory budget what one of its UNet calls costs. One file
+per method (``vidbatch/engine/methods/*.py``) holds its settings section, its attention processors
+and its Method subclass, registered with :func:`vidbatch.engine.registry.register_method`.
+
+A Method instance lives for one :meth:`VideoEditor.denoise` (or one inversion, or one memory
+estimate): hooks may keep state on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vidbatch.engine import memory
+
+if TYPE_CHECKING:  # the editor drives methods; methods only call back into the editor they are given
+    from vidbatch.engine.editor import VideoEditor
+
+__all__ = ["EditorSettings", "Inversion", "Method", "ProcessorState"]
+
+
+@dataclass
+class EditorSettings:
+    """What the engine needs to know; built by the application from the run config.
+
+    `method_settings` is the chosen method's settings section (an instance of its
+    ``Method.settings_type``, e.g. :class:`vidbatch.engine.methods.tokenflow.TokenFlowConfig`);
+    None: the section's defaults.
+    """
+
+    method: str = "per-frame"
+    control: str = "none"                     # registered control names joined by '+', "none", or "auto" (per method)
+    method_settings: Any = None               # the method's settings section; None: its defaults
+    pnp_f_t: float = 0.8
+    pnp_attn_t: float = 0.5
+    controlnet_scale: float = 1.0
+    steps: int = 50
+    inversion_steps: int | None = None
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    eta: float = 0.0
+    strength: float = 1.0
+    chunk_size: int | str = 4                 # frames per UNet call, or "auto" (fit memory_budget_bytes)
+    memory_budget_bytes: int | None = None    # for "auto"; None: what the device has free
+    chunk_order: str = "seq"
+    vae_batch: int = 8
+    inversion_batch: int | str = 8            # frames per inversion UNet call, or "auto"
+
+
+@dataclass
+class Inversion:
+    """A DDIM inversion trajectory of one video, at the edit's timesteps.
+
+    timesteps: (S,) the edit's DDIM timesteps, descending (``S = edit.steps``). The inversion itself
+    may run finer (``inversion.steps`` a refinement of the edit's schedule); only the latents at the
+    edit's timesteps are kept. trajectory: (S, T, 4, h, w) on the CPU; trajectory[k] is the latent at
+    timesteps[k] (trajectory[0] is the noisiest), i.e. the latent denoising step k starts from.
+    clean: (T, 4, h, w), the VAE latents of the frames.
+    extras: method-specific tensors cached with the trajectory (vid2vid-zero: "null_embeddings").
+    """
+
+    timesteps: Tensor
+    trajectory: Tensor
+    clean: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class ProcessorState(Protocol):
+    """What the engine calls on the state a method's :meth:`Method.patch` returns."""
+
+    def begin_step(self) -> None:
+        """A denoising step starts (forget what the previous step's chunks left)."""
+
+    def begin_chunk(self, num_frames: int, num_branches: int, generator: torch.Generator | None = None,
+                    inject_qk: bool = False) -> None:
+        """The next UNet call: ``num_branches * num_frames`` rows, branch-major; `inject_qk`: PnP's
+        query/key injection is on in this step."""
+
+
+class Method:
+    """Base class of editing methods. Subclass it, set the class attributes, override the hooks
+    that differ, register the class (:func:`vidbatch.engine.registry.register_method`).
+
+    Class attributes:
+        name: the `edit.method` value.
+        section: the config section of its settings (``None``: no settings).
+        settings_type: the dataclass of that section; its fields are declared with
+            :func:`vidbatch.core.settings.setting` (default, choices, bounds, help), so the config
+            validates them and ``--set section.key=value`` works.
+        default_control: what `edit.control: auto` means for this method.
+
+    The defaults serve a method that only swaps self-attention processors: no source branch of its
+    own, the configured chunk order, the negative prompt's embedding, plain DDIM inversion.
+    """
+
+    name: ClassVar[str] = ""
+    section: ClassVar[str | None] = None
+    settings_type: ClassVar[type | None] = None
+    default_control: ClassVar[str] = "pnp"
+
+    def __init__(self, settings: EditorSettings) -> None:
+        self.settings = settings
+        # This method's settings section: given, or the section's defaults.
+        self.config = settings.method_settings if settings.method_settings is not None else self.default_settings()
+
+    @classmethod
+    def default_settings(cls) -> Any:
+        """An instance of `settings_type` with its defaults, or None for a method without settings."""
+        return cls.settings_type() if cls.settings_type is not None else None
+
+    # -- the denoising loop ------------------------------------------------------------------------
+
+    def patch(self, editor: VideoEditor, prompt: str, source_prompt: str) -> ProcessorState:
+        """Install the attention processors for one edit; returns the state the loop drives."""
+        raise NotImplementedError(f"method {self.name!r} installs no attention processors")
+
+    def unpatch(self, unet: torch.nn.Module) -> None:
+        """Restore what :meth:`patch` replaced (called even when the edit failed)."""
+
+    def chunk_order(self) -> str:
+        """How the frames are cut into chunks and visited each step (`seq`, `rand`, `mix`)."""
+        return self.settings.chunk_order
+
+    def needs_source(self, step: int) -> bool:
+        """Whether `step` runs the source branch even where PnP does not inject."""
+        return False
+
+    def uncond_embedding(self, inversion: Inversion, step: int, default: Tensor) -> Tensor:
+        """The unconditional branch's (1, 77, C) embedding at `step`; `default` is the negative prompt's."""
+        return default
+
+    def begin_step(self, step: int, num_frames: int, predict, generator: torch.Generator) -> None:
+        """Runs before a step's chunks; `predict(frames)` is the guided UNet on any frames, (F, 4, h, w)."""
+
+    def begin_chunk(self, frames: Tensor) -> None:
+        """The video frame indices (F,) of the next UNet call."""
+
+    # -- inversion -------------------------------------------------------------------------------
+
+    def inversion_parts(self) -> dict:
+        """Settings beyond the DDIM inversion's that change a cached inversion (part of its key)."""
+        return {}
+
+    def invert(self, editor: VideoEditor, frames: np.ndarray, prompt: str) -> Inversion:
+        """The inversion this method edits from: (T, H, W, 3) uint8 frames -> :class:`Inversion`."""
+        return editor.invert(frames, prompt)
+
+    # -- memory profile ----------------------------------------------------------------------------
+
+    def max_branches(self, controls: frozenset[str]) -> int:
+        """The most guidance branches one UNet call runs: uncond and cond, plus the source branch
+        where some step runs it (with PnP among `controls`, or where :meth:`needs_source` says so)."""
+        return 3 if "pnp" in controls else 2
+
+    def attended_share(self) -> float:
+        """Tokens one query attends over, as a share of the chunk's ``F*N`` (for :meth:`chunk_bytes`)."""
+        return 1.0
+
+    def keyframes(self, num_frames: int) -> int:
+        """Frames of a UNet call the chunking does not bound (TokenFlow's keyframe pass); 0: none."""
+        return 0
+
+    @classmethod
+    def chunk_bytes(cls, num_frames: int, latent_hw: tuple[int, int], *, branches: int, channels: int, heads: int,
+                    dtype_bytes: int, materialised_scores: bool, share: float = 1.0, keyframes: int = 0) -> int:
+        """Peak bytes of one UNet call on `num_frames` frames (beyond the weights); see :mod:`memory`.
+
+        The default: every query attends over `share` of the chunk's ``F*N`` tokens (joint attention).
+        """
+        tokens = latent_hw[0] * latent_hw[1]
+        activations = memory.activation_bytes(num_frames * tokens, branches=branches, channels=channels,
+                                              dtype_bytes=dtype_bytes)
+        if not materialised_scores:
+            return activations
+        joint = num_frames * tokens * share
+        return int(activations + branches * heads * joint * joint * dtype_bytes)
+
+    def check_budget(self, num_frames: int, latent_hw: tuple[int, int], budget_bytes: int, *, branches: int,
+                     channels: int, heads: int, dtype_bytes: int, materialised_scores: bool) -> None:
+        """Warn when a part of the step the chunk size does not bound will not fit `budget_bytes`."""
