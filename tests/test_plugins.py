@@ -16,7 +16,7 @@ from conftest import FAST, TINY, make_inputs, read_output
 from vidbatch.config.schema import load_config
 from vidbatch.core.errors import ConfigError
 from vidbatch.core.settings import setting
-from vidbatch.dispatch.run import run
+from vidbatch.api import run
 from vidbatch.engine.control import Control
 from vidbatch.engine.editor import EditorSettings, VideoEditor
 from vidbatch.engine.methods.per_frame import PerFrame
