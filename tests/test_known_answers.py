@@ -210,3 +210,68 @@ def test_editor_inversion_is_ddim_inversion(pipe, monkeypatch, prediction_type):
         want[t] = x
     np.testing.assert_allclose(inversion.trajectory.double().numpy(), np.stack([want[t] for t in timesteps]),
                                rtol=1e-4, atol=1e-4)
+
+
+# --- ControlNet Canny conditioning ------------------------------------------------------------
+
+
+def rgb_to_gray_bt601(frame: np.ndarray) -> np.ndarray:
+    """OpenCV's RGB2GRAY on uint8, written out: Y = 0.299 R + 0.587 G + 0.114 B in 15-bit fixed point, rounded."""
+    r, g, b = (frame[..., i].astype(np.int64) for i in range(3))
+    return ((r * 9798 + g * 19235 + b * 3735 + (1 << 14)) >> 15).astype(np.uint8)
+
+
+def reference_canny(frames: np.ndarray, low: int, high: int) -> np.ndarray:
+    """What a Canny ControlNet is trained on: cv2.Canny of the luma, repeated to 3 channels."""
+    edges = np.stack([cv2.Canny(rgb_to_gray_bt601(f), low, high) for f in frames])
+    return np.repeat(edges[..., None], 3, axis=-1)
+
+
+def edge_test_frames(count: int = 2, size: int = 64, seed: int = 7) -> np.ndarray:
+    """Blocks of random colours (steps of every contrast, with red-green/blue differences that a
+    wrong channel order would weigh differently) over a smooth ramp."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 120, size)[None, :, None]
+    frames = []
+    for _ in range(count):
+        blocks = np.kron(rng.integers(0, 136, (size // 8, size // 8, 3)), np.ones((8, 8, 1)))
+        frames.append((blocks + ramp).clip(0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def test_gray_reference_is_opencv_luma():
+    # Every one of the 2^24 colours, as one 4096 x 4096 image.
+    v = np.arange(1 << 24, dtype=np.uint32)
+    image = np.stack([v >> 16, (v >> 8) & 255, v & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+    assert np.array_equal(rgb_to_gray_bt601(image), cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))
+
+
+@pytest.mark.parametrize("low, high", [(30, 70), (100, 200), (150, 250)])
+def test_canny_frames_equal_opencv_canny_of_the_luma(low, high):
+    frames = edge_test_frames()
+    got = canny_frames(frames, low, high)
+    assert got.shape == frames.shape and got.dtype == np.uint8
+    want = reference_canny(frames, low, high)
+    assert 0.02 < (want > 0).mean() < 0.5        # an image with edges, not a blank or solid map
+    assert np.array_equal(got, want)
+
+
+def test_canny_thresholds_come_from_the_config(tmp_path):
+    """controlnet.canny_low/high reach the edges a sample is conditioned on (decode included)."""
+    from vidbatch.batch.module import ShardDataset
+    from vidbatch.config.schema import load_config
+    from vidbatch.io.video import encode_mp4
+    from conftest import TINY
+
+    low, high = 30, 70
+    frames = edge_test_frames(count=3)
+    write_shard(tmp_path / "in.tar", [{"__key__": "k", "mp4": encode_mp4(frames, 8, crf=0), "txt": "x"}])
+    config = load_config(TINY, ["edit.control=controlnet", f"controlnet.model={tmp_path / 'cn'}",
+                                f"controlnet.canny_low={low}", f"controlnet.canny_high={high}", "video.size=64"])
+    (prepared,) = ShardDataset(str(tmp_path / "in.tar"), config, size_multiple=8)
+    assert prepared.error is None and prepared.frames.shape == frames.shape
+    want = reference_canny(prepared.frames, low, high)
+    # The thresholds matter on these frames: the defaults, or either one left at its default, differ.
+    for other in [(100, 200), (low, 200), (100, high)]:
+        assert not np.array_equal(want, reference_canny(prepared.frames, *other)), other
+    assert np.array_equal(prepared.control_frames, want)
