@@ -275,3 +275,79 @@ def test_canny_thresholds_come_from_the_config(tmp_path):
     for other in [(100, 200), (low, 200), (100, high)]:
         assert not np.array_equal(want, reference_canny(prepared.frames, *other)), other
     assert np.array_equal(prepared.control_frames, want)
+
+
+# --- warp error's occlusion mask --------------------------------------------------------------
+
+OCC_SIZE, OCC_OBJECT, OCC_STEP, OCC_AT, OCC_FRAMES = 64, 16, 4, (24, 12), 3
+
+
+def occlusion_clip():
+    """A textured square sliding OCC_STEP px right per frame over a still textured background.
+
+    Returns (frames (T, H, W, 3) uint8, true flows {(t, t+1) and (t+1, t): (H, W, 2)}, the pixels of
+    frame 0 the square covers in frame 1 (occluded there), the square's pixels in frame 0)."""
+    rng = np.random.default_rng(3)
+    n, s, d, (y0, x0) = OCC_SIZE, OCC_OBJECT, OCC_STEP, OCC_AT
+    background = np.kron(rng.integers(0, 256, (n // 4, n // 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+    square = np.kron(rng.integers(0, 256, (s // 4, s // 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+    frames, flows = [], {}
+    for t in range(OCC_FRAMES):
+        frame = background.copy()
+        frame[y0:y0 + s, x0 + d * t:x0 + d * t + s] = square
+        frames.append(frame)
+    for t in range(OCC_FRAMES - 1):
+        forward = np.zeros((n, n, 2), np.float32)
+        forward[y0:y0 + s, x0 + d * t:x0 + d * t + s, 0] = d          # the square moves right
+        backward = np.zeros((n, n, 2), np.float32)
+        backward[y0:y0 + s, x0 + d * (t + 1):x0 + d * (t + 1) + s, 0] = -d
+        flows[t, t + 1], flows[t + 1, t] = forward, backward
+    occluded = np.zeros((n, n), bool)
+    occluded[y0:y0 + s, x0 + s:x0 + s + d] = True   # background of frame 0 the square moves onto
+    on_square = np.zeros((n, n), bool)
+    on_square[y0:y0 + s, x0:x0 + s] = True
+    return np.stack(frames), flows, occluded, on_square
+
+
+@pytest.fixture
+def true_flow(monkeypatch):
+    """The clip and its exact flows, which `warp_error` then uses instead of estimating them."""
+    from vidbatch.metrics import flow as flow_module
+
+    frames, flows, occluded, on_square = occlusion_clip()
+
+    def estimate(a, b, method="dis"):
+        (i,) = [t for t in range(len(frames)) if np.array_equal(frames[t], a)]
+        (j,) = [t for t in range(len(frames)) if np.array_equal(frames[t], b)]
+        return flows[i, j].copy()
+
+    monkeypatch.setattr(flow_module, "estimate_flow", estimate)
+    return frames, flows, occluded, on_square
+
+
+def test_occlusion_mask_is_the_occluded_region(true_flow):
+    from vidbatch.metrics import flow as flow_module
+
+    frames, flows, occluded, _ = true_flow
+    mask = flow_module._valid_mask(flows[0, 1], flows[1, 0], flow_module.DEFAULT_OCCLUSION_THRESHOLD)
+    assert np.array_equal(mask, ~occluded)
+
+
+def test_warp_error_ignores_exactly_the_occluded_pixels(true_flow):
+    from vidbatch.metrics import warp_error
+
+    frames, _, occluded, on_square = true_flow
+    assert warp_error(frames, frames) < 1e-7             # exact flows, integer shifts: a perfect warp
+    # An edit that differs from the perfectly warped video only where frame 0 is occluded in frame 1
+    # (there is no frame before 0 to warp it onto): the mask hides it all.
+    inside = frames.copy()
+    inside[0][occluded] = 255 - inside[0][occluded]
+    assert warp_error(frames, inside) < 1e-7
+    # Without the mask these pixels would count: 64 of 4096, each ~0.5 off, over 2 pairs (~4e-3).
+    unmasked = np.abs(inside[0].astype(float) - frames[0]).mean(-1)[occluded].sum() / 255 / occluded.size / 2
+    assert unmasked > 2e-3
+    # The same change on pixels that are visible in both frames (the moving square) is measured, exactly.
+    visible = frames.copy()
+    visible[0][on_square] = 255 - visible[0][on_square]
+    want = np.abs(visible[0].astype(float) - frames[0]).mean(-1)[on_square].sum() / 255 / (~occluded).sum() / 2
+    assert warp_error(frames, visible) == pytest.approx(want, rel=1e-5)
