@@ -16,7 +16,7 @@ import torch
 
 from conftest import moving_frames, write_shard
 from vidbatch.engine import ddim
-from vidbatch.engine.controls import canny_frames
+from vidbatch.engine.controls.controlnet import canny_frames
 from vidbatch.engine.editor import EditorSettings, Inversion, VideoEditor
 
 # --- the DDIM closed form, float64 ------------------------------------------------------------
