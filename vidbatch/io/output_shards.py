@@ -48,6 +48,14 @@ def read_done_marker(out_dir: Path, stem: str) -> DoneMarker | None:
                           "or rerun with --overwrite") from exc
 
 
+def read_rows(out_dir: Path, stem: str) -> list[EditRow]:
+    """The shard's edit rows (`stats/{stem}.jsonl`), in written order; [] when it has none."""
+    path = rows_path(out_dir, stem)
+    if not path.is_file():
+        return []
+    return [EditRow.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_marker(out_dir: Path, stem: str) -> dict | None:
     """The done marker as raw JSON (for readers not yet on `DoneMarker`), or None when there is none."""
     marker = read_done_marker(out_dir, stem)

@@ -28,8 +28,10 @@ import numpy as np
 import yaml
 
 from vidbatch.core.atomic import fsync_dir, publish, temporary_path
+from vidbatch.core.rows import EditRow
 from vidbatch.io.input_shards import read_samples, shard_stem
 from vidbatch.io.video import decode_video, encode_mp4
+from vidbatch.report.summary import ShardRow
 
 log = logging.getLogger("vidbatch")
 
@@ -122,14 +124,14 @@ def _read_sources(url: str, keys: set[str]) -> _Sources:
     return sources
 
 
-def _source_frames(sources: _Sources, row: dict, stride: int) -> np.ndarray | None:
+def _source_frames(sources: _Sources, row: EditRow, stride: int) -> np.ndarray | None:
     """The source frames that were edited, at the edited size: `(T, H, W, 3)` uint8, or None."""
-    if sources.videos is None or row["key"] not in sources.videos:
+    if sources.videos is None or row.key not in sources.videos:
         return None
-    t, h, w = int(row["frames"]), int(row["height"]), int(row["width"])
-    cache_key = (row["key"], t, h, w)
+    t, h, w = int(row.frames), int(row.height), int(row.width)
+    cache_key = (row.key, t, h, w)
     if cache_key not in sources.decoded:
-        data, ext = sources.videos[row["key"]]
+        data, ext = sources.videos[row.key]
         decoded = decode_video(data, ext, short_side=min(h, w), multiple=2, max_frames=t, frame_stride=stride)
         frames = decoded.frames[:t]
         if frames.shape[1:3] != (h, w):  # the edit rounded its size to the UNet's multiple
@@ -225,10 +227,10 @@ class _ShardFiles:
                 tar.close()
 
 
-def _write_videos(item: Media, folder: Path, rel: str, row: dict, edited_bytes: bytes,
+def _write_videos(item: Media, folder: Path, rel: str, row: EditRow, edited_bytes: bytes,
                   source: np.ndarray | None) -> None:
     """The edited mp4 and its poster, and (once per sample) the re-encoded source and its poster."""
-    key, edit = row["key"], row["edit"]
+    key, edit = row.key, row.edit
     stem_name = f"{_safe(key)}.{_safe(edit)}"
     (folder / f"{stem_name}.mp4").write_bytes(edited_bytes)
     item.edited = f"{rel}/{stem_name}.mp4"
@@ -238,16 +240,16 @@ def _write_videos(item: Media, folder: Path, rel: str, row: dict, edited_bytes: 
     if source is not None:
         src_name = f"{_safe(key)}.source"
         if not (folder / f"{src_name}.mp4").exists():
-            (folder / f"{src_name}.mp4").write_bytes(encode_mp4(source, float(row["fps"]), crf=23))
+            (folder / f"{src_name}.mp4").write_bytes(encode_mp4(source, float(row.fps), crf=23))
             _write_jpeg(folder / f"{src_name}.jpg", source[len(source) // 2])
         item.source = f"{rel}/{src_name}.mp4"
         item.source_poster = f"{rel}/{src_name}.jpg"
 
 
-def _write_sheet(item: Media, folder: Path, rel: str, row: dict, edited_bytes: bytes,
+def _write_sheet(item: Media, folder: Path, rel: str, row: EditRow, edited_bytes: bytes,
                  source: np.ndarray | None) -> None:
     """A contact sheet: source frames (when available) above the same frames of the edit."""
-    key, edit = row["key"], row["edit"]
+    key, edit = row.key, row.edit
     edited = decode_video(edited_bytes, "mp4", short_side=None, multiple=2).frames
     strips = ([("source", source[:len(edited)])] if source is not None else []) + [(edit, edited)]
     name = f"{_safe(key)}.{_safe(edit)}.jpg"
@@ -255,9 +257,10 @@ def _write_sheet(item: Media, folder: Path, rel: str, row: dict, edited_bytes: b
     item.sheet = f"{rel}/{name}"
 
 
-def _row_media(files: _ShardFiles, row: dict, media_dir: Path, stride: int, as_videos: bool) -> Media:
+def _row_media(files: _ShardFiles, shard_row: ShardRow, media_dir: Path, stride: int, as_videos: bool) -> Media:
     """The media of one successful edit; a problem becomes the Media's note, never an exception."""
-    stem, key, edit = row["shard"], row["key"], row["edit"]
+    row = shard_row.row
+    stem, key, edit = shard_row.shard, row.key, row.edit
     item = Media()
     sources = files.sources_of(stem)
     folder = media_dir / _safe(stem)
@@ -283,19 +286,19 @@ def _row_media(files: _ShardFiles, row: dict, media_dir: Path, stride: int, as_v
     return item
 
 
-def build_media(out_dir: Path, summary: dict, rows: list[dict], media_dir: Path, *,
+def build_media(out_dir: Path, summary: dict, rows: list[ShardRow], media_dir: Path, *,
                 max_videos: int = 50, max_sheets: int = 500) -> dict[int, Media]:
     """Writes the media of `rows` into `media_dir` (an empty folder); returns row index -> Media.
 
     Paths in the Media are relative to `out_dir`, as if `media_dir` were `out_dir/report_media`.
     A sample whose media cannot be made gets a note instead; nothing here raises for one sample.
     """
-    ok = [i for i, r in enumerate(rows) if r.get("status") == "ok"]
+    ok = [i for i, r in enumerate(rows) if r.row.ok]
     as_videos = len(ok) <= max_videos
     stride = frame_stride(out_dir)
     wanted: dict[str, set[str]] = {}
     for i in ok:
-        wanted.setdefault(rows[i]["shard"], set()).add(rows[i]["key"])
+        wanted.setdefault(rows[i].shard, set()).add(rows[i].row.key)
     files = _ShardFiles(Path(out_dir), {shard_stem(u): u for u in summary.get("inputs") or []}, wanted)
     media: dict[int, Media] = {}
     try:

@@ -19,12 +19,13 @@ from typing import Any, Callable
 
 from vidbatch import __version__
 from vidbatch.core.atomic import atomic_write
+from vidbatch.core.rows import EditRow
 from vidbatch.metrics import Metric, get_metric, registered_metrics
 from vidbatch.report.charts import svg_bars
 from vidbatch.report.format import escape as _e
 from vidbatch.report.format import fmt as _fmt
 from vidbatch.report.media import MEDIA_DIR, Media, atomic_directory, build_media
-from vidbatch.report.summary import load_rows, load_summary
+from vidbatch.report.summary import ShardRow, load_rows, load_summary
 
 log = logging.getLogger("vidbatch")
 
@@ -137,16 +138,16 @@ class Column:
 
     name: str  # data-col of its header, e.g. "warp_error" or "total_s"
     header: str
-    value: Callable[[dict], Any]  # reads the value from a row
+    value: Callable[[EditRow], Any]  # reads the value from a row
     digits: int  # significant digits shown
 
 
 def _metric_value(key: str) -> Callable[[dict], Any]:
-    return lambda row: (row.get("metrics") or {}).get(key)
+    return lambda row: row.metrics.get(key)
 
 
 def _stage_value(stage: str) -> Callable[[dict], Any]:
-    return lambda row: (row.get("seconds") or {}).get(stage)
+    return lambda row: row.seconds.get(stage)
 
 
 def numeric_columns() -> list[Column]:
@@ -154,7 +155,7 @@ def numeric_columns() -> list[Column]:
     registered after import has its column)."""
     return [*[Column(m.key, m.short_label, _metric_value(m.key), 4) for m in registered_metrics()],
             *[Column(f"{stage}_s", f"{stage} s", _stage_value(stage), 3) for stage in TABLE_STAGES],
-            Column("memory_mb", "peak MB", lambda r: r.get("peak_memory_mb"), 3)]
+            Column("memory_mb", "peak MB", lambda r: r.peak_memory_mb, 3)]
 
 
 def _th(name: str, label: str, kind: str) -> str:
@@ -165,21 +166,21 @@ def _th(name: str, label: str, kind: str) -> str:
             f'title="sort by {_e(full)}">{_e(label)}</button></th>')
 
 
-def _media_html(item: Media | None, row: dict) -> str:
+def _media_html(item: Media | None, row: EditRow) -> str:
     if item is None:
         return ""
     parts = []
     if item.edited:
         videos = []
         for src, poster, caption in ((item.source, item.source_poster, "source"),
-                                     (item.edited, item.edited_poster, row.get("edit"))):
+                                     (item.edited, item.edited_poster, row.edit)):
             if src:
                 videos.append(f'<figure><video src="{_e(src)}" poster="{_e(poster)}" controls loop muted playsinline '
                               f'preload="none"></video><figcaption>{_e(caption)}</figcaption></figure>')
         parts.append(f'<div class="pair">{"".join(videos)}</div>')
     if item.sheet:
         parts.append(f'<img class="sheet" src="{_e(item.sheet)}" loading="lazy" '
-                     f'alt="frames of {_e(row.get("key"))} / {_e(row.get("edit"))}">')
+                     f'alt="frames of {_e(row.key)} / {_e(row.edit)}">')
     if item.note:
         parts.append(f'<div class="note">{_e(item.note)}</div>')
     return "".join(parts)
@@ -192,27 +193,28 @@ def _number_cell(value: Any, digits: int) -> str:
             f'{_fmt(value, digits) if ok_num else "–"}</td>')
 
 
-def _row_html(i: int, row: dict, item: Media | None, columns: list[Column]) -> str:
+def _row_html(i: int, shard_row: ShardRow, item: Media | None, columns: list[Column]) -> str:
     """One (video, edit) of the sample table."""
-    failed = row.get("status") != "ok"
-    size = f"{row['frames']} fr · {row['width']}×{row['height']}" if row.get("frames") else ""
-    cells = [f'<td data-v="{_e(row.get("shard"))}/{_e(row.get("key"))}"><b>{_e(row.get("key"))}</b>'
-             f'<div class="small muted">{_e(row.get("shard"))}</div><div class="small muted">{_e(size)}</div></td>',
-             f'<td data-v="{_e(row.get("edit"))}">{_e(row.get("edit"))}'
-             f'<div class="prompt">{_e(row.get("prompt"))}</div></td>',
-             f'<td class="status" data-v="{_e(row.get("status"))}">{_e(row.get("status"))}</td>']
+    row = shard_row.row
+    failed = not row.ok
+    size = f"{row.frames} fr · {row.width}×{row.height}" if row.frames else ""
+    cells = [f'<td data-v="{_e(shard_row.shard)}/{_e(row.key)}"><b>{_e(row.key)}</b>'
+             f'<div class="small muted">{_e(shard_row.shard)}</div><div class="small muted">{_e(size)}</div></td>',
+             f'<td data-v="{_e(row.edit)}">{_e(row.edit)}'
+             f'<div class="prompt">{_e(row.prompt)}</div></td>',
+             f'<td class="status" data-v="{_e(row.status)}">{_e(row.status)}</td>']
     if failed:  # where the videos would be, so that it is seen next to the sample's name
-        cells.append(f'<td class="err">{_e(row.get("error") or "failed")}</td>')
+        cells.append(f'<td class="err">{_e(row.error or "failed")}</td>')
     else:
-        extra = f'<div class="err">metrics failed: {_e(row["metrics_error"])}</div>' if row.get("metrics_error") else ""
+        extra = f'<div class="err">metrics failed: {_e(row.metrics_error)}</div>' if row.metrics_error else ""
         cells.append(f"<td>{_media_html(item, row)}{extra}</td>")
     cells += [_number_cell(column.value(row), column.digits) for column in columns]
     cls = ' class="failed"' if failed else ""
-    return (f'<tr data-i="{i}" data-key="{_e(row.get("key"))}" data-edit="{_e(row.get("edit"))}"{cls}>'
+    return (f'<tr data-i="{i}" data-key="{_e(row.key)}" data-edit="{_e(row.edit)}"{cls}>'
             f'{"".join(cells)}</tr>')
 
 
-def _table_html(rows: list[dict], media: dict[int, Media]) -> str:
+def _table_html(rows: list[ShardRow], media: dict[int, Media]) -> str:
     """One row per (video, edit): sample, edit and its prompt, media (or the error), metrics, times."""
     columns = numeric_columns()
     head = [_th("sample", "sample", "text"), _th("edit", "edit", "text"), _th("status", "status", "text"),
@@ -222,20 +224,20 @@ def _table_html(rows: list[dict], media: dict[int, Media]) -> str:
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
-def _plots_html(rows: list[dict]) -> str:
-    ok = [r for r in rows if r.get("status") == "ok"]
+def _plots_html(rows: list[ShardRow]) -> str:
+    ok = [r for r in rows if r.row.ok]
     if not ok:
         return '<p class="muted">no successful edits to plot</p>'
-    labels = [f"{r['shard']}/{r['key']} {r['edit']}" for r in ok]
-    times = [{k: float((r.get("seconds") or {}).get(k) or 0.0) for k in STAGE_COLORS} for r in ok]
-    memory = [{"peak MB": float(r.get("peak_memory_mb") or 0.0)} for r in ok]
+    labels = [f"{r.shard}/{r.row.key} {r.row.edit}" for r in ok]
+    times = [{k: float(r.row.seconds.get(k) or 0.0) for k in STAGE_COLORS} for r in ok]
+    memory = [{"peak MB": float(r.row.peak_memory_mb or 0.0)} for r in ok]
     return ('<div class="plots">'
             + svg_bars(times, labels, STAGE_COLORS, title="seconds per (video, edit), by stage", unit="s")
             + svg_bars(memory, labels, {"peak MB": "#7f8fb0"}, title="peak memory per (video, edit)", unit="MB")
             + "</div>")
 
 
-def render_report(out_dir: Path, summary: dict, rows: list[dict], media: dict[int, Media], *,
+def render_report(out_dir: Path, summary: dict, rows: list[ShardRow], media: dict[int, Media], *,
                   as_videos: bool) -> str:
     """The report page as one HTML string (everything inline but the media files).
 
@@ -243,7 +245,7 @@ def render_report(out_dir: Path, summary: dict, rows: list[dict], media: dict[in
     visible on the page (and to tests reading the DOM).
     """
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    ok_count = sum(r.get("status") == "ok" for r in rows)
+    ok_count = sum(r.row.ok for r in rows)
     media_note = ("source and edited videos side by side (they play together)" if as_videos else
                   f"{ok_count} edits: contact sheets (source frames above edited frames) instead of videos")
     play_all = '<button type="button" id="play-all">play all shown videos</button>' if as_videos and ok_count else ""
@@ -305,7 +307,7 @@ def write_report(out_dir: str | Path, summary: dict | None = None, *, max_videos
     try:
         summary = summary if summary is not None else load_summary(out_dir)
         rows = load_rows(out_dir, summary)
-        ok_count = sum(r.get("status") == "ok" for r in rows)
+        ok_count = sum(r.row.ok for r in rows)
         with atomic_directory(out_dir / MEDIA_DIR) as media_dir:
             media = build_media(out_dir, summary, rows, media_dir, max_videos=max_videos, max_sheets=max_sheets)
             page = render_report(out_dir, summary, rows, media, as_videos=ok_count <= max_videos)

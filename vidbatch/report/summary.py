@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,8 @@ from vidbatch.core.atomic import atomic_write
 from vidbatch.core.errors import VidbatchError
 from vidbatch.metrics import get_metric, metric_keys
 from vidbatch.io.input_shards import shard_stem
-from vidbatch.io.output_shards import read_marker, rows_path
+from vidbatch.core.rows import DoneMarker, EditRow
+from vidbatch.io.output_shards import read_done_marker, read_rows
 
 FLOW_NAMES = {"dis": "DIS (medium preset)", "farneback": "Farneback"}
 STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")
@@ -73,13 +75,13 @@ def _distinct(values: Sequence) -> list:
     return sorted({v for v in values if v is not None}, key=str)
 
 
-def metrics_by(ok_rows: Sequence[dict], config: Config) -> dict:
+def metrics_by(ok_rows: Sequence[EditRow], config: Config) -> dict:
     """Which flow and CLIP produced the metrics, or why CLIP is off, stated once for the run.
 
     Read from the rows (each worker records what it loaded), falling back to the config when no
     edit succeeded. Several workers that disagree are listed, joined by '; '.
     """
-    by = [r["metrics_by"] for r in ok_rows if r.get("metrics_by")]
+    by = [r.metrics_by for r in ok_rows if r.metrics_by]
     m = config.metrics
     if by:
         flows = _distinct([b["flow"] for b in by])
@@ -100,24 +102,22 @@ def metrics_by(ok_rows: Sequence[dict], config: Config) -> dict:
     }
 
 
-def _read_done_shards(out_dir: Path, stems: Sequence[str]) -> tuple[list[dict], list[dict]]:
+def _read_done_shards(out_dir: Path, stems: Sequence[str]) -> tuple[list[EditRow], list[DoneMarker]]:
     """The rows and done markers of the shards of `stems` that are done (have a marker)."""
-    rows: list[dict] = []
-    markers = []
+    rows: list[EditRow] = []
+    markers: list[DoneMarker] = []
     for stem in stems:
-        marker = read_marker(out_dir, stem)
+        marker = read_done_marker(out_dir, stem)
         if marker is None:
             continue
         markers.append(marker)
-        path = rows_path(out_dir, stem)
-        if path.is_file():
-            rows.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        rows.extend(read_rows(out_dir, stem))
     return rows, markers
 
 
-def metric_distributions(ok_rows: Sequence[dict]) -> dict[str, dict[str, float] | None]:
+def metric_distributions(ok_rows: Sequence[EditRow]) -> dict[str, dict[str, float] | None]:
     """Each registered metric's distribution over the successful edits that have a value for it."""
-    return {key: distribution([r["metrics"][key] for r in ok_rows if (r.get("metrics") or {}).get(key) is not None])
+    return {key: distribution([r.metrics[key] for r in ok_rows if r.metrics.get(key) is not None])
             for key in metric_keys()}
 
 
@@ -125,16 +125,16 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
                   failed_shards: dict[str, str], wall_seconds: float) -> dict:
     """Summarises every shard of the run (this invocation's and earlier ones' done shards)."""
     rows, markers = _read_done_shards(out_dir, stems)
-    ok = [r for r in rows if r["status"] == "ok"]
-    failed = [r for r in rows if r["status"] != "ok"]
-    shard_seconds = sum(m["seconds"] for m in markers)
-    frames = sum(r["frames"] or 0 for r in ok)
-    videos = len({(r["key"]) for r in ok})
+    ok = [r for r in rows if r.ok]
+    failed = [r for r in rows if not r.ok]
+    shard_seconds = sum(m.seconds for m in markers)
+    frames = sum(r.frames or 0 for r in ok)
+    videos = len({r.key for r in ok})
     # Rows of runs before metrics existed have no "metrics" stage: it cost them nothing.
-    stage_seconds = {stage: percentiles([r["seconds"].get(stage, 0.0) for r in ok]) for stage in STAGES}
-    metric_seconds = sum(r["seconds"].get("metrics", 0.0) for r in ok)
-    total_seconds = sum(r["seconds"]["total"] for r in ok)
-    fingerprints = _distinct([r.get("model_fingerprint") for r in ok])
+    stage_seconds = {stage: percentiles([r.seconds.get(stage, 0.0) for r in ok]) for stage in STAGES}
+    metric_seconds = sum(r.seconds.get("metrics", 0.0) for r in ok)
+    total_seconds = sum(r.seconds["total"] for r in ok)
+    fingerprints = _distinct([r.model_fingerprint for r in ok])
     return {
         "vidbatch_version": __version__,
         "model": config.model.id,
@@ -151,11 +151,11 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
         "packages": package_versions(),
         "shards": {"total": len(stems), "done": len(markers), "failed": len(failed_shards),
                    "failed_shards": failed_shards},
-        "samples": {"total": sum(m["samples"] for m in markers),
-                    "ok": sum(m["samples_ok"] for m in markers),
-                    "failed": sum(m["samples_failed"] for m in markers)},
+        "samples": {"total": sum(m.samples for m in markers),
+                    "ok": sum(m.samples_ok for m in markers),
+                    "failed": sum(m.samples_failed for m in markers)},
         "edits": {"ok": len(ok), "failed": len(failed)},
-        "failures_by_cause": dict(Counter(failure_cause(r["error"] or "unknown") for r in failed).most_common()),
+        "failures_by_cause": dict(Counter(failure_cause(r.error or "unknown") for r in failed).most_common()),
         "frames_edited": frames,
         "throughput": {
             "videos_per_hour": videos / shard_seconds * 3600 if shard_seconds else None,
@@ -164,12 +164,12 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
         "device_hours": shard_seconds / 3600,
         "wall_seconds": round(wall_seconds, 3),
         "seconds_per_edit": stage_seconds,
-        "peak_memory_mb": percentiles([r["peak_memory_mb"] for r in ok if r.get("peak_memory_mb") is not None]),
+        "peak_memory_mb": percentiles([r.peak_memory_mb for r in ok if r.peak_memory_mb is not None]),
         "metrics": metric_distributions(ok),
         "metrics_by": metrics_by(ok, config),
         "metrics_cost": {"seconds": round(metric_seconds, 4),
                          "share_of_total": metric_seconds / total_seconds if total_seconds else None,
-                         "failed": sum(1 for r in ok if r.get("metrics_error"))},
+                         "failed": sum(1 for r in ok if r.metrics_error)},
         "inputs": list(urls),
     }
 
@@ -190,20 +190,20 @@ def load_summary(out_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_rows(out_dir: Path, summary: dict) -> list[dict]:
-    """The jsonl rows of the run's shards (in input order), each with its `shard` stem added."""
+@dataclass(frozen=True)
+class ShardRow:
+    """An edit row as the report lists it: with the stem of the shard it came from."""
+
+    shard: str
+    row: EditRow
+
+
+def load_rows(out_dir: Path, summary: dict) -> list[ShardRow]:
+    """The rows of the run's shards, in input order, each with its shard's stem."""
     stems = [shard_stem(u) for u in summary.get("inputs") or []]
     if not stems:  # a summary without inputs: every shard in the folder
         stems = sorted(p.stem for p in (Path(out_dir) / "stats").glob("*.jsonl"))
-    rows = []
-    for stem in stems:
-        path = Path(out_dir) / "stats" / f"{stem}.jsonl"
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rows.append({**json.loads(line), "shard": stem})
-    return rows
+    return [ShardRow(stem, row) for stem in stems for row in read_rows(Path(out_dir), stem)]
 
 
 def _table_label(key: str) -> str:
