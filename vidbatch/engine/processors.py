@@ -95,6 +95,18 @@ def attend(
     return attn.to_out[1](out)
 
 
+def check_self_attention(what: str, name: str, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None,
+                         attention_mask: Tensor | None) -> None:
+    """Raises NotImplementedError unless the call is what frame-attention processors handle: plain
+    self-attention (no context, no mask) on ``(batch, tokens, channels)`` input, no spatial/group norm."""
+    if encoder_hidden_states is not None or attention_mask is not None:
+        raise NotImplementedError(f"{what} attention is self-attention without a mask; block {name} passed "
+                                  "encoder_hidden_states or an attention mask to attn1")
+    if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+        raise NotImplementedError(f"{what} attention supports (batch, tokens, channels) input without "
+                                  "spatial/group norm")
+
+
 def check_layout(what: str, name: str, batch: int, num_frames: int | None, num_branches: int | None) -> tuple[int, int]:
     """``(B, F)`` of a processor call whose batch must be ``num_branches * num_frames`` (branch-major).
 

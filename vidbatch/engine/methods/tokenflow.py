@@ -45,7 +45,8 @@ from vidbatch.engine import memory
 from vidbatch.engine.controls.pnp import pnp_attention_blocks
 from vidbatch.engine.method import Method
 from vidbatch.engine.methods.merge import join_frames, split_frames
-from vidbatch.engine.processors import broadcast_branch0, check_layout, install_processors, restore_processors
+from vidbatch.engine.processors import (broadcast_branch0, check_layout, check_self_attention, install_processors,
+                                        restore_processors)
 
 log = logging.getLogger("vidbatch")
 
@@ -400,12 +401,7 @@ class TokenFlowProcessor:
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
         st = self.state
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError(f"tokenflow attention is self-attention without a mask; block {self.name} "
-                                      "passed encoder_hidden_states or an attention mask to attn1")
-        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
-            raise NotImplementedError("tokenflow attention supports (batch, tokens, channels) input without "
-                                      "spatial/group norm")
+        check_self_attention("tokenflow", self.name, attn, hidden_states, encoder_hidden_states, attention_mask)
         check_layout("tokenflow", self.name, hidden_states.shape[0], st.num_frames, st.num_branches)
         if st.mode == "keyframes":
             out = self._keyframes(attn, hidden_states)

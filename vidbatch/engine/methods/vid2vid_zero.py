@@ -42,7 +42,8 @@ from vidbatch.core.settings import setting
 from vidbatch.engine import ddim
 from vidbatch.engine.controls.pnp import pnp_attention_blocks
 from vidbatch.engine.method import Inversion, Method
-from vidbatch.engine.processors import attend, check_layout, install_processors, restore_processors, transformer_blocks
+from vidbatch.engine.processors import (attend, check_layout, check_self_attention, install_processors,
+                                        restore_processors, transformer_blocks)
 
 __all__ = [
     "P2P_MODES",
@@ -396,12 +397,7 @@ class CrossFrameProcessor:
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
         st = self.state
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError(f"vid2vid-zero attention is self-attention without a mask; block {self.name} "
-                                      "passed encoder_hidden_states or an attention mask to attn1")
-        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
-            raise NotImplementedError("vid2vid-zero attention supports (batch, tokens, channels) input without "
-                                      "spatial/group norm")
+        check_self_attention("vid2vid-zero", self.name, attn, hidden_states, encoder_hidden_states, attention_mask)
         branches, frames = _check_layout(st, self.name, hidden_states.shape[0])
         inject = branches if (st.inject_qk and self.pnp_qk) else None
         b, n, c = branches, hidden_states.shape[1], hidden_states.shape[2]

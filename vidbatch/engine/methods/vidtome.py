@@ -58,7 +58,7 @@ from vidbatch.engine.methods.merge import (
     size_bias,
     split_frames,
 )
-from vidbatch.engine.processors import attend, check_layout, install_processors, restore_processors
+from vidbatch.engine.processors import attend, check_layout, check_self_attention, install_processors, restore_processors
 
 __all__ = [
     "FRAME_ATTENTION_MODES",
@@ -325,13 +325,7 @@ class FrameAttnProcessor:
         st = self.state
         if st.method == "per-frame":
             return self._per_frame(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError(
-                f"{st.method} attention is self-attention without a mask; block {self.name} passed "
-                "encoder_hidden_states or an attention mask to attn1"
-            )
-        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
-            raise NotImplementedError(f"{st.method} attention supports (batch, tokens, channels) input without spatial/group norm")
+        check_self_attention(st.method, self.name, attn, hidden_states, encoder_hidden_states, attention_mask)
         num_branches, num_frames = self._chunk(hidden_states)
         if st.method == "vidtome":
             ds = st.downsample(hidden_states.shape[1])
