@@ -114,7 +114,7 @@ def test_eta_sigma_known_values():
 
 
 class StandInUnet:
-    """Replaces `VideoEditor._unet`: output = a·latents + b·(t/1000) per branch, the branch told by its
+    """Replaces `VideoEditor.unet_output`: output = a·latents + b·(t/1000) per branch, the branch told by its
     text embedding, so tests know every UNet output. Records the timesteps it was run at."""
 
     def __init__(self, branches: dict[str, tuple[torch.Tensor, float, float]]):
@@ -146,7 +146,7 @@ def stand_in_editor(pipe, monkeypatch, prediction_type, **settings):
         "dst": (editor.text_embedding("the edit prompt"), -0.2, 0.9),
         "src": (editor.text_embedding("the source prompt"), 0.5, 0.4),
     })
-    monkeypatch.setattr(editor, "_unet", unet)
+    monkeypatch.setattr(editor, "unet_output", unet)
     return editor, unet
 
 

@@ -289,14 +289,14 @@ def test_keyframe_pass_source_branch_equals_per_frame_stock_unet(pipe, inversion
     t = inversion.timesteps[1]
     latent = inversion.trajectory[1][frames]
     source, uncond, cond = (editor.text_embedding(p) for p in ("a texture", "", "a painting"))
-    stock = torch.cat([editor._unet(latent[[i]], t, source) for i in range(k)])
-    stock_edit = torch.cat([editor._unet(latent[[i]], t, cond) for i in range(k)])
+    stock = torch.cat([editor.unet_output(latent[[i]], t, source) for i in range(k)])
+    stock_edit = torch.cat([editor.unet_output(latent[[i]], t, cond) for i in range(k)])
     state = tokenflow.apply_tokenflow(pipe.unet)
     try:
         state.begin_keyframes(frames)
         state.set_frames(frames)
         state.begin_chunk(k, 3)
-        out = editor._unet(torch.cat([latent] * 3), t, torch.cat([e.expand(k, -1, -1) for e in (source, uncond, cond)]))
+        out = editor.unet_output(torch.cat([latent] * 3), t, torch.cat([e.expand(k, -1, -1) for e in (source, uncond, cond)]))
     finally:
         tokenflow.remove_tokenflow(pipe.unet)
     assert close(out[:k], stock, atol=1e-5)

@@ -293,13 +293,13 @@ def test_null_embeddings_only_in_the_second_half_by_default(pipe):
     empty = ed.text_embedding("")
     assert not torch.equal(nulls[2], empty[0])                 # the optimisation moved them: the check can fail
     seen = []
-    unet = ed._unet
+    unet = ed.unet_output
 
     def recording(latents, t, embeddings, condition=None):
         seen.append(embeddings[: len(frames)].clone())         # branches [uncond, cond]: the uncond ones
         return unet(latents, t, embeddings, condition)
 
-    ed._unet = recording
+    ed.unet_output = recording
     ed.denoise(inversion, "a painting", 0, "a texture")
     assert len(seen) == steps
     for k, used in enumerate(seen):
@@ -335,14 +335,14 @@ def test_null_text_optimisation_in_half_precision_lowers_the_error_as_in_float32
         nulls = optimise_null_embeddings(ed, inversion, "a texture", steps=5, lr=0.01)
         assert nulls.dtype == dt and ed.unet.dtype == dt and ed.dtype == dt         # the model is left as it was
         assert ed.text_embedding("").dtype == dt
-        alphas, final = ed._alphas()
+        alphas, final = ed.alphas()
         alpha_t, alpha_prev = ddim.alphas_for(alphas, final, inversion.timesteps)
         x, t = inversion.trajectory[0].float(), inversion.timesteps[0]
         cond = ed.text_embedding("a texture").expand(len(x), -1, -1)
-        out_cond = ed._unet(x, t, cond)
+        out_cond = ed.unet_output(x, t, cond)
 
         def error(null: torch.Tensor) -> float:
-            out_uncond = ed._unet(x, t, null.expand(len(x), -1, -1))
+            out_uncond = ed.unet_output(x, t, null.expand(len(x), -1, -1))
             step = ddim.denoising_step(x, out_uncond + 7.5 * (out_cond - out_uncond), alpha_t[0], alpha_prev[0],
                                        ed.prediction_type)
             return float((step - inversion.trajectory[1].float()).pow(2).mean())

@@ -202,12 +202,12 @@ class VideoEditor:
                 f"{', '.join(map(str, working[:6]))}{', ...' if len(working) > 6 else ''} (or null: edit.steps)")
         return timesteps, kept
 
-    def _alphas(self) -> tuple[Tensor, Tensor]:
+    def alphas(self) -> tuple[Tensor, Tensor]:
         alphas = self._scheduler.alphas_cumprod.to(self.device, torch.float32)
         final = torch.as_tensor(self._scheduler.final_alpha_cumprod, dtype=torch.float32, device=self.device)
         return alphas, final
 
-    def _unet(self, latents: Tensor, t: Tensor, embeddings: Tensor, condition: Tensor | None = None) -> Tensor:
+    def unet_output(self, latents: Tensor, t: Tensor, embeddings: Tensor, condition: Tensor | None = None) -> Tensor:
         """The UNet's output in float32; with `condition`, the ControlNet's residuals are added."""
         latents = latents.to(self.dtype)
         residuals = {}
@@ -267,7 +267,7 @@ class VideoEditor:
         """
         timesteps, kept = self.inversion_schedule()
         clean = self.encode_frames(frames).float()
-        alphas, final = self._alphas()
+        alphas, final = self.alphas()
         embedding = self.text_embedding(prompt)
         # Inversion step k -> its row in the kept trajectory (only the edit's timesteps are kept).
         row_of = {int(k): row for row, k in enumerate(kept.tolist())}
@@ -282,7 +282,7 @@ class VideoEditor:
             for k in range(len(timesteps) - 1, -1, -1):  # ascending noise level
                 t = timesteps[k].to(self.device)
                 alpha_to = alphas[timesteps[k]]
-                out = self._unet(x, t, cond)
+                out = self.unet_output(x, t, cond)
                 x = ddim.inversion_step(x, out, alpha_from, alpha_to, self.prediction_type)
                 alpha_from = alpha_to
                 if k in row_of:
@@ -319,7 +319,7 @@ class VideoEditor:
                 f"{s.steps} timesteps of this edit (edit.steps {s.steps}); invert with this editor's settings")
         if self.controlnet is not None and control_images is None:
             raise ValueError("a ControlNet is loaded but no control images were given")
-        alphas, final = self._alphas()
+        alphas, final = self.alphas()
         alpha_t, alpha_prev = ddim.alphas_for(alphas, final, timesteps.to(self.device))
         generator = torch.Generator().manual_seed(seed)
         # Merging draws on the device (no host round trip per block), from a seed of our generator.
@@ -362,7 +362,7 @@ class VideoEditor:
                     if injector is not None:
                         injector.active, injector.num_branches = inject_features, branches
                     chunk_condition = None if condition is None else condition[idx].repeat(branches, 1, 1, 1)
-                    out = self._unet(torch.cat(latents), t, torch.cat(embeddings), chunk_condition)
+                    out = self.unet_output(torch.cat(latents), t, torch.cat(embeddings), chunk_condition)
                     out_uncond, out_cond = out.chunk(branches)[-2:]
                     return out_uncond + s.guidance * (out_cond - out_uncond)
 

@@ -14,7 +14,7 @@ estimate): hooks may keep state on it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -22,10 +22,7 @@ from torch import Tensor
 
 from vidbatch.engine import memory
 
-if TYPE_CHECKING:  # the editor drives methods; methods only call back into the editor they are given
-    from vidbatch.engine.editor import VideoEditor
-
-__all__ = ["EditorSettings", "Inversion", "Method", "ProcessorState"]
+__all__ = ["Editor", "EditorSettings", "Inversion", "Method", "ProcessorState"]
 
 
 @dataclass
@@ -74,6 +71,31 @@ class Inversion:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+class Editor(Protocol):
+    """What a method may use of the engine that runs it (:class:`vidbatch.engine.editor.VideoEditor`).
+
+    The editor drives the methods and hands itself to their hooks; stating what they call back into
+    here keeps the dependency one way (the editor imports this module, not the reverse).
+    """
+
+    pipe: Any
+    unet: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    settings: EditorSettings
+    prediction_type: str
+
+    def text_embedding(self, prompt: str) -> Tensor: ...
+
+    def invert(self, frames: np.ndarray, prompt: str) -> Inversion: ...
+
+    def inversion_batch_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int: ...
+
+    def unet_output(self, latents: Tensor, t: Tensor, embeddings: Tensor, condition: Tensor | None = None) -> Tensor: ...
+
+    def alphas(self) -> tuple[Tensor, Tensor]: ...
+
+
 class ProcessorState(Protocol):
     """What the engine calls on the state a method's :meth:`Method.patch` returns."""
 
@@ -119,7 +141,7 @@ class Method:
 
     # -- the denoising loop ------------------------------------------------------------------------
 
-    def patch(self, editor: VideoEditor, prompt: str, source_prompt: str) -> ProcessorState:
+    def patch(self, editor: Editor, prompt: str, source_prompt: str) -> ProcessorState:
         """Install the attention processors for one edit; returns the state the loop drives."""
         raise NotImplementedError(f"method {self.name!r} installs no attention processors")
 
@@ -150,7 +172,7 @@ class Method:
         """Settings beyond the DDIM inversion's that change a cached inversion (part of its key)."""
         return {}
 
-    def invert(self, editor: VideoEditor, frames: np.ndarray, prompt: str) -> Inversion:
+    def invert(self, editor: Editor, frames: np.ndarray, prompt: str) -> Inversion:
         """The inversion this method edits from: (T, H, W, 3) uint8 frames -> :class:`Inversion`."""
         return editor.invert(frames, prompt)
 

@@ -256,7 +256,7 @@ def optimise_null_embeddings(editor, inversion: Inversion, prompt: str, *, steps
         editor.text_embedding(""), editor.text_embedding(prompt)
         try:
             editor.unet.to(torch.float32)
-            editor.dtype = torch.float32        # `editor._unet` casts its inputs to this
+            editor.dtype = torch.float32        # `editor.unet_output` casts its inputs to this
             nulls = _optimise_null_embeddings(editor, inversion, prompt, steps, lr, early_stop)
         finally:
             editor.unet.to(model_dtype)
@@ -279,7 +279,7 @@ def _optimise_null_embeddings(editor, inversion: Inversion, prompt: str, steps: 
         return null.expand(num_steps, -1, -1).to(editor.dtype).cpu().contiguous()
     guidance, kind = editor.settings.guidance, editor.prediction_type
     cond = _copy(editor.text_embedding(prompt), device, editor.dtype)
-    alphas, final = editor._alphas()
+    alphas, final = editor.alphas()
     timesteps = _copy(inversion.timesteps, device)
     alpha_t, alpha_prev = ddim.alphas_for(_copy(alphas, device), _copy(final, device), timesteps)
     x = _copy(inversion.trajectory[0], device, torch.float32)
@@ -290,7 +290,7 @@ def _optimise_null_embeddings(editor, inversion: Inversion, prompt: str, steps: 
         t = timesteps[k]
         target = _copy(inversion.trajectory[k + 1] if k + 1 < num_steps else inversion.clean, device, torch.float32)
         with torch.no_grad():
-            out_cond = torch.cat([editor._unet(x[b], t, cond.expand(len(x[b]), -1, -1)) for b in batches])
+            out_cond = torch.cat([editor.unet_output(x[b], t, cond.expand(len(x[b]), -1, -1)) for b in batches])
 
         def step_from(out_uncond: Tensor, b: slice) -> Tensor:
             guided = out_uncond + guidance * (out_cond[b] - out_uncond)
@@ -304,7 +304,7 @@ def _optimise_null_embeddings(editor, inversion: Inversion, prompt: str, steps: 
             with torch.enable_grad():
                 for b in batches:
                     emb = null.to(editor.dtype).expand(len(x[b]), -1, -1)
-                    predicted = step_from(editor._unet(x[b], t, emb), b)
+                    predicted = step_from(editor.unet_output(x[b], t, emb), b)
                     part = F.mse_loss(predicted, target[b], reduction="sum") / target.numel()
                     # Only the embedding needs a gradient (the UNet's weights are frozen).
                     (grad,) = torch.autograd.grad(part, [null])
@@ -317,7 +317,7 @@ def _optimise_null_embeddings(editor, inversion: Inversion, prompt: str, steps: 
         out.append(null[0].to(editor.dtype).cpu())
         with torch.no_grad():
             emb = null.to(editor.dtype)
-            x = torch.cat([step_from(editor._unet(x[b], t, emb.expand(len(x[b]), -1, -1)), b) for b in batches])
+            x = torch.cat([step_from(editor.unet_output(x[b], t, emb.expand(len(x[b]), -1, -1)), b) for b in batches])
     return torch.stack(out)
 
 
