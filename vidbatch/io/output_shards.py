@@ -56,12 +56,6 @@ def read_rows(out_dir: Path, stem: str) -> list[EditRow]:
     return [EditRow.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_marker(out_dir: Path, stem: str) -> dict | None:
-    """The done marker as raw JSON (for readers not yet on `DoneMarker`), or None when there is none."""
-    marker = read_done_marker(out_dir, stem)
-    return None if marker is None else marker.to_json()
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """Writes `data` as indented JSON atomically: readers see the old file or the whole new one."""
     atomic_write(path, json.dumps(data, indent=2))
