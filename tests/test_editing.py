@@ -162,7 +162,7 @@ def test_finer_inversion_keeps_the_latents_at_the_edit_timesteps(pipe, method, m
     (inversion,) = given
     # A direct 20-step inversion (vid2vid-zero inverts with the empty prompt) at the edit's timesteps.
     direct = VideoEditor(pipe, EditorSettings(steps=20)).invert(frames, "" if method == "vid2vid-zero" else "src")
-    edit_timesteps = VideoEditor(pipe, EditorSettings(steps=10))._timesteps(10)
+    edit_timesteps = VideoEditor(pipe, EditorSettings(steps=10)).timesteps_for(10)
     rows = [direct.timesteps.tolist().index(t) for t in edit_timesteps.tolist()]
     assert rows == list(range(1, 20, 2))
     assert torch.equal(inversion.timesteps, edit_timesteps)

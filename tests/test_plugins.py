@@ -83,7 +83,7 @@ def test_a_registered_method_gets_its_choice_its_section_and_overrides(plugins):
 
 def test_unregistered_it_is_gone_again():
     assert "reverse-frames" not in method_names()
-    with pytest.raises(ConfigError, match="edit.method' must be one of .*'vid2vid-zero', got 'reverse-frames'"):
+    with pytest.raises(ConfigError, match="edit.method' must be one of .*'videodirector', got 'reverse-frames'"):
         load_config(TINY, ["edit.method=reverse-frames"])
     assert "reverse_frames" not in load_config(TINY, []).to_dict()
 

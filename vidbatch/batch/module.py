@@ -28,6 +28,7 @@ from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inv
 from vidbatch.metrics import compute_metrics, load_clip_scorer, metric_keys
 from vidbatch.metrics.clip import resolve_clip_model
 from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint, quiet_loading
+from vidbatch.models.motion import with_motion_adapter
 from vidbatch.io.input_shards import InputSample, read_samples
 from vidbatch.io.video import decode_video, encode_mp4
 
@@ -45,6 +46,7 @@ class PreparedSample:
     fps: float | None = None
     audio: bytes | None = None
     control_frames: np.ndarray | None = None   # ControlNet condition images, (T, H, W, 3) uint8
+    mask: np.ndarray | None = None             # foreground, (T, H, W) bool, for methods that use one
     error: str | None = None
     decode_seconds: float = 0.0
 
@@ -99,6 +101,8 @@ class ShardDataset(IterableDataset):
         else:
             prepared.frames, prepared.fps, prepared.audio = decoded.frames, decoded.fps, decoded.audio
             prepared.control_frames, prepared.error = self.control_frames(sample, decoded.frames)
+            if prepared.error is None:
+                prepared.mask, prepared.error = self.mask(sample, decoded.frames)
         prepared.decode_seconds = time.perf_counter() - started
         return prepared
 
@@ -123,6 +127,24 @@ class ShardDataset(IterableDataset):
             return None, (f"{sample.key}.control.mp4 gives frames of shape {control.shape[:3]}, the video "
                           f"{frames.shape[:3]}; control frames must match the video's count and aspect ratio")
         return control, None
+
+    def mask(self, sample: InputSample, frames: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """The foreground mask of a sample (`{key}.mask.mp4`, white = foreground), for methods that use one:
+        (T, H, W) bool or None (no mask: all foreground), or the reason it cannot be used."""
+        if not get_method(self.config.edit.method).uses_mask or sample.mask_video is None:
+            return None, None
+        v = self.config.video
+        try:
+            mask = decode_video(sample.mask_video, "mp4", short_side=v.size, multiple=self.size_multiple,
+                                max_frames=v.max_frames, frame_stride=v.frame_stride, min_frames=1,
+                                max_input_bytes=int(v.max_input_mb * 2**20),
+                                max_source_pixels=v.max_source_pixels).frames
+        except SampleError as exc:
+            return None, f"cannot decode {sample.key}.mask.mp4: {exc}"
+        if mask.shape != frames.shape:
+            return None, (f"{sample.key}.mask.mp4 gives frames of shape {mask.shape[:3]}, the video "
+                          f"{frames.shape[:3]}; a mask must match the video's frame count and aspect ratio")
+        return mask.mean(axis=-1) > 127, None
 
     def __iter__(self) -> Iterator[PreparedSample]:
         for sample in read_samples(self.url):
@@ -157,6 +179,8 @@ class VideoEditModule(L.LightningModule):
         loras = [LoraSpec(l.path, l.scale) for l in config.model.loras]
         pipe = load_pipeline(config.model.id, dtype=dtype, device=self.target_device, loras=loras,
                              single_file_config=config.model.single_file_config)
+        if config.model.motion_adapter is not None:
+            with_motion_adapter(pipe, config.model.motion_adapter, config=config.model.motion_adapter_config)
         cache, identity = None, None
         if config.inversion.cache:
             cache = InversionCache(inversion_cache_dir(config.inversion.cache_dir), cache_max_bytes(config.inversion.cache_max_gb), log)
@@ -224,7 +248,7 @@ class VideoEditModule(L.LightningModule):
                 for edit in sample.edits:
                     prompts.append((edit.name, fill_prompt(edit.prompt, sample.prompt, f"edit '{edit.name}'")))
                 result = self.editor.edit(sample.frames, source_prompt, prompts, seed=self.config.edit.seed,
-                                          key=sample.key, control_images=sample.control_frames)
+                                          key=sample.key, control_images=sample.control_frames, mask=sample.mask)
                 for row, (name, prompt) in zip(rows, prompts):
                     started = time.perf_counter()
                     members[f"{name}.mp4"] = encode_mp4(result.frames[name], sample.fps, audio=sample.audio,

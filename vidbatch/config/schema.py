@@ -33,6 +33,7 @@ from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroConfig
 from vidbatch.engine.methods.vidtome import MergeConfig
 from vidbatch.engine.plugins import (
     get_control,
+    get_method,
     method_names,
     parse_control,
     resolve_control,
@@ -60,6 +61,11 @@ class ModelConfig:
     loras: list[LoraConfig] = setting([], help="LoRAs fused into the model, each {path, scale}")
     dtype: str = setting("auto", choices=["auto", "float32", "float16", "bfloat16"],
                          help="'auto': float16 on CUDA, float32 on CPU")
+    motion_adapter: str | None = setting(None, help="AnimateDiff motion module for text-to-video methods "
+                                         "(videodirector): 'tiny', 'v3-random', a diffusers MotionAdapter folder "
+                                         "or a .safetensors/.ckpt file; null: none")
+    motion_adapter_config: str | None = setting(None, help="diffusers MotionAdapter folder describing a "
+                                                "single-file motion module's architecture (needed offline)")
 
 
 @dataclass
@@ -141,7 +147,7 @@ TRAILING_SECTIONS = (("metrics", MetricsConfig), ("runtime", RuntimeConfig))
 # Where the built-in plug-ins' sections sit: where they were before methods and controls were
 # plug-ins, so resolved configs (config.yaml) keep their key order. Other sections follow, in
 # registration order.
-PLUGIN_SECTION_ORDER = ("merge", "pnp", "controlnet", "tokenflow", "vid2vid_zero")
+PLUGIN_SECTION_ORDER = ("merge", "pnp", "controlnet", "tokenflow", "vid2vid_zero", "videodirector")
 
 _classes: dict[tuple, type] = {}
 
@@ -206,6 +212,23 @@ def _validate(config: Config) -> None:
     for i, lora in enumerate(config.model.loras):
         if not lora.path:
             raise ConfigError(f"config key 'model.loras[{i}].path' is empty")
+    _check_motion_adapter(config)
+
+
+def _check_motion_adapter(config: Config) -> None:
+    """A text-to-video method needs a motion adapter; an image method would be handed a video UNet it cannot run."""
+    needs = get_method(config.edit.method).needs_motion_module
+    has = config.model.motion_adapter is not None
+    if needs and not has:
+        raise ConfigError(f"edit.method {config.edit.method!r} edits with a text-to-video model: set "
+                          "model.motion_adapter to an AnimateDiff motion module (e.g. v3_sd15_mm.ckpt; 'tiny' "
+                          "with the tiny model)")
+    if needs and resolve_control(config.edit.method, config.edit.control):
+        raise ConfigError(f"edit.method {config.edit.method!r} runs its own attention control and takes no "
+                          "edit.control; set edit.control to auto or none")
+    if has and not needs:
+        raise ConfigError(f"model.motion_adapter is set but edit.method {config.edit.method!r} edits with an image "
+                          "model; set model.motion_adapter to null, or use edit.method videodirector")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

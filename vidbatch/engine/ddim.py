@@ -63,6 +63,22 @@ def denoising_step(sample: Tensor, model_output: Tensor, alpha_t: Tensor, alpha_
     return out
 
 
+def score_guided_step(sample: Tensor, model_output: Tensor, alpha_t: Tensor, alpha_prev: Tensor,
+                      prediction_type: str, score: Tensor | None, scale: float = 1.0) -> Tensor:
+    """A deterministic DDIM step whose direction term is steered by a gradient (VideoDirector's STDG).
+
+    The clean-latent prediction comes from the model alone; the noise of the direction term is
+    ``ε − scale·sqrt(1 − ᾱ_t)·score`` (classifier guidance written on ε, Dhariwal & Nichol eq. 14):
+    ``x_prev = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev)·(ε − scale·sqrt(1 − ᾱ_t)·score)``. `score` None (or scale 0)
+    is the plain step. sample, model_output, score: (..., 4, h, w).
+    """
+    eps = to_epsilon(model_output, sample, alpha_t, prediction_type)
+    x0 = to_x0(model_output, sample, alpha_t, prediction_type)
+    if score is not None and scale > 0:
+        eps = eps - scale * (1 - alpha_t).sqrt() * score
+    return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+
+
 def alphas_for(alphas_cumprod: Tensor, final_alpha: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
     """ᾱ at each timestep and at the timestep after it (the cleaner one), for descending `timesteps`.
 

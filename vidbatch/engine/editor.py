@@ -93,6 +93,12 @@ def _positions(timesteps: Tensor, wanted: Tensor) -> Tensor | None:
     return match.int().argmax(1)
 
 
+def mask_digest(mask: np.ndarray) -> str:
+    """A digest of a (T, H, W) bool mask's content and shape (part of a cache key)."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    return hashlib.sha256(repr(mask.shape).encode() + np.packbits(mask).tobytes()).hexdigest()
+
+
 def method_for(settings: EditorSettings) -> Method:
     """A fresh instance of `settings.method` (its hooks keep per-edit state)."""
     return get_method(settings.method)(settings)
@@ -167,7 +173,8 @@ class VideoEditor:
 
     # -- schedule --------------------------------------------------------------------------------
 
-    def _timesteps(self, steps: int) -> Tensor:
+    def timesteps_for(self, steps: int) -> Tensor:
+        """The DDIM timesteps of `steps` steps, descending (the scheduler's configured spacing)."""
         self._scheduler.set_timesteps(steps)
         return self._scheduler.timesteps.clone()
 
@@ -188,13 +195,13 @@ class VideoEditor:
             raise ConfigError(f"inversion.steps ({inversion_steps}) must be at least edit.steps ({s.steps}): the edit "
                               "starts every step from the inverted latent at that step's timestep; set "
                               "inversion.steps to null (follow edit.steps) or to a finer schedule")
-        edit_timesteps = self._timesteps(s.steps)
-        timesteps = self._timesteps(inversion_steps)
+        edit_timesteps = self.timesteps_for(s.steps)
+        timesteps = self.timesteps_for(inversion_steps)
         kept = _positions(timesteps, edit_timesteps)
         if kept is None:
             spacing = self._scheduler.config.get("timestep_spacing", "leading")
             working = [m for m in range(s.steps, self._scheduler.config.num_train_timesteps + 1, s.steps)
-                       if _positions(self._timesteps(m), edit_timesteps) is not None]
+                       if _positions(self.timesteps_for(m), edit_timesteps) is not None]
             raise ConfigError(
                 f"inversion.steps ({inversion_steps}) does not contain the timesteps of edit.steps ({s.steps}) with "
                 f"the DDIM scheduler's timestep_spacing {spacing!r}: the edit needs the inverted latents at its own "
@@ -300,8 +307,29 @@ class VideoEditor:
 
     @torch.no_grad()
     def denoise(self, inversion: Inversion, prompt: str, seed: int, source_prompt: str = "",
-                control_images: np.ndarray | None = None) -> Tensor:
-        """Guided DDIM denoising from the inverted latents with `prompt`; (T, 4, h, w) on the device.
+                control_images: np.ndarray | None = None, mask: np.ndarray | None = None) -> Tensor:
+        """Denoising from the inverted latents with `prompt`; (T, 4, h, w) on the device.
+
+        The method decides the loop (:meth:`Method.denoise`): the engine's chunked loop
+        (:meth:`guided_denoise`) unless it brings its own. `mask` (T, H, W) bool: the sample's
+        foreground, for methods that use one (None: all foreground).
+        """
+        s = self.settings
+        if not torch.equal(self.timesteps_for(s.steps), inversion.timesteps):
+            # `invert` keeps the latents at the edit's timesteps: these come from other settings.
+            raise ValueError(
+                f"the inversion holds latents at {len(inversion.timesteps)} timesteps that are not the "
+                f"{s.steps} timesteps of this edit (edit.steps {s.steps}); invert with this editor's settings")
+        if self.controlnet is not None and control_images is None:
+            raise ValueError("a ControlNet is loaded but no control images were given")
+        method = method_for(s)
+        return method.denoise(self, inversion, prompt, source_prompt, seed, control_images,
+                              mask if method.uses_mask else None)
+
+    @torch.no_grad()
+    def guided_denoise(self, method: Method, inversion: Inversion, prompt: str, seed: int, source_prompt: str = "",
+                       control_images: np.ndarray | None = None) -> Tensor:
+        """The engine's loop: guided DDIM denoising, chunk by chunk, through `method`'s hooks; (T, 4, h, w).
 
         Per step, frames go through the UNet chunk by chunk (`chunk_schedule`); the attention
         processors see one chunk per call. Branches per call: `[uncond, cond]`, with a leading
@@ -311,14 +339,7 @@ class VideoEditor:
         ControlNet when one is loaded.
         """
         s = self.settings
-        timesteps = self._timesteps(s.steps)
-        if not torch.equal(timesteps, inversion.timesteps):
-            # `invert` keeps the latents at the edit's timesteps: these come from other settings.
-            raise ValueError(
-                f"the inversion holds latents at {len(inversion.timesteps)} timesteps that are not the "
-                f"{s.steps} timesteps of this edit (edit.steps {s.steps}); invert with this editor's settings")
-        if self.controlnet is not None and control_images is None:
-            raise ValueError("a ControlNet is loaded but no control images were given")
+        timesteps = inversion.timesteps
         alphas, final = self.alphas()
         alpha_t, alpha_prev = ddim.alphas_for(alphas, final, timesteps.to(self.device))
         generator = torch.Generator().manual_seed(seed)
@@ -336,7 +357,7 @@ class VideoEditor:
         if self.controlnet is not None:
             condition = condition_tensor(control_images, self.device, self.dtype)
         chunk_size = self.chunk_size_for(len(x), tuple(x.shape[-2:]))
-        hooks = method_for(s)
+        hooks = method
         state = hooks.patch(self, prompt, source_prompt)
         injector = PnpResidualInjector(self.unet) if pnp else None
         try:
@@ -381,29 +402,38 @@ class VideoEditor:
                 injector.remove()
         return x
 
-    def inversion_key(self, frames: np.ndarray, prompt: str) -> str:
-        """The cache key: the frames' content and everything else that changes the inversion."""
+    def inversion_key(self, frames: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> str:
+        """The cache key: the frames' content and everything else that changes the inversion (the mask's
+        content too, for a method that uses one)."""
         scheduler = json.loads(json.dumps(dict(self._scheduler.config), default=str))
         steps = self.settings.inversion_steps or self.settings.steps
+        method = method_for(self.settings)
         parts = {"model": self.model_identity, "scheduler": scheduler, "dtype": str(self.dtype),
-                 "steps": steps, "prompt": prompt, **method_for(self.settings).inversion_parts()}
+                 "steps": steps, "prompt": prompt, **method.inversion_parts()}
+        if method.uses_mask:
+            parts["mask"] = "all-foreground" if mask is None else mask_digest(mask)
         if steps != self.settings.steps:
             # A finer inversion keeps only the edit's timesteps: which ones is part of the entry.
             # (Equal counts keep every step, the same entry as before finer inversions existed.)
             parts["edit_steps"] = self.settings.steps
         return inversion_key(frames, parts)
 
-    def cached_invert(self, frames: np.ndarray, prompt: str) -> tuple[Inversion, str]:
+    def cached_invert(self, frames: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> tuple[Inversion, str]:
         """`invert` through the cache; returns the inversion and "hit", "miss" or "off"."""
-        invert = method_for(self.settings).invert
+        method = method_for(self.settings)
+        mask = mask if method.uses_mask else None
+
+        def invert() -> Inversion:
+            return method.invert(self, frames, prompt, mask) if method.uses_mask else method.invert(self, frames, prompt)
+
         if self.cache is None:
-            return invert(self, frames, prompt), "off"
-        key = self.inversion_key(frames, prompt)
+            return invert(), "off"
+        key = self.inversion_key(frames, prompt, mask)
         stored = self.cache.load(key)
         if stored is not None:
             return Inversion(timesteps=stored.pop("timesteps"), trajectory=stored.pop("trajectory"),
                              clean=stored.pop("clean"), extras=stored), "hit"
-        inversion = invert(self, frames, prompt)
+        inversion = invert()
         try:
             self.cache.store(key, {"timesteps": inversion.timesteps, "trajectory": inversion.trajectory,
                                    "clean": inversion.clean, **inversion.extras})
@@ -412,18 +442,20 @@ class VideoEditor:
         return inversion, "miss"
 
     def edit(self, frames: np.ndarray, source_prompt: str, edits: list[tuple[str, str]], *,
-             seed: int, key: str, control_images: np.ndarray | None = None) -> EditedVideo:
+             seed: int, key: str, control_images: np.ndarray | None = None,
+             mask: np.ndarray | None = None) -> EditedVideo:
         """Inverts `frames` once (or takes the inversion from the cache) and applies every edit.
 
-        The inversion time is counted on the first edit; the others reuse it.
+        The inversion time is counted on the first edit; the others reuse it. `mask` (T, H, W) bool is
+        the sample's foreground, used by methods that read one (None: all foreground).
         """
         result = EditedVideo(frames={})
         started = time.perf_counter()
-        inversion, result.inversion_cache = self.cached_invert(frames, source_prompt)
+        inversion, result.inversion_cache = self.cached_invert(frames, source_prompt, mask)
         invert_seconds = time.perf_counter() - started
         for i, (name, prompt) in enumerate(edits):
             started = time.perf_counter()
-            latents = self.denoise(inversion, prompt, sample_seed(seed, key, name), source_prompt, control_images)
+            latents = self.denoise(inversion, prompt, sample_seed(seed, key, name), source_prompt, control_images, mask)
             result.frames[name] = self.decode_latents(latents)
             result.seconds[name] = {"invert": invert_seconds if i == 0 else 0.0,
                                     "edit": time.perf_counter() - started}

@@ -95,6 +95,13 @@ class Editor(Protocol):
 
     def alphas(self) -> tuple[Tensor, Tensor]: ...
 
+    def encode_frames(self, frames: np.ndarray) -> Tensor: ...
+
+    def timesteps_for(self, steps: int) -> Tensor: ...
+
+    def guided_denoise(self, method: "Method", inversion: Inversion, prompt: str, seed: int, source_prompt: str = "",
+                       control_images: np.ndarray | None = None) -> Tensor: ...
+
 
 class ProcessorState(Protocol):
     """What the engine calls on the state a method's :meth:`Method.patch` returns."""
@@ -128,6 +135,12 @@ class Method:
     section: ClassVar[str | None] = None
     settings_type: ClassVar[type | None] = None
     default_control: ClassVar[str] = "pnp"
+    # A text-to-video method runs a UNet inflated with a motion module (`model.motion_adapter`); the
+    # image methods run the plain SD UNet and cannot run a video one.
+    needs_motion_module: ClassVar[bool] = False
+    # Whether the method reads the sample's foreground mask (`{key}.mask.mp4`); only then is it decoded
+    # and made part of the inversion's cache key.
+    uses_mask: ClassVar[bool] = False
 
     def __init__(self, settings: EditorSettings) -> None:
         self.settings = settings
@@ -140,6 +153,14 @@ class Method:
         return cls.settings_type() if cls.settings_type is not None else None
 
     # -- the denoising loop ------------------------------------------------------------------------
+
+    def denoise(self, editor: Editor, inversion: Inversion, prompt: str, source_prompt: str, seed: int,
+                control_images: np.ndarray | None = None, mask: np.ndarray | None = None) -> Tensor:
+        """The edited latents (T, 4, h, w): by default the engine's chunked, guided loop
+        (:meth:`Editor.guided_denoise`) driven through this method's hooks. A method whose loop is not
+        that one (VideoDirector: windows of a video UNet, a four-branch batch) overrides this.
+        `mask`: (T, H, W) bool foreground, for methods that `uses_mask`; None: all foreground."""
+        return editor.guided_denoise(self, inversion, prompt, seed, source_prompt, control_images)
 
     def patch(self, editor: Editor, prompt: str, source_prompt: str) -> ProcessorState:
         """Install the attention processors for one edit; returns the state the loop drives."""
@@ -172,8 +193,9 @@ class Method:
         """Settings beyond the DDIM inversion's that change a cached inversion (part of its key)."""
         return {}
 
-    def invert(self, editor: Editor, frames: np.ndarray, prompt: str) -> Inversion:
-        """The inversion this method edits from: (T, H, W, 3) uint8 frames -> :class:`Inversion`."""
+    def invert(self, editor: Editor, frames: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> Inversion:
+        """The inversion this method edits from: (T, H, W, 3) uint8 frames -> :class:`Inversion`.
+        `mask`: (T, H, W) bool foreground for methods that `uses_mask` (None: all foreground)."""
         return editor.invert(frames, prompt)
 
     # -- memory profile ----------------------------------------------------------------------------

@@ -136,6 +136,16 @@ def transformer_blocks(unet: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Mo
             yield name, module
 
 
+def motion_blocks(unet: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``(module name, block)`` of every AnimateDiff motion-module ``BasicTransformerBlock`` (temporal
+    attention: its batch is the frames' token positions, its sequence the frames), in forward order."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    for name, module in unet.named_modules():
+        if isinstance(module, BasicTransformerBlock) and MOTION_MODULES in name:
+            yield name, module
+
+
 @dataclass
 class ProcessorPatch:
     """What :func:`install_processors` changed on one UNet.
@@ -158,7 +168,9 @@ class ProcessorPatch:
 
 def install_processors(unet: torch.nn.Module, owner: str, state: object,
                        make: Callable[[str, torch.nn.Module], dict[str, object]],
-                       on_restore: Callable[[], None] | None = None) -> ProcessorPatch:
+                       on_restore: Callable[[], None] | None = None,
+                       make_temporal: Callable[[str, torch.nn.Module], dict[str, object]] | None = None,
+                       ) -> ProcessorPatch:
     """Install a method's processors on every frame-attention block of `unet`; returns the patch.
 
     Any patch already installed (by any method) is restored first, so patches never nest.
@@ -170,6 +182,8 @@ def install_processors(unet: torch.nn.Module, owner: str, state: object,
         make: ``make(block_name, block)`` -> ``{"attn1": processor, "attn2": processor}`` (either
             key may be left out: that attention keeps its processor).
         on_restore: called when the patch is restored.
+        make_temporal: like `make`, for the motion modules' blocks (:func:`motion_blocks`) of a video UNet;
+            None leaves them alone.
 
     Raises ValueError when `unet` has no ``BasicTransformerBlock`` to patch.
     """
@@ -183,6 +197,10 @@ def install_processors(unet: torch.nn.Module, owner: str, state: object,
             processors[f"{name}.{attention}.processor"] = processor
     if not blocks:
         raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
+    if make_temporal is not None:
+        for name, block in motion_blocks(unet):
+            for attention, processor in make_temporal(name, block).items():
+                processors[f"{name}.{attention}.processor"] = processor
     unet.set_attn_processor(processors)
     patch = ProcessorPatch(owner, state, originals, on_restore=on_restore)
     setattr(unet, PATCH_ATTR, patch)

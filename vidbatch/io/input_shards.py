@@ -1,7 +1,8 @@
 """Reading WebDataset input shards into validated samples.
 
 A sample is `{key}.<video ext>` plus an optional `{key}.json` (`{"prompt": "...", "edits": [...]}`)
-or `{key}.txt` (the prompt), and an optional `{key}.control.mp4` (control frames). Problems with one
+or `{key}.txt` (the prompt), an optional `{key}.control.mp4` (control frames) and an optional
+`{key}.mask.mp4` (a foreground mask video, for methods that use one). Problems with one
 sample are recorded on it (`error`), never raised, so the shard goes on.
 """
 
@@ -30,6 +31,7 @@ class InputSample:
     prompt: str | None = None
     edits: list[EditSpec] | None = None      # the sample's own edits, replacing the config's
     control_video: bytes | None = None
+    mask_video: bytes | None = None          # {key}.mask.mp4: white = foreground
     error: str | None = None                 # why this sample cannot be edited, if it cannot
 
 
@@ -96,6 +98,7 @@ def parse_sample(raw: dict) -> InputSample:
         sample.video_ext = videos[0]
         sample.video = raw[videos[0]]
     sample.control_video = raw.get("control.mp4")
+    sample.mask_video = raw.get("mask.mp4")
     try:
         if "json" in raw:
             meta = json.loads(raw["json"])

@@ -51,7 +51,7 @@ class LoraSpec:
 # Loading
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The informative start of an exception message, on one line (a "...:" header is joined to its detail)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     text = lines[0]
@@ -109,7 +109,7 @@ def _load_folder(model_dir: Path, label: str, dtype: torch.dtype):
     except Exception as exc:
         raise ModelLoadError(
             f"model.id '{label}': the diffusers folder could not be loaded as a Stable Diffusion pipeline "
-            f"({_first_line(exc)}). Fix: check the folder is complete (unet, vae, text_encoder, tokenizer, "
+            f"({first_line(exc)}). Fix: check the folder is complete (unet, vae, text_encoder, tokenizer, "
             "scheduler) and is an SD 1.x/2.x model"
         ) from exc
 
@@ -133,7 +133,7 @@ def _load_single_file(path: Path | str, label: str, dtype: torch.dtype, config: 
             else f"Fix: check the file is an SD 1.x/2.x checkpoint matching single_file_config '{config}'"
         )
         raise ModelLoadError(
-            f"model.id '{label}': the single-file checkpoint could not be loaded ({_first_line(exc)}). {hint}"
+            f"model.id '{label}': the single-file checkpoint could not be loaded ({first_line(exc)}). {hint}"
         ) from exc
 
 
@@ -153,7 +153,7 @@ def _load_hub(model_id: str, dtype: torch.dtype):
             else "the hub is unreachable or has no such model"
         )
         raise ModelLoadError(
-            f"model.id '{model_id}': not a local folder or file, and {why} ({_first_line(exc)}). "
+            f"model.id '{model_id}': not a local folder or file, and {why} ({first_line(exc)}). "
             "Fix: download it first (huggingface-cli download) or point model.id at a local diffusers "
             "folder / .safetensors file"
         ) from exc
@@ -175,7 +175,7 @@ def _fuse_loras(pipe, loras: Sequence[LoraSpec]) -> None:
                     f.keys()
             except Exception as exc:
                 raise ModelLoadError(
-                    f"LoRA '{lora.path}': not a readable .safetensors file ({_first_line(exc)}). "
+                    f"LoRA '{lora.path}': not a readable .safetensors file ({first_line(exc)}). "
                     "Fix: re-download or re-export the LoRA"
                 ) from exc
         name = f"lora{i}"
@@ -184,7 +184,7 @@ def _fuse_loras(pipe, loras: Sequence[LoraSpec]) -> None:
             pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as exc:
             raise ModelLoadError(
-                f"LoRA '{lora.path}' does not match the model: {_first_line(exc)}. "
+                f"LoRA '{lora.path}' does not match the model: {first_line(exc)}. "
                 "Fix: use a LoRA trained for this base model (SD 1.x LoRAs for SD 1.x, 2.x for 2.x)"
             ) from exc
         if name not in set(_adapter_names(pipe)) - before:
@@ -199,7 +199,7 @@ def _fuse_loras(pipe, loras: Sequence[LoraSpec]) -> None:
         pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=names)
         pipe.unload_lora_weights()
     except Exception as exc:
-        raise ModelLoadError(f"LoRAs {[lora.path for lora in loras]}: fusing failed: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"LoRAs {[lora.path for lora in loras]}: fusing failed: {first_line(exc)}") from exc
 
 
 def _adapter_names(pipe) -> list[str]:
@@ -220,7 +220,7 @@ def _random_model_dir(model_id: str) -> Path:
     except OSError as exc:
         raise ModelLoadError(
             f"model.id '{model_id}': could not build the model in the cache {tiny_model.default_cache_root()} "
-            f"({_first_line(exc)}). Fix: set VIDBATCH_CACHE to a writable folder with enough space "
+            f"({first_line(exc)}). Fix: set VIDBATCH_CACHE to a writable folder with enough space "
             "(tiny: 8 MB, sd15-random: 2 GB)"
         ) from exc
 
@@ -289,7 +289,7 @@ def load_pipeline(
             pipe.to(torch.device(device))
         except Exception as exc:
             raise ModelLoadError(
-                f"model.id '{model_id}': could not move the pipeline to device '{device}' ({_first_line(exc)}). "
+                f"model.id '{model_id}': could not move the pipeline to device '{device}' ({first_line(exc)}). "
                 "Fix: use 'cpu' or an available accelerator"
             ) from exc
         for name in ("unet", "vae", "text_encoder"):

@@ -152,3 +152,30 @@ def make_lora_file(model_dir: str | Path, out_file: str | Path, *, rank: int = 4
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_file))
     return out_file
+
+
+def _motion_to_original(key: str) -> str:
+    """A diffusers MotionAdapter key in AnimateDiff's original layout (the inverse of diffusers' conversion)."""
+    key = re.sub(r"(motion_modules\.\d+)\.", r"\1.temporal_transformer.", key)
+    for ours, theirs in ((".norm1.", ".norms.0."), (".norm2.", ".norms.1."), (".norm3.", ".ff_norm."),
+                         (".attn1.", ".attention_blocks.0."), (".attn2.", ".attention_blocks.1."),
+                         (".pos_embed.", ".pos_encoder.")):
+        key = key.replace(ours, theirs)
+    return key
+
+
+def make_motion_module_file(adapter_dir: str | Path, out_file: str | Path) -> Path:
+    """Save a diffusers MotionAdapter folder as one AnimateDiff-layout motion module (``mm_sd_v15``-style keys),
+    ``.safetensors`` or ``.ckpt`` (a pickled plain state dict, as AnimateDiff ships them)."""
+    from diffusers import MotionAdapter
+    from safetensors.torch import save_file
+
+    adapter = MotionAdapter.from_pretrained(str(adapter_dir))
+    tensors = {_motion_to_original(k): v.contiguous() for k, v in sorted(adapter.state_dict().items())}
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if out_file.suffix.lower() == ".ckpt":
+        torch.save(tensors, str(out_file))
+    else:
+        save_file(tensors, str(out_file))
+    return out_file

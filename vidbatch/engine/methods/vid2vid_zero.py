@@ -42,6 +42,8 @@ from vidbatch.core.settings import setting
 from vidbatch.engine import ddim
 from vidbatch.engine.controls.pnp import pnp_attention_blocks
 from vidbatch.engine.method import Inversion, Method
+from vidbatch.engine.precision import float32_unet
+from vidbatch.engine.prompt_to_prompt import controlled_steps, refine_mapping, replace_maps
 from vidbatch.engine.processors import (attend, check_layout, check_self_attention, install_processors,
                                         restore_processors, transformer_blocks)
 
@@ -118,69 +120,6 @@ def p2p_mode(mode: str, source_ids: list[int], edit_ids: list[int]) -> str:
     return mode
 
 
-def refine_mapping(source_ids: list[int], edit_ids: list[int], length: int = 77) -> tuple[Tensor, Tensor]:
-    """Which source token's map each edit token takes: prompt-to-prompt's global alignment of the ids.
-
-    The alignment is prompt-to-prompt's (vid2vid-zero's ``seq_aligner.get_mapper``): Needleman-Wunsch with
-    gap 0, match 1, mismatch -1, traced back from the ends of both prompts preferring, on ties, to leave
-    the edit token unmatched, then to skip the source token, then to pair them. Where a token id repeats,
-    this tie rule decides which occurrences pair up.
-
-    Args:
-        source_ids, edit_ids: the prompts' token ids with their start and end tokens, no padding.
-        length: the text encoder's sequence length.
-
-    Returns:
-        ``mapper`` (length,) int64: for every edit position, a source position; ``alphas`` (length,)
-        float32: 1 where the edit token is paired with a source token, 0 for new words, which keep their
-        own maps (their ``mapper`` entry is their own position, weighted 0; the reference writes -1 there,
-        the last position, also weighted 0). Positions after the edit prompt (padding) take the source's
-        same position with weight 1, as in the reference.
-    """
-    n, m = len(source_ids), len(edit_ids)
-    if n > length or m > length:
-        raise ValueError(f"token sequences of {n} and {m} exceed the length {length}")
-    left, up, diagonal = 1, 2, 3
-    score = np.zeros((n + 1, m + 1), dtype=np.int64)          # gap 0: the first row and column stay 0
-    trace = np.zeros((n + 1, m + 1), dtype=np.int64)
-    trace[0, 1:], trace[1:, 0] = left, up
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            moves = (score[i, j - 1], score[i - 1, j],
-                     score[i - 1, j - 1] + (1 if source_ids[i - 1] == edit_ids[j - 1] else -1))
-            best = max(moves)
-            score[i, j] = best
-            trace[i, j] = left if moves[0] == best else up if moves[1] == best else diagonal
-    mapper = torch.arange(length)
-    alphas = torch.ones(length)
-    i, j = n, m
-    while i > 0 or j > 0:
-        if trace[i, j] == diagonal:
-            i, j = i - 1, j - 1
-            mapper[j] = i
-        elif trace[i, j] == left:
-            j -= 1
-            alphas[j] = 0.0                                    # an edit token without a source partner
-        else:
-            i -= 1
-    return mapper, alphas
-
-
-def replace_maps(source: Tensor, edit: Tensor, mode: str, mapper: Tensor | None = None,
-                 alphas: Tensor | None = None) -> Tensor:
-    """The edit branch's cross-attention maps under prompt-to-prompt control.
-
-    source, edit: (..., N, L) attention probabilities of the source and the edit branch.
-    ``replace``: the source's maps. ``refine``: ``source[..., mapper] * alphas + edit * (1 - alphas)``.
-    """
-    if mode == "replace":
-        return source.clone()
-    if mode == "refine":
-        alphas = alphas.to(edit.dtype)
-        return source[..., mapper] * alphas + edit * (1 - alphas)
-    raise ValueError(f"unknown prompt-to-prompt mode {mode!r}")
-
-
 def cross_replace_share(cross_replace: float | str, mode: str) -> float:
     """The share of the steps with prompt-to-prompt control: a number as given, ``auto`` vid2vid-zero's per mode.
 
@@ -249,18 +188,11 @@ def optimise_null_embeddings(editor, inversion: Inversion, prompt: str, *, steps
     # Lightning predicts under inference mode, where no graph can be built: leave it for the
     # optimisation, and work on ordinary copies of the tensors made in it (`_copy`).
     with torch.inference_mode(False):
-        if steps == 0 or editor.dtype == torch.float32:
+        if steps == 0:
             return _optimise_null_embeddings(editor, inversion, prompt, steps, lr, early_stop)
         model_dtype = editor.dtype
-        # Embedded before the switch: the editor's text cache must keep the model's dtype.
-        editor.text_embedding(""), editor.text_embedding(prompt)
-        try:
-            editor.unet.to(torch.float32)
-            editor.dtype = torch.float32        # `editor.unet_output` casts its inputs to this
+        with float32_unet(editor, ("", prompt)):
             nulls = _optimise_null_embeddings(editor, inversion, prompt, steps, lr, early_stop)
-        finally:
-            editor.unet.to(model_dtype)
-            editor.dtype = model_dtype
         return nulls.to(model_dtype)
 
 
@@ -536,7 +468,7 @@ class Vid2VidZero(Method):
             parts.update(null_lr=c.null_lr, null_early_stop=c.null_early_stop, guidance=self.settings.guidance)
         return {"vid2vid_zero": parts}
 
-    def invert(self, editor, frames: np.ndarray, prompt: str) -> Inversion:
+    def invert(self, editor, frames: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> Inversion:
         c = self.config
         inversion = editor.invert(frames, prompt if c.invert_with_prompt else "")
         inversion.extras["null_embeddings"] = optimise_null_embeddings(
@@ -554,10 +486,7 @@ class Vid2VidZero(Method):
         if mode == "refine":
             mapper, alphas = refine_mapping(source_ids, edit_ids, tokenizer.model_max_length)
             mapper, alphas = mapper.to(self.device), alphas.to(self.device)
-        # vid2vid-zero (prompt-to-prompt's get_time_words_attention_alpha): its alpha table has steps + 1 rows and
-        # the first int(share * (steps + 1)) are 1: 40 of 50 steps at 0.8, 6 of 7.
-        share = cross_replace_share(c.cross_replace, mode)
-        self.replace_steps = min(int(share * (self.settings.steps + 1)), self.settings.steps)
+        self.replace_steps = controlled_steps(cross_replace_share(c.cross_replace, mode), self.settings.steps)
         self.empty = editor.text_embedding("")
         self.state = apply_vid2vid_zero(editor.unet, c.cross_frame, c.dense_blocks)
         self.state.p2p, self.state.mapper, self.state.alphas = mode, mapper, alphas

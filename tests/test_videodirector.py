@@ -1,0 +1,431 @@
+"""VideoDirector: the motion adapter's loading, and the method's invariants on the tiny video UNet."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vidbatch.core.errors import ConfigError, ModelLoadError
+from vidbatch.engine import ddim
+from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.engine.method import Inversion
+from vidbatch.engine.methods import videodirector as vd
+from vidbatch.engine.methods.videodirector import VideoDirectorConfig
+from vidbatch.models.loading import load_pipeline
+from vidbatch.models.motion import builtin_adapter_dir, is_motion_unet, load_motion_adapter, motion_unet
+from vidbatch.testing.checkpoints import make_motion_module_file
+
+from conftest import TINY, moving_frames, read_output, run_cli, video_sample, write_shard
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SOURCE, EDIT = "a red square", "a blue circle"
+
+
+@pytest.fixture(scope="module")
+def video_pipe():
+    pipe = load_pipeline("tiny")
+    pipe.unet = motion_unet(pipe.unet, load_motion_adapter("tiny"))
+    return pipe
+
+
+def editor_for(pipe, steps: int = 3, **config) -> VideoEditor:
+    settings = EditorSettings(method="videodirector", control="none", steps=steps,
+                              method_settings=VideoDirectorConfig(**config))
+    return VideoEditor(pipe, settings)
+
+
+def centre_mask(frames: int, size: int = 32) -> np.ndarray:
+    mask = np.zeros((frames, size, size), dtype=bool)
+    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = True
+    return mask
+
+
+def plain_inversion(editor: VideoEditor, frames: np.ndarray, prompt: str = SOURCE) -> Inversion:
+    with torch.no_grad():
+        timesteps = editor.timesteps_for(editor.settings.steps)
+        clean = editor.encode_frames(frames).float()
+        trajectory = vd.invert_video(editor, clean, timesteps, prompt, editor_method_config(editor))
+    return Inversion(timesteps=timesteps, trajectory=trajectory, clean=clean.cpu())
+
+
+def editor_method_config(editor: VideoEditor) -> VideoDirectorConfig:
+    return editor.settings.method_settings
+
+
+# ------------------------------------------------------------------------------------------------
+# The motion adapter
+
+
+def test_zeroed_motion_modules_give_the_per_frame_unet(video_pipe):
+    """With every motion module's output projection zeroed, the video UNet is the image UNet frame by frame."""
+    image_unet = load_pipeline("tiny").unet
+    zeroed = copy.deepcopy(video_pipe.unet)
+    for name, module in zeroed.named_modules():
+        if name.endswith("proj_out") and "motion_modules" in name:
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 5, 4, 4)                  # (B, C, F, h, w)
+    text = torch.randn(10, 77, 32)
+    t = torch.tensor(500)
+    with torch.no_grad():
+        video = zeroed(latents, t, encoder_hidden_states=text).sample
+        frames = image_unet(latents.permute(0, 2, 1, 3, 4).flatten(0, 1), t, encoder_hidden_states=text).sample
+        moving = video_pipe.unet(latents, t, encoder_hidden_states=text).sample
+    frames = frames.unflatten(0, (2, 5)).permute(0, 2, 1, 3, 4)
+    assert torch.allclose(video, frames, atol=1e-5)
+    assert not torch.allclose(moving, frames, atol=1e-3)    # the untouched modules do mix the frames
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_motion_module_loads_offline(tmp_path, suffix):
+    folder = builtin_adapter_dir("tiny")
+    single = make_motion_module_file(folder, tmp_path / f"mm{suffix}")
+    loaded = load_motion_adapter(str(single), config=str(folder))
+    expected = load_motion_adapter("tiny").state_dict()
+    assert set(loaded.state_dict()) == set(expected)
+    assert all(torch.equal(loaded.state_dict()[k], expected[k]) for k in expected)
+    with pytest.raises(ModelLoadError, match="motion_adapter_config"):
+        load_motion_adapter(str(single))                   # offline (the tests' HF_HUB_OFFLINE) without a config
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.flag}",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    flag = tmp_path / "pwned"
+    payload = _RunsCode()
+    payload.flag = flag
+    evil = tmp_path / "mm.ckpt"
+    evil.write_bytes(pickle.dumps({"down_blocks.0.motion_modules.0.proj_in.weight": payload}))
+    with pytest.raises(ModelLoadError, match="refused|could not be loaded"):
+        load_motion_adapter(str(evil), config=str(builtin_adapter_dir("tiny")))
+    assert not flag.exists()
+
+
+def test_an_adapter_for_another_model_is_a_clear_error(tmp_path):
+    from diffusers import MotionAdapter
+
+    MotionAdapter(block_out_channels=(32, 32), motion_layers_per_block=2, motion_num_attention_heads=2,
+                  use_motion_mid_block=False).save_pretrained(tmp_path / "other")
+    with pytest.raises(ModelLoadError, match="another base model"):
+        motion_unet(load_pipeline("tiny").unet, load_motion_adapter(str(tmp_path / "other")))
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_motion_adapter(str(tmp_path / "missing.ckpt"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Windows
+
+
+def test_windows_cover_every_frame_and_blend_to_one():
+    assert vd.frame_windows(12, 16, 4) == [(0, 12)]
+    spans = vd.frame_windows(40, 16, 4)
+    assert spans == [(0, 16), (12, 28), (24, 40)]
+    weights = vd.window_weights(spans, 40, 4)
+    total = torch.zeros(40)
+    for (start, end), w in zip(spans, weights):
+        total[start:end] += w
+        assert (w > 0).all()
+    assert torch.allclose(total, torch.ones(40))
+    # A shared frame leans to the window whose middle is nearer: frame 12 is window 0's 13th of 16, window 1's 1st.
+    assert weights[0][12] > weights[1][0]
+    with pytest.raises(ConfigError):
+        vd.frame_windows(40, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# STDG losses
+
+
+def _records(frames: int, seed: int) -> vd.AttentionRecord:
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(16, 2, frames, frames, generator=g).softmax(-1)         # (Q = 4x4 tokens, heads, F, F)
+    keys = torch.randn(frames, 16, 8, generator=g)
+    return vd.AttentionRecord({"up_blocks.1.motion_modules.0.transformer_blocks.0.attn1": maps},
+                              {"up_blocks.1.attentions.0.transformer_blocks.0.attn1": keys})
+
+
+def test_an_all_foreground_mask_zeroes_the_background_terms_and_an_empty_one_the_foreground():
+    reference, generated = _records(4, 0), _records(4, 1)
+    full = torch.ones(4, 4, 4, dtype=torch.bool)
+    terms = vd.stdg_terms(reference, generated, full, (4, 4), ["up_blocks.1"], [2.0], 1)
+    assert terms["motion_bg"] == 0 and terms["appearance_bg"] == 0
+    assert terms["motion_fg"] > 0 and terms["appearance_fg"] > 0
+    empty = vd.stdg_terms(reference, generated, ~full, (4, 4), ["up_blocks.1"], [2.0], 1)
+    assert empty["motion_fg"] == 0 and empty["appearance_fg"] == 0           # zero, not NaN
+    assert all(torch.isfinite(v) for v in empty.values())
+
+
+def test_the_motion_loss_compares_only_the_reference_top_keys():
+    reference = torch.tensor([[[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]]]])   # (1, 1, 3, 3)
+    generated = torch.zeros_like(reference)
+    everything = torch.ones(1, 3, dtype=torch.bool)
+    loss = vd.temporal_map_loss(reference, generated, everything, top_k=1)
+    assert torch.isclose(loss, torch.tensor((0.7**2 + 0.8**2 + 0.4**2) / 3))
+    only_first = torch.tensor([[True, False, False]])
+    assert torch.isclose(vd.temporal_map_loss(reference, generated, only_first, top_k=1), torch.tensor(0.49))
+
+
+def test_one_fused_backward_equals_the_sum_of_the_four_separate_ones():
+    reference = _records(4, 0)
+    leaf = torch.randn(4, 16, 8, requires_grad=True)
+    per_token = leaf.mean(-1).T                                                # (16 tokens, 4 frames)
+    maps = (per_token[:, None, :, None] * per_token[:, None, None, :]).expand(16, 2, 4, 4).softmax(-1)
+    generated = vd.AttentionRecord({"up_blocks.1.motion_modules.0.transformer_blocks.0.attn1": maps},
+                                   {"up_blocks.1.attentions.0.transformer_blocks.0.attn1": leaf * 2})
+    mask = torch.from_numpy(centre_mask(4, 4))
+    weights = [0.5, 0.3, 0.2, 0.7]
+    terms = vd.stdg_terms(reference, generated, mask, (4, 4), ["up_blocks.1"], [3.0], 1)
+    (fused,) = torch.autograd.grad(vd.stdg_loss(terms, weights), leaf, retain_graph=True)
+    separate = sum(w * torch.autograd.grad(terms[name], leaf, retain_graph=True)[0]
+                   for w, name in zip(weights, vd.STDG_TERMS))
+    assert torch.allclose(fused, separate, atol=1e-6)
+    assert fused.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Tuning
+
+
+def test_zero_tuning_iterations_keep_the_empty_prompts_nulls(video_pipe):
+    editor = editor_for(video_pipe, null_steps=0)
+    inversion = plain_inversion(editor, moving_frames(4))
+    tuned = vd.tune(editor, editor_method_config(editor), inversion, SOURCE, None)
+    empty = editor.text_embedding("")[0]
+    assert tuned.null_embeddings.shape == (3, 4, *empty.shape)
+    assert torch.equal(tuned.null_embeddings, empty.expand(3, 4, -1, -1))
+
+
+def test_the_stdg_gradient_is_zero_at_the_first_step_only(video_pipe):
+    editor = editor_for(video_pipe, null_steps=2)
+    inversion = plain_inversion(editor, moving_frames(4))
+    tuned = vd.tune(editor, editor_method_config(editor), inversion, SOURCE, torch.from_numpy(centre_mask(4)))
+    assert tuned.stdg.shape == inversion.trajectory.shape
+    assert tuned.stdg[0].abs().max() == 0                   # the reconstruction starts at the inverted latent
+    assert tuned.stdg[1:].abs().amax(dim=(1, 2, 3, 4)).min() > 0
+
+
+def test_tuning_reconstructs_better_than_no_tuning(video_pipe):
+    frames = moving_frames(4)
+    errors = {}
+    for steps in (0, 10):
+        editor = editor_for(video_pipe, null_steps=steps, stdg=[0.0, 0.0, 0.0, 0.0])
+        inversion = plain_inversion(editor, frames)
+        tuned = vd.tune(editor, editor_method_config(editor), inversion, SOURCE, None)
+        errors[steps] = float((tuned.reconstruction - inversion.clean).square().mean())
+    assert errors[10] < 0.9 * errors[0], errors
+
+
+def test_no_unet_pass_is_repeated(video_pipe):
+    """Per step: the reference pass, the pass at the reconstruction (which also gives the conditional
+    prediction) and the step with the tuned nulls; on the first step the reference pass is that same pass."""
+    editor = editor_for(video_pipe, null_steps=0)
+    inversion = plain_inversion(editor, moving_frames(4))
+    calls = []
+    handle = video_pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        vd.tune(editor, editor_method_config(editor), inversion, SOURCE, None)
+    finally:
+        handle.remove()
+    assert len(calls) == 2 + 3 + 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Editing
+
+
+@pytest.mark.parametrize("stdg", [[0.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.5]])
+def test_without_control_the_edit_of_the_source_prompt_is_the_tuned_reconstruction(video_pipe, stdg):
+    """The edit replays the tuning's steps: same nulls, same STDG gradients, same guidance."""
+    editor = editor_for(video_pipe, null_steps=3, stdg=stdg, tau_s=0.0, tau_c=0.0)
+    frames = moving_frames(4)
+    inversion = plain_inversion(editor, frames)
+    tuned = vd.tune(editor, editor_method_config(editor), inversion, SOURCE, None)
+    inversion.extras = {"null_embeddings": tuned.null_embeddings, "stdg": tuned.stdg}
+    edited = editor.denoise(inversion, SOURCE, seed=0, source_prompt=SOURCE)
+    assert torch.allclose(edited, tuned.reconstruction, atol=1e-4), (edited - tuned.reconstruction).abs().max()
+    other = editor.denoise(inversion, EDIT, seed=0, source_prompt=SOURCE)
+    assert not torch.allclose(other, tuned.reconstruction, atol=1e-2)
+
+
+def test_the_mask_shapes_the_edit(video_pipe):
+    """With mutual attention on from the first step, the mask decides which source keys the edit sees."""
+    editor = editor_for(video_pipe, null_steps=0, tau_s=0.0)
+    frames = moving_frames(4)
+    results = []
+    for mask in (None, centre_mask(4)):
+        result = editor.edit(frames, SOURCE, [("e", EDIT)], seed=0, key="k", mask=mask)
+        results.append(result.frames["e"].astype(int))
+    assert np.abs(results[0] - results[1]).max() > 0
+
+
+def test_a_second_style_reuses_the_tuning_and_the_mask_is_part_of_the_key(video_pipe, tmp_path):
+    from vidbatch.engine.inversion_cache import InversionCache
+
+    settings = EditorSettings(method="videodirector", control="none", steps=2,
+                              method_settings=VideoDirectorConfig(null_steps=1))
+    editor = VideoEditor(video_pipe, settings, InversionCache(tmp_path / "cache"), model_identity="tiny+motion")
+    frames, mask = moving_frames(4), centre_mask(4)
+    first = editor.edit(frames, SOURCE, [("a", EDIT)], seed=0, key="k", mask=mask)
+    second = editor.edit(frames, SOURCE, [("b", "a green star")], seed=0, key="k", mask=mask)
+    again = editor.edit(frames, SOURCE, [("a", EDIT)], seed=0, key="k", mask=mask)
+    other_mask = editor.edit(frames, SOURCE, [("a", EDIT)], seed=0, key="k", mask=~mask)
+    assert (first.inversion_cache, second.inversion_cache, again.inversion_cache) == ("miss", "hit", "hit")
+    assert other_mask.inversion_cache == "miss"
+    assert np.array_equal(first.frames["a"], again.frames["a"])
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, resource, sys
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from vidbatch.engine.editor import EditorSettings, VideoEditor
+    from vidbatch.engine.methods.videodirector import VideoDirectorConfig
+    from vidbatch.models.loading import load_pipeline
+    from vidbatch.models.motion import with_motion_adapter
+    frames = int(sys.argv[1])
+    video = np.random.default_rng(0).integers(0, 255, (frames, 128, 128, 3), dtype=np.uint8)
+    settings = EditorSettings(method="videodirector", control="none", steps=2, vae_batch=4,
+                              method_settings=VideoDirectorConfig(null_steps=1))
+    editor = VideoEditor(with_motion_adapter(load_pipeline("tiny"), "tiny"), settings)
+    editor.edit(video, "a", [("e", "b")], seed=0, key="k")
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""")
+
+
+def test_peak_memory_of_a_long_clip_stays_near_one_window():
+    peaks = {}
+    for frames in (16, 48):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(frames)], capture_output=True, text=True,
+                             check=True)
+        peaks[frames] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    assert peaks[48] <= 1.15 * peaks[16], peaks
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the CLI
+
+
+def mask_clip(path: Path, frames: int = 8, size: int = 32) -> Path:
+    from vidbatch.io.video import encode_mp4
+
+    mask = np.repeat(centre_mask(frames, size)[..., None], 3, axis=-1).astype(np.uint8) * 255
+    path.write_bytes(encode_mp4(mask, 8.0))
+    return path
+
+
+def test_a_run_with_videodirector_and_a_mask(tmp_path, clips):
+    clip = clips["fractal"]                                # 64x64, 6 frames
+    masked = video_sample("masked", clip)
+    masked["mask.mp4"] = mask_clip(tmp_path / "m.mp4", frames=6, size=64).read_bytes()
+    bad = video_sample("badmask", clip)
+    bad["mask.mp4"] = mask_clip(tmp_path / "short.mp4", frames=2, size=64).read_bytes()
+    shard = write_shard(tmp_path / "in" / "p0.tar", [masked, video_sample("plain", clip), bad])
+    out = tmp_path / "out"
+    code = run_cli("run", TINY, "--input", shard, "--output", out, "--set", "edit.method=videodirector",
+                   "--set", "model.motion_adapter=tiny", "--set", "edit.steps=2", "--set", "video.size=32",
+                   "--set", "videodirector.null_steps=1")
+    assert code == 0
+    rows = {json.loads(r)["key"]: json.loads(r) for r in (out / "stats" / "p0.jsonl").read_text().splitlines()}
+    assert rows["masked"]["status"] == "ok" and rows["plain"]["status"] == "ok"
+    assert rows["badmask"]["status"] == "failed" and "mask.mp4" in rows["badmask"]["error"]
+    samples = read_output(out / "shards" / "p0.tar")
+    assert any(k.endswith(".mp4") and k != "mp4" for k in samples["masked"])
+
+
+def test_the_config_names_the_missing_adapter_and_refuses_it_for_image_methods(tmp_path):
+    from vidbatch.config.schema import load_config
+
+    with pytest.raises(ConfigError, match="model.motion_adapter"):
+        load_config(TINY, ["edit.method=videodirector"])
+    with pytest.raises(ConfigError, match="image"):
+        load_config(TINY, ["model.motion_adapter=tiny"])
+    with pytest.raises(ConfigError, match="edit.control"):
+        load_config(TINY, ["edit.method=videodirector", "model.motion_adapter=tiny", "edit.control=pnp"])
+    assert is_motion_unet(motion_unet(load_pipeline("tiny").unet, load_motion_adapter("tiny")))
+
+
+# ------------------------------------------------------------------------------------------------
+# The attention control, one processor call at a time
+
+
+def _attention_call(processor, frames: int = 2, tokens: int = 16, context=None, seed: int = 0):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=8, heads=2, dim_head=4, cross_attention_dim=None if context is None else 6)
+    hidden = torch.randn(vd.BRANCHES * frames, tokens, 8)
+    with torch.no_grad():
+        out = processor(attn, hidden, context)
+        q, k, v = vd._project(attn, hidden, context)
+    return attn, out, q.unflatten(0, (4, -1)), k.unflatten(0, (4, -1)), v.unflatten(0, (4, -1))
+
+
+def _state(step: int, self_replace_steps: int, mask=None) -> vd.DirectorState:
+    state = vd.DirectorState(stdg_blocks=[], mutual_blocks=["up_blocks"], self_replace_max_tokens=1024, mode="edit",
+                             self_replace_steps=self_replace_steps)
+    state.begin_call(step, 2, mask, (4, 4))
+    return state
+
+
+def _expected(attn, probs_or_out, v=None):
+    out = probs_or_out if v is None else probs_or_out @ v
+    out = out.transpose(1, 2).reshape(out.shape[0], -1, 8)
+    return attn.to_out[0](out)
+
+
+def test_before_tau_s_the_edit_takes_the_sources_self_attention_maps_with_its_own_values():
+    state = _state(step=0, self_replace_steps=1)
+    attn, out, q, k, v = _attention_call(vd.SpatialSelfProcessor(state, "up_blocks.1.x", False, True))
+    probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+    with torch.no_grad():
+        edit_cond = _expected(attn, probs[vd.SOURCE_COND], v[vd.EDIT_COND])
+        edit_uncond = _expected(attn, probs[vd.EDIT_UNCOND], v[vd.EDIT_UNCOND])
+    rows = out.unflatten(0, (4, -1))
+    assert torch.allclose(rows[vd.EDIT_COND], edit_cond, atol=1e-5)
+    assert torch.allclose(rows[vd.EDIT_UNCOND], edit_uncond, atol=1e-5)     # the reference leaves uncond alone
+
+
+@pytest.mark.parametrize("foreground", [True, False])
+def test_after_tau_s_the_edit_attends_to_the_sources_background_and_itself(foreground):
+    mask = torch.full((2, 4, 4), foreground)
+    state = _state(step=1, self_replace_steps=1, mask=mask)
+    attn, out, q, k, v = _attention_call(vd.SpatialSelfProcessor(state, "up_blocks.1.x", False, True))
+    keys = k[vd.EDIT_COND] if foreground else torch.cat([k[vd.SOURCE_COND], k[vd.EDIT_COND]], dim=-2)
+    values = v[vd.EDIT_COND] if foreground else torch.cat([v[vd.SOURCE_COND], v[vd.EDIT_COND]], dim=-2)
+    with torch.no_grad():
+        expected = _expected(attn, torch.nn.functional.scaled_dot_product_attention(q[vd.EDIT_COND], keys, values))
+        source = _expected(attn, torch.nn.functional.scaled_dot_product_attention(
+            q[vd.SOURCE_COND], k[vd.SOURCE_COND], v[vd.SOURCE_COND]))
+    rows = out.unflatten(0, (4, -1))
+    assert torch.allclose(rows[vd.EDIT_COND], expected, atol=1e-5)
+    assert torch.allclose(rows[vd.SOURCE_COND], source, atol=1e-5)
+
+
+def test_cross_attention_is_refined_from_the_source_before_tau_c():
+    from vidbatch.engine.prompt_to_prompt import refine_mapping
+
+    state = _state(step=0, self_replace_steps=0)
+    state.cross_steps = 1
+    state.mapper, state.alphas = refine_mapping([0, 5, 6, 9], [0, 5, 7, 6, 9], length=7)
+    context = torch.randn(vd.BRANCHES * 2, 7, 6)
+    attn, out, q, k, v = _attention_call(vd.CrossProcessor(state, "up_blocks.1.x", None), context=context)
+    probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+    refined = probs[vd.SOURCE_COND][..., state.mapper] * state.alphas + probs[vd.EDIT_COND] * (1 - state.alphas)
+    with torch.no_grad():
+        expected = _expected(attn, refined, v[vd.EDIT_COND])
+    assert torch.allclose(out.unflatten(0, (4, -1))[vd.EDIT_COND], expected, atol=1e-5)
