@@ -22,7 +22,8 @@ from vidbatch.engine.method import Inversion
 from vidbatch.engine.methods import videodirector as vd
 from vidbatch.engine.methods.videodirector import VideoDirectorConfig
 from vidbatch.models.loading import load_pipeline
-from vidbatch.models.motion import builtin_adapter_dir, is_motion_unet, load_motion_adapter, motion_unet
+from vidbatch.models.motion import (builtin_adapter_dir, is_motion_unet, load_motion_adapter, motion_unet,
+                                    with_motion_adapter)
 from vidbatch.testing.checkpoints import make_motion_module_file
 
 from conftest import TINY, moving_frames, read_output, run_cli, video_sample, write_shard
@@ -34,9 +35,7 @@ SOURCE, EDIT = "a red square", "a blue circle"
 
 @pytest.fixture(scope="module")
 def video_pipe():
-    pipe = load_pipeline("tiny")
-    pipe.unet = motion_unet(pipe.unet, load_motion_adapter("tiny"))
-    return pipe
+    return with_motion_adapter(load_pipeline("tiny"), "tiny")
 
 
 def editor_for(pipe, steps: int = 3, **config) -> VideoEditor:
@@ -429,3 +428,30 @@ def test_cross_attention_is_refined_from_the_source_before_tau_c():
     with torch.no_grad():
         expected = _expected(attn, refined, v[vd.EDIT_COND])
     assert torch.allclose(out.unflatten(0, (4, -1))[vd.EDIT_COND], expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the authors' code (tests/fixtures/videodirector_reference.safetensors: their
+# calculate_motion_rank_with_mask, calculate_semantic_loss_with_mask and customized_step_with_grad,
+# from Yukun66/Video_Director d1b7168, run on these seeded tensors)
+
+
+def test_losses_and_steered_step_match_the_authors_code():
+    from safetensors.torch import load_file
+
+    ref = load_file(str(Path(__file__).parent / "fixtures" / "videodirector_reference.safetensors"))
+    mask = ref["mask"].bool()
+    for region, region_mask in (("fg", mask), ("bg", ~mask)):
+        query_mask = vd.mask_at(region_mask, (4, 4), 16).T
+        motion = vd.temporal_map_loss(ref["ref_maps"], ref["gen_maps"], query_mask, top_k=1)
+        appearance = vd.key_loss(ref["ref_keys"], ref["gen_keys"], vd.mask_at(region_mask, (4, 4), 16))
+        assert torch.allclose(motion, ref[f"motion_{region}"][0], rtol=1e-5), region
+        assert torch.allclose(appearance, ref[f"appearance_{region}"][0], rtol=1e-5), region
+    pipe = with_motion_adapter(load_pipeline("tiny"), "tiny")
+    assert pipe.scheduler.config.beta_schedule == "linear"                # AnimateDiff's, as the authors run it
+    alphas = pipe.scheduler.alphas_cumprod
+    t = int(ref["step_t"][0])
+    per_frame = lambda x: x[0].permute(1, 0, 2, 3)                            # (1, 4, F, h, w) -> (F, 4, h, w)
+    ours = ddim.score_guided_step(per_frame(ref["sample"]), per_frame(ref["model_output"]), alphas[t],
+                                  alphas[t - 1000 // 50], "epsilon", per_frame(ref["score"]), 1.0)
+    assert torch.allclose(ours, per_frame(ref["stepped"]), atol=1e-5)

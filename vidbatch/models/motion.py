@@ -35,6 +35,7 @@ __all__ = ["BUILTIN_ADAPTERS", "builtin_adapter_dir", "is_motion_unet", "load_mo
            "tiny_adapter_config", "v3_adapter_config", "with_motion_adapter"]
 
 ADAPTER_VERSION = "v1"
+ANIMATEDIFF_BETA_SCHEDULE = "linear"
 MARKER = "vidbatch_adapter.json"
 
 
@@ -153,7 +154,16 @@ def motion_unet(unet: torch.nn.Module, adapter: "MotionAdapter") -> torch.nn.Mod
 
 
 def with_motion_adapter(pipe, spec: str, *, config: str | None = None):
-    """`pipe` with its UNet inflated by the motion adapter `spec` (see :func:`load_motion_adapter`); returns `pipe`."""
+    """`pipe` with its UNet inflated by the motion adapter `spec` (see :func:`load_motion_adapter`) and its
+    scheduler on AnimateDiff's noise schedule; returns `pipe`.
+
+    AnimateDiff's motion modules were trained with a ``linear`` beta schedule (SD 1.5 itself uses
+    ``scaled_linear``); its inference configs, VideoDirector's and diffusers' AnimateDiff examples all
+    switch the DDIM scheduler to it, keeping the betas' end points.
+    """
+    from diffusers import DDIMScheduler
+
     adapter = load_motion_adapter(spec, config=config, dtype=pipe.unet.dtype)
     pipe.unet = motion_unet(pipe.unet, adapter)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, beta_schedule=ANIMATEDIFF_BETA_SCHEDULE)
     return pipe
