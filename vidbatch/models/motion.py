@@ -31,7 +31,7 @@ from vidbatch.models.loading import SINGLE_FILE_SUFFIXES, first_line, hub_offlin
 if TYPE_CHECKING:
     from diffusers import MotionAdapter
 
-__all__ = ["BUILTIN_ADAPTERS", "builtin_adapter_dir", "is_motion_unet", "load_motion_adapter", "motion_unet",
+__all__ = ["ADAPTER_FOR_MODEL", "BUILTIN_ADAPTERS", "builtin_adapter_dir", "is_motion_unet", "load_motion_adapter", "motion_unet",
            "tiny_adapter_config", "v3_adapter_config", "with_motion_adapter"]
 
 ADAPTER_VERSION = "v1"
@@ -54,6 +54,8 @@ def v3_adapter_config() -> dict[str, Any]:
 
 # name -> (config, dtype it is saved in)
 BUILTIN_ADAPTERS = {"tiny": (tiny_adapter_config, torch.float32), "v3-random": (v3_adapter_config, torch.float16)}
+# The built-in adapter that fits each built-in model.
+ADAPTER_FOR_MODEL = {"tiny": "tiny", "sd15-random": "v3-random"}
 
 
 def builtin_adapter_dir(name: str, cache_root: Path | None = None) -> Path:

@@ -38,6 +38,11 @@ def _sync_ops() -> frozenset:
     return frozenset(getattr(aten, n) for n in names if hasattr(aten, n))
 
 
+
+def frame_rows(sample: torch.Tensor) -> int:
+    """Rows of a UNet call, one frame of one branch each: (N, C, h, w) -> N; a video UNet's (B, C, F, h, w) -> B*F."""
+    return int(sample.shape[0]) * (int(sample.shape[2]) if sample.ndim == 5 else 1)
+
 class SyncOpCounter(TorchDispatchMode):
     """Counts the operators that make the host wait for the device (see `_sync_ops`). On a CPU nothing
     waits, but the count is the same as on a GPU, so it shows where a GPU run would stall."""
@@ -69,7 +74,7 @@ class UnetFlops:
         with flop_counter() as counter, SyncOpCounter() as syncs:
             out = self._original(*args, **kwargs)
         self.flops += counter.get_total_flops()
-        self.samples += int(sample.shape[0])
+        self.samples += frame_rows(sample)
         self.calls += 1
         self.syncs += syncs.count
         return out
@@ -122,7 +127,7 @@ class UnetSampleCounter:
     def _hook(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs.get("sample")
         if sample is not None:
-            self.samples += int(sample.shape[0])
+            self.samples += frame_rows(sample)
             self.calls += 1
 
     def take(self) -> tuple[int, int]:

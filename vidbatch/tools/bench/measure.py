@@ -37,6 +37,7 @@ from vidbatch.engine.editor import EditorSettings, VideoEditor
 from vidbatch.core.errors import ModelLoadError
 from vidbatch.batch.module import VideoEditModule, resolve_device, resolve_dtype
 from vidbatch.models.loading import load_pipeline
+from vidbatch.models.motion import with_motion_adapter
 from vidbatch.tools.bench.device import device_description, device_peak, sync
 from vidbatch.tools.bench.flops import UnetSampleCounter, probe_unet_flops
 from vidbatch.tools.bench.sampler import PeakMemory
@@ -94,6 +95,8 @@ def _load_editor(spec: BenchSpec) -> _Loaded:
     dtype = resolve_dtype(config.model.dtype, device)
     settings = VideoEditModule.editor_settings(config)
     pipe = load_pipeline(config.model.id, dtype=dtype, device=device)
+    if config.model.motion_adapter is not None:
+        with_motion_adapter(pipe, config.model.motion_adapter, config=config.model.motion_adapter_config)
     editor = VideoEditor(pipe, settings)
     return _Loaded(config, device, dtype, settings, editor, time.perf_counter() - started)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vidbatch.config.schema import Config, load_config
+from vidbatch.engine.plugins import get_method
+from vidbatch.models.motion import ADAPTER_FOR_MODEL
 
 REQUIRED_FIELDS = ("method", "frames", "size", "invert_s_per_frame", "edit_s_per_frame", "peak_memory_mb")
 SOURCE_PROMPT = "a test pattern of moving colour bars"
@@ -42,6 +44,9 @@ class BenchSpec:
 def bench_config(spec: BenchSpec) -> Config:
     """The run config of a measurement: defaults, then `spec.overrides`, then the spec's explicit fields."""
     overrides = list(spec.overrides) + [f"model.id={spec.model}", f"edit.method={spec.method}"]
+    if get_method(spec.method).needs_motion_module and spec.model in ADAPTER_FOR_MODEL:
+        # A text-to-video method needs its motion module: the built-in one of the built-in model.
+        overrides.insert(0, f"model.motion_adapter={ADAPTER_FOR_MODEL[spec.model]}")
     for key, value in (("edit.steps", spec.steps), ("edit.control", spec.control), ("model.dtype", spec.dtype),
                        ("runtime.device", spec.device), ("video.size", spec.size)):
         if value is not None:
