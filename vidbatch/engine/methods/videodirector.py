@@ -61,6 +61,9 @@ _WARNED: set[tuple[str, ...]] = set()   # unmatched stdg_blocks already reported
 # The edit's four branches in one video-UNet call, branch-major.
 EDIT_UNCOND, EDIT_COND, SOURCE_UNCOND, SOURCE_COND = range(4)
 BRANCHES = 4
+# The unconditional prompt: the tuning starts from its embedding and the source's unconditional branch uses it.
+# The authors' configs all set `negative_prompt: ''`; the tuned nulls take the negative prompt's place.
+NULL_PROMPT = ""
 
 
 @dataclass
@@ -541,7 +544,7 @@ def tune(editor: Editor, config: VideoDirectorConfig, inversion: Inversion, sour
 
     mask: (T, H, W) bool foreground; None: all foreground. Runs in float32 whatever the model's dtype.
     """
-    with torch.inference_mode(False), float32_unet(editor, (editor.settings.negative_prompt, source_prompt)):
+    with torch.inference_mode(False), float32_unet(editor, (NULL_PROMPT, source_prompt)):
         device = editor.device
         trajectory = inversion.trajectory.to(device, torch.float32).clone()
         clean = inversion.clean.to(device, torch.float32).clone()
@@ -549,7 +552,7 @@ def tune(editor: Editor, config: VideoDirectorConfig, inversion: Inversion, sour
         clip = _Clip.make(editor, inversion.timesteps, num_frames, tuple(trajectory.shape[-2:]), config)
         mask = _full_mask(mask, num_frames, clean, editor.device)
         cond = editor.text_embedding(source_prompt).to(device, torch.float32).clone()
-        nulls = editor.text_embedding(editor.settings.negative_prompt).to(device, torch.float32).clone()
+        nulls = editor.text_embedding(NULL_PROMPT).to(device, torch.float32).clone()
         nulls = nulls.expand(num_frames, -1, -1).clone()
         state = apply_videodirector(editor.unet, config)
         x, tuned, scores = trajectory[0].clone(), [], []
@@ -632,7 +635,7 @@ class VideoDirector(Method):
             "null_steps": c.null_steps, "null_lr": c.null_lr, "early_stop": c.early_stop, "stdg": list(c.stdg),
             "stdg_scale": c.stdg_scale, "stdg_blocks": list(c.stdg_blocks),
             "stdg_block_weights": list(c.stdg_block_weights), "top_k": c.top_k, "window": c.window,
-            "overlap": c.overlap, "guidance": self.settings.guidance, "null_init": self.settings.negative_prompt}}
+            "overlap": c.overlap, "guidance": self.settings.guidance}}
 
     def _check(self, editor: Editor) -> None:
         s = self.settings
@@ -668,7 +671,7 @@ class VideoDirector(Method):
         clip = _Clip.make(editor, inversion.timesteps, num_frames, latent_hw, c)
         full_mask = None if mask is None else _full_mask(mask, num_frames, inversion.clean, editor.device)
         edit, source = editor.text_embedding(prompt), editor.text_embedding(source_prompt)
-        negative = editor.text_embedding(s.negative_prompt)
+        negative = editor.text_embedding(NULL_PROMPT)
         state = apply_videodirector(editor.unet, c)
         state.mode = "edit"
         state.self_replace_steps = int(num_steps * c.tau_s)
