@@ -87,6 +87,23 @@ def test_zeroed_motion_modules_give_the_per_frame_unet(video_pipe):
     assert not torch.allclose(moving, frames, atol=1e-3)    # the untouched modules do mix the frames
 
 
+def test_v3_random_has_animatediff_v3s_layout():
+    """Built on the meta device (no weights): modules at all 4 levels (2 per down, 3 per up block), no mid
+    block, 8 heads, two temporal self-attentions each, positions up to 32 frames."""
+    from diffusers import MotionAdapter
+
+    from vidbatch.models.motion import v3_adapter_config
+
+    with torch.device("meta"):
+        adapter = MotionAdapter(**v3_adapter_config())
+    assert [len(b.motion_modules) for b in adapter.down_blocks] == [2, 2, 2, 2]
+    assert [len(b.motion_modules) for b in adapter.up_blocks] == [3, 3, 3, 3]
+    assert adapter.mid_block is None
+    block = adapter.down_blocks[0].motion_modules[0].transformer_blocks[0]
+    assert block.attn1.heads == 8 and block.attn2.is_cross_attention is False
+    assert block.pos_embed.pe.shape[1] == 32
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 def test_single_file_motion_module_loads_offline(tmp_path, suffix):
     folder = builtin_adapter_dir("tiny")
