@@ -55,11 +55,13 @@ def test_run_writes_the_output_contract(good_run, clips):
                                                      ("fractal", "ink"), ("fractal", "neon")]
     for row in rows:
         assert set(row["seconds"]) == {"decode", "invert", "edit", "encode", "metrics", "total"}
-        assert row["inversion_cache"] == "miss"
+        assert row["method"] == "vidtome" and row["settings"]["edit"]["method"] == "vidtome"
         assert row["seconds"]["total"] == pytest.approx(sum(v for k, v in row["seconds"].items() if k != "total"),
                                                         abs=1e-3)
         assert row["peak_memory_mb"] > 0
     assert rows[0]["prompt"] == "a test clip, ink drawing" and rows[1]["prompt"] == "neon glow"
+    # One inversion per video, made (and cached) for its first edit, shared by the second.
+    assert [r["inversion_cache"] for r in rows] == ["miss", "shared", "miss", "shared"]
     marker = json.loads((out / "stats" / "part-000000.json").read_text())
     assert marker["samples"] == 2 and marker["rows_ok"] == 4 and marker["rows_failed"] == 0
     assert marker["started_at"] <= marker["finished_at"]
@@ -103,7 +105,7 @@ def test_rerun_skips_done_shards_and_overwrite_redoes_them(good_run):
     assert run_cli(*args, "--overwrite") == 0
     assert marker.read_text() != before
     rows = [json.loads(l) for l in (out / "stats" / "part-000000.jsonl").read_text().splitlines()]
-    assert {r["inversion_cache"] for r in rows} == {"hit"}   # the rerun reuses every inversion
+    assert [r["inversion_cache"] for r in rows] == ["hit", "shared"] * 2   # the rerun reuses every inversion
     assert run_cli(*args, "--overwrite", "--set", "inversion.cache=false") == 0
     rows = [json.loads(l) for l in (out / "stats" / "part-000000.jsonl").read_text().splitlines()]
     assert {r["inversion_cache"] for r in rows} == {"off"}

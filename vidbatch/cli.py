@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set edit.steps=20 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
+    run.add_argument("--compare", nargs="+", metavar="METHOD", default=None,
+                     help="run every edit once per METHOD, named {edit}-{method} (edit.compare)")
     run.add_argument("--shard-index", type=int, default=None,
                      help="take every --num-shards-th shard from this one (default: $SLURM_ARRAY_TASK_ID or 0)")
     run.add_argument("--num-shards", type=int, default=None,
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on generated clips with the tiny model")
     demo.add_argument("--output", "-o", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--compare", nargs="+", metavar="METHOD", default=None,
+                      help="compare methods on the demo clips, e.g. --compare vidtome tokenflow per-frame")
 
     shard = sub.add_parser("shard", help="pack a folder of videos into WebDataset shards")
     shard.add_argument("video_dir")
@@ -87,12 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compare_override(methods: list[str] | None) -> list[str]:
+    """`--compare A B` as the `--set` it stands for."""
+    return [] if not methods else [f"edit.compare={json.dumps(methods)}"]
+
+
 def _run(args: argparse.Namespace, console: Console) -> int:
     from vidbatch.config.schema import load_config
     from vidbatch.dispatch.progress import setup_logging
     from vidbatch.api import run
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides + _compare_override(args.compare))
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir / "run.log", console)
@@ -107,7 +117,6 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cache(args: argparse.Namespace, console: Console) -> int:
-    import json
 
     from rich.table import Table
 
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = Path(args.output)
             out_dir.mkdir(parents=True, exist_ok=True)
             setup_logging(out_dir / "run.log", console)
-            return run_demo(out_dir, args.overrides, console)
+            return run_demo(out_dir, args.overrides + _compare_override(args.compare), console)
         if args.command == "shard":
             from vidbatch.io.packing import pack_shards
 

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vidbatch.config.schema import Config, EditSpec, resolve_control, resolve_control_name
+from vidbatch.config.schema import Config, resolve_control
 from vidbatch.engine.controls.controlnet import canny_frames, load_controlnet
 from vidbatch.engine.plugins import get_method
 from vidbatch.core.rows import STATUS_OK, EditRow
-from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.batch.edits import EditorPool, PlannedEdit, editor_settings, plan_edits, row_settings
+from vidbatch.engine.editor import EditorSettings
 from vidbatch.core.errors import SampleError, VidbatchError
 from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
 from vidbatch.metrics import compute_metrics, load_clip_scorer, metric_keys
@@ -40,7 +41,7 @@ class PreparedSample:
     """A decoded sample ready for editing, or the reason it cannot be edited."""
 
     key: str
-    edits: list[EditSpec]
+    edits: list[PlannedEdit]                   # the sample's (or the run's) edits, resolved (`plan_edits`)
     prompt: str | None = None
     frames: np.ndarray | None = None
     fps: float | None = None
@@ -85,7 +86,7 @@ class ShardDataset(IterableDataset):
         self.size_multiple = size_multiple
 
     def prepare(self, sample: InputSample) -> PreparedSample:
-        prepared = PreparedSample(key=sample.key, edits=sample.edits or self.config.edits,
+        prepared = PreparedSample(key=sample.key, edits=plan_edits(self.config, sample.edits or self.config.edits),
                                   prompt=sample.prompt, error=sample.error)
         if prepared.error is not None:
             return prepared
@@ -100,16 +101,19 @@ class ShardDataset(IterableDataset):
             prepared.error = f"cannot decode {sample.key}.{sample.video_ext}: {exc}"
         else:
             prepared.frames, prepared.fps, prepared.audio = decoded.frames, decoded.fps, decoded.audio
-            prepared.control_frames, prepared.error = self.control_frames(sample, decoded.frames)
+            prepared.control_frames, prepared.error = self.control_frames(sample, decoded.frames, prepared.edits)
             if prepared.error is None:
-                prepared.mask, prepared.error = self.mask(sample, decoded.frames)
+                prepared.mask, prepared.error = self.mask(sample, decoded.frames, prepared.edits)
         prepared.decode_seconds = time.perf_counter() - started
         return prepared
 
-    def control_frames(self, sample: InputSample, frames: np.ndarray) -> tuple[np.ndarray | None, str | None]:
-        """The ControlNet condition of a sample, or the reason it has none: (images, error)."""
+    def control_frames(self, sample: InputSample, frames: np.ndarray,
+                       edits: list[PlannedEdit]) -> tuple[np.ndarray | None, str | None]:
+        """The ControlNet condition of a sample whose `edits` use the ControlNet, or the reason it has none:
+        (images, error)."""
         c = self.config.controlnet
-        if "controlnet" not in resolve_control(self.config.edit.method, self.config.edit.control):
+        if not any(e.config and "controlnet" in resolve_control(e.config.edit.method, e.config.edit.control)
+                   for e in edits):
             return None, None
         if c.condition == "canny":
             return canny_frames(frames, c.canny_low, c.canny_high), None
@@ -128,10 +132,10 @@ class ShardDataset(IterableDataset):
                           f"{frames.shape[:3]}; control frames must match the video's count and aspect ratio")
         return control, None
 
-    def mask(self, sample: InputSample, frames: np.ndarray) -> tuple[np.ndarray | None, str | None]:
-        """The foreground mask of a sample (`{key}.mask.mp4`, white = foreground), for methods that use one:
-        (T, H, W) bool or None (no mask: all foreground), or the reason it cannot be used."""
-        if not get_method(self.config.edit.method).uses_mask or sample.mask_video is None:
+    def mask(self, sample: InputSample, frames: np.ndarray, edits: list[PlannedEdit]) -> tuple[np.ndarray | None, str | None]:
+        """The foreground mask of a sample (`{key}.mask.mp4`, white = foreground), when one of its `edits`'
+        methods uses one: (T, H, W) bool or None (no mask: all foreground), or the reason it cannot be used."""
+        if not any(e.method and get_method(e.method).uses_mask for e in edits) or sample.mask_video is None:
             return None, None
         v = self.config.video
         try:
@@ -188,28 +192,18 @@ class VideoEditModule(L.LightningModule):
         # A plain attribute, not a submodule: the editor places the weights itself and Lightning
         # must not move or wrap them.
         controlnet = None
-        if "controlnet" in resolve_control(config.edit.method, config.edit.control):
+        run_edits = plan_edits(config, config.edits)     # valid: the config was validated with them
+        if any("controlnet" in resolve_control(e.config.edit.method, e.config.edit.control) for e in run_edits):
             controlnet = load_controlnet(config.controlnet.model, dtype=dtype, device=self.target_device)
-        object.__setattr__(self, "editor",
-                           VideoEditor(pipe, self.editor_settings(config), cache, identity, controlnet))
+        object.__setattr__(self, "editors", EditorPool(pipe, cache, identity, controlnet))
+        # The editor of the run's first edit: what every editor shares (model identity, size multiple).
+        object.__setattr__(self, "editor", self.editors.get(run_edits[0].config))
         self._setup_metrics(config, dtype)
 
     @staticmethod
     def editor_settings(config: Config) -> EditorSettings:
-        """The engine's settings from the run config; the method gets its own section (`Method.section`)."""
-        m = config.merge
-        section = get_method(config.edit.method).section
-        budget = config.runtime.max_memory_gb
-        return EditorSettings(
-            method=config.edit.method, control=resolve_control_name(config.edit.method, config.edit.control),
-            steps=config.edit.steps,
-            inversion_steps=config.inversion.steps, guidance=config.edit.guidance,
-            negative_prompt=config.edit.negative_prompt, eta=config.edit.eta, strength=config.edit.strength,
-            chunk_size=m.chunk_size, chunk_order=m.chunk_order,
-            memory_budget_bytes=None if budget is None else int(budget * 2**30),
-            inversion_batch=config.inversion.batch_size,
-            method_settings=getattr(config, section) if section else None,
-            pnp_f_t=config.pnp.f_t, pnp_attn_t=config.pnp.attn_t, controlnet_scale=config.controlnet.scale)
+        """The engine's settings from the run config (:func:`vidbatch.batch.edits.editor_settings`)."""
+        return editor_settings(config)
 
     def dataloader(self, url: str) -> DataLoader:
         dataset = ShardDataset(url, self.config, self.editor.size_multiple)
@@ -221,57 +215,85 @@ class VideoEditModule(L.LightningModule):
         return self.edit_sample(sample)
 
     @staticmethod
-    def _row(sample: PreparedSample, edit: EditSpec) -> EditRow:
-        """The row of one (video, edit) before editing: failed with the decode error, if any, metrics null."""
+    def _row(sample: PreparedSample, edit: PlannedEdit) -> EditRow:
+        """The row of one (video, edit) before editing: failed with the decode error (or the edit's own
+        settings error), if any, metrics null; the edit's method and settings recorded."""
         frames = sample.frames
-        return EditRow.pending(sample.key, edit.name, metric_names=metric_keys(), error=sample.error,
-                               frames=None if frames is None else int(frames.shape[0]),
-                               width=None if frames is None else int(frames.shape[2]),
-                               height=None if frames is None else int(frames.shape[1]),
-                               fps=sample.fps)
+        row = EditRow.pending(sample.key, edit.spec.name, metric_names=metric_keys(), error=sample.error or edit.error,
+                              frames=None if frames is None else int(frames.shape[0]),
+                              width=None if frames is None else int(frames.shape[2]),
+                              height=None if frames is None else int(frames.shape[1]),
+                              fps=sample.fps)
+        if edit.config is not None:
+            row.method, row.settings = edit.config.edit.method, row_settings(edit.config)
+        return row
 
     def edit_sample(self, sample: PreparedSample) -> SampleResult:
-        """Edits one sample for every edit; each failure becomes a `failed` row naming its cause."""
-        device = self.target_device
+        """Edits one sample for every edit; each failure becomes a `failed` row naming its cause.
+
+        Edits are grouped by the editor that runs them (their engine settings and seed); the groups
+        share one inversion per distinct inversion key (`shared`), whatever editor made it.
+        """
         rows = [self._row(sample, edit) for edit in sample.edits]
         rows[0].seconds["decode"] = sample.decode_seconds  # shared stages count on the first edit
         members: dict[str, bytes] = {}
         frames_edited = 0
         if sample.error is None:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            try:
-                # Without a description the inversion runs with the rest of the template (often
-                # empty, the null prompt); only edits that ask for {prompt} need one.
-                source_prompt = self.config.inversion.prompt.replace("{prompt}", sample.prompt or "").strip()
-                prompts = []
-                for edit in sample.edits:
-                    prompts.append((edit.name, fill_prompt(edit.prompt, sample.prompt, f"edit '{edit.name}'")))
-                result = self.editor.edit(sample.frames, source_prompt, prompts, seed=self.config.edit.seed,
-                                          key=sample.key, control_images=sample.control_frames, mask=sample.mask)
-                for row, (name, prompt) in zip(rows, prompts):
-                    started = time.perf_counter()
-                    members[f"{name}.mp4"] = encode_mp4(result.frames[name], sample.fps, audio=sample.audio,
-                                                        crf=self.config.video.crf)
-                    row.seconds.update(result.seconds[name])
-                    row.seconds["encode"] = time.perf_counter() - started
-                    row.status, row.error, row.prompt = STATUS_OK, None, prompt
-                    row.inversion_cache = result.inversion_cache
-                    frames_edited += len(result.frames[name])
-                    self._measure(row, sample.frames, result.frames[name], prompt, source_prompt)
-            except VidbatchError as exc:
-                self._fail(rows, sample.key, str(exc))
-            except Exception as exc:  # one bad sample must not end the shard; the row names the cause
-                log.exception("sample %s failed", sample.key)
-                self._fail(rows, sample.key, f"{type(exc).__name__}: {exc}")
-            memory = peak_memory_mb(device)
-            for row in rows:
-                row.peak_memory_mb = round(memory, 1)
+            shared: dict = {}
+            for indices in self._groups(sample.edits):
+                frames_edited += self._edit_group(sample, [sample.edits[i] for i in indices],
+                                                  [rows[i] for i in indices], shared, members)
         else:
             log.warning("sample %s failed: %s", sample.key, sample.error)
         for row in rows:
             row.close_seconds()
         return SampleResult(key=sample.key, members=members, rows=rows, frames_edited=frames_edited)
+
+    @staticmethod
+    def _groups(edits: list[PlannedEdit]) -> list[list[int]]:
+        """Indices of the runnable edits, grouped by engine settings and seed, in order of first appearance."""
+        groups: dict[str, list[int]] = {}
+        for i, edit in enumerate(edits):
+            if edit.config is not None:
+                key = repr((editor_settings(edit.config), edit.config.edit.seed, edit.config.inversion.prompt))
+                groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def _edit_group(self, sample: PreparedSample, edits: list[PlannedEdit], rows: list[EditRow], shared: dict,
+                    members: dict[str, bytes]) -> int:
+        """Runs the edits of one editor on a sample: fills their rows and members; returns the edited frames.
+        A failure fails this group's rows only, naming the cause."""
+        device, config = self.target_device, edits[0].config
+        frames_edited = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            # Without a description the inversion runs with the rest of the template (often
+            # empty, the null prompt); only edits that ask for {prompt} need one.
+            source_prompt = config.inversion.prompt.replace("{prompt}", sample.prompt or "").strip()
+            prompts = [(e.spec.name, fill_prompt(e.spec.prompt, sample.prompt, f"edit '{e.spec.name}'")) for e in edits]
+            result = self.editors.get(config).edit(
+                sample.frames, source_prompt, prompts, seed=config.edit.seed, key=sample.key,
+                control_images=sample.control_frames, mask=sample.mask, shared=shared)
+            for row, (name, prompt) in zip(rows, prompts):
+                started = time.perf_counter()
+                members[f"{name}.mp4"] = encode_mp4(result.frames[name], sample.fps, audio=sample.audio,
+                                                    crf=self.config.video.crf)
+                row.seconds.update(result.seconds[name])
+                row.seconds["encode"] = time.perf_counter() - started
+                row.status, row.error, row.prompt = STATUS_OK, None, prompt
+                row.inversion_cache = result.inversion_use[name]
+                frames_edited += len(result.frames[name])
+                self._measure(row, sample.frames, result.frames[name], prompt, source_prompt)
+        except VidbatchError as exc:
+            self._fail(rows, sample.key, str(exc))
+        except Exception as exc:  # one bad sample must not end the shard; the row names the cause
+            log.exception("sample %s failed", sample.key)
+            self._fail(rows, sample.key, f"{type(exc).__name__}: {exc}")
+        memory = peak_memory_mb(device)
+        for row in rows:
+            row.peak_memory_mb = round(memory, 1)
+        return frames_edited
 
     # -- quality metrics ---------------------------------------------------------------------------
 

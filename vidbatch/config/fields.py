@@ -25,6 +25,8 @@ def type_name(tp: Any) -> str:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping of keys to values"
     if dataclasses.is_dataclass(tp):
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -33,7 +35,14 @@ def type_name(tp: Any) -> str:
 
 def coerce(value: Any, tp: Any, path: str) -> Any:
     """Returns `value` as type `tp`, or raises ConfigError naming `path`."""
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key '{path}' must be {type_name(tp)}, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {k: coerce(v, value_tp, f"{path}.{k}") for k, v in value.items()}
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:

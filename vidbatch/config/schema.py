@@ -91,6 +91,8 @@ class EditConfig:
     negative_prompt: str = setting("ugly, blurry, low res", help="the unconditional branch's prompt")
     eta: float = setting(0.0, minimum=0, maximum=1, help="DDIM eta: 0 is deterministic given the inversion, >0 adds seeded noise")
     strength: float = setting(1.0, minimum=0, maximum=1, help="sdedit: share of the steps re-done from the inverted latent")
+    compare: list[str] = setting([], help="run every edit once per method listed, named {edit}-{method} "
+                                 "(vidbatch run --compare); empty: each edit once")
 
 
 @dataclass
@@ -188,12 +190,80 @@ def config_class() -> type:
 Config = config_class()
 
 
+# Sections an edit may set for itself (`edits[i].set`): how it is edited, not what is read or written.
+PER_EDIT_SECTIONS = ("edit", "inversion")
+
+
+def per_edit_sections() -> tuple[str, ...]:
+    """The sections an edit may override: `edit`, `inversion` and every plug-in's settings section."""
+    return PER_EDIT_SECTIONS + tuple(s.name for s in sections())
+
+
+def expand_compare(edits: typing.Sequence[EditSpec], methods: typing.Sequence[str]) -> list[EditSpec]:
+    """`edit.compare`: every edit once per method, named ``{edit}-{method}`` (the edit's own settings kept);
+    no methods: the edits as they are."""
+    if not methods:
+        return list(edits)
+    return [dataclasses.replace(edit, name=f"{edit.name}-{method}", method=method, set=dict(edit.set))
+            for edit in edits for method in methods]
+
+
+def edit_config(config: Config, edit: EditSpec, where: str | None = None) -> Config:
+    """The run config as `edit` sees it: its method, control and `set` keys applied and validated.
+
+    Only `edit.*`, `inversion.*` and the plug-ins' sections may differ per edit. Errors name the edit
+    (`where`, default "edit '<name>'") and the key. An edit that changes nothing gets `config` itself.
+    """
+    where = where or f"edit '{edit.name}'"
+    if not edit.overrides:
+        return config
+    data = config.to_dict()
+    allowed = per_edit_sections()
+    for key, value in edit.overrides.items():
+        keys = str(key).split(".")
+        if len(keys) < 2 or keys[0] not in allowed or keys[:2] == ["edit", "compare"]:
+            raise ConfigError(f"{where}: key '{key}' cannot be set per edit; an edit may set keys of "
+                              f"{', '.join(allowed)} (except edit.compare)")
+        node = data
+        for part in keys[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{where}: key '{key}': '{part}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    try:
+        resolved = build(config_class(), data, "")
+        _validate_edit_settings(resolved)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return resolved
+
+
 def _validate(config: Config) -> None:
     """Checks that span several keys."""
     if not config.edits:
         raise ConfigError("config key 'edits' is empty; add at least one {name, prompt}")
+    unknown = [m for m in config.edit.compare if m not in method_names()]
+    if unknown:
+        raise ConfigError(f"config key 'edit.compare': unknown method(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(method_names())}")
+    _validate_edit_names(expand_compare(config.edits, config.edit.compare))
+    _validate_edit_settings(config)
+    methods = [edit_config(config, edit, f"config key 'edits' ({edit.name})").edit.method
+               for edit in expand_compare(config.edits, config.edit.compare)]
+    _check_motion_adapter(config, methods)
+    v = config.video
+    if v.max_frames is not None and v.max_frames < v.min_frames:
+        raise ConfigError(f"config key 'video.max_frames' ({v.max_frames}) is below 'video.min_frames' "
+                          f"({v.min_frames}): no video could pass")
+    for i, lora in enumerate(config.model.loras):
+        if not lora.path:
+            raise ConfigError(f"config key 'model.loras[{i}].path' is empty")
+
+
+def _validate_edit_names(edits: typing.Sequence[EditSpec]) -> None:
     seen = set()
-    for i, edit in enumerate(config.edits):
+    for i, edit in enumerate(edits):
         if not EDIT_NAME_PATTERN.match(edit.name):
             raise ConfigError(f"config key 'edits[{i}].name' must be letters, digits, _ or - (it names the "
                               f"output file {{key}}.{{name}}.mp4), got {edit.name!r}")
@@ -202,32 +272,34 @@ def _validate(config: Config) -> None:
         seen.add(edit.name)
         if not edit.prompt.strip():
             raise ConfigError(f"config key 'edits[{i}].prompt' is empty")
+
+
+def _validate_edit_settings(config: Config) -> None:
+    """Checks of the keys an edit may set for itself (run for the run config and for each edit's)."""
     for name in sorted(resolve_control(config.edit.method, config.edit.control)):
         control = get_control(name)
         control.check(getattr(config, control.section) if control.section else None)
-    v = config.video
-    if v.max_frames is not None and v.max_frames < v.min_frames:
-        raise ConfigError(f"config key 'video.max_frames' ({v.max_frames}) is below 'video.min_frames' "
-                          f"({v.min_frames}): no video could pass")
-    for i, lora in enumerate(config.model.loras):
-        if not lora.path:
-            raise ConfigError(f"config key 'model.loras[{i}].path' is empty")
-    _check_motion_adapter(config)
-
-
-def _check_motion_adapter(config: Config) -> None:
-    """A text-to-video method needs a motion adapter; an image method would be handed a video UNet it cannot run."""
-    needs = get_method(config.edit.method).needs_motion_module
-    has = config.model.motion_adapter is not None
-    if needs and not has:
-        raise ConfigError(f"edit.method {config.edit.method!r} edits with a text-to-video model: set "
-                          "model.motion_adapter to an AnimateDiff motion module (e.g. v3_sd15_mm.ckpt; 'tiny' "
-                          "with the tiny model)")
-    if needs and resolve_control(config.edit.method, config.edit.control):
+    method = get_method(config.edit.method)
+    if method.needs_motion_module and resolve_control(config.edit.method, config.edit.control):
         raise ConfigError(f"edit.method {config.edit.method!r} runs its own attention control and takes no "
                           "edit.control; set edit.control to auto or none")
-    if has and not needs:
-        raise ConfigError(f"model.motion_adapter is set but edit.method {config.edit.method!r} edits with an image "
+
+
+def _check_motion_adapter(config: Config, methods: typing.Sequence[str]) -> None:
+    """A text-to-video method needs a motion adapter; an image method would be handed a video UNet it cannot run.
+    `methods`: the method of every edit of the run."""
+    video = sorted({m for m in methods if get_method(m).needs_motion_module})
+    image = sorted({m for m in methods if not get_method(m).needs_motion_module})
+    has = config.model.motion_adapter is not None
+    if video and image:
+        raise ConfigError(f"edits use text-to-video method(s) {', '.join(video)} and image method(s) "
+                          f"{', '.join(image)}: one run loads one UNet; compare them in separate runs")
+    if video and not has:
+        raise ConfigError(f"edit.method {video[0]!r} edits with a text-to-video model: set "
+                          "model.motion_adapter to an AnimateDiff motion module (e.g. v3_sd15_mm.ckpt; 'tiny' "
+                          "with the tiny model)")
+    if has and not video:
+        raise ConfigError(f"model.motion_adapter is set but edit.method {image[0]!r} edits with an image "
                           "model; set model.motion_adapter to null, or use edit.method videodirector")
 
 

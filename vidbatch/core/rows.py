@@ -24,8 +24,10 @@ from typing import Any, Literal, TypeVar
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 RowStatus = Literal["ok", "failed"]
-# How the inversion of a row was obtained; null on a failed row that never got that far.
-InversionCacheUse = Literal["hit", "miss", "off"]
+# How the inversion of a row was obtained: from the cache ("hit"), computed and stored ("miss"),
+# computed without a cache ("off"), or made for an earlier edit of the same video ("shared");
+# null on a failed row that never got that far.
+InversionCacheUse = Literal["hit", "miss", "off", "shared"]
 
 # Stage times of a row, in the order they are written; `total` is the sum of the others (including
 # any stage an editing method adds) and stays last.
@@ -85,6 +87,8 @@ class EditRow:
     metrics_by: dict[str, str | None] | None = None  # {flow, clip, clip_off}: what produced the metrics
     model_fingerprint: str | None = None      # weights fingerprint (computed for the inversion cache)
     metrics_error: str | None = None          # a metric that raised (the edit itself is kept)
+    method: str | None = None                 # the edit's edit.method (an edit may have its own)
+    settings: dict[str, Any] | None = None    # what the edit ran with: edit.*, inversion, method/control sections
 
     @classmethod
     def pending(cls, key: str, edit: str, *, metric_names: Iterable[str], error: str | None = None,

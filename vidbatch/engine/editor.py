@@ -27,6 +27,7 @@ from vidbatch.engine.controls.sdedit import first_step
 from vidbatch.engine.inversion_cache import InversionCache, inversion_key
 from vidbatch.engine.method import EditorSettings, Inversion, Method
 from vidbatch.engine.plugins import get_method, resolve_control
+from vidbatch.models.motion import is_motion_unet
 
 log = logging.getLogger("vidbatch")
 
@@ -35,7 +36,8 @@ log = logging.getLogger("vidbatch")
 class EditedVideo:
     frames: dict[str, np.ndarray]                          # edit name -> (T, H, W, 3) uint8
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # edit name -> {"invert", "edit"}
-    inversion_cache: str = "off"                           # "hit", "miss" or "off"
+    inversion_cache: str = "off"                           # "hit", "miss", "off", or "shared" (see `edit`)
+    inversion_use: dict[str, str] = field(default_factory=dict)  # edit name -> the first's status, then "shared"
 
 
 def sample_seed(seed: int, *parts: str) -> int:
@@ -114,6 +116,10 @@ class VideoEditor:
         if cache is not None and not model_identity:
             raise ValueError("an inversion cache needs the model's identity (vidbatch.models.loading.model_fingerprint)")
         self.controls = resolve_control(settings.method, settings.control)
+        needs_video = method_for(settings).needs_motion_module
+        if needs_video != is_motion_unet(pipe.unet):
+            wanted = "a video UNet (set model.motion_adapter)" if needs_video else "an image UNet (model.motion_adapter null)"
+            raise ConfigError(f"edit.method {settings.method!r} needs {wanted}")
         if ("controlnet" in self.controls) != (controlnet is not None):
             raise ValueError("edit.control includes 'controlnet' exactly when a ControlNet model is given")
         self.controlnet = controlnet
@@ -441,22 +447,40 @@ class VideoEditor:
             log.warning("inversion cache: could not store %s: %s", key[:16], exc)
         return inversion, "miss"
 
+    def shared_invert(self, frames: np.ndarray, prompt: str, mask: np.ndarray | None,
+                      shared: dict[str, Inversion]) -> tuple[Inversion, str]:
+        """`cached_invert`, first looking in `shared` (inversions of this video made by other editors of the
+        same model, by inversion key): returns it with "shared", or adds this one."""
+        method = method_for(self.settings)
+        key = self.inversion_key(frames, prompt, mask if method.uses_mask else None)
+        if key in shared:
+            return shared[key], "shared"
+        inversion, status = self.cached_invert(frames, prompt, mask)
+        shared[key] = inversion
+        return inversion, status
+
     def edit(self, frames: np.ndarray, source_prompt: str, edits: list[tuple[str, str]], *,
              seed: int, key: str, control_images: np.ndarray | None = None,
-             mask: np.ndarray | None = None) -> EditedVideo:
+             mask: np.ndarray | None = None, shared: dict[str, Inversion] | None = None) -> EditedVideo:
         """Inverts `frames` once (or takes the inversion from the cache) and applies every edit.
 
-        The inversion time is counted on the first edit; the others reuse it. `mask` (T, H, W) bool is
-        the sample's foreground, used by methods that read one (None: all foreground).
+        The inversion time is counted on the first edit; the others reuse it (their `inversion_use`
+        is "shared"). `mask` (T, H, W) bool is the sample's foreground, used by methods that read one
+        (None: all foreground). `shared`: inversions of this video other editors made (see
+        `shared_invert`); with it, editors with different methods but the same inversion invert once.
         """
         result = EditedVideo(frames={})
         started = time.perf_counter()
-        inversion, result.inversion_cache = self.cached_invert(frames, source_prompt, mask)
+        if shared is None:
+            inversion, result.inversion_cache = self.cached_invert(frames, source_prompt, mask)
+        else:
+            inversion, result.inversion_cache = self.shared_invert(frames, source_prompt, mask, shared)
         invert_seconds = time.perf_counter() - started
         for i, (name, prompt) in enumerate(edits):
+            result.inversion_use[name] = result.inversion_cache if i == 0 else "shared"
             started = time.perf_counter()
             latents = self.denoise(inversion, prompt, sample_seed(seed, key, name), source_prompt, control_images, mask)
             result.frames[name] = self.decode_latents(latents)
-            result.seconds[name] = {"invert": invert_seconds if i == 0 else 0.0,
+            result.seconds[name] = {"invert": invert_seconds if result.inversion_use[name] != "shared" else 0.0,
                                     "edit": time.perf_counter() - started}
         return result

@@ -72,19 +72,31 @@ def check_local_urls(urls: Sequence[str]) -> list[str]:
     return missing
 
 
+EDIT_KEYS = {"name", "prompt", "method", "control", "set"}
+
+
 def _parse_edits(value: object) -> list[EditSpec]:
     if not isinstance(value, list) or not value:
         raise ValueError("'edits' must be a non-empty list of {name, prompt}")
     edits = []
     for i, item in enumerate(value):
-        if not isinstance(item, dict) or set(item) - {"name", "prompt"} or "name" not in item or "prompt" not in item:
-            raise ValueError(f"edits[{i}] must be a mapping with exactly the keys name and prompt")
+        if not isinstance(item, dict) or set(item) - EDIT_KEYS or "name" not in item or "prompt" not in item:
+            raise ValueError(f"edits[{i}] must be a mapping with the keys name and prompt, and optionally "
+                             "method, control and set")
         name, prompt = item["name"], item["prompt"]
         if not isinstance(name, str) or not EDIT_NAME_PATTERN.match(name):
             raise ValueError(f"edits[{i}].name must be letters, digits, _ or -, got {name!r}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"edits[{i}].prompt must be a non-empty string")
-        edits.append(EditSpec(name=name, prompt=prompt))
+        for key in ("method", "control"):
+            if item.get(key) is not None and not isinstance(item[key], str):
+                raise ValueError(f"edits[{i}].{key} must be a string, got {item[key]!r}")
+        overrides = item.get("set", {})
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+            raise ValueError(f"edits[{i}].set must be a mapping of dotted config keys to values")
+        # The values are checked against the config when the edit is resolved (a failed row names them).
+        edits.append(EditSpec(name=name, prompt=prompt, method=item.get("method"), control=item.get("control"),
+                              set=overrides))
     if len({e.name for e in edits}) != len(edits):
         raise ValueError("edit names must be unique")
     return edits

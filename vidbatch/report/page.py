@@ -22,6 +22,7 @@ from vidbatch.core.atomic import atomic_write
 from vidbatch.core.rows import EditRow
 from vidbatch.metrics import Metric, get_metric, registered_metrics
 from vidbatch.report.charts import svg_bars
+from vidbatch.report.compare import compare_html
 from vidbatch.report.format import escape as _e
 from vidbatch.report.format import fmt as _fmt
 from vidbatch.report.media import MEDIA_DIR, Media, atomic_directory, build_media
@@ -261,10 +262,11 @@ def render_report(out_dir: Path, summary: dict, rows: list[ShardRow], media: dic
 <main>
 <h1>vidbatch report</h1>
 <div class="muted"><code>{_e(Path(out_dir).resolve())}</code> · generated {_e(generated)} by vidbatch {_e(__version__)}
- · model <code>{_e(summary.get("model"))}</code> · {_e(summary.get("method"))}</div>
+ · model <code>{_e(summary.get("model"))}</code> · {_e(", ".join(summary.get("methods") or [summary.get("method") or ""]))}</div>
 <div id="js-errors" hidden></div>
 <h2>Summary</h2>
 {_summary_html(summary)}
+{compare_html(summary, rows, media)}
 <h2>Quality metrics</h2>
 {_metrics_html(summary)}
 <h2>Failures</h2>

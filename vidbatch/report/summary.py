@@ -121,6 +121,30 @@ def metric_distributions(ok_rows: Sequence[EditRow]) -> dict[str, dict[str, floa
             for key in metric_keys()}
 
 
+def _per_frame(rows: Sequence[EditRow], stage: str) -> list[float]:
+    return [r.seconds.get(stage, 0.0) / r.frames for r in rows if r.frames]
+
+
+def by_method(rows: Sequence[EditRow], default_method: str) -> dict[str, dict]:
+    """Per editing method (rows written before rows named theirs count as `default_method`): edits ok and
+    failed, every metric's distribution, seconds per frame of the edit (its own denoising and decoding) and
+    of the whole row (`total`, which carries the inversion on the row that made it), peak memory."""
+    grouped: dict[str, list[EditRow]] = {}
+    for row in rows:
+        grouped.setdefault(row.method or default_method, []).append(row)
+    out = {}
+    for method, method_rows in grouped.items():
+        ok = [r for r in method_rows if r.ok]
+        out[method] = {
+            "edits": {"ok": len(ok), "failed": len(method_rows) - len(ok)},
+            "metrics": metric_distributions(ok),
+            "seconds_per_frame": {"edit": distribution(_per_frame(ok, "edit")),
+                                  "total": distribution(_per_frame(ok, "total"))},
+            "peak_memory_mb": percentiles([r.peak_memory_mb for r in ok if r.peak_memory_mb is not None]),
+        }
+    return out
+
+
 def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Sequence[str],
                   failed_shards: dict[str, str], wall_seconds: float) -> dict:
     """Summarises every shard of the run (this invocation's and earlier ones' done shards)."""
@@ -135,12 +159,14 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
     metric_seconds = sum(r.seconds.get("metrics", 0.0) for r in ok)
     total_seconds = sum(r.seconds["total"] for r in ok)
     fingerprints = _distinct([r.model_fingerprint for r in ok])
+    methods = by_method(rows, config.edit.method)
     return {
         "vidbatch_version": __version__,
         "model": config.model.id,
         "loras": [{"path": l.path, "scale": l.scale} for l in config.model.loras],
         "method": config.edit.method,
         "control": resolve_control_name(config.edit.method, config.edit.control),   # "auto" resolved
+        "methods": list(methods),          # every method the rows ran with (several: a comparison run)
         "config_hash": config.digest(),
         "model_version": {
             "id": config.model.id,
@@ -167,6 +193,7 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
         "peak_memory_mb": percentiles([r.peak_memory_mb for r in ok if r.peak_memory_mb is not None]),
         "metrics": metric_distributions(ok),
         "metrics_by": metrics_by(ok, config),
+        "by_method": methods,
         "metrics_cost": {"seconds": round(metric_seconds, 4),
                          "share_of_total": metric_seconds / total_seconds if total_seconds else None,
                          "failed": sum(1 for r in ok if r.metrics_error)},
@@ -248,3 +275,25 @@ def print_summary(summary: dict, console: Console, out_dir: Path) -> None:
     for cause, count in s["failures_by_cause"].items():
         table.add_row(f"[red]failed: {cause}[/red]", str(count))
     console.print(table)
+    if len(s.get("methods") or []) > 1:
+        console.print(_methods_table(s))
+
+
+def _methods_table(summary: dict) -> Table:
+    """A comparison run's methods side by side: medians of the metrics, edit time per frame, peak memory."""
+    by = summary["by_method"]
+    table = Table(title="methods compared (medians)", show_header=True)
+    table.add_column("what")
+    for method in by:
+        table.add_column(method, justify="right")
+
+    def median(d: dict | None, digits: str = ".4g") -> str:
+        return format(d["p50"], digits) if d else "-"
+
+    table.add_row("edits ok / failed", *(f"{v['edits']['ok']} / {v['edits']['failed']}" for v in by.values()))
+    for key in metric_keys():
+        if any((v.get("metrics") or {}).get(key) for v in by.values()):
+            table.add_row(_table_label(key), *(median((v.get("metrics") or {}).get(key)) for v in by.values()))
+    table.add_row("edit s / frame", *(median(v["seconds_per_frame"]["edit"], ".3f") for v in by.values()))
+    table.add_row("peak memory MB", *(median(v["peak_memory_mb"], ".0f") for v in by.values()))
+    return table

@@ -647,8 +647,6 @@ class VideoDirector(Method):
                               f"got {self.config.stdg}")
         if len(self.config.stdg_block_weights) != len(self.config.stdg_blocks):
             raise ConfigError("videodirector.stdg_block_weights needs one weight per entry of stdg_blocks")
-        if type(editor.unet).__name__ != "UNetMotionModel":
-            raise ConfigError("videodirector needs a video UNet: set model.motion_adapter")
 
     def invert(self, editor: Editor, frames: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> Inversion:
         self._check(editor)
