@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on generated clips with the tiny model")
     demo.add_argument("--output", "-o", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    demo.add_argument("--compare", nargs="+", metavar="METHOD", default=None,
-                      help="compare methods on the demo clips, e.g. --compare vidtome tokenflow per-frame")
+    demo.add_argument("--compare", nargs="*", metavar="METHOD", default=None,
+                      help="compare methods on the demo clips (no METHOD: vidtome tokenflow per-frame)")
 
     shard = sub.add_parser("shard", help="pack a folder of videos into WebDataset shards")
     shard.add_argument("video_dir")
@@ -160,13 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args, console)
         if args.command == "demo":
-            from vidbatch.tools.demo import run_demo
+            from vidbatch.tools.demo import DEMO_COMPARE, run_demo
             from vidbatch.dispatch.progress import setup_logging
 
             out_dir = Path(args.output)
             out_dir.mkdir(parents=True, exist_ok=True)
             setup_logging(out_dir / "run.log", console)
-            return run_demo(out_dir, args.overrides + _compare_override(args.compare), console)
+            compare = DEMO_COMPARE if args.compare == [] else args.compare
+            return run_demo(out_dir, args.overrides + _compare_override(compare), console)
         if args.command == "shard":
             from vidbatch.io.packing import pack_shards
 

@@ -21,6 +21,8 @@ DEMO_CLIPS = [
     ("life", "cells of the game of life evolving", True),
     ("cellauto", "a cellular automaton scrolling down", False),
 ]
+# `vidbatch demo --compare` without methods: the default method, the long-clip one and the baseline.
+DEMO_COMPARE = ["vidtome", "tokenflow", "per-frame"]
 DEMO_EDITS = [
     {"name": "watercolor", "prompt": "{prompt}, watercolor painting"},
     {"name": "neon", "prompt": "{prompt}, neon cyberpunk style"},
