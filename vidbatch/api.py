@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from rich.console import Console
 
 from vidbatch.config.schema import Config, load_config
+from vidbatch.core.run_lock import output_lock
 from vidbatch.dispatch.run import run_shards
 from vidbatch.report.finalize import finish_run
 
