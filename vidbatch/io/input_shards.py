@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Container, Iterator, Sequence
 
 import braceexpand
 from webdataset.gopen import gopen
@@ -179,14 +179,17 @@ def _member_limit(ext: str, limits: InputLimits) -> tuple[int | None, str] | Non
 class _SampleGrouper:
     """Collects consecutive members of one key into a raw sample dict; notes the first problem."""
 
-    def __init__(self, limits: InputLimits):
+    def __init__(self, limits: InputLimits, keys: Container[str] | None = None):
         self.limits = limits
+        self.keys = keys
         self.seen: dict[str, int] = {}   # key -> its sample's position in the shard
         self.raw: dict | None = None
         self.error: str | None = None
+        self.skip = False
 
     def start(self, key: str) -> None:
         self.raw, self.error = {"__key__": key}, None
+        self.skip = self.keys is not None and key not in self.keys
         if key in self.seen:
             self.error = (f"key {key!r} appears again in the shard (first as sample {self.seen[key] + 1}); "
                           "only its first sample is edited")
@@ -196,6 +199,9 @@ class _SampleGrouper:
     def add(self, member: TarMember, ext: str, stream: TarStream) -> None:
         assert self.raw is not None
         key = self.raw["__key__"]
+        if self.skip or self.error is not None:
+            self.raw.setdefault(ext, None)   # a sample not wanted, or failed already: nothing more is read
+            return
         if ext in self.raw:
             self.error = self.error or f"member {key}.{ext} appears twice in the sample"
             return
@@ -218,14 +224,17 @@ class _SampleGrouper:
             return None
         raw, error = self.raw, self.error
         self.raw = self.error = None
+        if self.skip:
+            return None
         if error is not None:
             return InputSample(key=raw["__key__"], error=error)
         return parse_sample({k: v for k, v in raw.items() if v is not None})
 
 
-def iter_tar_samples(stream: TarStream, limits: InputLimits) -> Iterator[InputSample]:
-    """The samples of a tar stream, in order; see the module docstring."""
-    grouper = _SampleGrouper(limits)
+def iter_tar_samples(stream: TarStream, limits: InputLimits,
+                     keys: Container[str] | None = None) -> Iterator[InputSample]:
+    """The samples of a tar stream, in order (only those of `keys`, when given); see the module docstring."""
+    grouper = _SampleGrouper(limits, keys)
     for member in stream.members():
         key, ext = split_member_name(member.name)
         if key is None or ext is None or not member.is_file:
@@ -241,12 +250,14 @@ def iter_tar_samples(stream: TarStream, limits: InputLimits) -> Iterator[InputSa
         yield done
 
 
-def read_samples(url: str, limits: InputLimits | None = None) -> Iterator[InputSample]:
+def read_samples(url: str, limits: InputLimits | None = None,
+                 keys: Container[str] | None = None) -> Iterator[InputSample]:
     """The samples of one shard, in order (a path, a `pipe:` URL or any URL WebDataset's gopen opens;
-    gzip, bzip2 or xz compressed or not)."""
+    gzip, bzip2 or xz compressed or not). With `keys`, only those samples: the others' members are
+    skipped unread."""
     raw = gopen(url, "rb")
     try:
         stream, _ = open_decompressed(raw)
-        yield from iter_tar_samples(TarStream(stream), limits or InputLimits())
+        yield from iter_tar_samples(TarStream(stream), limits or InputLimits(), keys)
     finally:
         raw.close()

@@ -118,7 +118,8 @@ def _read_sources(url: str, keys: set[str]) -> _Sources:
         sources.unavailable = "source not available at report time (input shard is not a local file)"
         return sources
     try:
-        sources.videos = {s.key: (s.video, s.video_ext) for s in read_samples(url)
+        # Only the edited samples are read (an input may hold members far over the run's limits).
+        sources.videos = {s.key: (s.video, s.video_ext) for s in read_samples(url, keys=keys)
                           if s.video is not None and s.key in keys}
     except Exception as exc:  # noqa: BLE001 - the report goes on without sources
         sources.unavailable = f"source not available: input shard unreadable ({type(exc).__name__})"
