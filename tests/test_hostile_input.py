@@ -194,3 +194,14 @@ def test_each_unparsable_sample_fails_alone(tmp_path, clips):
     members = read_output(out / "shards" / "p0.tar")
     assert {json.loads(s["json"])["key"] for s in members.values()} == set(rows)
     assert len(members) == 8   # the repeated key has a json of its own, under a unique name
+
+
+def test_failure_causes_group_without_mangling_words():
+    from vidbatch.report.summary import failure_cause
+
+    assert failure_cause("cannot decode s0v1.mp4: video has 1 frame(s), at least 2 needed", "s0v1") == \
+        "video has N frame(s), at least N needed"
+    assert failure_cause("member a.mp4 is 1610612736 bytes, over the limit video.max_input_mb (1048576 bytes)", "a") \
+        == "member <key>.mp4 is N bytes, over the limit video.max_input_mb (N bytes)"
+    assert failure_cause("h264 error at 12.5s in a 640x480 x264 stream of 1.5MB (3gp)", "k") == \
+        "h264 error at Ns in a N x264 stream of NMB (3gp)"
