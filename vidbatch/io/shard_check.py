@@ -3,7 +3,7 @@
 A shard is `done` when its marker reads and every file the marker lists is there with the recorded
 size (and, with `checksums=True`, the recorded sha256). It is `absent` without a marker, and
 `damaged` when the marker cannot be read or a file is missing or differs; a damaged shard is redone
-by the next run. A marker of an older release (no file list) is done when its tar and jsonl exist.
+by the next run. A marker of an older release has no file list: it is trusted, as it was then.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Literal
 
 from vidbatch.core.errors import VidbatchError
 from vidbatch.core.rows import DoneMarker
-from vidbatch.io.output_shards import marker_path, relative_name, rows_path, shard_path
+from vidbatch.io.output_shards import marker_path, relative_name
 
 ShardState = Literal["done", "absent", "damaged"]
 
@@ -62,12 +62,10 @@ def check_shard(out_dir: Path, stem: str, *, checksums: bool = False) -> ShardCh
         marker = DoneMarker.from_json(json.loads(path.read_text()))
     except (ValueError, TypeError, UnicodeDecodeError, RecursionError, AttributeError) as exc:
         return ShardCheck(stem, "damaged", problem=f"{relative_name(out_dir, path)} is not a readable done marker ({exc})")
-    files = marker.files or {relative_name(out_dir, p): None for p in (shard_path(out_dir, stem), rows_path(out_dir, stem))}
-    for name, record in files.items():
-        if record is None:   # an older marker: existence is all it allows checking
-            problem = None if (out_dir / name).is_file() else f"{name} is missing"
-        else:
-            problem = _file_problem(out_dir, name, record, checksums)
+    if not isinstance(marker.files, dict):
+        return ShardCheck(stem, "damaged", problem=f"{relative_name(out_dir, path)} lists its files wrongly")
+    for name, record in marker.files.items():
+        problem = _file_problem(out_dir, name, record, checksums)
         if problem is not None:
             return ShardCheck(stem, "damaged", marker, problem)
     return ShardCheck(stem, "done", marker)
