@@ -210,7 +210,7 @@ class _SampleGrouper:
             return
         limit = _member_limit(ext, self.limits)
         if limit is None:
-            self.raw[ext] = None   # present (listed in errors), not read
+            self.raw[ext] = b""   # not used: present (a "no video" error lists it), not read
             return
         max_bytes, limit_name = limit
         if max_bytes is not None and member.size > max_bytes:
@@ -228,7 +228,7 @@ class _SampleGrouper:
             return None
         if error is not None:
             return InputSample(key=raw["__key__"], error=error)
-        return parse_sample({k: v for k, v in raw.items() if v is not None})
+        return parse_sample(raw)
 
 
 def iter_tar_samples(stream: TarStream, limits: InputLimits,
@@ -237,8 +237,8 @@ def iter_tar_samples(stream: TarStream, limits: InputLimits,
     grouper = _SampleGrouper(limits, keys)
     for member in stream.members():
         key, ext = split_member_name(member.name)
-        if key is None or ext is None or not member.is_file:
-            continue  # directories, links, names without an extension: not sample members (as WebDataset)
+        if key is None or ext is None or ext.startswith("__") or not member.is_file:
+            continue  # directories, links, no extension, `__x__` ones: not sample members (as WebDataset)
         if grouper.raw is None or key != grouper.raw["__key__"]:
             done = grouper.finish()
             if done is not None:
