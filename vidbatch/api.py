@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from rich.console import Console
 
 from vidbatch.config.schema import Config, load_config
+from vidbatch.core.run_lock import output_lock
 from vidbatch.dispatch.run import run_shards
 from vidbatch.report.finalize import finish_run
 
@@ -25,8 +26,10 @@ def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool
         on_event: Callable[[dict], None] | None = None) -> int:
     """Runs the job and writes `OUT/summary.json` and `OUT/report.html`. Returns the exit code: 0 every
     shard done, 1 a shard failed (rerun the same call to continue). Usage, config and model errors raise
-    `vidbatch.core.errors.VidbatchError` subclasses."""
+    `vidbatch.core.errors.VidbatchError` subclasses; so does a second live run on the same output
+    (`OutputBusyError`, see `core.run_lock`)."""
     console = console or Console()
-    outcome = run_shards(config, inputs, Path(out_dir), overwrite=overwrite, shard_index=shard_index,
-                         num_shards=num_shards, console=console, on_event=on_event)
-    return finish_run(config, Path(out_dir), outcome, console)
+    with output_lock(Path(out_dir), shard_index, num_shards):
+        outcome = run_shards(config, inputs, Path(out_dir), overwrite=overwrite, shard_index=shard_index,
+                             num_shards=num_shards, console=console, on_event=on_event)
+        return finish_run(config, Path(out_dir), outcome, console)

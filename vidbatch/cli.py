@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--max-videos", type=int, default=50,
                         help="above this many edits, contact sheets replace the videos (default: 50)")
 
+    verify = sub.add_parser("verify", help="check an output folder: every shard's files against its done marker "
+                                           "(sizes and sha256); exit 1 listing damaged or unfinished shards")
+    verify.add_argument("output", help="the run's output folder")
+
     cache = sub.add_parser("cache", help="inspect, verify or prune the inversion cache")
     cache.add_argument("action", choices=["ls", "verify", "prune"])
     cache.add_argument("--dir", help="cache folder (default: $VIDBATCH_CACHE/inversions or ~/.cache/vidbatch/inversions)")
@@ -153,6 +157,20 @@ def _cache(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _verify(args: argparse.Namespace, console: Console) -> int:
+    from vidbatch.io.shard_check import verify_output
+
+    checks = verify_output(Path(args.output))
+    bad = [c for c in checks if c.state != "done"]
+    for check in bad:
+        label = "damaged" if check.state == "damaged" else "not done"
+        console.print(f"[red]{label}[/red] {check.stem}: {check.problem}", highlight=False)
+    damaged = sum(c.state == "damaged" for c in bad)
+    console.print(f"{len(checks)} shard(s) checked: {len(checks) - len(bad)} intact, {damaged} damaged, "
+                  f"{len(bad) - damaged} not done" + ("; a rerun redoes them" if bad else ""))
+    return EXIT_SHARD_FAILED if bad else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
@@ -182,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "cache":
             return _cache(args, console)
+        if args.command == "verify":
+            return _verify(args, console)
         if args.command == "bench":
             from vidbatch.tools.bench import bench_main
 

@@ -30,7 +30,7 @@ from vidbatch.metrics import compute_metrics, load_clip_scorer, metric_keys
 from vidbatch.metrics.clip import resolve_clip_model
 from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint, quiet_loading
 from vidbatch.models.motion import with_motion_adapter
-from vidbatch.io.input_shards import InputSample, read_samples
+from vidbatch.io.input_shards import InputLimits, InputSample, read_samples
 from vidbatch.io.video import decode_video, encode_mp4
 
 log = logging.getLogger("vidbatch")
@@ -86,24 +86,28 @@ class ShardDataset(IterableDataset):
         self.size_multiple = size_multiple
 
     def prepare(self, sample: InputSample) -> PreparedSample:
+        """Decodes one sample; whatever goes wrong (a SampleError or any surprise) becomes its `error`."""
         prepared = PreparedSample(key=sample.key, edits=plan_edits(self.config, sample.edits or self.config.edits),
                                   prompt=sample.prompt, error=sample.error)
         if prepared.error is not None:
             return prepared
         v = self.config.video
         started = time.perf_counter()
+        what = f"{sample.key}.{sample.video_ext}"
         try:
             decoded = decode_video(
                 sample.video, sample.video_ext, short_side=v.size, multiple=self.size_multiple,
                 max_frames=v.max_frames, frame_stride=v.frame_stride, min_frames=v.min_frames,
                 max_input_bytes=int(v.max_input_mb * 2**20), max_source_pixels=v.max_source_pixels)
-        except SampleError as exc:
-            prepared.error = f"cannot decode {sample.key}.{sample.video_ext}: {exc}"
-        else:
             prepared.frames, prepared.fps, prepared.audio = decoded.frames, decoded.fps, decoded.audio
             prepared.control_frames, prepared.error = self.control_frames(sample, decoded.frames, prepared.edits)
             if prepared.error is None:
                 prepared.mask, prepared.error = self.mask(sample, decoded.frames, prepared.edits)
+        except SampleError as exc:
+            prepared.error = f"cannot decode {what}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - one sample's surprise must not end the shard
+            log.exception("preparing sample %s failed", sample.key)
+            prepared.error = f"cannot prepare {what}: {type(exc).__name__}: {exc}"
         prepared.decode_seconds = time.perf_counter() - started
         return prepared
 
@@ -151,7 +155,8 @@ class ShardDataset(IterableDataset):
         return mask.mean(axis=-1) > 127, None
 
     def __iter__(self) -> Iterator[PreparedSample]:
-        for sample in read_samples(self.url):
+        limits = InputLimits(max_video_bytes=int(self.config.video.max_input_mb * 2**20))
+        for sample in read_samples(self.url, limits):
             yield self.prepare(sample)
 
 

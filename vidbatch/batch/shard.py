@@ -14,6 +14,7 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 
 from vidbatch.batch.module import SampleResult, VideoEditModule
 from vidbatch.batch.writer import ShardPredictionWriter
+from vidbatch.config.output_hash import output_config_hash
 from vidbatch.core.rows import DoneMarker
 from vidbatch.io.output_shards import marker_path
 
@@ -106,7 +107,7 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
                 writer = ShardPredictionWriter(out_dir, url, stem, on_sample=on_sample)
             trainer = _trainer(module, writer)
             trainer.predict(module, dataloaders=module.dataloader(url), return_predictions=False)
-            return writer.finish()
+            return writer.finish(output_config_hash(module.config))
         except BaseException:  # SIGTERM (SystemExit) included, wherever it lands, the commit too
             if writer is not None:
                 writer.abort()

@@ -43,11 +43,13 @@ class ShardPredictionWriter(BasePredictionWriter):
         if self.on_sample is not None:
             self.on_sample(prediction)
 
-    def finish(self) -> DoneMarker:
-        """Commits the shard: tar and jsonl under their final names, then the done marker."""
+    def finish(self, config_hash: str | None = None) -> DoneMarker:
+        """Commits the shard: tar and jsonl under their final names, then the done marker, which records
+        `config_hash` (the output-shaping config's, `config.output_hash`)."""
         marker = DoneMarker.for_shard(shard=self.url, stem=self.output.stem, keys=self.output.keys,
                                       rows=self.output.rows, seconds=time.perf_counter() - self._started,
-                                      started_at=self.started_at, finished_at=utc_now())
+                                      started_at=self.started_at, finished_at=utc_now(),
+                                      config_hash=config_hash)
         return self.output.commit(marker)
 
     def abort(self) -> None:

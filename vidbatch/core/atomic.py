@@ -3,20 +3,25 @@
 Every file vidbatch publishes (shards, stats, done markers, cache entries, the report, configs) is
 written under a unique temporary name in its final directory, flushed and fsynced, renamed into
 place, and the directory is fsynced so the rename survives a crash. A failed write removes its
-temporary. Temporaries are created with mode 0666 minus the umask (not mkstemp's 0600), so files
-in a shared folder stay readable by the group as the user's umask says.
+temporary. Published files have mode 0666 minus the umask (not mkstemp's 0600), also when a
+library wrote them with a mode of its own (safetensors writes 0600), so files in a shared folder
+(the inversion cache, an output) stay readable by the group as the user's umask says.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 TMP_SUFFIX = ".tmp"
+# A temporary this old belongs to a writer that was killed (a write takes seconds to minutes).
+STALE_TMP_SECONDS = 3600.0
 
 
 def temporary_path(path: str | Path) -> Path:
@@ -26,6 +31,31 @@ def temporary_path(path: str | Path) -> Path:
     """
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+
+
+def remove_stale_temporaries(final: str | Path, older_than_s: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Removes what killed writers of `final` left beside it: `.{name}.*.tmp` files or folders (and
+    `.{name}.old-*` folders of a folder swap) not modified for `older_than_s`. Returns what it removed.
+
+    A writer that fails with an exception removes its own temporary; this is for one that was killed
+    (SIGKILL, a node lost). By age, not by pid: a writer on another host may share the folder.
+    """
+    final = Path(final)
+    removed = []
+    now = time.time()
+    for pattern in (f".{final.name}.*{TMP_SUFFIX}", f".{final.name}.old-*"):
+        for path in final.parent.glob(pattern):
+            try:
+                if now - path.lstat().st_mtime < older_than_s:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except OSError:   # gone meanwhile, or not ours to remove: leave it
+                continue
+            removed.append(path)
+    return removed
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -53,15 +83,32 @@ def publish(tmp: str | Path, final: str | Path) -> None:
     fsync_dir(Path(final).parent)
 
 
+def umask_file_mode() -> int:
+    """0666 minus the process umask: the mode `open()` gives a new file. Read from /proc where it can
+    be (setting the umask to read it is process-wide and races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yields a temporary path to write `final` through (for libraries that take a path, e.g. safetensors).
 
-    On normal exit the file at the temporary path is published as `final`; on an exception it is removed.
+    On normal exit the file at the temporary path gets the umask's mode (`umask_file_mode`) and is
+    published as `final`; on an exception it is removed.
     """
     tmp = temporary_path(final)
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, umask_file_mode())
         publish(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -19,3 +19,11 @@ class SampleError(VidbatchError):
 
 class VideoDecodeError(SampleError):
     """A video could not be decoded (corrupt, truncated, empty, unsupported, too small or too large)."""
+
+
+class OutputConfigChangedError(ConfigError):
+    """A rerun's output-shaping config differs from the one the output's done shards were made with (exit 2)."""
+
+
+class OutputBusyError(VidbatchError):
+    """Another live run is writing the same output folder (exit 2)."""

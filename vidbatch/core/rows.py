@@ -7,7 +7,9 @@ this order (the dataclass field order), with the values as written since the fir
   A sample that failed (bad video, missing prompt, an editing error) is an `EditRow` with status
   `failed` and `error` naming the cause: there is no separate per-sample failure record.
 - `SampleRecord`: `{key}.json` in the output shard, the rows of one video.
-- `DoneMarker`: `stats/{stem}.json`, written last; its presence means the shard is complete.
+- `DoneMarker`: `stats/{stem}.json`, written last; its presence means the shard is complete. It
+  records the hash of the config that shaped the output and each output file's size and sha256, so a
+  rerun can tell a complete shard from a damaged one or one made with another config.
 
 `from_json` refuses keys it does not know (a reader and a writer out of step should fail loudly,
 not drop a field) and fills fields that are missing with their defaults (rows written before a
@@ -138,7 +140,9 @@ class SampleRecord:
 class DoneMarker:
     """`stats/{stem}.json`: the shard is complete (its tar and jsonl are under their final names).
 
-    Runs resume by skipping shards that have one; the Ray driver takes its counts as the truth.
+    Runs resume by skipping shards that have one whose files still match it (`files`) and whose
+    `config_hash` is the run's; the Ray driver takes its counts as the truth. Markers written before
+    `config_hash` and `files` existed read with null / {} there.
     """
 
     shard: str           # the input shard's URL
@@ -152,17 +156,22 @@ class DoneMarker:
     seconds: float       # wall time of the shard, writer start to commit
     started_at: str      # ISO 8601, UTC, whole seconds
     finished_at: str
+    config_hash: str | None = None   # hash of the output-shaping config (config.output_hash)
+    # Output files by path relative to OUT (`shards/{stem}.tar`, `stats/{stem}.jsonl`): {"bytes", "sha256"}.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def for_shard(cls, *, shard: str, stem: str, keys: Sequence[str], rows: Sequence[EditRow], seconds: float,
-                  started_at: str, finished_at: str) -> DoneMarker:
-        """The marker of a shard whose samples are `keys` and whose rows are `rows`."""
+                  started_at: str, finished_at: str, config_hash: str | None = None) -> DoneMarker:
+        """The marker of a shard whose samples are `keys` and whose rows are `rows` (`files` are
+        filled in by the commit, once the files are closed)."""
         failed_keys = {row.key for row in rows if not row.ok}
         return cls(shard=shard, stem=stem, samples=len(keys), samples_ok=len(keys) - len(failed_keys),
                    samples_failed=len(failed_keys), rows_ok=sum(row.ok for row in rows),
                    rows_failed=sum(not row.ok for row in rows),
                    frames=sum(row.frames or 0 for row in rows if row.ok),
-                   seconds=round(seconds, 3), started_at=started_at, finished_at=finished_at)
+                   seconds=round(seconds, 3), started_at=started_at, finished_at=finished_at,
+                   config_hash=config_hash)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,10 +9,11 @@ from typing import Sequence
 
 from rich.console import Console
 
+from vidbatch.config.output_hash import output_config_hash
 from vidbatch.config.schema import Config, save_config
-from vidbatch.core.errors import ConfigError
+from vidbatch.core.errors import ConfigError, OutputConfigChangedError
 from vidbatch.io.input_shards import check_local_urls, expand_urls, shard_stem
-from vidbatch.io.output_shards import is_done
+from vidbatch.io.shard_check import check_shard
 
 log = logging.getLogger("vidbatch")
 
@@ -24,14 +25,18 @@ class RunPlan:
     urls: list[str]
     stems: list[str]
     todo: list[int] = field(default_factory=list)
+    redo: dict[str, str] = field(default_factory=dict)   # stem -> why a shard with a marker is redone
 
 
 def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
-             shard_index: int = 0, num_shards: int = 1) -> RunPlan:
+             shard_index: int = 0, num_shards: int = 1, config_hash: str | None = None) -> RunPlan:
     """Expands the inputs, checks them, and picks the shards this invocation must process.
 
     With `num_shards` > 1 (SLURM arrays), this invocation takes every `num_shards`-th shard from
-    `shard_index`.
+    `shard_index`. Without `overwrite`, a shard is skipped only when its done marker reads and its
+    files still have the recorded sizes (`io.shard_check`); a damaged one is redone. A done shard
+    whose marker records another `config_hash` (the output-shaping config, `config.output_hash`)
+    raises OutputConfigChangedError: one output never mixes two configs.
     """
     urls = expand_urls(list(inputs))
     if not urls:
@@ -49,9 +54,28 @@ def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
         seen[stem] = url
     if not 0 <= shard_index < num_shards:
         raise ConfigError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
-    mine = range(shard_index, len(urls), num_shards)
-    todo = [i for i in mine if overwrite or not is_done(out_dir, stems[i])]
-    return RunPlan(urls=urls, stems=stems, todo=todo)
+    plan = RunPlan(urls=urls, stems=stems)
+    changed: list[tuple[str, str]] = []
+    for i in range(shard_index, len(urls), num_shards):
+        if overwrite:
+            plan.todo.append(i)
+            continue
+        check = check_shard(out_dir, stems[i])
+        if check.state == "done":
+            recorded = check.marker.config_hash if check.marker is not None else None
+            if config_hash is not None and recorded is not None and recorded != config_hash:
+                changed.append((stems[i], recorded))
+            continue
+        plan.todo.append(i)
+        if check.state == "damaged":
+            plan.redo[stems[i]] = check.problem or "damaged"
+    if changed:
+        more = f" (and {len(changed) - 1} more shard(s))" if len(changed) > 1 else ""
+        raise OutputConfigChangedError(
+            f"shard {changed[0][0]}{more} in {out_dir} was made with another output config "
+            f"(hash {changed[0][1]}, this run's {config_hash}); rerun with --overwrite to redo it with this "
+            "config, or write to another --output")
+    return plan
 
 
 @dataclass
@@ -69,8 +93,11 @@ def prepare_run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwri
     """Plans the run (raises ConfigError on bad inputs) and writes `OUT/config.yaml`."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_run(inputs, out_dir, overwrite, shard_index, num_shards)
+    plan = plan_run(inputs, out_dir, overwrite, shard_index, num_shards, output_config_hash(config))
     save_config(config, out_dir / "config.yaml")
+    for stem, why in plan.redo.items():
+        log.warning("shard %s is done but damaged (%s): redoing it", stem, why)
+        console.print(f"[yellow]shard {stem} redone:[/yellow] {why}", highlight=False)
     skipped = len(range(shard_index, len(plan.urls), num_shards)) - len(plan.todo)
     log.info("run: %d shard(s), %d to do, %d already done (backend %s)", len(plan.urls), len(plan.todo), skipped,
              config.runtime.backend)

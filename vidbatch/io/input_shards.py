@@ -3,7 +3,13 @@
 A sample is `{key}.<video ext>` plus an optional `{key}.json` (`{"prompt": "...", "edits": [...]}`)
 or `{key}.txt` (the prompt), an optional `{key}.control.mp4` (control frames) and an optional
 `{key}.mask.mp4` (a foreground mask video, for methods that use one). Problems with one
-sample are recorded on it (`error`), never raised, so the shard goes on.
+sample are recorded on it (`error`), never raised, so the shard goes on: a member over its size limit
+(checked from the tar header, before its bytes are read), a json that does not parse (bad encoding,
+nesting too deep), a member or key that appears twice.
+
+Members are grouped into samples as WebDataset does (consecutive members sharing the part of the
+name before the basename's first dot), but read with `io.tar_stream`, so a member's bytes are read
+only when it is one the sample needs and within its limit.
 """
 
 from __future__ import annotations
@@ -13,14 +19,33 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Container, Iterator, Sequence
 
 import braceexpand
-import webdataset as wds
+from webdataset.gopen import gopen
 
 from vidbatch.core.edits import EDIT_NAME_PATTERN, EditSpec
+from vidbatch.io.tar_stream import TarMember, TarStream, open_decompressed
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "gif", "m4v")
+META_EXTENSIONS = ("json", "txt")
+CONTROL_EXTENSION = "control.mp4"
+MASK_EXTENSION = "mask.mp4"
+# A sample's json or txt is a prompt and a few edits; anything larger is not one.
+MAX_META_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Size limits on a sample's members, checked from the tar header before any byte is read.
+
+    `max_video_bytes` (video.max_input_mb) bounds the video, control and mask members, `max_meta_bytes`
+    the json and txt; `video_limit_name` is how an error names the video limit.
+    """
+
+    max_video_bytes: int | None = None
+    max_meta_bytes: int = MAX_META_BYTES
+    video_limit_name: str = "video.max_input_mb"
 
 
 @dataclass
@@ -103,30 +128,32 @@ def _parse_edits(value: object) -> list[EditSpec]:
 
 
 def parse_sample(raw: dict) -> InputSample:
-    """One WebDataset sample dict (`__key__` and extension -> bytes) as an InputSample."""
+    """One WebDataset sample dict (`__key__` and extension -> bytes) as an InputSample.
+
+    Never raises: whatever is wrong with the sample (its json nested too deep, bytes that are not
+    UTF-8, no video) becomes its `error`, naming the member and the cause.
+    """
     sample = InputSample(key=str(raw.get("__key__")))
     videos = [ext for ext in VIDEO_EXTENSIONS if ext in raw]
     if videos:
         sample.video_ext = videos[0]
         sample.video = raw[videos[0]]
-    sample.control_video = raw.get("control.mp4")
-    sample.mask_video = raw.get("mask.mp4")
+    sample.control_video = raw.get(CONTROL_EXTENSION)
+    sample.mask_video = raw.get(MASK_EXTENSION)
+    member = "json" if "json" in raw else "txt"
     try:
         if "json" in raw:
-            meta = json.loads(raw["json"])
-            if not isinstance(meta, dict):
-                raise ValueError("must be a JSON object")
-            prompt = meta.get("prompt")
-            if prompt is not None and not isinstance(prompt, str):
-                raise ValueError("'prompt' must be a string")
-            sample.prompt = prompt
-            if "edits" in meta:
-                sample.edits = _parse_edits(meta["edits"])
+            _apply_json(sample, raw["json"])
         elif "txt" in raw:
-            sample.prompt = raw["txt"].decode("utf-8").strip()
-    except (ValueError, UnicodeDecodeError) as exc:
-        member = "json" if "json" in raw else "txt"
+            sample.prompt = bytes(raw["txt"]).decode("utf-8").strip()
+    except RecursionError:
+        sample.error = f"bad {sample.key}.{member}: JSON nested too deeply to parse"
+        return sample
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
         sample.error = f"bad {sample.key}.{member}: {exc}"
+        return sample
+    except Exception as exc:  # noqa: BLE001 - anything in one sample's metadata fails that sample alone
+        sample.error = f"bad {sample.key}.{member}: {type(exc).__name__}: {exc}"
         return sample
     if sample.video is None:
         present = sorted(k for k in raw if not k.startswith("__"))
@@ -135,8 +162,118 @@ def parse_sample(raw: dict) -> InputSample:
     return sample
 
 
-def read_samples(url: str) -> Iterator[InputSample]:
-    """The samples of one shard, in order, read with stock webdataset (path or `pipe:` URL)."""
-    dataset = wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    for raw in dataset:
-        yield parse_sample(raw)
+def _apply_json(sample: InputSample, data: bytes) -> None:
+    meta = json.loads(bytes(data))
+    if not isinstance(meta, dict):
+        raise ValueError("must be a JSON object")
+    prompt = meta.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError("'prompt' must be a string")
+    sample.prompt = prompt
+    if "edits" in meta:
+        sample.edits = _parse_edits(meta["edits"])
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """`dir/clip.mp4` -> (`dir/clip`, `mp4`), `a.control.mp4` -> (`a`, `control.mp4`), as WebDataset
+    groups members: the key is everything before the basename's first dot; (None, None) without one."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    if not match:
+        return None, None
+    return match.group(1), match.group(2).lower()
+
+
+def _member_limit(ext: str, limits: InputLimits) -> tuple[int | None, str] | None:
+    """(limit in bytes, its name) for a member the sample uses; None for a member that is not read."""
+    if ext in VIDEO_EXTENSIONS or ext in (CONTROL_EXTENSION, MASK_EXTENSION):
+        return limits.max_video_bytes, limits.video_limit_name
+    if ext in META_EXTENSIONS:
+        return limits.max_meta_bytes, f"for a .{ext}"
+    return None
+
+
+class _SampleGrouper:
+    """Collects consecutive members of one key into a raw sample dict; notes the first problem."""
+
+    def __init__(self, limits: InputLimits, keys: Container[str] | None = None):
+        self.limits = limits
+        self.keys = keys
+        self.seen: dict[str, int] = {}   # key -> its sample's position in the shard
+        self.raw: dict | None = None
+        self.error: str | None = None
+        self.skip = False
+
+    def start(self, key: str) -> None:
+        self.raw, self.error = {"__key__": key}, None
+        self.skip = self.keys is not None and key not in self.keys
+        if key in self.seen:
+            self.error = (f"key {key!r} appears again in the shard (first as sample {self.seen[key] + 1}); "
+                          "only its first sample is edited")
+        else:
+            self.seen[key] = len(self.seen)
+
+    def add(self, member: TarMember, ext: str, stream: TarStream) -> None:
+        assert self.raw is not None
+        key = self.raw["__key__"]
+        if self.skip or self.error is not None:
+            self.raw.setdefault(ext, None)   # a sample not wanted, or failed already: nothing more is read
+            return
+        if ext in self.raw:
+            self.error = self.error or f"member {key}.{ext} appears twice in the sample"
+            return
+        if member.error is not None:
+            self.error = self.error or f"member {key}.{ext}: {member.error}"
+            return
+        limit = _member_limit(ext, self.limits)
+        if limit is None:
+            self.raw[ext] = b""   # not used: present (a "no video" error lists it), not read
+            return
+        max_bytes, limit_name = limit
+        if max_bytes is not None and member.size > max_bytes:
+            self.error = self.error or (f"member {key}.{ext} is {member.size} bytes, over the limit "
+                                        f"{limit_name} ({max_bytes} bytes); not read")
+            return
+        self.raw[ext] = stream.read()
+
+    def finish(self) -> InputSample | None:
+        if self.raw is None:
+            return None
+        raw, error = self.raw, self.error
+        self.raw = self.error = None
+        if self.skip:
+            return None
+        if error is not None:
+            return InputSample(key=raw["__key__"], error=error)
+        return parse_sample(raw)
+
+
+def iter_tar_samples(stream: TarStream, limits: InputLimits,
+                     keys: Container[str] | None = None) -> Iterator[InputSample]:
+    """The samples of a tar stream, in order (only those of `keys`, when given); see the module docstring."""
+    grouper = _SampleGrouper(limits, keys)
+    for member in stream.members():
+        key, ext = split_member_name(member.name)
+        if key is None or ext is None or ext.startswith("__") or not member.is_file:
+            continue  # directories, links, no extension, `__x__` ones: not sample members (as WebDataset)
+        if grouper.raw is None or key != grouper.raw["__key__"]:
+            done = grouper.finish()
+            if done is not None:
+                yield done
+            grouper.start(key)
+        grouper.add(member, ext, stream)
+    done = grouper.finish()
+    if done is not None:
+        yield done
+
+
+def read_samples(url: str, limits: InputLimits | None = None,
+                 keys: Container[str] | None = None) -> Iterator[InputSample]:
+    """The samples of one shard, in order (a path, a `pipe:` URL or any URL WebDataset's gopen opens;
+    gzip, bzip2 or xz compressed or not). With `keys`, only those samples: the others' members are
+    skipped unread."""
+    raw = gopen(url, "rb")
+    try:
+        stream, _ = open_decompressed(raw)
+        yield from iter_tar_samples(TarStream(stream), limits or InputLimits(), keys)
+    finally:
+        raw.close()

@@ -1,20 +1,26 @@
 """Output shards: written under temporary names, renamed when complete, done marker written last.
 
 Layout under the output folder (the output contract other tools read):
-- `shards/{stem}.tar`: one WebDataset sample per input video: `{key}.{edit}.mp4` per edit, `{key}.json`;
+- `shards/{stem}.tar`: one WebDataset sample per input video: `{name}.{edit}.mp4` per edit, `{name}.json`,
+  where `name` is the key made safe (`core.names`: a plain relative name, unique in the shard) and
+  the json keeps the original key;
 - `stats/{stem}.jsonl`: one row per (video, edit);
-- `stats/{stem}.json`: the shard's done marker, written only after both files above are complete.
+- `stats/{stem}.json`: the shard's done marker, written only after both files above are complete,
+  with their sizes and sha256 (hashed as they are written).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import webdataset as wds
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, publish, temporary_path
+from vidbatch.core.names import MemberStems
 from vidbatch.core.rows import DoneMarker, EditRow
 from vidbatch.core.errors import ConfigError
 
@@ -71,8 +77,41 @@ def remove_stale_temporaries(out_dir: Path, stem: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
+class _HashingFile:
+    """A file opened for writing that keeps the sha256 and the size of what went through it."""
+
+    def __init__(self, path: Path):
+        self._file: BinaryIO = open(path, "xb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def record(self) -> dict[str, Any]:
+        """What the done marker keeps of the file: `{"bytes", "sha256"}`."""
+        return {"bytes": self.size, "sha256": self._hash.hexdigest()}
+
+
+def relative_name(out_dir: Path, path: Path) -> str:
+    """`path` relative to the output folder, with `/`: how a done marker names its files."""
+    return path.relative_to(out_dir).as_posix()
+
+
 class ShardOutput:
-    """Appends samples to one output shard; `commit` makes it visible, `abort` throws it away."""
+    """Appends samples to one output shard; `commit` makes it visible, `abort` throws it away.
+
+    Samples are written under safe member names (`core.names.MemberStems`): a key that is not a plain
+    name, or one that appears twice, never decides a path in the tar.
+    """
 
     def __init__(self, out_dir: str | Path, stem: str):
         self.out_dir = Path(out_dir)
@@ -83,30 +122,38 @@ class ShardOutput:
         # Streamed into unique temporaries (a retry racing this attempt never shares them), published in `commit`.
         self._tar_tmp = temporary_path(shard_path(self.out_dir, stem))
         self._rows_tmp = temporary_path(rows_path(self.out_dir, stem))
-        self._tar_file = open(self._tar_tmp, "xb")
+        self._tar_file = _HashingFile(self._tar_tmp)
         self._tar = wds.TarWriter(self._tar_file, encoder=False)
-        self._rows_file = open(self._rows_tmp, "x")
+        self._rows_file = _HashingFile(self._rows_tmp)
+        self._stems = MemberStems()
         self.keys: list[str] = []
         self.rows: list[EditRow] = []
 
-    def add(self, key: str, members: dict[str, bytes], rows: list[EditRow]) -> None:
-        """One sample: `members` maps extensions (`{edit}.mp4`, `json`) to bytes; `rows` go to the jsonl."""
-        if key in self.keys:
-            raise ValueError(f"sample key {key!r} appears twice in shard {self.stem}")
-        self._tar.write({"__key__": key, **members})
+    def add(self, key: str, members: dict[str, bytes], rows: list[EditRow]) -> str:
+        """One sample: `members` maps extensions (`{edit}.mp4`, `json`) to bytes; `rows` go to the jsonl.
+
+        Returns the member name stem the sample was written under."""
+        stem = self._stems.assign(key)
+        self._tar.write({"__key__": stem, **members})
         for row in rows:
-            self._rows_file.write(json.dumps(row.to_json()) + "\n")
+            self._rows_file.write((json.dumps(row.to_json()) + "\n").encode())
         self._rows_file.flush()
         self.keys.append(key)
         self.rows.extend(rows)
+        return stem
 
     def commit(self, marker: DoneMarker) -> DoneMarker:
-        """Closes and renames the shard and its rows, then writes the done marker (last)."""
+        """Closes and renames the shard and its rows, then writes the done marker (last), with the
+        files' sizes and checksums."""
         self._tar.close()  # writes the tar's end blocks; leaves the file open
         self._tar_file.close()
         self._rows_file.close()
-        publish(self._tar_tmp, shard_path(self.out_dir, self.stem))
-        publish(self._rows_tmp, rows_path(self.out_dir, self.stem))
+        tar, rows = shard_path(self.out_dir, self.stem), rows_path(self.out_dir, self.stem)
+        files = {relative_name(self.out_dir, tar): self._tar_file.record(),
+                 relative_name(self.out_dir, rows): self._rows_file.record()}
+        marker = dataclasses.replace(marker, files=files)
+        publish(self._tar_tmp, tar)
+        publish(self._rows_tmp, rows)
         write_json_atomic(marker_path(self.out_dir, self.stem), marker.to_json())
         return marker
 

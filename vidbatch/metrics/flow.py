@@ -126,16 +126,21 @@ def warp_error(
         raise ValueError(
             f"source and edited must have the same number of frames, got {source.shape[0]} and {edited.shape[0]}"
         )
-    src = _resize_frames(source, edited.shape[1:3])
-    edited_f = edited.astype(np.float32) / 255.0
+    # Frame by frame (two at a time), so a long video costs no more memory than a short one.
     errors = []
+    size_hw = edited.shape[1:3]
+    src_next = _resize_frames(source[:1], size_hw)[0]
+    edited_next = edited[0].astype(np.float32) / 255.0
     for t in range(edited.shape[0] - 1):
-        flow_fw = estimate_flow(src[t], src[t + 1], flow_method)
-        flow_bw = estimate_flow(src[t + 1], src[t], flow_method)
+        src_t, edited_t = src_next, edited_next
+        src_next = _resize_frames(source[t + 1: t + 2], size_hw)[0]
+        edited_next = edited[t + 1].astype(np.float32) / 255.0
+        flow_fw = estimate_flow(src_t, src_next, flow_method)
+        flow_bw = estimate_flow(src_next, src_t, flow_method)
         mask = _valid_mask(flow_fw, flow_bw, occlusion_threshold)
         if not mask.any():
             continue
-        warped = _sample(edited_f[t + 1], flow_fw)
-        diff = np.abs(edited_f[t] - warped).mean(-1)
+        warped = _sample(edited_next, flow_fw)
+        diff = np.abs(edited_t - warped).mean(-1)
         errors.append(float(diff[mask].mean()))
     return float(np.mean(errors)) if errors else math.nan

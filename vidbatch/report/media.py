@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import yaml
 
+from vidbatch.core.names import safe_member_stem
 from vidbatch.core.atomic import fsync_dir, publish, temporary_path
 from vidbatch.core.rows import EditRow
 from vidbatch.io.input_shards import read_samples, shard_stem
@@ -117,7 +118,8 @@ def _read_sources(url: str, keys: set[str]) -> _Sources:
         sources.unavailable = "source not available at report time (input shard is not a local file)"
         return sources
     try:
-        sources.videos = {s.key: (s.video, s.video_ext) for s in read_samples(url)
+        # Only the edited samples are read (an input may hold members far over the run's limits).
+        sources.videos = {s.key: (s.video, s.video_ext) for s in read_samples(url, keys=keys)
                           if s.video is not None and s.key in keys}
     except Exception as exc:  # noqa: BLE001 - the report goes on without sources
         sources.unavailable = f"source not available: input shard unreadable ({type(exc).__name__})"
@@ -199,7 +201,8 @@ class _ShardFiles:
     sources: dict[str, _Sources] = field(default_factory=dict)
 
     def edited_mp4(self, stem: str, key: str, edit: str) -> bytes | None:
-        """The bytes of `{key}.{edit}.mp4` in `shards/{stem}.tar`, or None when it is not there."""
+        """The bytes of the edit's mp4 in `shards/{stem}.tar` (member `{safe_member_stem(key)}.{edit}.mp4`),
+        or None when it is not there."""
         if stem not in self.tars:
             path = self.out_dir / "shards" / f"{stem}.tar"
             try:
@@ -208,7 +211,7 @@ class _ShardFiles:
                 self.tars[stem] = None
         tar = self.tars[stem]
         try:
-            member = tar.extractfile(f"{key}.{edit}.mp4") if tar is not None else None
+            member = tar.extractfile(f"{safe_member_stem(key)}.{edit}.mp4") if tar is not None else None
         except KeyError:
             member = None
         return member.read() if member is not None else None
@@ -231,14 +234,14 @@ def _write_videos(item: Media, folder: Path, rel: str, row: EditRow, edited_byte
                   source: np.ndarray | None) -> None:
     """The edited mp4 and its poster, and (once per sample) the re-encoded source and its poster."""
     key, edit = row.key, row.edit
-    stem_name = f"{_safe(key)}.{_safe(edit)}"
+    stem_name = f"{safe_member_stem(key)}.{_safe(edit)}"
     (folder / f"{stem_name}.mp4").write_bytes(edited_bytes)
     item.edited = f"{rel}/{stem_name}.mp4"
     edited = decode_video(edited_bytes, "mp4", short_side=None, multiple=2).frames
     _write_jpeg(folder / f"{stem_name}.jpg", edited[len(edited) // 2])
     item.edited_poster = f"{rel}/{stem_name}.jpg"
     if source is not None:
-        src_name = f"{_safe(key)}.source"
+        src_name = f"{safe_member_stem(key)}.source"
         if not (folder / f"{src_name}.mp4").exists():
             (folder / f"{src_name}.mp4").write_bytes(encode_mp4(source, float(row.fps), crf=23))
             _write_jpeg(folder / f"{src_name}.jpg", source[len(source) // 2])
@@ -252,7 +255,7 @@ def _write_sheet(item: Media, folder: Path, rel: str, row: EditRow, edited_bytes
     key, edit = row.key, row.edit
     edited = decode_video(edited_bytes, "mp4", short_side=None, multiple=2).frames
     strips = ([("source", source[:len(edited)])] if source is not None else []) + [(edit, edited)]
-    name = f"{_safe(key)}.{_safe(edit)}.jpg"
+    name = f"{safe_member_stem(key)}.{_safe(edit)}.jpg"
     _write_jpeg(folder / name, contact_sheet(strips))
     item.sheet = f"{rel}/{name}"
 
@@ -268,7 +271,7 @@ def _row_media(files: _ShardFiles, shard_row: ShardRow, media_dir: Path, stride:
     rel = f"{MEDIA_DIR}/{_safe(stem)}"
     edited_bytes = files.edited_mp4(stem, key, edit)
     if edited_bytes is None:
-        item.note = f"{key}.{edit}.mp4 is not in shards/{stem}.tar"
+        item.note = f"{safe_member_stem(key)}.{edit}.mp4 is not in shards/{stem}.tar"
         return item
     try:
         source = _source_frames(sources, row, stride)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vidbatch import __version__
-from vidbatch.core.atomic import atomic_write
+from vidbatch.core.atomic import atomic_write, remove_stale_temporaries
+from vidbatch.core.errors import VidbatchError
 from vidbatch.core.rows import EditRow
 from vidbatch.metrics import Metric, get_metric, registered_metrics
 from vidbatch.report.charts import svg_bars
@@ -306,6 +307,8 @@ def write_report(out_dir: str | Path, summary: dict | None = None, *, max_videos
         write leaves no temporary file or folder behind.
     """
     out_dir = Path(out_dir)
+    for name in ("report.html", MEDIA_DIR):   # what killed writers left (failed ones clean up themselves)
+        remove_stale_temporaries(out_dir / name)
     try:
         summary = summary if summary is not None else load_summary(out_dir)
         rows = load_rows(out_dir, summary)
@@ -318,6 +321,8 @@ def write_report(out_dir: str | Path, summary: dict | None = None, *, max_videos
         log.info("report written to %s", path)
         return path
     except Exception as exc:
+        if strict and isinstance(exc, OSError):   # a user's problem (disk full, a folder in the way): no traceback
+            raise VidbatchError(f"report not written: {type(exc).__name__}: {exc}") from exc
         if strict:
             raise
         log.warning("report not written: %s: %s (rebuild it with `vidbatch report %s`)",

@@ -22,19 +22,39 @@ from vidbatch.core.errors import VidbatchError
 from vidbatch.metrics import get_metric, metric_keys
 from vidbatch.io.input_shards import shard_stem
 from vidbatch.core.rows import DoneMarker, EditRow
-from vidbatch.io.output_shards import read_done_marker, read_rows
+from vidbatch.io.output_shards import read_rows
+from vidbatch.io.shard_check import check_shard
 
 FLOW_NAMES = {"dis": "DIS (medium preset)", "farneback": "Farneback"}
 STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")
 PACKAGES = ("torch", "diffusers", "transformers", "lightning", "webdataset", "opencv-python-headless")
 
 
-def failure_cause(error: str) -> str:
-    """Groups error messages by cause: drops the sample-specific part (file names, numbers)."""
+def failure_cause(error: str, key: str | None = None) -> str:
+    """Groups error messages by cause: drops the sample-specific parts, never a word's own digits.
+
+    The sample's key becomes `<key>`, quoted values `'…'`, and numbers standing alone (`12 frames`,
+    `1.5 MB`, `640x480`) `N`; digits inside a word stay (`mp4`, `h264`, `x264`), so causes keep
+    their text. Of `cannot decode KEY.EXT: cause`, only the cause is kept.
+    """
     cause = error.split(": ", 1)[1] if error.startswith("cannot decode ") and ": " in error else error
+    if key:
+        cause = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w])", "<key>", cause)
     cause = re.sub(r"'[^']*'", "'…'", cause)
-    cause = re.sub(r"\d+(\.\d+)?", "N", cause)
-    return cause[:160]
+    return _NUMBER.sub(_number_to_n, cause)[:160]
+
+
+# A number that starts a word: digits, a fraction, `x` and more digits (a size), then letters (a unit).
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:x\d+)?([A-Za-z]*)(?!\w|\.\d)")
+_UNITS = {"", "s", "ms", "h", "B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB", "px", "fps", "k", "M", "G"}
+
+
+def _number_to_n(match: re.Match) -> str:
+    """`12` -> `N`, `1.5MB` -> `NMB`, `640x480` -> `N`; a word that only starts with digits (`3gp`,
+    `2pass`...) is a name, kept whole."""
+    unit = match.group(1)
+    return "N" + unit if unit in _UNITS else match.group(0)
+
 
 
 def _nearest_rank(ordered: Sequence[float], q: float) -> float:
@@ -103,14 +123,15 @@ def metrics_by(ok_rows: Sequence[EditRow], config: Config) -> dict:
 
 
 def _read_done_shards(out_dir: Path, stems: Sequence[str]) -> tuple[list[EditRow], list[DoneMarker]]:
-    """The rows and done markers of the shards of `stems` that are done (have a marker)."""
+    """The rows and done markers of the shards of `stems` that are done (a readable marker whose files
+    are all there, at their recorded sizes): a damaged shard counts as not done."""
     rows: list[EditRow] = []
     markers: list[DoneMarker] = []
     for stem in stems:
-        marker = read_done_marker(out_dir, stem)
-        if marker is None:
+        check = check_shard(out_dir, stem)
+        if check.state != "done" or check.marker is None:
             continue
-        markers.append(marker)
+        markers.append(check.marker)
         rows.extend(read_rows(out_dir, stem))
     return rows, markers
 
@@ -181,7 +202,7 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
                     "ok": sum(m.samples_ok for m in markers),
                     "failed": sum(m.samples_failed for m in markers)},
         "edits": {"ok": len(ok), "failed": len(failed)},
-        "failures_by_cause": dict(Counter(failure_cause(r.error or "unknown") for r in failed).most_common()),
+        "failures_by_cause": dict(Counter(failure_cause(r.error or "unknown", r.key) for r in failed).most_common()),
         "frames_edited": frames,
         "throughput": {
             "videos_per_hour": videos / shard_seconds * 3600 if shard_seconds else None,

@@ -1,0 +1,101 @@
+"""Is an output shard done and intact? Its done marker checked against the files it describes.
+
+A shard is `done` when its marker reads and every file the marker lists is there with the recorded
+size (and, with `checksums=True`, the recorded sha256). It is `absent` without a marker, and
+`damaged` when the marker cannot be read or a file is missing or differs; a damaged shard is redone
+by the next run. A marker of an older release has no file list: it is trusted, as it was then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from vidbatch.core.errors import VidbatchError
+from vidbatch.core.rows import DoneMarker
+from vidbatch.io.output_shards import marker_path, relative_name
+
+ShardState = Literal["done", "absent", "damaged"]
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    stem: str
+    state: ShardState
+    marker: DoneMarker | None = None
+    problem: str | None = None      # why the shard is damaged (or not done), for the user
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_problem(out_dir: Path, name: str, record: object, checksums: bool) -> str | None:
+    """Why the file `name` (relative to OUT) does not match its marker record, or None."""
+    if not isinstance(record, dict) or not isinstance(record.get("bytes"), int):
+        return f"the marker's record of {name} is not {{bytes, sha256}}"
+    path = out_dir / name
+    if not path.is_file():
+        return f"{name} is missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{name} has {size} bytes, the marker says {record['bytes']}"
+    if checksums and file_sha256(path) != record.get("sha256"):
+        return f"{name} does not match its sha256 in the marker (damaged)"
+    return None
+
+
+def check_shard(out_dir: Path, stem: str, *, checksums: bool = False) -> ShardCheck:
+    """The state of shard `stem` under `out_dir`; see the module docstring. Never raises for a bad marker."""
+    out_dir = Path(out_dir)
+    path = marker_path(out_dir, stem)
+    if not path.is_file():
+        return ShardCheck(stem, "absent", problem="no done marker")
+    try:
+        marker = DoneMarker.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError, AttributeError) as exc:
+        return ShardCheck(stem, "damaged", problem=f"{relative_name(out_dir, path)} is not a readable done marker ({exc})")
+    if not isinstance(marker.files, dict):
+        return ShardCheck(stem, "damaged", problem=f"{relative_name(out_dir, path)} lists its files wrongly")
+    for name, record in marker.files.items():
+        problem = _file_problem(out_dir, name, record, checksums)
+        if problem is not None:
+            return ShardCheck(stem, "damaged", marker, problem)
+    return ShardCheck(stem, "done", marker)
+
+
+def output_stems(out_dir: Path) -> list[str]:
+    """Every shard stem that has a tar, a jsonl or a marker under `out_dir`, sorted."""
+    out_dir = Path(out_dir)
+    stems = {p.name[: -len(".tar")] for p in (out_dir / "shards").glob("*.tar")}
+    stems |= {p.stem for p in (out_dir / "stats").glob("*.jsonl")}
+    stems |= {p.stem for p in (out_dir / "stats").glob("*.json")}
+    return sorted(s for s in stems if not s.startswith("."))
+
+
+def verify_output(out_dir: Path) -> list[ShardCheck]:
+    """Every shard of an output folder checked with checksums. When the done shards were made with
+    more than one config, those outside the most common one are `damaged` (the output mixes configs)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "shards").is_dir() and not (out_dir / "stats").is_dir():
+        raise VidbatchError(f"{out_dir} has no shards/ or stats/ folder: not the output folder of a `vidbatch run` "
+                            "(give the folder you passed to --output)")
+    checks = [check_shard(out_dir, stem, checksums=True) for stem in output_stems(out_dir)]
+    hashes: dict[str, list[str]] = {}
+    for check in checks:
+        if check.state == "done" and check.marker is not None and check.marker.config_hash is not None:
+            hashes.setdefault(check.marker.config_hash, []).append(check.stem)
+    if len(hashes) <= 1:
+        return checks
+    majority = max(hashes, key=lambda h: len(hashes[h]))
+    mixed = {stem: h for h, stems in hashes.items() if h != majority for stem in stems}
+    return [ShardCheck(c.stem, "damaged", c.marker,
+                       f"made with config {mixed[c.stem]}, most shards with {majority}: the output mixes configs")
+            if c.stem in mixed else c for c in checks]
