@@ -16,7 +16,7 @@ from vidbatch.io.output_shards import is_done, marker_path, read_done_marker
 # The README's "Output (a contract)" section, written out: other tools read exactly these keys.
 CONTRACT_ROW_KEYS = ["key", "edit", "status", "error", "frames", "width", "height", "fps", "prompt",
                      "inversion_cache", "seconds", "peak_memory_mb", "metrics", "metrics_by",
-                     "model_fingerprint", "metrics_error"]
+                     "model_fingerprint", "metrics_error", "method", "settings"]
 CONTRACT_MARKER_KEYS = ["shard", "stem", "samples", "samples_ok", "samples_failed", "rows_ok", "rows_failed",
                         "frames", "seconds", "started_at", "finished_at", "config_hash", "files"]
 CONTRACT_STAGES = ["decode", "invert", "edit", "encode", "metrics", "total"]
