@@ -168,6 +168,8 @@ class VideoEditModule(L.LightningModule):
             controlnet = load_controlnet(config.controlnet.model, dtype=dtype, device=self.target_device)
         object.__setattr__(self, "editor",
                            VideoEditor(pipe, self.editor_settings(config), cache, identity, controlnet))
+        # Told (video key, stage, done, total) after every inversion/denoising step (progress in a long video).
+        object.__setattr__(self, "step_sink", None)
         self._setup_metrics(config, dtype)
 
     @staticmethod
@@ -216,6 +218,8 @@ class VideoEditModule(L.LightningModule):
         if sample.error is None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            sink = self.step_sink
+            self.editor.on_step = None if sink is None else (lambda stage, done, total: sink(sample.key, stage, done, total))
             try:
                 # Without a description the inversion runs with the rest of the template (often
                 # empty, the null prompt); only edits that ask for {prompt} need one.

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from vidbatch import __version__
+from vidbatch.core.version import __version__
 from vidbatch.core.atomic import atomic_write
 from vidbatch.core.rows import EditRow
 from vidbatch.metrics import Metric, get_metric, registered_metrics
