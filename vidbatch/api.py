@@ -15,7 +15,6 @@ when SIGINT or SIGTERM stops it. `plan` tells what a run would do without doing 
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,7 +22,7 @@ from rich.console import Console
 
 from vidbatch.config.schema import Config, load_config
 from vidbatch.core.errors import RunInterrupted, VidbatchError, error_line
-from vidbatch.core.signals import exit_code, exit_on_signals, is_stop_exit
+from vidbatch.core.signals import interrupt_on_signals, stop_code
 from vidbatch.dispatch.estimate import describe, estimate_plan
 from vidbatch.dispatch.logs import log_to_files, run_log
 from vidbatch.dispatch.plan import plan_run
@@ -60,7 +59,7 @@ def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     with run_log(out_dir / "run.log"):
         try:
-            with exit_on_signals():
+            with interrupt_on_signals():
                 inputs, shard_index, num_shards = _prepare(config, inputs, out_dir, overwrite, shard_index,
                                                            num_shards, limit, console)
                 outcome = run_shards(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
@@ -70,10 +69,11 @@ def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool
             log_to_files(logging.ERROR, error_line(exc))
             raise
         except (KeyboardInterrupt, SystemExit) as exc:
-            if not isinstance(exc, KeyboardInterrupt) and not is_stop_exit(exc):
+            code = stop_code(exc)
+            if code is None:
                 raise
             stopped = exc if isinstance(exc, RunInterrupted) else \
-                _interruption(inputs, out_dir, shard_index, num_shards, exc)
+                _interruption(inputs, out_dir, shard_index, num_shards, code)
             log_to_files(logging.WARNING, str(stopped))
             raise stopped from None
 
@@ -137,8 +137,7 @@ def _cpu_warning(config: Config) -> str | None:
 
 
 def _interruption(inputs: Sequence[str], out_dir: Path, shard_index: int, num_shards: int,
-                  exc: BaseException) -> RunInterrupted:
-    code = exc.code if isinstance(exc, SystemExit) else exit_code(signal.SIGINT)
+                  code: int) -> RunInterrupted:
     try:
         return interruption(inputs, out_dir, shard_index, num_shards, code)
     except VidbatchError:  # stopped while the inputs were being checked

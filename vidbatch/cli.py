@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vidbatch.core.errors import RunInterrupted, UsageError, VidbatchError, error_line
-from vidbatch.core.signals import exit_on_signals, is_stop_exit
+from vidbatch.core.signals import interrupt_on_signals, stop_code
 from vidbatch.core.version import __version__
 
 EXIT_OK, EXIT_SHARD_FAILED, EXIT_USAGE = 0, 1, 2
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     try:
-        with exit_on_signals():
+        with interrupt_on_signals():
             return _dispatch(args, console)
     except VidbatchError as exc:
         label, _, message = error_line(exc).partition(": ")
@@ -284,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]{escape(str(exc))}[/yellow]", highlight=False, soft_wrap=True)
         return exc.exit_code
     except (KeyboardInterrupt, SystemExit) as exc:   # stopped outside a run (loading, packing, a report)
-        if isinstance(exc, SystemExit) and not is_stop_exit(exc):
+        code = stop_code(exc)
+        if code is None:
             raise
         console.print("[yellow]interrupted: nothing was left half-written; rerun the same command[/yellow]",
                       highlight=False)
-        return exc.code if isinstance(exc, SystemExit) else 130
+        return code
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def describe(plan: PlanEstimate, config: Config) -> list[str]:
                  f"video.max_frames {config.video.max_frames}, frame_stride {config.video.frame_stride}), "
                  f"about {plan.frames:,.0f} in all")
     lines.append(
-        f"estimated GPU-hours: {plan.gpu_hours:,.2f} = {plan.frames:,.0f} frames x {plan.passes_per_frame:,.0f} UNet "
+        f"estimated GPU-hours: {plan.gpu_hours:.3g} = {plan.frames:,.0f} frames x {plan.passes_per_frame:,.0f} UNet "
         f"passes per frame (inversion + edits, every guidance branch) x {SD_TFLOP_PER_PASS_512} TFLOP per pass "
         f"(SD 1.x at 512x512, scaled to {plan.pixels:,.0f} pixels) / {ASSUMED_GPU_TFLOPS:g} TFLOP/s (assumed for one "
         "data-centre GPU in fp16); VAE, ffmpeg and metrics not counted")

@@ -477,22 +477,22 @@ class _RaySession:
     def __enter__(self) -> str:
         import ray
 
-        if logs_set_up():  # Ray configured its loggers when imported; its start-up lines go to run.log
-            demote_third_party_logs()
         if ray.is_initialized():  # the caller (a notebook, a test, a `ray job` entrypoint) already connected
             return "the Ray cluster this process is connected to"
         address = self.runtime.ray_address or os.environ.get("RAY_ADDRESS") or None
         # ray.init makes SIGTERM exit with code 15 on the driver; keep the run's handlers (exit 143, one line).
         handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS} if _in_main_thread() else {}
+        # Under the CLI, Ray's start-up lines and token notice are noise: only its errors while it starts,
+        # then its warnings to run.log (demoted); a library caller keeps Ray's own logging.
+        quiet = dict(logging_level=logging.ERROR) if logs_set_up() else {}
         try:
             if address:
-                ray.init(address=address, log_to_driver=True, configure_logging=False)
+                ray.init(address=address, log_to_driver=True, **quiet)
                 where = f"the Ray cluster at {address}"
             else:
                 # "local": never silently join a cluster some earlier `ray start` left on this machine.
                 cpus = max(os.cpu_count() or 1, (self.runtime.workers or 1) * self.runtime.cpus_per_worker)
-                ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                         configure_logging=False)
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, **quiet)
                 where = "an embedded local Ray cluster"
         except ConnectionError as exc:
             raise ConfigError(f"cannot join the Ray cluster at {address!r} ({exc}); check runtime.ray_address or "
@@ -500,6 +500,8 @@ class _RaySession:
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+            if quiet:
+                demote_third_party_logs()
         self.connected_here = True
         return where
 

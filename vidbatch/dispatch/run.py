@@ -8,7 +8,6 @@ progress is abandoned without a trace, finished shards stay done, and `RunInterr
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,7 +15,7 @@ from rich.console import Console
 
 from vidbatch.config.schema import Config
 from vidbatch.core.errors import ConfigError, RunInterrupted
-from vidbatch.core.signals import exit_code, exit_on_signals, is_stop_exit
+from vidbatch.core.signals import interrupt_on_signals, stop_code
 from vidbatch.dispatch.local import run_local
 from vidbatch.dispatch.plan import RunOutcome, plan_run
 from vidbatch.dispatch.ray_backend import run_ray
@@ -34,16 +33,16 @@ def run_shards(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrit
     if config.runtime.backend not in ("local", "ray"):
         raise ConfigError(f"config key 'runtime.backend' must be 'ray' or 'local', got {config.runtime.backend!r}")
     try:
-        with exit_on_signals():
+        with interrupt_on_signals():
             if config.runtime.backend == "local":
                 return run_local(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
                                  num_shards=num_shards, console=console)
             return run_ray(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
                            num_shards=num_shards, console=console, on_event=on_event)
     except (KeyboardInterrupt, SystemExit) as exc:
-        if isinstance(exc, SystemExit) and not is_stop_exit(exc):
+        code = stop_code(exc)
+        if code is None or isinstance(exc, RunInterrupted):
             raise
-        code = exc.code if isinstance(exc, SystemExit) else exit_code(signal.SIGINT)
         raise interruption(inputs, out_dir, shard_index, num_shards, code) from None
 
 
