@@ -158,9 +158,12 @@ def test_a_shard_that_keeps_raising_fails_after_its_retries_and_a_rerun_finishes
 
 
 def test_a_model_error_in_the_workers_is_a_user_error_not_retried(ray_cluster, tmp_path, clips):
+    # A folder that exists passes the driver's check; that it is no diffusers folder is found in the workers.
     inputs, _ = make_inputs(tmp_path / "in", clips["pattern"], shards=1, videos=1)
-    with pytest.raises(ModelLoadError, match="nomodel"):
+    (tmp_path / "nomodel").mkdir()
+    with pytest.raises(ModelLoadError, match="nomodel") as raised:
         run_here(inputs, tmp_path / "out", [*RAY, f"model.id={tmp_path / 'nomodel'}"])
+    assert "model_index.json" in str(raised.value) and "Traceback" not in str(raised.value)
     assert not (tmp_path / "out" / "shards").exists() or not list((tmp_path / "out" / "shards").iterdir())
 
 
