@@ -49,11 +49,14 @@ def test_auto_threads_are_the_cpus_given_to_the_process_divided_among_workers(mo
     from vidbatch.dispatch.preflight import resolve_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     auto = load_config(TINY)
     assert resolve_threads(auto) == 6
     assert resolve_threads(auto, local_workers=4) == 1
     assert resolve_threads(auto, local_workers=10) == 1
     assert resolve_threads(load_config(TINY, ["runtime.threads=3"]), local_workers=4) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")   # the user's own limit wins over the CPU count
+    assert resolve_threads(auto) == 2
 
 
 def test_a_hub_id_offline_and_not_cached_fails_before_loading(tmp_path, monkeypatch):

@@ -123,9 +123,10 @@ class RuntimeConfig:
     log_every_s: float = setting(30.0, minimum=0.1, help="seconds between plain status lines (in run.log, and on the "
                                                         "console when it is not a terminal)")
     threads: Union[int, Literal["auto"]] = setting(
-        "auto", minimum=1, help="torch CPU threads per worker; 'auto': the CPUs this process may use "
-                                "(os.sched_getaffinity) divided among the local workers, and runtime.cpus_per_worker "
-                                "for a Ray CPU worker. On a machine shared with other work, 1 is often much faster")
+        "auto", minimum=1, help="torch CPU threads per worker; 'auto': $OMP_NUM_THREADS if set, else the CPUs "
+                                "this process may use (os.sched_getaffinity) divided among the local workers; "
+                                "runtime.cpus_per_worker for a Ray CPU worker. On a machine shared with other "
+                                "work, 1 is often much faster")
 
 
 class ConfigBase:

@@ -61,11 +61,14 @@ def check_model(config: Config) -> None:
 
 
 def resolve_threads(config: Config, local_workers: int = 1) -> int:
-    """torch threads for one local worker: `runtime.threads`, or with 'auto' the CPUs this process may run
-    on (its affinity mask: a SLURM or container CPU limit counts) divided among `local_workers`."""
+    """torch threads for one local worker: `runtime.threads`; with 'auto', `OMP_NUM_THREADS` when the user
+    set it, else the CPUs this process may run on (its affinity mask: a SLURM or container CPU limit
+    counts) divided among `local_workers`."""
     threads = config.runtime.threads
     if threads != "auto":
         return int(threads)
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
