@@ -50,7 +50,8 @@ def test_auto_threads_are_the_cpus_given_to_the_process_divided_among_workers(mo
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    auto = load_config(TINY)
+    auto = load_config(None)
+    assert auto.runtime.threads == "auto"
     assert resolve_threads(auto) == 6
     assert resolve_threads(auto, local_workers=4) == 1
     assert resolve_threads(auto, local_workers=10) == 1

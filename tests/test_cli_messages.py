@@ -205,8 +205,10 @@ def test_config_show_prints_the_resolved_config_and_validate_checks_it():
     shown = cli("config", "show", TINY, "--set", "edit.steps=7")
     assert shown.returncode == 0, shown.stdout
     resolved = yaml.safe_load(shown.stdout)
-    assert resolved["edit"]["steps"] == 7 and resolved["runtime"]["threads"] == "auto"
+    assert resolved["edit"]["steps"] == 7 and resolved["runtime"]["threads"] == 1
     assert resolved["model"]["id"] == "tiny"
+    defaults = cli("config", "show")
+    assert yaml.safe_load(defaults.stdout)["runtime"]["threads"] == "auto"
     assert_one_line(cli("config", "validate", TINY), 0, "ok")
     assert_one_line(cli("config", "validate", TINY, "--set", "runtime.backend=rey"), 2,
                     "runtime.backend", "did you mean 'ray'?")
