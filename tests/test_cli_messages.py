@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_a_stopped_run_says_how_far_it_got_in_one_line(tmp_path, shards, backend
 def test_limit_runs_the_first_shards_quietly_with_status_lines_and_a_rerun_does_the_rest(tmp_path, shards):
     out = tmp_path / "out"
     args = ["run", TINY, "--input", shards / "p{0,1}.tar", "--output", out, *SETS,
-            "--set", "runtime.log_every_s=0.2", "--set", "runtime.threads=1"]
+            "--set", "runtime.log_every_s=0.1", "--set", "runtime.threads=1", "--set", "inversion.cache=false"]
     first = cli(*args, "--limit", "1")
     assert first.returncode == 0, first.stdout
     assert not any(noise in first.stdout for noise in NOISE), first.stdout
@@ -147,9 +148,8 @@ def test_limit_runs_the_first_shards_quietly_with_status_lines_and_a_rerun_does_
     log = (out / "run.log").read_text()
     status = [l for l in log.splitlines() if "progress: shards" in l]
     # Without a terminal: a line every log_every_s, with the known total of videos and the step in the video.
-    assert len(status) >= 3, log
-    assert any("videos 0/1" in l and "now a0: " in l for l in status), status
-    assert any("now a0: edit edit " in l for l in status) or any("now a0: invert" in l for l in status), status
+    assert len(status) >= 2, log
+    assert any(re.search(r"videos 0/1 .*now a0: (invert|edit watercolor) \d+/3;", l) for l in status), status
     assert "1 torch thread(s)" in log
     second = cli(*args)
     assert second.returncode == 0, second.stdout
