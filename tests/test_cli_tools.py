@@ -58,9 +58,11 @@ def test_pipe_url_input(tmp_path, clips):
     assert list(read_output(tmp_path / "out" / "shards" / "piped-000003.tar")) == ["pattern"]
 
 
-@pytest.mark.timeout(300)
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert run_cli("demo", "--output", tmp_path / "demo", "--set", "edit.steps=2", "--set", "video.size=32") == 0
+    # No timeout of its own (the suite's 600 s guards against a hang): on a loaded machine the demo's time
+    # says nothing about its correctness. One thread: the tiny model's ops gain nothing from more.
+    assert run_cli("demo", "--output", tmp_path / "demo", "--set", "edit.steps=2", "--set", "video.size=32",
+                   "--set", "runtime.threads=1") == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["shards"] == {"total": 2, "done": 2, "failed": 0, "failed_shards": {}}
     assert summary["samples"]["ok"] == 4 and summary["edits"]["ok"] == 8

@@ -98,7 +98,7 @@ def test_every_sample_exactly_once_with_two_workers(ray_cluster, tmp_path, clips
     assert not [e for e in events if e["type"] in ("retry", "worker_replaced", "shard_failed")]
     videos = [e for e in events if e["type"] == "video"]
     assert sorted((e["stem"], e["frames"]) for e in videos) == sorted((f"p{i}", 4) for i in range(4) for _ in range(2))
-    assert "videos 8 (0 failed); 32 frames" in last_status_line(tmp_path / "out")
+    assert "videos 8/8 (0 failed); 32 frames" in last_status_line(tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["shards"]["done"] == 4 and summary["samples"] == {"total": 8, "ok": 8, "failed": 0}
 
@@ -127,7 +127,7 @@ def test_a_killed_worker_is_replaced_and_its_shard_redone(ray_cluster, tmp_path,
     assert killed["pid"] not in [e["pid"] for e in events if e["type"] == "worker_ready" and e["worker"] == "w3"]
     check_exactly_once(tmp_path / "out", 3, keys)
     # The killed attempt's videos were taken back: the totals count every video once.
-    assert "videos 9 (0 failed); 36 frames" in last_status_line(tmp_path / "out")
+    assert "videos 9/9 (0 failed); 36 frames" in last_status_line(tmp_path / "out")
     assert f"shard {retries[0]['stem']} attempt 1 failed" in (tmp_path / "out" / "run.log").read_text()
 
 
@@ -158,9 +158,12 @@ def test_a_shard_that_keeps_raising_fails_after_its_retries_and_a_rerun_finishes
 
 
 def test_a_model_error_in_the_workers_is_a_user_error_not_retried(ray_cluster, tmp_path, clips):
+    # A folder that exists passes the driver's check; that it is no diffusers folder is found in the workers.
     inputs, _ = make_inputs(tmp_path / "in", clips["pattern"], shards=1, videos=1)
-    with pytest.raises(ModelLoadError, match="nomodel"):
+    (tmp_path / "nomodel").mkdir()
+    with pytest.raises(ModelLoadError, match="nomodel") as raised:
         run_here(inputs, tmp_path / "out", [*RAY, f"model.id={tmp_path / 'nomodel'}"])
+    assert "model_index.json" in str(raised.value) and "Traceback" not in str(raised.value)
     assert not (tmp_path / "out" / "shards").exists() or not list((tmp_path / "out" / "shards").iterdir())
 
 

@@ -1,13 +1,20 @@
 """The Python API: run a whole job (the shards on the configured backend, then summary and report).
 
-    from vidbatch.api import load_config, run
+    from pathlib import Path
+    from vidbatch import load_config, run
 
     config = load_config("configs/tiny.yaml", ["edit.steps=20"])
     exit_code = run(config, ["data/part-{000000..000003}.tar"], Path("out"))
+
+`run` checks the inputs, the output folder and the model before any model loads, writes `OUT/run.log`
+like the CLI, and raises `vidbatch.core.errors.VidbatchError` subclasses (one-line messages naming the
+cause and the fix) for usage, config and model mistakes, and `RunInterrupted` (a KeyboardInterrupt)
+when SIGINT or SIGTERM stops it. `plan` tells what a run would do without doing it (`--dry-run`).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,21 +22,126 @@ from rich.console import Console
 
 from vidbatch.config.schema import Config, load_config
 from vidbatch.core.run_lock import output_lock
-from vidbatch.dispatch.run import run_shards
+from vidbatch.core.errors import RunInterrupted, VidbatchError, error_line
+from vidbatch.core.signals import interrupt_on_signals, stop_code
+from vidbatch.dispatch.estimate import describe, estimate_plan
+from vidbatch.dispatch.logs import log_to_files, run_log
+from vidbatch.dispatch.plan import plan_run
+from vidbatch.dispatch.preflight import (
+    check_inputs,
+    check_model,
+    check_output_dir,
+    cpu_warning,
+    plan_device,
+    resolve_threads,
+)
+from vidbatch.dispatch.run import interruption, run_shards
 from vidbatch.report.finalize import finish_run
 
-__all__ = ["load_config", "run"]
+__all__ = ["load_config", "plan", "run"]
+
+log = logging.getLogger("vidbatch")
 
 
 def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
-        shard_index: int = 0, num_shards: int = 1, console: Console | None = None,
+        shard_index: int = 0, num_shards: int = 1, limit: int | None = None, console: Console | None = None,
         on_event: Callable[[dict], None] | None = None) -> int:
-    """Runs the job and writes `OUT/summary.json` and `OUT/report.html`. Returns the exit code: 0 every
-    shard done, 1 a shard failed (rerun the same call to continue). Usage, config and model errors raise
-    `vidbatch.core.errors.VidbatchError` subclasses; so does a second live run on the same output
-    (`OutputBusyError`, see `core.run_lock`)."""
+    """Runs the job and writes `OUT/summary.json`, `OUT/report.html` and `OUT/run.log`. Returns the exit
+    code: 0 every shard done, 1 a shard failed (rerun the same call to continue).
+
+    `limit`: only the first `limit` shards still to do (a quick look; a later run without it does the
+    rest). Usage, config and model errors raise `VidbatchError` subclasses before any model loads;
+    SIGINT/SIGTERM raise `RunInterrupted` ("interrupted: N of M shards done; ..."). Both are also
+    written to `OUT/run.log`. A second live run on the same output raises `OutputBusyError` (see
+    `core.run_lock`).
+    """
     console = console or Console()
-    with output_lock(Path(out_dir), shard_index, num_shards):
-        outcome = run_shards(config, inputs, Path(out_dir), overwrite=overwrite, shard_index=shard_index,
-                             num_shards=num_shards, console=console, on_event=on_event)
-        return finish_run(config, Path(out_dir), outcome, console)
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_log(out_dir / "run.log"):
+        try:
+            with interrupt_on_signals():
+                inputs, shard_index, num_shards = _prepare(config, inputs, out_dir, overwrite, shard_index,
+                                                           num_shards, limit, console)
+                with output_lock(out_dir, shard_index, num_shards):
+                    outcome = run_shards(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
+                                         num_shards=num_shards, console=console, on_event=on_event)
+                    return finish_run(config, out_dir, outcome, console)
+        except VidbatchError as exc:
+            log_to_files(logging.ERROR, error_line(exc))
+            raise
+        except (KeyboardInterrupt, SystemExit) as exc:
+            code = stop_code(exc)
+            if code is None:
+                raise
+            stopped = exc if isinstance(exc, RunInterrupted) else \
+                _interruption(inputs, out_dir, shard_index, num_shards, code)
+            log_to_files(logging.WARNING, str(stopped))
+            raise stopped from None
+
+
+def plan(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False, shard_index: int = 0,
+         num_shards: int = 1, limit: int | None = None) -> list[str]:
+    """What `run` would do, as lines (`vidbatch run --dry-run`): shards, samples, edits, frames, estimated
+    GPU-hours (see `vidbatch.dispatch.estimate`). Checks like `run`; writes nothing, loads no model."""
+    check_output_dir(Path(out_dir))
+    urls = check_inputs(inputs)
+    run_plan = plan_run(urls, Path(out_dir), overwrite, shard_index, num_shards)
+    todo = run_plan.todo[:limit] if limit is not None else run_plan.todo
+    if todo:
+        check_model(config)
+    lines = ["dry run: nothing is written and no model is loaded"]
+    if limit is not None:
+        lines.append(f"--limit {limit}: {len(todo)} of the {len(run_plan.todo)} shard(s) to do")
+    lines += describe(estimate_plan(config, run_plan.urls, todo), config)
+    lines.append(_plan_line(config))
+    warning = _cpu_warning(config)
+    if warning:
+        lines.append(f"warning: {warning}")
+    return lines
+
+
+def _prepare(config: Config, inputs: Sequence[str], out_dir: Path, overwrite: bool, shard_index: int,
+             num_shards: int, limit: int | None, console: Console) -> tuple[list[str], int, int]:
+    """The checks before any model loads, and `limit` applied: returns (inputs, shard_index, num_shards)."""
+    urls = check_inputs(inputs)
+    run_plan = plan_run(urls, out_dir, overwrite, shard_index, num_shards)   # missing shards, bad indices
+    if run_plan.todo:
+        check_model(config)
+    if limit is not None:
+        chosen = [run_plan.urls[i] for i in run_plan.todo[:limit]]
+        console.print(f"--limit {limit}: running {len(chosen)} of the {len(run_plan.todo)} shard(s) still to do",
+                      highlight=False)
+        urls, shard_index, num_shards = chosen, 0, 1
+    if run_plan.todo:
+        log.info(_plan_line(config))
+        warning = _cpu_warning(config)
+        if warning:
+            log.warning(warning)
+    return urls, shard_index, num_shards
+
+
+def _threads(config: Config) -> int:
+    if config.runtime.backend == "ray" and config.runtime.threads == "auto":
+        return config.runtime.cpus_per_worker
+    return resolve_threads(config)
+
+
+def _plan_line(config: Config) -> str:
+    device = plan_device(config) or "the Ray cluster's devices"
+    threads = f", {_threads(config)} torch thread(s) per worker" if device == "cpu" else ""
+    return (f"plan: model '{config.model.id}', {config.edit.method} with {config.edit.steps} steps, short side "
+            f"{config.video.size} px, backend {config.runtime.backend} on {device}{threads}")
+
+
+def _cpu_warning(config: Config) -> str | None:
+    return cpu_warning(config, _threads(config))
+
+
+def _interruption(inputs: Sequence[str], out_dir: Path, shard_index: int, num_shards: int,
+                  code: int) -> RunInterrupted:
+    try:
+        return interruption(inputs, out_dir, shard_index, num_shards, code)
+    except VidbatchError:  # stopped while the inputs were being checked
+        return RunInterrupted("interrupted: 0 shards done; rerun the same command to resume", code)

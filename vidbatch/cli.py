@@ -1,17 +1,26 @@
-"""The `vidbatch` command line. Exit codes: 0 done, 1 a shard could not be completed, 2 usage/config/model error."""
+"""The `vidbatch` command line.
+
+Exit codes: 0 done; 1 a shard could not be completed (rerun to continue); 2 a usage, input, config or
+model mistake, reported in one line naming the cause and the fix (and in OUT/run.log); 130 / 143
+stopped by SIGINT (Ctrl-C) / SIGTERM, reported in one line saying how many shards are done.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
-from vidbatch.core.errors import ConfigError, ModelLoadError, VidbatchError
+from vidbatch.core.errors import RunInterrupted, UsageError, VidbatchError, error_line
+from vidbatch.core.signals import interrupt_on_signals, stop_code
+from vidbatch.core.version import __version__
 
 EXIT_OK, EXIT_SHARD_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -23,20 +32,35 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def _add_overrides(parser: argparse.ArgumentParser, example: str = "edit.steps=20") -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example} (repeatable; the value is read as YAML)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidbatch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="vidbatch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vidbatch {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="edit WebDataset shards of videos (on Ray by default: runtime.backend)")
-    run.add_argument("config", nargs="?", help="YAML preset (configs/default.yaml, configs/tiny.yaml)")
+    run.add_argument("config", nargs="?", help="YAML preset (configs/default.yaml, configs/tiny.yaml); "
+                                               "none: the built-in defaults")
     run.add_argument("--input", "-i", action="append", required=True,
-                     help="shard path, brace pattern or pipe: URL (repeatable)")
-    run.add_argument("--output", "-o", required=True, help="output folder")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set edit.steps=20 (repeatable)")
+                     help="shard path, brace pattern or pipe: URL (repeatable); pack videos into shards with "
+                          "`vidbatch shard`")
+    run.add_argument("--output", "-o", required=True, help="output folder (created if missing)")
+    _add_overrides(run)
     run.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     run.add_argument("--compare", nargs="+", metavar="METHOD", default=None,
                      help="run every edit once per METHOD, named {edit}-{method} (edit.compare)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the plan (shards, samples, edits, frames, estimated GPU-hours) and exit; "
+                          "writes nothing, loads no model")
+    run.add_argument("--limit", type=int, default=None, metavar="N",
+                     help="process only the first N shards still to do (a quick look; a later run without "
+                          "--limit does the rest)")
     run.add_argument("--shard-index", type=int, default=None,
                      help="take every --num-shards-th shard from this one (default: $SLURM_ARRAY_TASK_ID or 0)")
     run.add_argument("--num-shards", type=int, default=None,
@@ -44,32 +68,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the whole pipeline on generated clips with the tiny model")
     demo.add_argument("--output", "-o", default="demo-out", help="output folder (default: demo-out)")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_overrides(demo)
     demo.add_argument("--compare", nargs="*", metavar="METHOD", default=None,
                       help="compare methods on the demo clips (no METHOD: vidtome tokenflow per-frame)")
 
     shard = sub.add_parser("shard", help="pack a folder of videos into WebDataset shards")
-    shard.add_argument("video_dir")
-    shard.add_argument("--output", "-o", required=True)
+    shard.add_argument("video_dir", help="folder holding the videos (not searched recursively)")
+    shard.add_argument("--output", "-o", required=True, help="folder for the shards")
     shard.add_argument("--prompts", help='jsonl of {"file": ..., "prompt": ..., "edits": [...]}')
-    shard.add_argument("--samples-per-shard", type=int, default=100)
-    shard.add_argument("--prefix", default="part")
+    shard.add_argument("--config", help="the preset you will run the shards with: warns about videos its edits "
+                                        "need a prompt for (default: the built-in edits, which use {prompt})")
+    shard.add_argument("--samples-per-shard", type=int, default=100, help="videos per shard (default: 100)")
+    shard.add_argument("--prefix", default="part", help="shard file names: PREFIX-000000.tar, ... (default: part)")
 
     report = sub.add_parser("report", help="rebuild OUT/report.html (and OUT/report_media/) from a run's output")
     report.add_argument("output", help="the run's output folder")
     report.add_argument("--max-videos", type=int, default=50,
                         help="above this many edits, contact sheets replace the videos (default: 50)")
 
+    config = sub.add_parser("config", help="print or check a resolved config (preset + --set overrides)")
+    config.add_argument("action", choices=["show", "validate"],
+                        help="show: print the resolved config as YAML; validate: check it, exit 2 naming the "
+                             "first mistake")
+    config.add_argument("config", nargs="?", help="YAML preset; none: the built-in defaults")
+    _add_overrides(config)
+
     verify = sub.add_parser("verify", help="check an output folder: every shard's files against its done marker "
                                            "(sizes and sha256); exit 1 listing damaged or unfinished shards")
     verify.add_argument("output", help="the run's output folder")
 
     cache = sub.add_parser("cache", help="inspect, verify or prune the inversion cache")
-    cache.add_argument("action", choices=["ls", "verify", "prune"])
+    cache.add_argument("action", choices=["ls", "verify", "prune"],
+                       help="ls: list entries; verify: check every entry; prune: evict down to --max-gb")
     cache.add_argument("--dir", help="cache folder (default: $VIDBATCH_CACHE/inversions or ~/.cache/vidbatch/inversions)")
     cache.add_argument("--max-gb", type=float, help="prune: evict least recently used entries down to this size")
     cache.add_argument("--json", action="store_true", help="ls: one JSON object per entry")
 
+    _add_bench(sub)
+
+    tiny = sub.add_parser("make-tiny-model", help="write the built-in tiny random-weight model")
+    tiny.add_argument("dir", help="folder to write the diffusers pipeline to")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    return parser
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="time, memory and FLOPs of each editing method on a generated clip")
     bench.add_argument("--model", default="tiny", help="tiny, sd15-random, a diffusers folder or a checkpoint (default: tiny)")
     bench.add_argument("--size", type=int, default=None, help="short side in pixels (default: the model's own, tiny 64, SD 1.5 512)")
@@ -77,23 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", default=None, help="editing methods (default: all)")
     bench.add_argument("--steps", type=int, default=None, help="DDIM steps, inversion and edit (default: edit.steps, 50)")
     bench.add_argument("--control", default=None, help="none, pnp or sdedit (default: edit.control, auto: pnp, none for vid2vid-zero)")
-    bench.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    bench.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                       help="weights' dtype (default: model.dtype, auto: float16 on CUDA, float32 on CPU)")
     bench.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: auto)")
     bench.add_argument("--compile", action="store_true", help="torch.compile the UNet (compile time is reported apart)")
     bench.add_argument("--profile", metavar="DIR", help="profile the timed run; top operators to DIR/METHOD-FRAMES.txt")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads per measurement (default: torch's)")
     bench.add_argument("--repeat", type=int, default=1, help="timed runs per measurement; the fastest counts (default: 1)")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set merge.chunk_size=8 (repeatable)")
+    _add_overrides(bench, "merge.chunk_size=8")
     bench.add_argument("--in-process", action="store_true",
                        help="measure in this process (CPU peak memory is then only valid for the first pair)")
     bench.add_argument("--json", action="store_true", help="one JSON object per measurement and line")
     bench.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
-
-    tiny = sub.add_parser("make-tiny-model", help="write the built-in tiny random-weight model")
-    tiny.add_argument("dir")
-    tiny.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def _compare_override(methods: list[str] | None) -> list[str]:
@@ -102,22 +140,82 @@ def _compare_override(methods: list[str] | None) -> list[str]:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from vidbatch.config.schema import load_config
-    from vidbatch.dispatch.progress import setup_logging
-    from vidbatch.api import run
+    from vidbatch.api import load_config, plan, run
+    from vidbatch.dispatch.logs import log_to_files, setup_logging
+    from vidbatch.dispatch.preflight import check_output_dir
 
-    config = load_config(args.config, args.overrides + _compare_override(args.compare))
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(out_dir / "run.log", console)
     # A SLURM array task's place in its array (0-N, or 0-N:S with a step); --shard-index wins.
     shard_index = args.shard_index if args.shard_index is not None else \
         (_env_int("SLURM_ARRAY_TASK_ID", default=0) - _env_int("SLURM_ARRAY_TASK_MIN", default=0)) \
         // max(1, _env_int("SLURM_ARRAY_TASK_STEP", default=1))
     num_shards = args.num_shards if args.num_shards is not None else \
         _env_int("SLURM_ARRAY_TASK_COUNT", default=1)
-    return run(config, args.input, out_dir, overwrite=args.overwrite,
-               shard_index=shard_index, num_shards=num_shards, console=console)
+    if args.dry_run:
+        setup_logging(None, console)
+        config = load_config(args.config, args.overrides + _compare_override(args.compare))
+        for line in plan(config, args.input, out_dir, overwrite=args.overwrite, shard_index=shard_index,
+                         num_shards=num_shards, limit=args.limit):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+        return EXIT_OK
+    check_output_dir(out_dir)   # before run.log is opened in it
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir / "run.log", console)
+    try:
+        config = load_config(args.config, args.overrides + _compare_override(args.compare))
+    except VidbatchError as exc:   # the API logs its own errors; this one comes before it
+        log_to_files(logging.ERROR, error_line(exc))
+        raise
+    return run(config, args.input, out_dir, overwrite=args.overwrite, shard_index=shard_index,
+               num_shards=num_shards, limit=args.limit, console=console)
+
+
+def _demo(args: argparse.Namespace, console: Console) -> int:
+    from vidbatch.dispatch.logs import setup_logging
+    from vidbatch.dispatch.preflight import check_output_dir
+    from vidbatch.tools.demo import DEMO_COMPARE, run_demo
+
+    out_dir = Path(args.output)
+    check_output_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir / "run.log", console)
+    compare = DEMO_COMPARE if args.compare == [] else args.compare
+    return run_demo(out_dir, args.overrides + _compare_override(compare), console)
+
+
+def _shard(args: argparse.Namespace, console: Console) -> int:
+    from vidbatch.config.schema import load_config
+    from vidbatch.io.packing import list_videos, pack_shards, read_prompts, videos_missing_prompts
+
+    edits = load_config(args.config).edits
+    prompts = read_prompts(Path(args.prompts)) if args.prompts else {}
+    missing = videos_missing_prompts(list_videos(args.video_dir), prompts, edits)
+    paths = pack_shards(args.video_dir, args.output, prompts_file=args.prompts,
+                        samples_per_shard=args.samples_per_shard, prefix=args.prefix)
+    console.print(f"wrote {len(paths)} shard(s) to {args.output}", highlight=False)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        source = f"the edits of {args.config}" if args.config else "the default edits"
+        console.print(f"[yellow]warning:[/yellow] {escape(str(len(missing)))} video(s) have no prompt but "
+                      f"{escape(source)} use {{prompt}}: {escape(', '.join(missing[:3]))}{escape(more)} will fail. "
+                      "Fix: give them a prompt in --prompts, or use edits that write the prompt out",
+                      highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def _config(args: argparse.Namespace, console: Console) -> int:
+    import yaml
+
+    from vidbatch.config.schema import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.action == "show":
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    else:
+        console.print(f"ok: {args.config or 'the built-in defaults'} is a valid config", highlight=False)
+    return EXIT_OK
 
 
 def _cache(args: argparse.Namespace, console: Console) -> int:
@@ -126,6 +224,9 @@ def _cache(args: argparse.Namespace, console: Console) -> int:
 
     from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
 
+    if args.action == "prune" and args.max_gb is None:
+        raise UsageError("vidbatch cache prune needs --max-gb GB, the size to prune the cache down to "
+                         "(e.g. vidbatch cache prune --max-gb 50)")
     cache = InversionCache(inversion_cache_dir(args.dir))
     if args.action == "ls":
         entries = cache.entries()
@@ -149,8 +250,6 @@ def _cache(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[red]bad entry[/red] {entry.path}: {error}", highlight=False)
         console.print(f"{len(cache.entries())} entries checked, {len(bad)} bad")
         return EXIT_SHARD_FAILED if bad else EXIT_OK
-    if args.max_gb is None:
-        raise ConfigError("vidbatch cache prune needs --max-gb (the size to prune down to)")
     evicted = cache.prune(cache_max_bytes(args.max_gb))
     console.print(f"evicted {len(evicted)} entries ({sum(e.size_bytes for e in evicted) / 2**30:.3f} GB); "
                   f"{cache.total_bytes() / 2**30:.3f} GB left")
@@ -171,56 +270,56 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
     return EXIT_SHARD_FAILED if bad else EXIT_OK
 
 
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "run":
+        return _run(args, console)
+    if args.command == "demo":
+        return _demo(args, console)
+    if args.command == "shard":
+        return _shard(args, console)
+    if args.command == "report":
+        from vidbatch.report import write_report
+
+        console.print(f"report written to {write_report(Path(args.output), max_videos=args.max_videos, strict=True)}")
+        return EXIT_OK
+    if args.command == "config":
+        return _config(args, console)
+    if args.command == "verify":
+        return _verify(args, console)
+    if args.command == "cache":
+        return _cache(args, console)
+    if args.command == "bench":
+        from vidbatch.tools.bench import bench_main
+
+        return bench_main(args, console)
+    if args.command == "make-tiny-model":
+        from vidbatch.models.builtin import make_tiny_model
+
+        console.print(f"tiny model written to {make_tiny_model(args.dir, seed=args.seed)}")
+        return EXIT_OK
+    raise AssertionError(f"unhandled command {args.command}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     try:
-        if args.command == "run":
-            return _run(args, console)
-        if args.command == "demo":
-            from vidbatch.tools.demo import DEMO_COMPARE, run_demo
-            from vidbatch.dispatch.progress import setup_logging
-
-            out_dir = Path(args.output)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            setup_logging(out_dir / "run.log", console)
-            compare = DEMO_COMPARE if args.compare == [] else args.compare
-            return run_demo(out_dir, args.overrides + _compare_override(compare), console)
-        if args.command == "shard":
-            from vidbatch.io.packing import pack_shards
-
-            paths = pack_shards(args.video_dir, args.output, prompts_file=args.prompts,
-                                samples_per_shard=args.samples_per_shard, prefix=args.prefix)
-            console.print(f"wrote {len(paths)} shard(s) to {args.output}")
-            return EXIT_OK
-        if args.command == "report":
-            from vidbatch.report import write_report
-
-            console.print(f"report written to {write_report(Path(args.output), max_videos=args.max_videos, strict=True)}")
-            return EXIT_OK
-        if args.command == "cache":
-            return _cache(args, console)
-        if args.command == "verify":
-            return _verify(args, console)
-        if args.command == "bench":
-            from vidbatch.tools.bench import bench_main
-
-            return bench_main(args, console)
-        if args.command == "make-tiny-model":
-            from vidbatch.models.builtin import make_tiny_model
-
-            console.print(f"tiny model written to {make_tiny_model(args.dir, seed=args.seed)}")
-            return EXIT_OK
-    except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}", highlight=False)
-        return EXIT_USAGE
-    except ModelLoadError as exc:
-        console.print(f"[red]model error:[/red] {exc}", highlight=False)
-        return EXIT_USAGE
+        with interrupt_on_signals():
+            return _dispatch(args, console)
     except VidbatchError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        label, _, message = error_line(exc).partition(": ")
+        console.print(f"[red]{label}:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    raise AssertionError(f"unhandled command {args.command}")
+    except RunInterrupted as exc:
+        console.print(f"[yellow]{escape(str(exc))}[/yellow]", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except (KeyboardInterrupt, SystemExit) as exc:   # stopped outside a run (loading, packing, a report)
+        code = stop_code(exc)
+        if code is None:
+            raise
+        console.print("[yellow]interrupted: nothing was left half-written; rerun the same command[/yellow]",
+                      highlight=False)
+        return code
 
 
 if __name__ == "__main__":

@@ -203,6 +203,8 @@ class VideoEditModule(L.LightningModule):
         object.__setattr__(self, "editors", EditorPool(pipe, cache, identity, controlnet))
         # The editor of the run's first edit: what every editor shares (model identity, size multiple).
         object.__setattr__(self, "editor", self.editors.get(run_edits[0].config))
+        # Told (video key, stage, done, total) after every inversion/denoising step (progress in a long video).
+        object.__setattr__(self, "step_sink", None)
         self._setup_metrics(config, dtype)
 
     @staticmethod
@@ -273,11 +275,14 @@ class VideoEditModule(L.LightningModule):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
+            editor = self.editors.get(config)
+            sink = self.step_sink
+            editor.on_step = None if sink is None else (lambda stage, done, total: sink(sample.key, stage, done, total))
             # Without a description the inversion runs with the rest of the template (often
             # empty, the null prompt); only edits that ask for {prompt} need one.
             source_prompt = config.inversion.prompt.replace("{prompt}", sample.prompt or "").strip()
             prompts = [(e.spec.name, fill_prompt(e.spec.prompt, sample.prompt, f"edit '{e.spec.name}'")) for e in edits]
-            result = self.editors.get(config).edit(
+            result = editor.edit(
                 sample.frames, source_prompt, prompts, seed=config.edit.seed, key=sample.key,
                 control_images=sample.control_frames, mask=sample.mask, shared=shared)
             for row, (name, prompt) in zip(rows, prompts):

@@ -1,13 +1,11 @@
-"""One shard end to end: the Lightning predict loop over its samples, committed atomically, SIGTERM-safe."""
+"""One shard end to end: the Lightning predict loop over its samples, committed atomically, safe against
+SIGINT and SIGTERM (see `vidbatch.core.signals`)."""
 
 from __future__ import annotations
 
-import signal
-import threading
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import lightning as L
 from lightning.fabric.plugins.environments import LightningEnvironment
@@ -16,6 +14,7 @@ from vidbatch.batch.module import SampleResult, VideoEditModule
 from vidbatch.batch.writer import ShardPredictionWriter
 from vidbatch.config.output_hash import output_config_hash
 from vidbatch.core.rows import DoneMarker
+from vidbatch.core.signals import exit_on_signals, signals_held
 from vidbatch.io.output_shards import marker_path
 
 # Lightning warnings that are expected here and say nothing to a user (regexes matched at the start):
@@ -28,60 +27,13 @@ QUIET_LIGHTNING_WARNINGS = (
 )
 
 
-@contextmanager
-def sigterm_exits() -> Iterator[None]:
-    """While the block runs (in the main thread), SIGTERM raises SystemExit(143) instead of being lost.
-
-    A Lightning Trainer replaces the SIGTERM handler with one that only takes note (for training loops
-    to stop between steps) and calls the handler that was there before it: without this one a SLURM
-    requeue, `scancel`, `kill` or a Ray worker shutdown would leave the shard running until SIGKILL,
-    and SLURM's SIGKILL misses a process whose batch shell has already died. Installed before the
-    Trainer starts, so it also covers the first sample, which Lightning decodes before any callback
-    runs. The SystemExit unwinds through `process_shard`, which removes the shard's temporaries.
-    """
-    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class _SigtermState:
-    """While `holding`, a SIGTERM under `sigterm_exits` is remembered (`pending`) instead of raised."""
-
-    holding = False
-    pending = False
-
-
-def _exit_on_signal(signum: int, frame: object) -> None:
-    if _SigtermState.holding:
-        _SigtermState.pending = True
-        return
-    raise SystemExit(128 + signum)
-
-
-@contextmanager
-def _sigterm_held() -> Iterator[None]:
-    """A section a SIGTERM must not cut in two (creating a shard's temporaries and the object that owns
-    them); a SIGTERM that came meanwhile is raised at its end, where the owner can clean up."""
-    _SigtermState.holding = True
-    try:
-        yield
-    finally:
-        _SigtermState.holding = False
-        if _SigtermState.pending:
-            _SigtermState.pending = False
-            raise SystemExit(128 + signal.SIGTERM)
-
-
 class VideoSink(Protocol):
-    """Receives one call per finished video: `RunProgress`, or a Ray worker's relay to the driver."""
+    """Receives one call per finished video and one per inversion/denoising step of the current video:
+    `RunProgress`, or a Ray worker's relay to the driver."""
 
     def video_done(self, frames: int, ok: bool) -> None: ...
+
+    def video_step(self, key: str, stage: str, done: int, total: int) -> None: ...
 
 
 def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
@@ -89,7 +41,9 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
     """Runs the Lightning predict loop over one shard and commits its output; returns the done marker.
 
     Any exception leaves no file under a final name (the temporaries are removed) and propagates;
-    SIGTERM ends it at once the same way (SystemExit 143, see `sigterm_exits`). Safe to run twice at once for the same shard (a Ray retry while the old attempt still runs): each
+    SIGINT and SIGTERM end it at once the same way (SystemExit 130 / 143, see `vidbatch.core.signals`; installed
+    before the Trainer starts, so they also cover the first sample, which Lightning decodes before any callback
+    runs). Safe to run twice at once for the same shard (a Ray retry while the old attempt still runs): each
     attempt writes its own temporaries and renames complete files only (see shard_io.ShardOutput).
     """
     marker_path(out_dir, stem).unlink(missing_ok=True)  # --overwrite: never pair an old marker with new data
@@ -98,17 +52,18 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
         if progress is not None:
             progress.video_done(result.frames_edited, all(row.ok for row in result.rows))
 
-    with sigterm_exits(), warnings.catch_warnings():
+    with exit_on_signals(), warnings.catch_warnings():
         for message in QUIET_LIGHTNING_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         writer: ShardPredictionWriter | None = None
         try:
-            with _sigterm_held():
+            with signals_held():
                 writer = ShardPredictionWriter(out_dir, url, stem, on_sample=on_sample)
+            object.__setattr__(module, "step_sink", getattr(progress, "video_step", None))
             trainer = _trainer(module, writer)
             trainer.predict(module, dataloaders=module.dataloader(url), return_predictions=False)
             return writer.finish(output_config_hash(module.config))
-        except BaseException:  # SIGTERM (SystemExit) included, wherever it lands, the commit too
+        except BaseException:  # SIGINT/SIGTERM (SystemExit) included, wherever it lands, the commit too
             if writer is not None:
                 writer.abort()
             raise

@@ -8,13 +8,22 @@ every error names the key and what is valid.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Literal, Union
 
 from vidbatch.core.errors import ConfigError
 
-__all__ = ["build", "check_constraints", "coerce", "join_key", "type_name"]
+__all__ = ["build", "check_constraints", "coerce", "did_you_mean", "join_key", "type_name"]
+
+
+def did_you_mean(word: object, candidates: typing.Iterable[object], prefix: str = "") -> str:
+    """" (did you mean 'edit.steps'?)" for the candidate closest to `word` (joined to `prefix`), or "" when
+    none is close (difflib's ratio below 0.6)."""
+    names = [str(c) for c in candidates]
+    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
+    return f" (did you mean {join_key(prefix, close[0])!r}?)" if close else ""
 
 
 def type_name(tp: Any) -> str:
@@ -91,7 +100,8 @@ def check_constraints(value: Any, meta: typing.Mapping, path: str) -> None:
         choices = choices()
     if choices is not None and value not in choices:
         valid = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"config key '{path}' must be one of {valid}, got {value!r}")
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise ConfigError(f"config key '{path}' must be one of {valid}, got {value!r}{hint}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if meta.get("min") is not None and value < meta["min"]:
             raise ConfigError(f"config key '{path}' must be >= {meta['min']}, got {value!r}")
@@ -107,8 +117,8 @@ def build(cls: type, data: dict, prefix: str) -> Any:
     for key in data:
         if key not in fields:
             where = f"'{prefix}'" if prefix else "the top level"
-            raise ConfigError(
-                f"unknown config key '{join_key(prefix, str(key))}'; valid keys in {where}: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key '{join_key(prefix, str(key))}'{did_you_mean(key, fields, prefix)}; "
+                              f"valid keys in {where}: {', '.join(fields)}")
     values = {}
     for name, f in fields.items():
         path = join_key(prefix, name)

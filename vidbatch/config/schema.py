@@ -128,7 +128,13 @@ class RuntimeConfig:
     worker_start_timeout_s: float = setting(600.0, minimum=1, help="give up when no Ray worker could start for this long")
     device: str = setting("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (with Ray: 'cuda' workers get one GPU each)")
     max_memory_gb: float | None = setting(None, minimum=0, help="memory budget for chunk_size 'auto'; null: what the device has free")
-    log_every_s: float = setting(30.0, minimum=0.1, help="seconds between plain status lines when not on a terminal")
+    log_every_s: float = setting(30.0, minimum=0.1, help="seconds between plain status lines (in run.log, and on the "
+                                                        "console when it is not a terminal)")
+    threads: Union[int, Literal["auto"]] = setting(
+        "auto", minimum=1, help="torch CPU threads per worker; 'auto': $OMP_NUM_THREADS if set, else the CPUs "
+                                "this process may use (os.sched_getaffinity) divided among the local workers; "
+                                "runtime.cpus_per_worker for a Ray CPU worker. On a machine shared with other "
+                                "work, 1 is often much faster")
 
 
 class ConfigBase:

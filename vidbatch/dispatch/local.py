@@ -12,7 +12,9 @@ from rich.console import Console
 from vidbatch.batch.module import VideoEditModule
 from vidbatch.batch.shard import process_shard
 from vidbatch.config.schema import Config
+from vidbatch.dispatch.estimate import known_video_total
 from vidbatch.dispatch.plan import RunOutcome, prepare_run
+from vidbatch.dispatch.preflight import apply_threads, resolve_threads
 from vidbatch.dispatch.progress import RunProgress
 
 log = logging.getLogger("vidbatch")
@@ -30,15 +32,17 @@ def run_local(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite
                        num_shards=num_shards, console=console)
     failed: dict[str, str] = {}
     if plan.todo:
+        threads = resolve_threads(config, local_workers=1)
+        apply_threads(threads)  # before the model loads: torch's thread pool starts with its first op
+        log.info("local backend: 1 worker, %d torch thread(s)", threads)
         module = VideoEditModule(config)
-        with RunProgress(len(plan.todo), console, config.runtime.log_every_s) as progress:
+        with RunProgress(len(plan.todo), console, config.runtime.log_every_s,
+                         total_videos=known_video_total(plan.urls, plan.todo)) as progress:
             for i in plan.todo:
                 url, stem = plan.urls[i], plan.stems[i]
                 try:
                     process_shard(module, url, stem, out_dir, progress)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as exc:
+                except Exception as exc:  # SIGINT/SIGTERM (SystemExit, KeyboardInterrupt) pass: run_shards reports them
                     log.exception("shard %s failed", url)
                     failed[stem] = f"{type(exc).__name__}: {exc}"
                     progress.shard_done(stem, ok=False)

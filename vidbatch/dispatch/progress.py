@@ -1,47 +1,35 @@
-"""Progress of a run: rich bars on a terminal, plain periodic status lines otherwise and in the log.
+"""Progress of a run: rich bars on a terminal, and a plain status line every `every_s` seconds.
 
-The log file always gets plain lines (one every `every_s` seconds, plus shard events), so a SLURM
-job's log and `OUT/run.log` tell how far a run is without a terminal. Only the driver draws: with the
-Ray backend, workers send per-video events that the driver feeds in here (`video_done`, `adjust`).
+The status line goes to the log file (`OUT/run.log`) always, and to the console when it is not a
+terminal (SLURM logs, pipes), from a timer thread: a line comes every `every_s` even while one long
+video is being edited. It gives the known totals (videos are counted from the local shards' headers
+before the run; `pipe:` shards are not), an ETA, and where the current video is (inversion or edit
+step). Only the driver draws: with the Ray backend, workers send per-video and per-step events that
+the driver feeds in here (`video_done`, `video_step`, `adjust`).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
+import threading
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from vidbatch.dispatch.logs import setup_logging
+
+__all__ = ["RunProgress", "setup_logging"]
+
 log = logging.getLogger("vidbatch")
 
 
-def setup_logging(log_file: Path | None, console: Console) -> None:
-    """Plain timestamped lines to `log_file`; warnings and errors also to the console (stderr)."""
-    logger = logging.getLogger("vidbatch")
-    logger.setLevel(logging.INFO)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setLevel(logging.WARNING)
-    stream.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger.addHandler(stream)
-    logger.propagate = False
-
-
 class RunProgress:
-    """Counts shards, videos and frames; draws bars on a terminal, writes status lines otherwise."""
+    """Counts shards, videos and frames; draws bars on a terminal, writes status lines every `every_s`."""
 
-    def __init__(self, total_shards: int, console: Console, every_s: float = 30.0):
+    def __init__(self, total_shards: int, console: Console, every_s: float = 30.0, total_videos: int | None = None):
         self.total_shards = total_shards
+        self.total_videos = total_videos
         self.console = console
         self.every_s = every_s
         self.shards_done = 0
@@ -51,8 +39,12 @@ class RunProgress:
         self.frames = 0
         self.retries = 0
         self.workers: tuple[int, int] | None = None  # (ready, wanted), Ray backend only
+        self.current: tuple[str, str, int, int] | None = None  # (video key, stage, done, total)
         self._started = time.monotonic()
         self._last_line = self._started
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
         self._bars: Progress | None = None
         if console.is_terminal:
             self._bars = Progress(
@@ -60,52 +52,84 @@ class RunProgress:
                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=console, transient=False)
             self._shard_task = self._bars.add_task("shards", total=total_shards, rate="")
-            self._video_task = self._bars.add_task("videos", total=None, rate="")
+            self._video_task = self._bars.add_task("videos", total=total_videos, rate="")
+            self._step_task = self._bars.add_task("current video", total=None, rate="")
 
     def __enter__(self) -> "RunProgress":
         if self._bars is not None:
             self._bars.start()
+        self._timer = threading.Thread(target=self._every, name="vidbatch-progress", daemon=True)
+        self._timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=5)
         if self._bars is not None:
             self._bars.stop()
+
+    def _every(self) -> None:
+        while not self._stop.wait(min(self.every_s, 1.0)):
+            self._tick()
+
+    def eta_s(self) -> float | None:
+        """Seconds left: from the video rate when the total is known, else from the shard rate."""
+        elapsed = time.monotonic() - self._started
+        if self.total_videos and 0 < self.videos < self.total_videos:
+            return elapsed / self.videos * (self.total_videos - self.videos)
+        finished = self.shards_done + self.shards_failed
+        if 0 < finished < self.total_shards:
+            return elapsed / finished * (self.total_shards - finished)
+        return None
 
     def status_line(self) -> str:
         elapsed = time.monotonic() - self._started
         fps = self.frames / elapsed if elapsed > 0 else 0.0
-        eta = ""
-        finished = self.shards_done + self.shards_failed
-        if 0 < finished < self.total_shards:
-            eta = f", eta {elapsed / finished * (self.total_shards - finished):.0f}s"
+        eta = self.eta_s()
         retried = f", {self.retries} retried" if self.retries else ""
         workers = f"; workers {self.workers[0]}/{self.workers[1]}" if self.workers is not None else ""
+        of_videos = f"/{self.total_videos}" if self.total_videos is not None else ""
+        now = ""
+        if self.current is not None:
+            key, stage, done, total = self.current
+            now = f"; now {key}: {stage} {done}/{total}"
         return (f"progress: shards {self.shards_done}/{self.total_shards} done, {self.shards_failed} failed"
-                f"{retried}; videos {self.videos} ({self.videos_failed} failed); {self.frames} frames, "
-                f"{fps:.2f} frames/s; elapsed {elapsed:.0f}s{eta}{workers}")
+                f"{retried}; videos {self.videos}{of_videos} ({self.videos_failed} failed); {self.frames} frames, "
+                f"{fps:.2f} frames/s{now}; elapsed {elapsed:.0f}s"
+                f"{f', eta {eta:.0f}s' if eta is not None else ''}{workers}")
 
     def _tick(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self._bars is not None:
-            elapsed = now - self._started
-            rate = f"{self.frames / elapsed:.2f} frames/s" if elapsed > 0 else ""
-            self._bars.update(self._shard_task, completed=self.shards_done + self.shards_failed)
-            self._bars.update(self._video_task, completed=self.videos, rate=rate)
-        if force or now - self._last_line >= self.every_s:
-            self._last_line = now
-            line = self.status_line()
-            log.info(line)
-            if self._bars is None:
-                self.console.print(line, highlight=False, soft_wrap=True)
+        with self._lock:
+            now = time.monotonic()
+            if self._bars is not None:
+                elapsed = now - self._started
+                rate = f"{self.frames / elapsed:.2f} frames/s" if elapsed > 0 else ""
+                self._bars.update(self._shard_task, completed=self.shards_done + self.shards_failed)
+                self._bars.update(self._video_task, completed=self.videos, rate=rate)
+            if force or now - self._last_line >= self.every_s:
+                self._last_line = now
+                line = self.status_line()
+                log.info(line)
+                if self._bars is None:
+                    self.console.print(line, highlight=False, soft_wrap=True)
 
     def tick(self) -> None:
-        """Redraws, and writes a status line if `every_s` has passed: call it periodically while waiting."""
+        """Redraws, and writes a status line if `every_s` has passed."""
         self._tick()
 
     def video_done(self, frames: int, ok: bool) -> None:
         self.videos += 1
         self.videos_failed += 0 if ok else 1
         self.frames += frames
+        self.current = None
+        self._tick()
+
+    def video_step(self, key: str, stage: str, done: int, total: int) -> None:
+        """Where the current video is: `stage` ('invert' or 'edit NAME') at step `done` of `total`."""
+        self.current = (key, stage, done, total)
+        if self._bars is not None:
+            self._bars.update(self._step_task, description=f"{key}: {stage}", completed=done, total=total)
         self._tick()
 
     def shard_done(self, stem: str, ok: bool) -> None:

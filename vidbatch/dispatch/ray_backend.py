@@ -31,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,6 +47,9 @@ from vidbatch.core.rows import DoneMarker
 from vidbatch.core.errors import ConfigError, VidbatchError
 from vidbatch.batch.module import VideoEditModule
 from vidbatch.batch.shard import process_shard
+from vidbatch.core.signals import STOP_SIGNALS
+from vidbatch.dispatch.estimate import known_video_total
+from vidbatch.dispatch.logs import demote_third_party_logs, logs_set_up
 from vidbatch.dispatch.plan import RunOutcome, prepare_run
 from vidbatch.dispatch.progress import RunProgress
 
@@ -115,7 +120,7 @@ class _RelayLogHandler(logging.Handler):
     """Sends a worker's `vidbatch` log records to the driver, which writes them to run.log."""
 
     def __init__(self, send: Callable[[dict], None]):
-        super().__init__(level=logging.INFO)
+        super().__init__(level=logging.DEBUG)
         self.send = send
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -129,13 +134,23 @@ class _RelayLogHandler(logging.Handler):
 
 
 class _ShardEvents:
-    """The `VideoSink` a worker hands to `process_shard`: one event per finished video."""
+    """The `VideoSink` a worker hands to `process_shard`: one event per finished video, and the current
+    video's step at most once a second."""
+
+    STEP_EVERY_S = 1.0
 
     def __init__(self, send: Callable[[dict], None], stem: str, attempt: int):
         self.send, self.stem, self.attempt = send, stem, attempt
+        self._last_step = 0.0
 
     def video_done(self, frames: int, ok: bool) -> None:
         self.send({"type": "video", "stem": self.stem, "attempt": self.attempt, "frames": frames, "ok": ok})
+
+    def video_step(self, key: str, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last_step >= self.STEP_EVERY_S or done == total:
+            self._last_step = now
+            self.send({"type": "step", "key": key, "stage": stage, "done": done, "total": total})
 
 
 class ShardWorker:
@@ -159,7 +174,8 @@ class ShardWorker:
             torch.set_num_threads(threads)
         logger = logging.getLogger("vidbatch")
         logger.handlers[:] = [_RelayLogHandler(self._send)]
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.DEBUG)
+        demote_third_party_logs()  # Lightning's banners, transformers' warnings: to run.log only, at DEBUG
         logger.propagate = False
 
     def _send(self, event: dict) -> None:
@@ -227,7 +243,7 @@ def _cause(exc: BaseException) -> str:
 
 def _user_error(exc: BaseException) -> VidbatchError | None:
     """The VidbatchError (model, config) a worker's setup raised, unwrapped from Ray's exceptions."""
-    for candidate in (exc, getattr(exc, "cause", None)):
+    for candidate in (getattr(exc, "cause", None), exc):  # the cause first: Ray's wrapper text is a traceback
         if isinstance(candidate, VidbatchError):
             return candidate
     return None
@@ -258,6 +274,9 @@ class Dispatcher:
         self.index_of = {stem: i for i, stem in enumerate(self.stems)}
         self.config_sha = _sha256(out_dir / "config.yaml")  # written by prepare_run; workers compare theirs
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        self.threads = workers.cpus if config.runtime.threads == "auto" else int(config.runtime.threads)
+        if not workers.use_gpu:  # read by OpenMP when the worker's torch starts, before set_num_threads
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         self.actor_options = dict(num_cpus=workers.cpus, num_gpus=1 if workers.use_gpu else 0, max_restarts=0,
                                   max_concurrency=1, runtime_env={"env_vars": env} if env else None)
         self.relay = ray.remote(EventRelay).options(num_cpus=0, max_restarts=-1).remote()
@@ -269,7 +288,7 @@ class Dispatcher:
         self.started += 1
         name = f"w{self.started}"
         handle = self.actor_class.options(**self.actor_options).remote(
-            self.config, str(self.out_dir), self.relay, name, self.workers.use_gpu, self.workers.cpus, os.getcwd())
+            self.config, str(self.out_dir), self.relay, name, self.workers.use_gpu, self.threads, os.getcwd())
         return _Slot(name=name, handle=handle, ref=handle.setup.remote(self.config_sha))
 
     def _replace(self, slot: _Slot, why: str) -> None:
@@ -315,6 +334,8 @@ class Dispatcher:
                 state.failed += 0 if event["ok"] else 1
                 state.frames += event["frames"]
                 self.progress.video_done(event["frames"], event["ok"])
+        elif kind == "step":
+            self.progress.video_step(event["key"], event["stage"], event["done"], event["total"])
         self._emit(event)
 
     # -- shards
@@ -433,6 +454,10 @@ class Dispatcher:
         return self.failed
 
 
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -455,18 +480,28 @@ class _RaySession:
         if ray.is_initialized():  # the caller (a notebook, a test, a `ray job` entrypoint) already connected
             return "the Ray cluster this process is connected to"
         address = self.runtime.ray_address or os.environ.get("RAY_ADDRESS") or None
+        # ray.init makes SIGTERM exit with code 15 on the driver; keep the run's handlers (exit 143, one line).
+        handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS} if _in_main_thread() else {}
+        # Under the CLI, Ray's start-up lines and token notice are noise: only its errors while it starts,
+        # then its warnings to run.log (demoted); a library caller keeps Ray's own logging.
+        quiet = dict(logging_level=logging.ERROR) if logs_set_up() else {}
         try:
             if address:
-                ray.init(address=address, log_to_driver=True)
+                ray.init(address=address, log_to_driver=True, **quiet)
                 where = f"the Ray cluster at {address}"
             else:
                 # "local": never silently join a cluster some earlier `ray start` left on this machine.
                 cpus = max(os.cpu_count() or 1, (self.runtime.workers or 1) * self.runtime.cpus_per_worker)
-                ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, **quiet)
                 where = "an embedded local Ray cluster"
         except ConnectionError as exc:
             raise ConfigError(f"cannot join the Ray cluster at {address!r} ({exc}); check runtime.ray_address or "
                               "RAY_ADDRESS, or leave both unset to start an embedded cluster") from exc
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            if quiet:
+                demote_third_party_logs()
         self.connected_here = True
         return where
 
@@ -499,7 +534,8 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
             workers = plan_workers(config.runtime, ray.cluster_resources().get("GPU", 0), len(plan.todo))
             log.info("ray: %s; %s", where, workers.describe())
             console.print(f"running on {where}: {workers.describe()}", highlight=False)
-            with RunProgress(len(plan.todo), console, config.runtime.log_every_s) as progress:
+            with RunProgress(len(plan.todo), console, config.runtime.log_every_s,
+                             total_videos=known_video_total(plan.urls, plan.todo)) as progress:
                 dispatcher = Dispatcher(config, plan.urls, plan.stems, plan.todo, out_dir, workers, progress,
                                         on_event)
                 failed = dispatcher.run()

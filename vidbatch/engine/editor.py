@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -134,6 +136,10 @@ class VideoEditor:
         self.prediction_type = pipe.scheduler.config.prediction_type
         self._scheduler = pipe.scheduler
         self._text_cache: dict[str, Tensor] = {}
+        # Told (stage, done, total) after every inversion and denoising step, for progress inside a long
+        # video; `stage` is "invert" or "edit NAME". Never raises into the loop's result: it only observes.
+        self.on_step: Callable[[str, int, int], None] | None = None
+        self._stage = "edit"
         # Pixels per latent cell, and the factor every side must be divisible by for the UNet.
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -288,6 +294,7 @@ class VideoEditor:
         # rounded exactly like a cached one, so a cache hit and a miss edit identically.
         trajectory = torch.empty((len(kept), *clean.shape), dtype=self.dtype)
         batch = self.inversion_batch_for(len(clean), tuple(clean.shape[-2:]))
+        total_steps = math.ceil(len(clean) / batch) * len(timesteps)
         for start in range(0, len(clean), batch):
             x = clean[start:start + batch]
             cond = embedding.expand(len(x), -1, -1)
@@ -298,6 +305,7 @@ class VideoEditor:
                 out = self.unet_output(x, t, cond)
                 x = ddim.inversion_step(x, out, alpha_from, alpha_to, self.prediction_type)
                 alpha_from = alpha_to
+                self._report("invert", start // batch * len(timesteps) + len(timesteps) - k, total_steps)
                 if k in row_of:
                     trajectory[row_of[k], start:start + len(x)] = x.cpu()
         return Inversion(timesteps=timesteps[kept], trajectory=trajectory, clean=clean.cpu())
@@ -402,11 +410,16 @@ class VideoEditor:
                 if s.eta > 0:
                     noise = torch.randn(x.shape, generator=generator).to(self.device)
                 x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type, s.eta, noise)
+                self._report(self._stage, k - start + 1, len(timesteps) - start)
         finally:
             hooks.unpatch(self.unet)
             if injector is not None:
                 injector.remove()
         return x
+
+    def _report(self, stage: str, done: int, total: int) -> None:
+        if self.on_step is not None:
+            self.on_step(stage, done, total)
 
     def inversion_key(self, frames: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> str:
         """The cache key: the frames' content and everything else that changes the inversion (the mask's
@@ -479,6 +492,7 @@ class VideoEditor:
         for i, (name, prompt) in enumerate(edits):
             result.inversion_use[name] = result.inversion_cache if i == 0 else "shared"
             started = time.perf_counter()
+            self._stage = f"edit {name}"
             latents = self.denoise(inversion, prompt, sample_seed(seed, key, name), source_prompt, control_images, mask)
             result.frames[name] = self.decode_latents(latents)
             result.seconds[name] = {"invert": invert_seconds if result.inversion_use[name] != "shared" else 0.0,

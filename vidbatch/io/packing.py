@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Sequence
 
 import webdataset as wds
 
 from vidbatch.core.atomic import atomic_open
+from vidbatch.core.edits import EditSpec
 from vidbatch.core.errors import ConfigError
 from vidbatch.io.input_shards import VIDEO_EXTENSIONS
 
@@ -40,18 +42,39 @@ def read_prompts(path: Path) -> dict[str, dict]:
     return prompts
 
 
-def pack_shards(video_dir: str | Path, out_dir: str | Path, *, prompts_file: str | Path | None = None,
-                samples_per_shard: int = 100, prefix: str = "part") -> list[Path]:
-    """Writes `{prefix}-000000.tar`, ... with one sample per video (sorted by name); returns their paths."""
-    video_dir, out_dir = Path(video_dir), Path(out_dir)
+def list_videos(video_dir: str | Path) -> list[Path]:
+    """The video files directly in `video_dir`, sorted by name (the order they are packed in)."""
+    video_dir = Path(video_dir)
     if not video_dir.is_dir():
         raise ConfigError(f"video folder '{video_dir}' not found")
-    if samples_per_shard < 1:
-        raise ConfigError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     videos = sorted(p for p in video_dir.iterdir()
                     if p.is_file() and p.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS)
     if not videos:
         raise ConfigError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) in '{video_dir}'")
+    return videos
+
+
+def videos_missing_prompts(videos: Sequence[Path], prompts: dict[str, dict], edits: Sequence[EditSpec]) -> list[str]:
+    """The names of the videos that will fail for want of a prompt: no prompt of their own, and an edit
+    (theirs from the prompts file, else `edits`) that uses `{prompt}`."""
+    missing = []
+    for video in videos:
+        row = prompts.get(video.name, {})
+        own_edits = row.get("edits")
+        prompts_used = [e.get("prompt", "") for e in own_edits if isinstance(e, dict)] \
+            if isinstance(own_edits, list) and own_edits else [e.prompt for e in edits]
+        if not row.get("prompt") and any("{prompt}" in str(p) for p in prompts_used):
+            missing.append(video.name)
+    return missing
+
+
+def pack_shards(video_dir: str | Path, out_dir: str | Path, *, prompts_file: str | Path | None = None,
+                samples_per_shard: int = 100, prefix: str = "part") -> list[Path]:
+    """Writes `{prefix}-000000.tar`, ... with one sample per video (sorted by name); returns their paths."""
+    video_dir, out_dir = Path(video_dir), Path(out_dir)
+    if samples_per_shard < 1:
+        raise ConfigError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    videos = list_videos(video_dir)
     prompts = read_prompts(Path(prompts_file)) if prompts_file else {}
     unknown = sorted(set(prompts) - {v.name for v in videos})
     if unknown:

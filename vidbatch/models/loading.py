@@ -154,8 +154,8 @@ def _load_hub(model_id: str, dtype: torch.dtype):
         )
         raise ModelLoadError(
             f"model.id '{model_id}': not a local folder or file, and {why} ({first_line(exc)}). "
-            "Fix: download it first (huggingface-cli download) or point model.id at a local diffusers "
-            "folder / .safetensors file"
+            "Fix: run `hf download " + model_id + "` where there is network access (same HF_HOME), or point "
+            "model.id at a local diffusers folder or .safetensors file"
         ) from exc
 
 

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from vidbatch import __version__
+from vidbatch.core.version import __version__
 from vidbatch.core.atomic import atomic_write, remove_stale_temporaries
 from vidbatch.core.errors import VidbatchError
 from vidbatch.core.rows import EditRow

@@ -15,7 +15,7 @@ import cv2
 from rich.console import Console
 from rich.table import Table
 
-from vidbatch import __version__
+from vidbatch.core.version import __version__
 from vidbatch.config.schema import Config, resolve_control_name
 from vidbatch.core.atomic import atomic_write
 from vidbatch.core.errors import VidbatchError
