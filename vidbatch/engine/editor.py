@@ -305,7 +305,7 @@ class VideoEditor:
                 out = self.unet_output(x, t, cond)
                 x = ddim.inversion_step(x, out, alpha_from, alpha_to, self.prediction_type)
                 alpha_from = alpha_to
-                self._report("invert", start // batch * len(timesteps) + len(timesteps) - k, total_steps)
+                self.report_progress("invert", start // batch * len(timesteps) + len(timesteps) - k, total_steps)
                 if k in row_of:
                     trajectory[row_of[k], start:start + len(x)] = x.cpu()
         return Inversion(timesteps=timesteps[kept], trajectory=trajectory, clean=clean.cpu())
@@ -410,14 +410,15 @@ class VideoEditor:
                 if s.eta > 0:
                     noise = torch.randn(x.shape, generator=generator).to(self.device)
                 x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type, s.eta, noise)
-                self._report(self._stage, k - start + 1, len(timesteps) - start)
+                self.report_progress(self._stage, k - start + 1, len(timesteps) - start)
         finally:
             hooks.unpatch(self.unet)
             if injector is not None:
                 injector.remove()
         return x
 
-    def _report(self, stage: str, done: int, total: int) -> None:
+    def report_progress(self, stage: str, done: int, total: int) -> None:
+        """Tells `on_step` (progress inside a long video) that `done` of `total` steps of `stage` are done."""
         if self.on_step is not None:
             self.on_step(stage, done, total)
 

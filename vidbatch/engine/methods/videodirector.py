@@ -569,6 +569,7 @@ def tune(editor: Editor, config: VideoDirectorConfig, inversion: Inversion, sour
                                                score, config.stdg_scale)
                 tuned.append(nulls.cpu())
                 scores.append(score.cpu())
+                editor.report_progress("tune", k + 1, num_steps)
         finally:
             restore_processors(editor.unet, PATCH_OWNER)
         return TuningResult(torch.stack(tuned), torch.stack(scores), x.detach())
@@ -610,6 +611,7 @@ def invert_video(editor: Editor, clean: Tensor, timesteps: Tensor, prompt: str, 
         # inversion and a fresh one are the same numbers.
         trajectory[k] = x.to(editor.dtype).cpu()
         x = trajectory[k].to(editor.device, torch.float32)
+        editor.report_progress("invert", len(timesteps) - k, len(timesteps))
     return trajectory
 
 
@@ -694,6 +696,7 @@ class VideoDirector(Method):
                     guided[start:end] += weight * (out[EDIT_COND] + s.guidance * (out[EDIT_COND] - out[EDIT_UNCOND]))
                 x = ddim.score_guided_step(x, guided, clip.alpha_t[k], clip.alpha_prev[k], editor.prediction_type,
                                            scores[k].to(editor.device), c.stdg_scale)
+                editor.report_progress("edit", k + 1, num_steps)
         finally:
             restore_processors(editor.unet, PATCH_OWNER)
         return x
