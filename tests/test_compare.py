@@ -56,8 +56,10 @@ def compared(tmp_path_factory, clips):
     shard = write_shard(root / "in" / "p0.tar", [video_sample("frac", clips["fractal"]),
                                                  video_sample("cells", clips["cells"])])
     out = root / "out"
+    # Its own inversion cache: the session's may hold these clips' inversions from other tests.
     code = run_cli("run", TINY, "--input", shard, "--output", out, "--compare", *METHODS,
-                   *sum((["--set", s] for s in FAST), []), "--set", "tokenflow.batch_size=4")
+                   *sum((["--set", s] for s in FAST), []), "--set", "tokenflow.batch_size=4",
+                   "--set", f"inversion.cache_dir={root / 'cache'}")
     return code, root, shard, out
 
 

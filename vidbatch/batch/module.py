@@ -123,36 +123,33 @@ class ShardDataset(IterableDataset):
             return canny_frames(frames, c.canny_low, c.canny_high), None
         if sample.control_video is None:
             return None, f"controlnet.condition is 'video' but the sample has no {sample.key}.control.mp4"
-        v = self.config.video
-        try:
-            control = decode_video(sample.control_video, "mp4", short_side=v.size, multiple=self.size_multiple,
-                                   max_frames=v.max_frames, frame_stride=v.frame_stride, min_frames=1,
-                                   max_input_bytes=int(v.max_input_mb * 2**20),
-                                   max_source_pixels=v.max_source_pixels).frames
-        except SampleError as exc:
-            return None, f"cannot decode {sample.key}.control.mp4: {exc}"
-        if control.shape != frames.shape:
-            return None, (f"{sample.key}.control.mp4 gives frames of shape {control.shape[:3]}, the video "
-                          f"{frames.shape[:3]}; control frames must match the video's count and aspect ratio")
-        return control, None
+        return self._companion_video(sample.control_video, f"{sample.key}.control.mp4", frames,
+                                     "control frames must match the video's count and aspect ratio")
 
     def mask(self, sample: InputSample, frames: np.ndarray, edits: list[PlannedEdit]) -> tuple[np.ndarray | None, str | None]:
         """The foreground mask of a sample (`{key}.mask.mp4`, white = foreground), when one of its `edits`'
         methods uses one: (T, H, W) bool or None (no mask: all foreground), or the reason it cannot be used."""
         if not any(e.method and get_method(e.method).uses_mask for e in edits) or sample.mask_video is None:
             return None, None
+        mask, error = self._companion_video(sample.mask_video, f"{sample.key}.mask.mp4", frames,
+                                            "a mask must match the video's frame count and aspect ratio")
+        return (None, error) if mask is None else (mask.mean(axis=-1) > 127, None)
+
+    def _companion_video(self, data: bytes, name: str, frames: np.ndarray,
+                         rule: str) -> tuple[np.ndarray | None, str | None]:
+        """A video that goes with the sample's (control frames, a mask), decoded like it and checked to match
+        its frames: (frames, None) or (None, the reason)."""
         v = self.config.video
         try:
-            mask = decode_video(sample.mask_video, "mp4", short_side=v.size, multiple=self.size_multiple,
-                                max_frames=v.max_frames, frame_stride=v.frame_stride, min_frames=1,
-                                max_input_bytes=int(v.max_input_mb * 2**20),
-                                max_source_pixels=v.max_source_pixels).frames
+            decoded = decode_video(data, "mp4", short_side=v.size, multiple=self.size_multiple,
+                                   max_frames=v.max_frames, frame_stride=v.frame_stride, min_frames=1,
+                                   max_input_bytes=int(v.max_input_mb * 2**20),
+                                   max_source_pixels=v.max_source_pixels).frames
         except SampleError as exc:
-            return None, f"cannot decode {sample.key}.mask.mp4: {exc}"
-        if mask.shape != frames.shape:
-            return None, (f"{sample.key}.mask.mp4 gives frames of shape {mask.shape[:3]}, the video "
-                          f"{frames.shape[:3]}; a mask must match the video's frame count and aspect ratio")
-        return mask.mean(axis=-1) > 127, None
+            return None, f"cannot decode {name}: {exc}"
+        if decoded.shape != frames.shape:
+            return None, f"{name} gives frames of shape {decoded.shape[:3]}, the video {frames.shape[:3]}; {rule}"
+        return decoded, None
 
     def __iter__(self) -> Iterator[PreparedSample]:
         limits = InputLimits(max_video_bytes=int(self.config.video.max_input_mb * 2**20))

@@ -79,8 +79,10 @@ def _probe(config: Config, url: str, sample: IndexedSample) -> tuple[int, float]
     """(frames edited, pixels per edited frame) of one video, or None if it cannot be probed."""
     v = config.video
     suffix = Path(sample.video_member or "").suffix
+    if sample.video_bytes > v.max_input_mb * 2**20:
+        return None   # the run will refuse it unread; so does the estimate
     with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
-        tmp.write(read_member(url, sample.video_member))
+        tmp.write(read_member(url, sample.video_member, int(v.max_input_mb * 2**20)))
         tmp.flush()
         try:
             info = probe_video(tmp.name)

@@ -7,18 +7,14 @@ be read ahead without consuming them: their index is None.
 
 from __future__ import annotations
 
-import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from vidbatch.core.edits import EditSpec
-from vidbatch.io.input_shards import VIDEO_EXTENSIONS, parse_sample
+from vidbatch.io.input_shards import MAX_META_BYTES, VIDEO_EXTENSIONS, parse_sample, split_member_name
+from vidbatch.io.tar_stream import TarFormatError, TarStream, open_decompressed
 
-# A member's sample key and extension as webdataset splits them: the key ends at the first dot of the
-# file name (`dir/clip.control.mp4` -> `dir/clip`, `control.mp4`).
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-# Members read for their content: the prompt and per-sample edits.
+# Members read for their content: the prompt and per-sample edits (at most MAX_META_BYTES each).
 _SMALL_MEMBERS = ("json", "txt")
 
 
@@ -45,22 +41,24 @@ def index_shard(url: str) -> list[IndexedSample] | None:
     raws: dict[str, dict] = {}
     members: dict[str, tuple[str, int]] = {}
     try:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                match = _KEY_EXT.match(member.name)
-                if not member.isfile() or match is None:
+        # The input reader's streaming tar (sizes from the headers, oversized headers skipped unread), so
+        # a hostile shard costs the index no more memory than it costs the run.
+        with open(url, "rb") as raw_file:
+            stream, _ = open_decompressed(raw_file)
+            tar = TarStream(stream)
+            for member in tar.members():
+                key, ext = split_member_name(member.name)
+                if not member.is_file or member.error or key is None:
                     continue
-                key, ext = match.groups()
                 raw = raws.setdefault(key, {"__key__": key})
-                if ext in _SMALL_MEMBERS:
-                    handle = tar.extractfile(member)
-                    raw[ext] = handle.read() if handle is not None else b""
+                if ext in _SMALL_MEMBERS and member.size <= MAX_META_BYTES:
+                    raw[ext] = bytes(tar.read())
                 elif ext in VIDEO_EXTENSIONS:
                     raw[ext] = b""   # the bytes are not read; parse_sample only needs to see one
                     members.setdefault(key, (member.name, member.size))
                 else:
                     raw[ext] = b""
-    except (tarfile.TarError, OSError, EOFError):
+    except (TarFormatError, OSError, EOFError):
         return None
     samples = []
     for key, raw in raws.items():
@@ -71,10 +69,15 @@ def index_shard(url: str) -> list[IndexedSample] | None:
     return samples
 
 
-def read_member(url: str, name: str) -> bytes:
-    """One member's bytes from a local shard."""
-    with tarfile.open(url) as tar:
-        handle = tar.extractfile(name)
-        if handle is None:
-            raise KeyError(name)
-        return handle.read()
+def read_member(url: str, name: str, max_bytes: int | None = None) -> bytes:
+    """One member's bytes from a local shard; KeyError when it has none called `name`, ValueError when it is
+    over `max_bytes` (its size is read from its header first)."""
+    with open(url, "rb") as raw_file:
+        stream, _ = open_decompressed(raw_file)
+        tar = TarStream(stream)
+        for member in tar.members():
+            if member.name == name and member.is_file and not member.error:
+                if max_bytes is not None and member.size > max_bytes:
+                    raise ValueError(f"member {name} is {member.size} bytes, over {max_bytes}")
+                return bytes(tar.read())
+    raise KeyError(name)
