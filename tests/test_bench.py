@@ -53,6 +53,7 @@ def test_bench_cli_prints_one_json_row_per_method(capsys):
     assert vidtome["unet_gflop_per_sample_edit"] != pytest.approx(per_frame["unet_gflop_per_sample_edit"])
     assert per_frame["device_peak_tflops"] == vidtome["device_peak_tflops"]  # one ceiling for the whole run
     assert per_frame["syncs_per_unet_call_edit"] == 0  # stock attention never reads a tensor back
+    assert vidtome["syncs_per_unet_call_edit"] == 0   # merging decides on the device: no host reads inside the UNet
 
 
 def test_sync_counter_counts_host_reads():
