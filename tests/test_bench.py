@@ -53,6 +53,7 @@ def test_bench_cli_prints_one_json_row_per_method(capsys):
     assert vidtome["unet_gflop_per_sample_edit"] != pytest.approx(per_frame["unet_gflop_per_sample_edit"])
     assert per_frame["device_peak_tflops"] == vidtome["device_peak_tflops"]  # one ceiling for the whole run
     assert per_frame["syncs_per_unet_call_edit"] == 0  # stock attention never reads a tensor back
+    assert vidtome["syncs_per_unet_call_edit"] == 0   # merging decides on the device: no host reads inside the UNet
 
 
 def test_sync_counter_counts_host_reads():
@@ -116,3 +117,19 @@ def test_native_size_and_markdown(pipe, hermetic_cache):
     lines = table.splitlines()
     assert len(lines) == 4 and lines[2].startswith("| vidtome | 4 | 64 | 0.5 |") and "25.0%" in lines[2]
     assert "failed: OutOfMemoryError" in lines[3]
+
+
+def test_the_gpu_script_runs_the_bench_with_valid_arguments(capsys):
+    """Every GPU measurement is a `vidbatch bench` command line the CLI parses, with settings the config
+    accepts for each of its methods (running them takes a GPU; the script must not fail on a typo there)."""
+    from vidbatch.cli import build_parser
+    from vidbatch.tools.bench.gpu import commands
+    from vidbatch.tools.bench.spec import BenchSpec, bench_config
+
+    parser = build_parser()
+    for label, command, _ in commands():
+        args = parser.parse_args(command[command.index("bench"):])
+        for method in args.methods:
+            bench_config(BenchSpec(model="tiny", method=method, frames=args.frames[0], clip_path="unused",
+                                   steps=args.steps, control=args.control, dtype=args.dtype,
+                                   overrides=args.overrides))

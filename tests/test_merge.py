@@ -408,3 +408,14 @@ def _order_like(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
     """(B, M) ids in our order and theirs -> (B, M, C-broadcastable) indices putting ours in their order."""
     pos = (ours[:, None, :] == theirs[:, :, None]).int().argmax(-1)  # (B, M): where their i-th id is in ours
     return pos[..., None].expand(-1, -1, 4)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_half_precision_matching_differs_from_float32_only_at_ties(low):
+    """The matching runs in the model's dtype; in half precision a decision may change only where the
+    float32 scores deciding it are within the half dtype's rounding (bench: vidbatch.tools.bench.matching)."""
+    from vidbatch.tools.bench.matching import compare_matching
+
+    row = compare_matching(tokens_per_frame=256, frames=4, channels=64, branches=3, ratio=0.9, low=low, repeat=1)
+    assert row["merged"] == int(3 * 256 * 0.9)
+    assert row["not_ties"] == 0, row

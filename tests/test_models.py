@@ -417,3 +417,15 @@ def test_fingerprint_and_cache_are_shared_across_processes(tmp_path, lora_file):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-2:] == fps
     assert (weights / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_auto_dtype_is_bfloat16_only_on_cpus_that_multiply_it_natively():
+    from vidbatch.models.dtype import auto_dtype, cpu_flags
+
+    amx = cpu_flags("processor\t: 0\nflags\t\t: fpu sse avx512f amx_tile amx_bf16\n")
+    plain = cpu_flags("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert auto_dtype(torch.device("cpu"), amx) == torch.bfloat16
+    assert auto_dtype(torch.device("cpu"), cpu_flags("flags : avx512_bf16")) == torch.bfloat16
+    assert auto_dtype(torch.device("cpu"), plain) == torch.float32
+    assert auto_dtype(torch.device("cpu"), cpu_flags("")) == torch.float32
+    assert auto_dtype(torch.device("cuda"), plain) == torch.float16

@@ -29,6 +29,7 @@ from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inv
 from vidbatch.metrics import compute_metrics, load_clip_scorer, metric_keys
 from vidbatch.metrics.clip import resolve_clip_model
 from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint, quiet_loading
+from vidbatch.models.dtype import auto_dtype
 from vidbatch.models.motion import with_motion_adapter
 from vidbatch.io.input_shards import InputLimits, InputSample, read_samples
 from vidbatch.io.video import decode_video, encode_mp4
@@ -72,8 +73,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`model.dtype` on `device`: `auto` is :func:`vidbatch.models.dtype.auto_dtype`."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return auto_dtype(device)
     return getattr(torch, name)
 
 

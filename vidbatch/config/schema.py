@@ -60,7 +60,8 @@ class ModelConfig:
     single_file_config: str | None = setting(None, help="diffusers folder or hub id describing a single-file checkpoint's architecture")
     loras: list[LoraConfig] = setting([], help="LoRAs fused into the model, each {path, scale}")
     dtype: str = setting("auto", choices=["auto", "float32", "float16", "bfloat16"],
-                         help="'auto': float16 on CUDA, float32 on CPU")
+                         help="'auto': float16 on CUDA, bfloat16 on CPUs with native bfloat16 matmul "
+                              "(AMX, AVX512-BF16), else float32")
     motion_adapter: str | None = setting(None, help="AnimateDiff motion module for text-to-video methods "
                                          "(videodirector): 'tiny', 'v3-random', a diffusers MotionAdapter folder "
                                          "or a .safetensors/.ckpt file; null: none")

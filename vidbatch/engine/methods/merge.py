@@ -288,15 +288,18 @@ def bipartite_match(src: Tensor, dst: Tensor, r: int, align_batch: bool = True) 
     return src_idx, dst_idx, unm_idx
 
 
-def _merge_from_representatives(alive: Tensor, rep: Tensor) -> Merge:
+def _merge_from_representatives(alive: Tensor, rep: Tensor, kept: int) -> Merge:
     """Build a :class:`Merge` from a kept mask and a representative map in position space.
 
     Args:
-        alive: ``(Bm, T)`` bool, the kept positions; every row holds the same number of them.
+        alive: ``(Bm, T)`` bool, the kept positions; every row holds `kept` of them.
         rep: ``(Bm, T)`` int64, for every position the kept position whose value it takes.
+        kept: how many positions each row keeps (known from the matching sizes, so no host read).
     """
     bm, t = alive.shape
-    keep = alive.nonzero()[:, 1].reshape(bm, -1)  # row-major, so ascending within each row
+    # The kept positions in ascending order: a stable sort puts the alive (0) entries first, in order.
+    # Not `nonzero`, whose output size depends on the data: on a GPU it makes the host wait.
+    keep = torch.sort((~alive).to(torch.uint8), dim=1, stable=True).indices[:, :kept]
     row_of = torch.zeros(bm, t, dtype=torch.int64, device=alive.device)
     row_of.scatter_(1, keep, torch.arange(keep.shape[1], device=alive.device).expand_as(keep).contiguous())
     return Merge(keep=keep, back=row_of.gather(1, rep))
@@ -392,6 +395,7 @@ def local_merge(
     rep = torch.arange(t, device=dev).expand(bm, t).contiguous()  # position -> kept position
 
     level = 0
+    merged_count = 0
     while frames.numel() > 1:
         if level >= len(offsets):
             raise ValueError(f"{len(offsets)} destination offsets for {num_frames} frames at stride {stride}: too few")
@@ -405,6 +409,7 @@ def local_merge(
         dst_pos = torch.cat([dst_frame_pos.expand(bm, -1), carry], dim=1)  # (Bm, D)
 
         r = int(src_pos.numel() * ratio)
+        merged_count += r
         src_tokens = x[:, src_pos]
         dst_tokens = x.gather(1, dst_pos[..., None].expand(b, -1, x.shape[-1]))
         src_sel, dst_sel, unm_sel = bipartite_match(src_tokens, dst_tokens, r, align_batch)
@@ -423,7 +428,7 @@ def local_merge(
     if level != len(offsets):
         raise ValueError(f"{len(offsets)} destination offsets for {num_frames} frames at stride {stride}: too many")
 
-    return _merge_from_representatives(alive, rep)
+    return _merge_from_representatives(alive, rep, t - merged_count)
 
 
 def global_merge(
@@ -487,4 +492,4 @@ def global_merge(
     alive.scatter_(1, merged, False)
     rep = torch.arange(l + g, device=dev).expand(bm, -1).contiguous()
     rep.scatter_(1, merged, dst_pos[dst_sel])
-    return _merge_from_representatives(alive, rep)
+    return _merge_from_representatives(alive, rep, l + g - r)
