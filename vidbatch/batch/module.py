@@ -22,8 +22,9 @@ from vidbatch.config.schema import Config, EditSpec, resolve_control, resolve_co
 from vidbatch.engine.controls.controlnet import canny_frames, load_controlnet
 from vidbatch.engine.plugins import get_method
 from vidbatch.core.rows import STATUS_OK, EditRow
-from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.engine.editor import EditedVideo, EditorSettings, VideoEditor
 from vidbatch.core.errors import SampleError, VidbatchError
+from vidbatch.core.faults import is_infrastructure_error, is_out_of_memory
 from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
 from vidbatch.metrics import compute_metrics, load_clip_scorer, metric_keys
 from vidbatch.metrics.clip import resolve_clip_model
@@ -223,8 +224,7 @@ class VideoEditModule(L.LightningModule):
                 prompts = []
                 for edit in sample.edits:
                     prompts.append((edit.name, fill_prompt(edit.prompt, sample.prompt, f"edit '{edit.name}'")))
-                result = self.editor.edit(sample.frames, source_prompt, prompts, seed=self.config.edit.seed,
-                                          key=sample.key, control_images=sample.control_frames)
+                result = self._edit(sample, source_prompt, prompts)
                 for row, (name, prompt) in zip(rows, prompts):
                     started = time.perf_counter()
                     members[f"{name}.mp4"] = encode_mp4(result.frames[name], sample.fps, audio=sample.audio,
@@ -238,6 +238,8 @@ class VideoEditModule(L.LightningModule):
             except VidbatchError as exc:
                 self._fail(rows, sample.key, str(exc))
             except Exception as exc:  # one bad sample must not end the shard; the row names the cause
+                if is_infrastructure_error(exc):
+                    raise  # the device failed, not the sample: the worker is retired (core.faults)
                 log.exception("sample %s failed", sample.key)
                 self._fail(rows, sample.key, f"{type(exc).__name__}: {exc}")
             memory = peak_memory_mb(device)
@@ -248,6 +250,24 @@ class VideoEditModule(L.LightningModule):
         for row in rows:
             row.close_seconds()
         return SampleResult(key=sample.key, members=members, rows=rows, frames_edited=frames_edited)
+
+    def _edit(self, sample: PreparedSample, source_prompt: str, prompts: list[tuple[str, str]]) -> EditedVideo:
+        """The editor's edit; out of memory, it is tried once more with chunks half as large."""
+        def edit() -> EditedVideo:
+            return self.editor.edit(sample.frames, source_prompt, prompts, seed=self.config.edit.seed,
+                                    key=sample.key, control_images=sample.control_frames)
+
+        try:
+            return edit()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            log.warning("sample %s ran out of memory (%s); trying it once more with chunks half as large",
+                        sample.key, exc)
+        if self.target_device.type == "cuda":
+            torch.cuda.empty_cache()
+        with self.editor.smaller_chunks(2):
+            return edit()
 
     # -- quality metrics ---------------------------------------------------------------------------
 

@@ -118,6 +118,11 @@ class RuntimeConfig:
     max_shard_retries: int = setting(2, minimum=0, help="times a shard is given out again after its worker died or it "
                                                        "raised; then it is reported failed (a rerun continues it)")
     worker_start_timeout_s: float = setting(600.0, minimum=1, help="give up when no Ray worker could start for this long")
+    stall_timeout_s: float | None = setting(900.0, minimum=1, help="Ray: a worker that reports no progress (a UNet "
+                                            "step, a video) for this long is killed and replaced, its shard given "
+                                            "to another worker; null: never")
+    quarantine_after: int = setting(2, minimum=1, help="Ray: infrastructure failures in a row (CUDA errors, crashes, "
+                                                      "stalls) after which a worker's place (its GPU) is not refilled")
     device: str = setting("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (with Ray: 'cuda' workers get one GPU each)")
     max_memory_gb: float | None = setting(None, minimum=0, help="memory budget for chunk_size 'auto'; null: what the device has free")
     log_every_s: float = setting(30.0, minimum=0.1, help="seconds between plain status lines when not on a terminal")

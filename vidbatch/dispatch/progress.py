@@ -51,6 +51,7 @@ class RunProgress:
         self.frames = 0
         self.retries = 0
         self.workers: tuple[int, int] | None = None  # (ready, wanted), Ray backend only
+        self.detail = ""  # Ray backend: per-worker throughput, memory and stall warnings, set by the driver
         self._started = time.monotonic()
         self._last_line = self._started
         self._bars: Progress | None = None
@@ -82,7 +83,7 @@ class RunProgress:
         workers = f"; workers {self.workers[0]}/{self.workers[1]}" if self.workers is not None else ""
         return (f"progress: shards {self.shards_done}/{self.total_shards} done, {self.shards_failed} failed"
                 f"{retried}; videos {self.videos} ({self.videos_failed} failed); {self.frames} frames, "
-                f"{fps:.2f} frames/s; elapsed {elapsed:.0f}s{eta}{workers}")
+                f"{fps:.2f} frames/s; elapsed {elapsed:.0f}s{eta}{workers}{f' ({self.detail})' if self.detail else ''}")
 
     def _tick(self, force: bool = False) -> None:
         now = time.monotonic()
