@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, TINY, run_cli, video_sample, write_shard
+from conftest import FAST, TINY, read_output, run_cli, video_sample, write_shard
 from vidbatch.core.faults import InfrastructureError, is_infrastructure_error, is_out_of_memory
 
 
@@ -65,3 +65,39 @@ def test_out_of_memory_twice_is_a_failed_row_naming_it(tmp_path, clips, monkeypa
     code, row, _ = _run_one_sample(tmp_path, clips, [])
     assert code == 0  # a failed sample does not fail the shard
     assert row["status"] == "failed" and row["error"].startswith("OutOfMemoryError: out of memory")
+
+
+def test_retry_failed_redoes_only_the_failed_samples_of_a_finished_output(tmp_path, clips, one_thread):
+    """A first run where sample b is not a video (the input is fixed afterwards), then `--retry-failed` on
+    the finished output: b is edited, a stays byte for byte (its row too, timings included, so it was
+    copied, not edited again), and a shard without failures is not touched at all."""
+    good_a = video_sample("a", clips["fractal"])
+    write_shard(tmp_path / "in" / "p0.tar", [good_a, {"__key__": "b", "mp4": b"not a video" * 50, "txt": "x"}])
+    write_shard(tmp_path / "in" / "p1.tar", [video_sample("c", clips["cells"])])
+    out = tmp_path / "out"
+    sets = sum((["--set", s] for s in [*FAST, "video.max_frames=4", "inversion.cache=false"]), [])
+    args = ["run", TINY, "--input", tmp_path / "in" / "p{0..1}.tar", "--output", out, *sets]
+    assert run_cli(*args) == 0
+    first = {row["key"]: row for row in map(json.loads, (out / "stats" / "p0.jsonl").read_text().splitlines())}
+    assert first["a"]["status"] == "ok" and first["b"]["status"] == "failed" and "cannot decode" in first["b"]["error"]
+    kept_a = read_output(out / "shards" / "p0.tar")["a"]
+    untouched = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in
+                 (out / "shards" / "p1.tar", out / "stats" / "p1.jsonl", out / "stats" / "p1.json")}
+
+    write_shard(tmp_path / "in" / "p0.tar", [good_a, video_sample("b", clips["pattern"])])  # the input fixed
+    assert run_cli(*args) == 0  # a plain rerun: every shard is done, nothing is redone
+    assert json.loads((out / "stats" / "p0.json").read_text())["samples_failed"] == 1
+    assert run_cli(*args, "--retry-failed") == 0
+    redone = read_output(out / "shards" / "p0.tar")
+    assert list(redone) == ["a", "b"]
+    assert all(redone["a"][k] == kept_a[k] for k in ("watercolor.mp4", "json"))
+    rows = {row["key"]: row for row in map(json.loads, (out / "stats" / "p0.jsonl").read_text().splitlines())}
+    assert rows["a"] == first["a"] and rows["b"]["status"] == "ok" and rows["b"]["frames"] == 4
+    assert json.loads(redone["b"]["json"])["rows"][0]["status"] == "ok"
+    marker = json.loads((out / "stats" / "p0.json").read_text())
+    assert marker["samples"] == 2 and marker["samples_failed"] == 0 and marker["frames"] == 8
+    for path, (data, mtime) in untouched.items():
+        assert path.read_bytes() == data and path.stat().st_mtime_ns == mtime
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == {"total": 3, "ok": 3, "failed": 0}
+    assert not list(out.rglob("*.tmp"))

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set edit.steps=20 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="also redo the failed samples of done shards (their other samples are kept as they are)")
     run.add_argument("--shard-index", type=int, default=None,
                      help="take every --num-shards-th shard from this one (default: $SLURM_ARRAY_TASK_ID or 0)")
     run.add_argument("--num-shards", type=int, default=None,
@@ -102,7 +104,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         // max(1, _env_int("SLURM_ARRAY_TASK_STEP", default=1))
     num_shards = args.num_shards if args.num_shards is not None else \
         _env_int("SLURM_ARRAY_TASK_COUNT", default=1)
-    return run(config, args.input, out_dir, overwrite=args.overwrite,
+    return run(config, args.input, out_dir, overwrite=args.overwrite, retry_failed=args.retry_failed,
                shard_index=shard_index, num_shards=num_shards, console=console)
 
 

@@ -48,6 +48,7 @@ class PreparedSample:
     control_frames: np.ndarray | None = None   # ControlNet condition images, (T, H, W, 3) uint8
     error: str | None = None
     decode_seconds: float = 0.0
+    reused: bool = False                       # kept from the committed shard (--retry-failed): not edited
 
 
 @dataclass
@@ -57,6 +58,7 @@ class SampleResult:
     rows: list[EditRow]
     frames_edited: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False                       # the writer copies the sample from the committed shard
 
 
 def _identity(item: Any) -> Any:
@@ -78,10 +80,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class ShardDataset(IterableDataset):
     """Samples of one shard, decoded to frames; decode failures become `error`s, not exceptions."""
 
-    def __init__(self, url: str, config: Config, size_multiple: int):
+    def __init__(self, url: str, config: Config, size_multiple: int, reuse: frozenset[str] = frozenset()):
+        """`reuse`: keys of samples kept from the committed shard (--retry-failed): passed on undecoded."""
         self.url = url
         self.config = config
         self.size_multiple = size_multiple
+        self.reuse = reuse
 
     def prepare(self, sample: InputSample) -> PreparedSample:
         prepared = PreparedSample(key=sample.key, edits=sample.edits or self.config.edits,
@@ -127,7 +131,10 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[PreparedSample]:
         for sample in read_samples(self.url):
-            yield self.prepare(sample)
+            if sample.key in self.reuse:
+                yield PreparedSample(key=sample.key, edits=[], reused=True)
+            else:
+                yield self.prepare(sample)
 
 
 def fill_prompt(template: str, prompt: str | None, what: str) -> str:
@@ -188,8 +195,8 @@ class VideoEditModule(L.LightningModule):
             method_settings=getattr(config, section) if section else None,
             pnp_f_t=config.pnp.f_t, pnp_attn_t=config.pnp.attn_t, controlnet_scale=config.controlnet.scale)
 
-    def dataloader(self, url: str) -> DataLoader:
-        dataset = ShardDataset(url, self.config, self.editor.size_multiple)
+    def dataloader(self, url: str, reuse: frozenset[str] = frozenset()) -> DataLoader:
+        dataset = ShardDataset(url, self.config, self.editor.size_multiple, reuse)
         # One decode worker overlaps ffmpeg with the GPU; more would duplicate an IterableDataset.
         workers = 1 if self.target_device.type == "cuda" else 0
         return DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers)
@@ -209,6 +216,8 @@ class VideoEditModule(L.LightningModule):
 
     def edit_sample(self, sample: PreparedSample) -> SampleResult:
         """Edits one sample for every edit; each failure becomes a `failed` row naming its cause."""
+        if sample.reused:
+            return SampleResult(key=sample.key, members={}, rows=[], reused=True)
         device = self.target_device
         rows = [self._row(sample, edit) for edit in sample.edits]
         rows[0].seconds["decode"] = sample.decode_seconds  # shared stages count on the first edit

@@ -15,7 +15,7 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from vidbatch.batch.module import SampleResult, VideoEditModule
 from vidbatch.batch.writer import ShardPredictionWriter
 from vidbatch.core.rows import DoneMarker
-from vidbatch.io.output_shards import marker_path
+from vidbatch.io.output_shards import CommittedShard, is_done, marker_path
 
 # Lightning warnings that are expected here and say nothing to a user (regexes matched at the start):
 # the writer keys samples by `__key__` (an IterableDataset has no batch indices); a single-process
@@ -84,13 +84,18 @@ class VideoSink(Protocol):
 
 
 def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
-                  progress: VideoSink | None = None) -> DoneMarker:
+                  progress: VideoSink | None = None, retry_failed: bool = False) -> DoneMarker:
     """Runs the Lightning predict loop over one shard and commits its output; returns the done marker.
+
+    `retry_failed` (the shard is committed, some samples failed): only the samples with a failed edit
+    are edited again; the others are copied unchanged from the committed shard into the new one.
 
     Any exception leaves no file under a final name (the temporaries are removed) and propagates;
     SIGTERM ends it at once the same way (SystemExit 143, see `sigterm_exits`). Safe to run twice at once for the same shard (a Ray retry while the old attempt still runs): each
     attempt writes its own temporaries and renames complete files only (see shard_io.ShardOutput).
     """
+    # Opened before anything is replaced; only with its marker: without one, its files may not be one commit's.
+    committed = CommittedShard(out_dir, stem) if retry_failed and is_done(out_dir, stem) else None
     marker_path(out_dir, stem).unlink(missing_ok=True)  # --overwrite: never pair an old marker with new data
 
     def on_sample(result: SampleResult) -> None:
@@ -103,14 +108,18 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
         writer: ShardPredictionWriter | None = None
         try:
             with _sigterm_held():
-                writer = ShardPredictionWriter(out_dir, url, stem, on_sample=on_sample)
+                writer = ShardPredictionWriter(out_dir, url, stem, on_sample=on_sample, committed=committed)
             trainer = _trainer(module, writer)
-            trainer.predict(module, dataloaders=module.dataloader(url), return_predictions=False)
+            reuse = frozenset(committed.ok_keys) if committed is not None else frozenset()
+            trainer.predict(module, dataloaders=module.dataloader(url, reuse), return_predictions=False)
             return writer.finish()
         except BaseException:  # SIGTERM (SystemExit) included, wherever it lands, the commit too
             if writer is not None:
                 writer.abort()
             raise
+        finally:
+            if committed is not None:
+                committed.close()
 
 
 def _trainer(module: VideoEditModule, writer: ShardPredictionWriter) -> L.Trainer:

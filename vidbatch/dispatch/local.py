@@ -19,7 +19,8 @@ log = logging.getLogger("vidbatch")
 
 
 def run_local(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
-              shard_index: int = 0, num_shards: int = 1, console: Console | None = None) -> RunOutcome:
+              shard_index: int = 0, num_shards: int = 1, console: Console | None = None,
+              retry_failed: bool = False) -> RunOutcome:
     """Runs the job in this process, shard after shard; a shard that raises is recorded as failed.
 
     Usage, config and model errors raise (the CLI turns them into exit code 2).
@@ -27,7 +28,7 @@ def run_local(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite
     console = console or Console()
     started = time.perf_counter()
     plan = prepare_run(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
-                       num_shards=num_shards, console=console)
+                       num_shards=num_shards, console=console, retry_failed=retry_failed)
     failed: dict[str, str] = {}
     if plan.todo:
         module = VideoEditModule(config)
@@ -35,7 +36,7 @@ def run_local(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite
             for i in plan.todo:
                 url, stem = plan.urls[i], plan.stems[i]
                 try:
-                    process_shard(module, url, stem, out_dir, progress)
+                    process_shard(module, url, stem, out_dir, progress, retry_failed=i in plan.retry)
                 except KeyboardInterrupt:
                     raise
                 except Exception as exc:

@@ -12,7 +12,7 @@ from rich.console import Console
 from vidbatch.config.schema import Config, save_config
 from vidbatch.core.errors import ConfigError
 from vidbatch.io.input_shards import check_local_urls, expand_urls, shard_stem
-from vidbatch.io.output_shards import is_done
+from vidbatch.io.output_shards import is_done, read_done_marker
 
 log = logging.getLogger("vidbatch")
 
@@ -24,14 +24,15 @@ class RunPlan:
     urls: list[str]
     stems: list[str]
     todo: list[int] = field(default_factory=list)
+    retry: set[int] = field(default_factory=set)  # done shards in `todo` whose failed samples alone are redone
 
 
 def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
-             shard_index: int = 0, num_shards: int = 1) -> RunPlan:
+             shard_index: int = 0, num_shards: int = 1, retry_failed: bool = False) -> RunPlan:
     """Expands the inputs, checks them, and picks the shards this invocation must process.
 
     With `num_shards` > 1 (SLURM arrays), this invocation takes every `num_shards`-th shard from
-    `shard_index`.
+    `shard_index`. With `retry_failed`, done shards with a failed sample are taken too (in `retry`).
     """
     urls = expand_urls(list(inputs))
     if not urls:
@@ -51,7 +52,16 @@ def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
         raise ConfigError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
     mine = range(shard_index, len(urls), num_shards)
     todo = [i for i in mine if overwrite or not is_done(out_dir, stems[i])]
-    return RunPlan(urls=urls, stems=stems, todo=todo)
+    retry: set[int] = set()
+    if retry_failed and not overwrite:
+        retry = {i for i in mine if i not in todo and _has_failed_samples(out_dir, stems[i])}
+        todo = sorted({*todo, *retry})
+    return RunPlan(urls=urls, stems=stems, todo=todo, retry=retry)
+
+
+def _has_failed_samples(out_dir: Path, stem: str) -> bool:
+    marker = read_done_marker(out_dir, stem)
+    return marker is not None and (marker.samples_failed > 0 or marker.rows_failed > 0)
 
 
 @dataclass
@@ -65,12 +75,16 @@ class RunOutcome:
 
 
 def prepare_run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
-                shard_index: int = 0, num_shards: int = 1, console: Console | None = None) -> RunPlan:
+                shard_index: int = 0, num_shards: int = 1, console: Console | None = None,
+                retry_failed: bool = False) -> RunPlan:
     """Plans the run (raises ConfigError on bad inputs) and writes `OUT/config.yaml`."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_run(inputs, out_dir, overwrite, shard_index, num_shards)
+    plan = plan_run(inputs, out_dir, overwrite, shard_index, num_shards, retry_failed)
     save_config(config, out_dir / "config.yaml")
+    if plan.retry:
+        console.print(f"{len(plan.retry)} done shard(s) have failed samples: redoing those samples only "
+                      "(--retry-failed)")
     skipped = len(range(shard_index, len(plan.urls), num_shards)) - len(plan.todo)
     log.info("run: %d shard(s), %d to do, %d already done (backend %s)", len(plan.urls), len(plan.todo), skipped,
              config.runtime.backend)

@@ -183,7 +183,8 @@ class Dispatcher:
 
     def __init__(self, config: Config, urls: Sequence[str], stems: Sequence[str], todo: Sequence[int],
                  out_dir: Path, workers: WorkerPlan, progress: RunProgress,
-                 on_event: Callable[[dict], None] | None = None):
+                 on_event: Callable[[dict], None] | None = None, retry: set[int] | frozenset[int] = frozenset()):
+        """`retry`: the shards of `todo` whose failed samples alone are redone (--retry-failed)."""
         import ray
 
         self.ray = ray
@@ -196,6 +197,7 @@ class Dispatcher:
         self.on_event = on_event
         self.queue: deque[int] = deque(todo)
         self.shards = {i: _ShardState() for i in todo}
+        self.retry = set(retry)
         self.failed: dict[str, str] = {}
         self.slots: list[_Slot] = []
         self.stats: dict[str, _WorkerStats] = {}
@@ -333,7 +335,7 @@ class Dispatcher:
         state = self.shards[index]
         slot.state, slot.shard = "busy", index
         slot.last_progress, slot.stall_warned = time.monotonic(), False
-        slot.ref = slot.handle.process.remote(self.urls[index], self.stems[index], state.attempt)
+        slot.ref = slot.handle.process.remote(self.urls[index], self.stems[index], state.attempt, index in self.retry)
         self._emit({"type": "dispatch", "stem": self.stems[index], "attempt": state.attempt, "worker": slot.name})
 
     def _shard_done(self, index: int, marker: DoneMarker, slot: _Slot) -> None:
@@ -603,7 +605,7 @@ class _RaySession:
 
 def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
             shard_index: int = 0, num_shards: int = 1, console: Console | None = None,
-            on_event: Callable[[dict], None] | None = None) -> RunOutcome:
+            on_event: Callable[[dict], None] | None = None, retry_failed: bool = False) -> RunOutcome:
     """Runs the shards still to do on Ray; a shard that keeps failing is recorded as failed.
 
     Usage, config and model errors raise (the CLI turns them into exit code 2). A lost cluster stops the
@@ -616,7 +618,7 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     plan = prepare_run(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
-                       num_shards=num_shards, console=console)
+                       num_shards=num_shards, console=console, retry_failed=retry_failed)
     failed: dict[str, str] = {}
     if plan.todo:
         import ray
@@ -627,7 +629,7 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
             console.print(f"running on {where}: {workers.describe()}", highlight=False)
             with RunProgress(len(plan.todo), console, config.runtime.log_every_s) as progress:
                 dispatcher = Dispatcher(config, plan.urls, plan.stems, plan.todo, out_dir, workers, progress,
-                                        on_event)
+                                        on_event, retry=plan.retry)
                 try:
                     failed = dispatcher.run()
                 except RayClusterLost as exc:

@@ -178,7 +178,7 @@ class ShardWorker:
                 "node_id": context.get_node_id(), "gpus": [str(g) for g in gpus],
                 "device": str(self.module.target_device)}
 
-    def process(self, url: str, stem: str, attempt: int) -> DoneMarker:
+    def process(self, url: str, stem: str, attempt: int, retry_failed: bool = False) -> DoneMarker:
         self._last_beat = time.monotonic()
         self.send({"type": "start", "stem": stem, "attempt": attempt})
         if _named_in(TEST_FAIL_ENV, self.name):
@@ -186,4 +186,4 @@ class ShardWorker:
                                       f"(simulated for worker {self.name} by {TEST_FAIL_ENV})")
         if _named_in(TEST_HANG_ENV, self.name):
             threading.Event().wait()  # no progress, ever: the driver's stall timeout must end this worker
-        return process_shard(self.module, url, stem, self.out_dir, _ShardEvents(self, stem, attempt))
+        return process_shard(self.module, url, stem, self.out_dir, _ShardEvents(self, stem, attempt), retry_failed)

@@ -21,16 +21,17 @@ from vidbatch.dispatch.ray_backend import run_ray
 
 def run_shards(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
                shard_index: int = 0, num_shards: int = 1, console: Console | None = None,
-               on_event: Callable[[dict], None] | None = None) -> RunOutcome:
+               on_event: Callable[[dict], None] | None = None, retry_failed: bool = False) -> RunOutcome:
     """Processes the shards still to do on `config.runtime.backend`; returns what the finaliser needs.
 
     `on_event` (Ray backend only) sees every worker and driver event (see ray_backend.py); for monitoring
-    and tests. Usage, config and model errors raise (the CLI turns them into exit code 2).
+    and tests. `retry_failed`: done shards with failed samples are taken too, and only those samples are
+    edited again. Usage, config and model errors raise (the CLI turns them into exit code 2).
     """
     if config.runtime.backend == "local":
         return run_local(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
-                         num_shards=num_shards, console=console)
+                         num_shards=num_shards, console=console, retry_failed=retry_failed)
     if config.runtime.backend == "ray":
         return run_ray(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
-                       num_shards=num_shards, console=console, on_event=on_event)
+                       num_shards=num_shards, console=console, on_event=on_event, retry_failed=retry_failed)
     raise ConfigError(f"config key 'runtime.backend' must be 'ray' or 'local', got {config.runtime.backend!r}")
