@@ -115,8 +115,9 @@ class RuntimeConfig:
     workers: int | None = setting(None, minimum=1, help="Ray workers; null: one per GPU of the cluster, "
                                                         "or 1 on a cluster without GPUs")
     cpus_per_worker: int = setting(1, minimum=1, help="Ray CPUs each worker reserves; a CPU worker runs this many torch threads")
-    max_shard_retries: int = setting(2, minimum=0, help="times a shard is given out again after its worker died or it "
-                                                       "raised; then it is reported failed (a rerun continues it)")
+    max_shard_retries: int = setting(2, minimum=0, help="times a shard is given out again after it raised (a worker's "
+                                                       "failure does not count); then it is reported failed (a rerun "
+                                                       "continues it)")
     worker_start_timeout_s: float = setting(600.0, minimum=1, help="give up when no Ray worker could start for this long")
     stall_timeout_s: float | None = setting(900.0, minimum=1, help="Ray: a worker that reports no progress (a UNet "
                                             "step, a video) for this long is killed and replaced, its shard given "
