@@ -71,7 +71,7 @@ TEST_ENV_PREFIX = "VIDBATCH_TEST_"
 # Hand-outs again after a worker failure that a shard gets for free; then they spend its retries.
 FREE_REQUEUES = 3
 # A relay drain unanswered for this long counts as a lost relay (said once).
-RELAY_LATE_S = 10.0
+RELAY_LATE_S = 30.0
 # How often the driver asks Ray which nodes live, and how long none may host a worker before the run stops.
 CLUSTER_CHECK_S = 2.0
 CLUSTER_LOST_GRACE_S = 10.0
@@ -271,8 +271,8 @@ class Dispatcher:
         if self.drain_ref is None:
             self.drain_ref, self.drain_sent = self.relay.drain.remote(), time.monotonic()
         ready, _ = self.ray.wait([self.drain_ref], timeout=wait_s)
-        if not ready:
-            if time.monotonic() - self.drain_sent > RELAY_LATE_S:
+        if not ready:  # (a relay that never answered yet is still starting, not late)
+            if self.relay_pid is not None and time.monotonic() - self.drain_sent > RELAY_LATE_S:
                 self._relay_down(f"no answer for {RELAY_LATE_S:g}s")
             return
         ref, self.drain_ref = self.drain_ref, None
