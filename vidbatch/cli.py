@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-shards", type=int, default=None,
                      help="number of cooperating invocations (default: $SLURM_ARRAY_TASK_COUNT or 1)")
 
+    finalize = sub.add_parser("finalize", help="write OUT/summary.json and OUT/report.html over every shard of an "
+                              "output (the last of several drivers does it by itself)")
+    finalize.add_argument("output", help="the run's output folder")
+
     demo = sub.add_parser("demo", help="run the whole pipeline on generated clips with the tiny model")
     demo.add_argument("--output", "-o", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -167,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                                 samples_per_shard=args.samples_per_shard, prefix=args.prefix)
             console.print(f"wrote {len(paths)} shard(s) to {args.output}")
             return EXIT_OK
+        if args.command == "finalize":
+            from vidbatch.report.finalize import finalize_output
+
+            return finalize_output(Path(args.output), console)
         if args.command == "report":
             from vidbatch.report import write_report
 

@@ -122,6 +122,9 @@ class RuntimeConfig:
     stall_timeout_s: float | None = setting(900.0, minimum=1, help="Ray: a worker that reports no progress (a UNet "
                                             "step, a video) for this long is killed and replaced, its shard given "
                                             "to another worker; null: never")
+    lease_s: float = setting(120.0, minimum=1, help="lease on a shard in flight (OUT/leases), renewed every third "
+                                                     "of it: another driver of the same output takes a shard over "
+                                                     "once its driver has not renewed it for this long")
     quarantine_after: int = setting(2, minimum=1, help="Ray: infrastructure failures in a row (CUDA errors, crashes, "
                                                       "stalls) after which a worker's place (its GPU) is not refilled")
     device: str = setting("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (with Ray: 'cuda' workers get one GPU each)")

@@ -1,4 +1,5 @@
-"""The `local` backend: every shard in this process, one after another, with one loaded model."""
+"""The `local` backend: shard after shard in this process, with one loaded model; shards are claimed
+through leases, so several local drivers (SLURM array tasks) can share one output (`dispatch.work`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from rich.console import Console
 from vidbatch.batch.module import VideoEditModule
 from vidbatch.batch.shard import process_shard
 from vidbatch.config.schema import Config
+from vidbatch.dispatch.leases import LeaseBook, new_run_id
 from vidbatch.dispatch.plan import RunOutcome, prepare_run
 from vidbatch.dispatch.progress import RunProgress
+from vidbatch.dispatch.work import SharedWork, renewing
 
 log = logging.getLogger("vidbatch")
 
@@ -32,17 +35,24 @@ def run_local(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite
     failed: dict[str, str] = {}
     if plan.todo:
         module = VideoEditModule(config)
-        with RunProgress(len(plan.todo), console, config.runtime.log_every_s) as progress:
-            for i in plan.todo:
-                url, stem = plan.urls[i], plan.stems[i]
-                try:
-                    process_shard(module, url, stem, out_dir, progress, retry_failed=i in plan.retry)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as exc:
-                    log.exception("shard %s failed", url)
-                    failed[stem] = f"{type(exc).__name__}: {exc}"
-                    progress.shard_done(stem, ok=False)
-                else:
-                    progress.shard_done(stem, ok=True)
+        book = LeaseBook(out_dir, new_run_id(), config.runtime.lease_s)  # shards shared with other drivers
+        work = SharedWork(plan, out_dir, book)
+        with RunProgress(len(plan.todo), console, config.runtime.log_every_s) as progress, renewing(book):
+            try:
+                for i in work.claimed():
+                    url, stem = plan.urls[i], plan.stems[i]
+                    try:
+                        process_shard(module, url, stem, out_dir, progress, retry_failed=i in plan.retry)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as exc:
+                        log.exception("shard %s failed", url)
+                        failed[stem] = f"{type(exc).__name__}: {exc}"
+                        work.failed(i, failed[stem])
+                        progress.shard_done(stem, ok=False)
+                    else:
+                        work.finished(i)
+                        progress.shard_done(stem, ok=True)
+            finally:
+                book.release_all()
     return RunOutcome(plan=plan, failed=failed, started=started)

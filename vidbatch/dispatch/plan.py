@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Sequence
 from rich.console import Console
 
 from vidbatch.config.schema import Config, save_config
+from vidbatch.core.atomic import atomic_write
 from vidbatch.core.errors import ConfigError
 from vidbatch.io.input_shards import check_local_urls, expand_urls, shard_stem
 from vidbatch.io.output_shards import is_done, read_done_marker
@@ -25,14 +27,17 @@ class RunPlan:
     stems: list[str]
     todo: list[int] = field(default_factory=list)
     retry: set[int] = field(default_factory=set)  # done shards in `todo` whose failed samples alone are redone
+    overwrite: bool = False                        # done shards are redone (`todo` holds them)
 
 
 def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
              shard_index: int = 0, num_shards: int = 1, retry_failed: bool = False) -> RunPlan:
     """Expands the inputs, checks them, and picks the shards this invocation must process.
 
-    With `num_shards` > 1 (SLURM arrays), this invocation takes every `num_shards`-th shard from
-    `shard_index`. With `retry_failed`, done shards with a failed sample are taken too (in `retry`).
+    Every invocation plans every shard still to do (drivers share them through leases,
+    `dispatch.work`); with `num_shards` > 1 (SLURM arrays) the order starts with this invocation's
+    slice, every `num_shards`-th shard from `shard_index`, then the others'. With `retry_failed`, done
+    shards with a failed sample are taken too (in `retry`).
     """
     urls = expand_urls(list(inputs))
     if not urls:
@@ -50,13 +55,13 @@ def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
         seen[stem] = url
     if not 0 <= shard_index < num_shards:
         raise ConfigError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
-    mine = range(shard_index, len(urls), num_shards)
-    todo = [i for i in mine if overwrite or not is_done(out_dir, stems[i])]
+    mine = list(range(shard_index, len(urls), num_shards))
+    order = mine + [i for i in range(len(urls)) if i % num_shards != shard_index]
     retry: set[int] = set()
     if retry_failed and not overwrite:
-        retry = {i for i in mine if i not in todo and _has_failed_samples(out_dir, stems[i])}
-        todo = sorted({*todo, *retry})
-    return RunPlan(urls=urls, stems=stems, todo=todo, retry=retry)
+        retry = {i for i in order if is_done(out_dir, stems[i]) and _has_failed_samples(out_dir, stems[i])}
+    todo = [i for i in order if overwrite or i in retry or not is_done(out_dir, stems[i])]
+    return RunPlan(urls=urls, stems=stems, todo=todo, retry=retry, overwrite=overwrite)
 
 
 def _has_failed_samples(out_dir: Path, stem: str) -> bool:
@@ -82,12 +87,25 @@ def prepare_run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwri
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_run(inputs, out_dir, overwrite, shard_index, num_shards, retry_failed)
     save_config(config, out_dir / "config.yaml")
+    # What `vidbatch finalize OUT` summarises: every shard of the job (drivers of one job write the same).
+    atomic_write(out_dir / "plan.json", json.dumps({"urls": plan.urls, "stems": plan.stems}, indent=1))
     if plan.retry:
         console.print(f"{len(plan.retry)} done shard(s) have failed samples: redoing those samples only "
                       "(--retry-failed)")
-    skipped = len(range(shard_index, len(plan.urls), num_shards)) - len(plan.todo)
+    skipped = len(plan.urls) - len(plan.todo)
     log.info("run: %d shard(s), %d to do, %d already done (backend %s)", len(plan.urls), len(plan.todo), skipped,
              config.runtime.backend)
     if skipped:
         console.print(f"{skipped} shard(s) already done in {out_dir}: skipped (--overwrite redoes them)")
     return plan
+
+
+def read_plan_file(out_dir: Path) -> tuple[list[str], list[str]]:
+    """The job's shards as the last driver planned them (`OUT/plan.json`): (urls, stems)."""
+    path = Path(out_dir) / "plan.json"
+    try:
+        data = json.loads(path.read_text())
+        return list(data["urls"]), list(data["stems"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path} is missing or unreadable ({exc}): is {out_dir} the output folder of a "
+                          "vidbatch run?") from exc

@@ -56,9 +56,11 @@ from vidbatch.config.schema import Config, RuntimeConfig
 from vidbatch.core.errors import ConfigError, VidbatchError
 from vidbatch.core.faults import is_infrastructure_error
 from vidbatch.core.rows import DoneMarker
-from vidbatch.dispatch.plan import RunOutcome, prepare_run
+from vidbatch.dispatch.leases import LeaseBook, new_run_id
+from vidbatch.dispatch.plan import RunOutcome, RunPlan, prepare_run
 from vidbatch.dispatch.progress import RunProgress
 from vidbatch.dispatch.ray_worker import EventRelay, ShardWorker, file_sha256
+from vidbatch.dispatch.work import SharedWork
 
 log = logging.getLogger("vidbatch")
 
@@ -181,23 +183,25 @@ def _user_error(exc: BaseException) -> VidbatchError | None:
 class Dispatcher:
     """The driver loop: starts workers, hands out shards one at a time, retires failed workers, retries."""
 
-    def __init__(self, config: Config, urls: Sequence[str], stems: Sequence[str], todo: Sequence[int],
-                 out_dir: Path, workers: WorkerPlan, progress: RunProgress,
-                 on_event: Callable[[dict], None] | None = None, retry: set[int] | frozenset[int] = frozenset()):
-        """`retry`: the shards of `todo` whose failed samples alone are redone (--retry-failed)."""
+    def __init__(self, config: Config, plan: RunPlan, out_dir: Path, workers: WorkerPlan, progress: RunProgress,
+                 on_event: Callable[[dict], None] | None = None, book: LeaseBook | None = None):
+        """`book`: this driver's leases (a fresh run id by default); shards are claimed through it as
+        workers become free (`dispatch.work`), so other drivers of the same output can share them."""
         import ray
 
         self.ray = ray
         self.config = config
         self.runtime = config.runtime
-        self.urls, self.stems = list(urls), list(stems)
+        self.urls, self.stems = list(plan.urls), list(plan.stems)
         self.out_dir = out_dir
         self.workers = workers
         self.progress = progress
         self.on_event = on_event
-        self.queue: deque[int] = deque(todo)
-        self.shards = {i: _ShardState() for i in todo}
-        self.retry = set(retry)
+        self.book = book or LeaseBook(out_dir, new_run_id(), config.runtime.lease_s)
+        self.work = SharedWork(plan, out_dir, self.book)
+        self.queue: deque[int] = deque()  # claimed shards waiting for a worker (new, requeued, retried)
+        self.shards = {i: _ShardState() for i in plan.todo}
+        self.retry = set(plan.retry)
         self.failed: dict[str, str] = {}
         self.slots: list[_Slot] = []
         self.stats: dict[str, _WorkerStats] = {}
@@ -345,6 +349,7 @@ class Dispatcher:
                              marker.frames - state.frames)
         state.closed = True
         slot.strikes = 0
+        self.work.finished(index)
         self.progress.shard_done(self.stems[index], ok=True)
         self._emit({"type": "shard_done", "stem": self.stems[index], "attempt": state.attempt, "worker": slot.name})
 
@@ -386,6 +391,7 @@ class Dispatcher:
             state.closed = True
             attempts = state.attempt + 1
             self.failed[stem] = f"{cause} (after {attempts} attempt{'s' if attempts > 1 else ''})"
+            self.work.failed(index, self.failed[stem])
             log.error("shard %s failed after %d attempt(s): %s", stem, attempts, "; ".join(state.causes))
             self.progress.shard_done(stem, ok=False)
             self._emit({"type": "shard_failed", "stem": stem, "cause": cause})
@@ -486,7 +492,29 @@ class Dispatcher:
             parts.append(text)
         return ", ".join(parts)
 
+    def _claim_for_idle_workers(self) -> None:
+        """Claims shards (leases) only as workers are free to start them: a claimed shard waiting here
+        would keep other drivers of the output from it."""
+        idle = sum(s.state == "idle" for s in self.slots)
+        while len(self.queue) < idle:
+            index = self.work.claim_next()
+            if index is None:
+                return
+            self.queue.append(index)
+
+    def _more_to_do(self) -> bool:
+        """Work in flight or queued, or a shard this driver can still claim (claimed here, for the queue)."""
+        if self.queue or any(s.state == "busy" for s in self.slots):
+            return True
+        index = self.work.claim_next()
+        if index is None:
+            return False
+        self.queue.append(index)
+        return True
+
     def _loop_once(self) -> None:
+        self.book.renew_due()
+        self._claim_for_idle_workers()
         for slot in self.slots:
             if slot.state == "idle" and self.queue:
                 self._give_out(slot)
@@ -514,7 +542,7 @@ class Dispatcher:
         log.info("starting %s", self.workers.describe())
         no_worker_since = time.monotonic()
         try:
-            while self.queue or any(s.state == "busy" for s in self.slots):
+            while self._more_to_do():
                 try:
                     self._loop_once()
                 except _NoHealthyWorker as exc:
@@ -532,14 +560,18 @@ class Dispatcher:
             for slot in self.slots:
                 self._kill(slot.handle)
             self._kill(self.relay)
+            self.book.release_all()  # whatever is unfinished here is free for other drivers at once
         return self.failed
 
     def fail_unfinished(self, cause: str) -> None:
-        """Records every shard not done yet as failed with `cause` (a rerun continues them)."""
+        """Records every shard not done yet as failed with `cause` (a rerun continues them); the shards this
+        driver holds get a failure record for the summary, whoever writes it."""
         for index, state in self.shards.items():
-            if not state.closed:
+            if not state.closed and self.work.still_todo(index):
                 state.closed = True
                 self.failed[self.stems[index]] = cause
+                if self.stems[index] in self.book.held:
+                    self.work.failed(index, cause)
                 self.progress.shard_done(self.stems[index], ok=False)
         self.queue.clear()
         for slot in self.slots:
@@ -628,8 +660,7 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
             log.info("ray: %s; %s", where, workers.describe())
             console.print(f"running on {where}: {workers.describe()}", highlight=False)
             with RunProgress(len(plan.todo), console, config.runtime.log_every_s) as progress:
-                dispatcher = Dispatcher(config, plan.urls, plan.stems, plan.todo, out_dir, workers, progress,
-                                        on_event, retry=plan.retry)
+                dispatcher = Dispatcher(config, plan, out_dir, workers, progress, on_event)
                 try:
                     failed = dispatcher.run()
                 except RayClusterLost as exc:

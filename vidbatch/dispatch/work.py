@@ -1,0 +1,106 @@
+"""This driver's share of a plan: shards handed out through leases, so drivers pull work from one plan.
+
+Every driver of an output plans the same shards. `SharedWork` walks them in the driver's order (an
+array task starts with its own slice, `--shard-index` of `--num-shards`, then helps with the rest)
+and hands out a shard only once this driver holds its lease; a shard another driver holds is skipped
+and looked at again later (taken over when its lease expires), a shard someone finished meanwhile is
+dropped. A driver stops when nothing is left that it could claim; the one that finishes the last
+shard writes the summary and the report (`report.finalize`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from vidbatch.dispatch.leases import LeaseBook, clear_failure, failure_path, live_lease, record_failure
+from vidbatch.dispatch.plan import RunPlan
+from vidbatch.io.output_shards import is_done, read_done_marker
+
+
+class SharedWork:
+    """The shards of `plan.todo` still to do, claimed one at a time through `book`."""
+
+    def __init__(self, plan: RunPlan, out_dir: Path, book: LeaseBook):
+        self.plan = plan
+        self.out_dir = Path(out_dir)
+        self.book = book
+        self.pending: list[int] = list(plan.todo)   # not claimed by this driver yet, in order
+
+    def still_todo(self, index: int) -> bool:
+        """Not finished by anyone yet (a --retry-failed shard: its marker still counts failed samples;
+        with --overwrite every shard of the plan is to do)."""
+        stem = self.plan.stems[index]
+        if self.plan.overwrite:
+            return True
+        if index in self.plan.retry:
+            marker = read_done_marker(self.out_dir, stem)
+            return marker is None or marker.samples_failed > 0 or marker.rows_failed > 0
+        return not is_done(self.out_dir, stem)
+
+    def claim_next(self) -> int | None:
+        """Claims and returns the first pending shard nobody else holds; None when there is none now.
+        Shards finished by another driver meanwhile are dropped from `pending`."""
+        for index in list(self.pending):
+            if not self.still_todo(index):
+                self.pending.remove(index)
+            elif self.book.claim(self.plan.stems[index]):
+                self.pending.remove(index)
+                return index
+        return None
+
+    def held_elsewhere(self) -> list[int]:
+        """Pending shards another driver holds a live lease on."""
+        return [i for i in self.pending if live_lease(self.out_dir, self.plan.stems[i]) is not None]
+
+    def finished(self, index: int) -> None:
+        clear_failure(self.out_dir, self.plan.stems[index])
+        self.book.release(self.plan.stems[index])
+
+    def failed(self, index: int, cause: str) -> None:
+        record_failure(self.out_dir, self.plan.stems[index], cause, self.book.owner)
+        self.book.release(self.plan.stems[index])
+
+    def claimed(self) -> Iterator[int]:
+        """Claims shard after shard for a driver that runs one at a time (the local backend); stops when
+        nothing is left but shards other drivers hold."""
+        while True:
+            index = self.claim_next()
+            if index is None:
+                return
+            yield index
+
+
+@contextmanager
+def renewing(book: LeaseBook) -> Iterator[None]:
+    """Renews `book`'s leases from a thread while the block runs (the local backend's shard blocks)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(book.ttl_s / 3):
+            book.renew()
+
+    thread = threading.Thread(target=loop, name="vidbatch-leases", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def unfinished_stems(out_dir: Path, stems: Sequence[str]) -> dict[str, str]:
+    """Shards that are neither done nor given up: stem -> why (held by a driver, or never started)."""
+    unfinished = {}
+    for stem in stems:
+        if is_done(out_dir, stem):
+            continue
+        lease = live_lease(out_dir, stem)
+        if lease is not None:
+            unfinished[stem] = f"in progress: driver {lease.owner} holds it until {time.ctime(lease.expires)}"
+        elif not failure_path(out_dir, stem).exists():
+            unfinished[stem] = "not processed yet"
+    return unfinished
