@@ -7,6 +7,7 @@ the way that driver would have written it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -16,7 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+
 from conftest import FAST, TINY, check_exactly_once, make_inputs, run_cli
+from vidbatch.config.schema import load_config
+from vidbatch.core.rows import DoneMarker
+from vidbatch.dispatch.leases import LeaseBook
+from vidbatch.dispatch.plan import RunOutcome, RunPlan
+from vidbatch.dispatch.work import SharedWork
+from vidbatch.io.output_shards import ShardOutput
+from vidbatch.report.finalize import finish_run
 
 SETS = [*FAST, "video.max_frames=4", "inversion.cache=false", "metrics.clip_model=none"]
 
@@ -84,3 +94,38 @@ def test_a_live_lease_is_left_alone_an_expired_one_taken_over_and_finalize_repor
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards"]["done"] == 3 and summary["shards"]["failed"] == 0
     assert not list((out / "leases").iterdir())
+
+
+def _done_marker(out: Path, stem: str, seconds: float) -> None:
+    """A done shard that took `seconds`, committed the way a run commits it (empty: no samples)."""
+    ShardOutput(out, stem).commit(DoneMarker.for_shard(shard=f"in/{stem}.tar", stem=stem, keys=[], rows=[],
+                                                       seconds=seconds, started_at="2026-01-01T00:00:00+00:00",
+                                                       finished_at="2026-01-01T00:01:40+00:00"))
+
+
+def test_no_shard_is_started_that_would_end_after_the_deadline(tmp_path):
+    out = tmp_path / "out"
+    _done_marker(out, "p0", 100.0)  # the longest shard so far took 100 s
+    plan = RunPlan(urls=[f"in/p{i}.tar" for i in range(3)], stems=["p0", "p1", "p2"], todo=[1, 2])
+    work = SharedWork(plan, out, LeaseBook(out, "driver-a", 60), deadline=time.time() + 150)
+    assert work.claim_next() == 1 and work.stopped is None  # 150 s left: one more fits
+    work.deadline = time.time() + 50  # the first one ran; 50 s are left now
+    assert work.claim_next() is None and not work.never_fits
+    assert "the longest so far took 100s" in work.stopped
+    assert not (out / "leases" / "p2.json").exists()  # not claimed: free for the next job
+    # A job whose whole time is shorter than a shard can never do it: said so, not requeued forever.
+    never = SharedWork(plan, out, LeaseBook(out, "driver-b", 60), deadline=time.time() + 50)
+    assert never.claim_next() is None and never.never_fits and "raise its time limit" in never.stopped
+
+
+def test_a_run_whose_time_cannot_fit_a_shard_exits_1_and_one_that_ran_out_exits_3(tmp_path, clips, one_thread):
+    inputs, _ = make_inputs(tmp_path / "in", clips["pattern"], shards=2, videos=1)
+    out = tmp_path / "out"
+    _done_marker(out, "p0", 100.0)
+    args = ["run", TINY, "--input", inputs, "--output", out, *_set_args()]
+    assert run_cli(*args, "--set", f"runtime.deadline={time.time() + 30:.0f}") == 1
+    assert not (out / "stats" / "p1.json").exists() and not (out / "summary.json").exists()
+    assert "more than this job's whole time" in (out / "run.log").read_text()
+    outcome = RunOutcome(plan=RunPlan(urls=["a"], stems=["p1"], todo=[0]), failed={}, started=0.0,
+                         stopped="not starting another shard")
+    assert finish_run(load_config(TINY), out, outcome, Console(file=io.StringIO())) == 3

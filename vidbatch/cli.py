@@ -1,4 +1,5 @@
-"""The `vidbatch` command line. Exit codes: 0 done, 1 a shard could not be completed, 2 usage/config/model error."""
+"""The `vidbatch` command line. Exit codes: 0 done, 1 a shard could not be completed, 2 usage/config/model error,
+3 stopped before runtime.deadline with shards left (requeue to continue)."""
 
 from __future__ import annotations
 

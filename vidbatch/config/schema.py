@@ -125,6 +125,10 @@ class RuntimeConfig:
     lease_s: float = setting(120.0, minimum=1, help="lease on a shard in flight (OUT/leases), renewed every third "
                                                      "of it: another driver of the same output takes a shard over "
                                                      "once its driver has not renewed it for this long")
+    deadline: float | None = setting(None, minimum=0, help="unix time after which no shard should end: a shard "
+                                                          "that would (judged by the longest done so far) is not "
+                                                          "started and the run exits 3 (requeue); the SLURM scripts "
+                                                          "set it from the job's time limit; null: none")
     quarantine_after: int = setting(2, minimum=1, help="Ray: infrastructure failures in a row (CUDA errors, crashes, "
                                                       "stalls) after which a worker's place (its GPU) is not refilled")
     device: str = setting("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (with Ray: 'cuda' workers get one GPU each)")

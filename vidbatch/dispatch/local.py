@@ -36,7 +36,7 @@ def run_local(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite
     if plan.todo:
         module = VideoEditModule(config)
         book = LeaseBook(out_dir, new_run_id(), config.runtime.lease_s)  # shards shared with other drivers
-        work = SharedWork(plan, out_dir, book)
+        work = SharedWork(plan, out_dir, book, config.runtime.deadline)
         with RunProgress(len(plan.todo), console, config.runtime.log_every_s) as progress, renewing(book):
             try:
                 for i in work.claimed():
@@ -55,4 +55,5 @@ def run_local(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite
                         progress.shard_done(stem, ok=True)
             finally:
                 book.release_all()
+        return RunOutcome(plan=plan, failed=failed, started=started, stopped=work.stopped, never_fits=work.never_fits)
     return RunOutcome(plan=plan, failed=failed, started=started)

@@ -71,12 +71,14 @@ def _has_failed_samples(out_dir: Path, stem: str) -> bool:
 
 @dataclass
 class RunOutcome:
-    """What a backend leaves for the finaliser: the plan, the shards that failed (stem -> cause), and the
-    `time.perf_counter()` at which the run started."""
+    """What a backend leaves for the finaliser: the plan, the shards that failed (stem -> cause), the
+    `time.perf_counter()` at which the run started, and whether it stopped early for its deadline."""
 
     plan: RunPlan
     failed: dict[str, str]
     started: float
+    stopped: str | None = None   # why the driver stopped starting shards before the deadline (runtime.deadline)
+    never_fits: bool = False     # ... because a shard takes longer than the job's whole time
 
 
 def prepare_run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,

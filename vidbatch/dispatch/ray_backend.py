@@ -198,7 +198,7 @@ class Dispatcher:
         self.progress = progress
         self.on_event = on_event
         self.book = book or LeaseBook(out_dir, new_run_id(), config.runtime.lease_s)
-        self.work = SharedWork(plan, out_dir, self.book)
+        self.work = SharedWork(plan, out_dir, self.book, config.runtime.deadline)
         self.queue: deque[int] = deque()  # claimed shards waiting for a worker (new, requeued, retried)
         self.shards = {i: _ShardState() for i in plan.todo}
         self.retry = set(plan.retry)
@@ -652,6 +652,7 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
     plan = prepare_run(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
                        num_shards=num_shards, console=console, retry_failed=retry_failed)
     failed: dict[str, str] = {}
+    stopped, never_fits = None, False
     if plan.todo:
         import ray
 
@@ -668,4 +669,5 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
                     console.print(f"[red]{CLUSTER_LOST}[/red] ({exc})", highlight=False)
                     dispatcher.fail_unfinished(CLUSTER_LOST)
                     failed = dispatcher.failed
-    return RunOutcome(plan=plan, failed=failed, started=started)
+                stopped, never_fits = dispatcher.work.stopped, dispatcher.work.never_fits
+    return RunOutcome(plan=plan, failed=failed, started=started, stopped=stopped, never_fits=never_fits)

@@ -10,6 +10,7 @@ shard writes the summary and the report (`report.finalize`).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -20,15 +21,42 @@ from vidbatch.dispatch.leases import LeaseBook, clear_failure, failure_path, liv
 from vidbatch.dispatch.plan import RunPlan
 from vidbatch.io.output_shards import is_done, read_done_marker
 
+log = logging.getLogger("vidbatch")
+
 
 class SharedWork:
     """The shards of `plan.todo` still to do, claimed one at a time through `book`."""
 
-    def __init__(self, plan: RunPlan, out_dir: Path, book: LeaseBook):
+    def __init__(self, plan: RunPlan, out_dir: Path, book: LeaseBook, deadline: float | None = None):
+        """`deadline` (unix time, `runtime.deadline`): no shard is started that would likely end after it,
+        judged by the longest shard done so far (`stopped` then says why)."""
         self.plan = plan
         self.out_dir = Path(out_dir)
         self.book = book
         self.pending: list[int] = list(plan.todo)   # not claimed by this driver yet, in order
+        self.deadline = deadline
+        self.started = time.time()
+        self.claims = 0
+        self.longest = max((m.seconds for m in (read_done_marker(self.out_dir, s) for s in plan.stems) if m), default=None)
+        self.stopped: str | None = None
+        self.never_fits = False
+
+    def _fits_before_deadline(self) -> bool:
+        """Whether a shard as long as the longest done so far still ends before the deadline."""
+        if self.deadline is None or self.longest is None:
+            return True
+        left = self.deadline - time.time()
+        if left >= self.longest:
+            return True
+        if self.stopped is None:
+            self.never_fits = self.claims == 0 and self.longest > self.deadline - self.started
+            self.stopped = (f"not starting another shard: the longest so far took {self.longest:.0f}s and "
+                            f"{max(0.0, left):.0f}s are left before runtime.deadline")
+            if self.never_fits:
+                self.stopped += ("; that is more than this job's whole time: raise its time limit or make the "
+                                 "shards smaller")
+            log.warning("%s", self.stopped)
+        return False
 
     def still_todo(self, index: int) -> bool:
         """Not finished by anyone yet (a --retry-failed shard: its marker still counts failed samples;
@@ -47,8 +75,11 @@ class SharedWork:
         for index in list(self.pending):
             if not self.still_todo(index):
                 self.pending.remove(index)
+            elif not self._fits_before_deadline():
+                return None
             elif self.book.claim(self.plan.stems[index]):
                 self.pending.remove(index)
+                self.claims += 1
                 return index
         return None
 
@@ -57,6 +88,9 @@ class SharedWork:
         return [i for i in self.pending if live_lease(self.out_dir, self.plan.stems[i]) is not None]
 
     def finished(self, index: int) -> None:
+        marker = read_done_marker(self.out_dir, self.plan.stems[index])
+        if marker is not None:
+            self.longest = max(self.longest or 0.0, marker.seconds)
         clear_failure(self.out_dir, self.plan.stems[index])
         self.book.release(self.plan.stems[index])
 

@@ -23,12 +23,22 @@ from vidbatch.report.page import write_report
 from vidbatch.report.summary import build_summary, print_summary, write_summary
 
 IN_PROGRESS = "in progress: "
+# The run stopped starting shards before its deadline (runtime.deadline) with work left: requeue it.
+EXIT_STOPPED = 3
 
 
 def finish_run(config: Config, out_dir: Path, outcome: RunOutcome, console: Console) -> int:
     """Writes the summary over every shard of the run unless other drivers are still at work on it;
     returns the exit code (1 if a shard failed)."""
     plan = outcome.plan
+    if outcome.stopped is not None:
+        _print_failures(outcome.failed, console)
+        if outcome.never_fits:
+            console.print(f"[red]{outcome.stopped}[/red]", highlight=False)
+            return 1
+        console.print(f"{outcome.stopped}; requeue or rerun the same command to continue (exit {EXIT_STOPPED})",
+                      highlight=False)
+        return EXIT_STOPPED
     unfinished = unfinished_stems(out_dir, plan.stems)
     elsewhere = {stem: why for stem, why in unfinished.items() if why.startswith(IN_PROGRESS)}
     if elsewhere:
