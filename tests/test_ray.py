@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -297,3 +298,16 @@ def test_a_lost_ray_node_ends_the_run_within_a_minute_as_an_infrastructure_failu
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards"]["failed"] == 3 and summary["shards"]["done"] == 0
     assert "config error" not in output
+
+
+def test_node_check_waits_for_named_nodes_and_names_the_missing_ones(ray_cluster):
+    """What the SLURM Ray script runs before the driver: every node of the allocation must have joined."""
+    here = socket.gethostname()
+    command = [sys.executable, "-m", "vidbatch.tools.ray_nodes", "--address", ray_cluster, "--timeout", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    joined = subprocess.run([*command, here], env=env, capture_output=True, text=True, timeout=120)
+    assert joined.returncode == 0 and f"all 1 Ray node(s) joined: {here}" in joined.stdout, joined.stderr[-2000:]
+    missing = subprocess.run([*command, here, "node-that-never-came"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 1
+    assert "Ray nodes missing after 3s: node-that-never-came (of 2)" in missing.stderr

@@ -37,7 +37,10 @@ class SharedWork:
         self.deadline = deadline
         self.started = time.time()
         self.claims = 0
-        self.longest = max((m.seconds for m in (read_done_marker(self.out_dir, s) for s in plan.stems) if m), default=None)
+        self.longest: float | None = None  # seconds of the longest done shard (read only with a deadline)
+        if deadline is not None:
+            markers = (read_done_marker(self.out_dir, stem) for stem in plan.stems)
+            self.longest = max((m.seconds for m in markers if m is not None), default=None)
         self.stopped: str | None = None
         self.never_fits = False
 
