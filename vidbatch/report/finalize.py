@@ -8,9 +8,12 @@ records every driver leaves for the shards it gave up, so no driver's failures g
 
 from __future__ import annotations
 
+import fcntl
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 
@@ -65,11 +68,24 @@ def finalize_output(out_dir: Path, console: Console) -> int:
     return _write(config, out_dir, stems, urls, failed, _marker_span(out_dir, stems), console)
 
 
+@contextmanager
+def _one_finaliser_at_a_time(out_dir: Path) -> Iterator[None]:
+    """Two drivers finishing together both finalise (the same data); one after the other, because
+    replacing `report_media/` is not safe to do twice at once. flock: released if the process dies."""
+    with open(out_dir / ".finalize.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _write(config: Config, out_dir: Path, stems: list[str], urls: list[str], failed: dict[str, str],
            wall_seconds: float, console: Console) -> int:
     summary = build_summary(out_dir, config, stems, urls, failed, wall_seconds)
-    write_summary(out_dir, summary)
-    write_report(out_dir, summary)
+    with _one_finaliser_at_a_time(out_dir):
+        write_summary(out_dir, summary)
+        write_report(out_dir, summary)
     print_summary(summary, console, out_dir)
     _print_failures(failed, console)
     return 1 if failed else 0
