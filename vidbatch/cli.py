@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="also redo the failed samples of done shards (their other samples are kept as they are)")
     run.add_argument("--shard-index", type=int, default=None,
-                     help="take every --num-shards-th shard from this one (default: $SLURM_ARRAY_TASK_ID or 0)")
+                     help="start with every --num-shards-th shard from this one, then help with the others' "
+                          "(default: $SLURM_ARRAY_TASK_ID or 0)")
     run.add_argument("--num-shards", type=int, default=None,
                      help="number of cooperating invocations (default: $SLURM_ARRAY_TASK_COUNT or 1)")
 
