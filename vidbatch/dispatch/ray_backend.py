@@ -287,7 +287,9 @@ class Dispatcher:
             return
         if self.relay_pid is not None and pid != self.relay_pid:  # Ray restarted it; what it held is gone
             self._relay_down(f"its process {self.relay_pid} ended; restarted as {pid}")
-        self.relay_pid = pid
+        if pid != self.relay_pid:
+            self.relay_pid = pid
+            self._emit({"type": "relay_ready", "pid": pid})
         if not self.relay_ok:
             self.relay_ok = True
             log.info("progress relay is back")
@@ -526,7 +528,7 @@ class Dispatcher:
                 ready, _ = self.ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
         else:  # every place quarantined or waiting for a node: nothing to wait on but time
             time.sleep(POLL_S)
-        self._drain_events()
+        self._drain_events(wait_s=POLL_S)  # a live relay answers in milliseconds; a lost one costs one poll
         for ref in ready:
             self._settle(waiting[ref])
         now = time.monotonic()
@@ -644,7 +646,7 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
     run at once with the unfinished shards failed (exit 1, a rerun resumes). `on_event` is called on the
     driver with every worker event (`video`, `start`, `beat`, `log`) and driver event (`dispatch`,
     `worker_ready`, `worker_replaced`, `worker_quarantined`, `requeue`, `retry`, `stall_warning`,
-    `relay_lost`, `shard_done`, `shard_failed`), each a dict with `type`.
+    `relay_ready`, `relay_lost`, `shard_done`, `shard_failed`), each a dict with `type`.
     """
     console = console or Console()
     started = time.perf_counter()
