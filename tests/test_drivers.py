@@ -57,7 +57,7 @@ def test_two_drivers_and_three_array_tasks_share_one_output(tmp_path, clips):
     assert summary["shards"]["done"] == 8 and summary["shards"]["failed"] == 0
     assert summary["samples"] == {"total": 8, "ok": 8, "failed": 0}
     assert any("vidbatch run:" in text for text in outputs)  # someone (the last to finish) wrote the summary
-    assert not list((out / "leases").iterdir()) and not (out / "failed").exists()
+    assert not list((out / "leases").glob("*.json")) and not (out / "failed").exists()
     assert not list(out.rglob("*.tmp"))
 
 
@@ -93,7 +93,7 @@ def test_a_live_lease_is_left_alone_an_expired_one_taken_over_and_finalize_repor
     check_exactly_once(out, 3, keys)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards"]["done"] == 3 and summary["shards"]["failed"] == 0
-    assert not list((out / "leases").iterdir())
+    assert not list((out / "leases").glob("*.json"))
 
 
 def _done_marker(out: Path, stem: str, seconds: float) -> None:

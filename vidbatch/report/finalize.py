@@ -71,8 +71,10 @@ def finalize_output(out_dir: Path, console: Console) -> int:
 @contextmanager
 def _one_finaliser_at_a_time(out_dir: Path) -> Iterator[None]:
     """Two drivers finishing together both finalise (the same data); one after the other, because
-    replacing `report_media/` is not safe to do twice at once. flock: released if the process dies."""
-    with open(out_dir / ".finalize.lock", "a") as lock:
+    replacing `report_media/` is not safe to do twice at once. flock: released if the process dies.
+    The lock file lives with the leases (`OUT/leases/finalize.lock`)."""
+    (out_dir / "leases").mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "leases" / "finalize.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
