@@ -118,7 +118,7 @@ def test_reprocessing_removes_the_old_marker_before_anything_else(tmp_path, monk
     markers_when_writing = []
 
     class CrashingWriter:
-        def __init__(self, out_dir, url, stem_, on_sample=None):
+        def __init__(self, out_dir, url, stem_, on_sample=None, committed=None):
             markers_when_writing.append(marker_path(out_dir, stem_).exists())
             raise RuntimeError("crash while reprocessing")
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import FAST, TINY, read_output, run_cli, video_sample, write_shard
-from vidbatch.core.run_lock import lock_path
 
 SETS = [*FAST, "video.max_frames=3", "metrics.clip_model=none", "inversion.cache=false"]
 SHARDS = 5
@@ -102,32 +99,6 @@ def test_a_changed_output_config_is_refused_until_overwrite(finished, capsys):
     assert run_cli(*run_args(inputs, out, "edit.steps=2"), "--overwrite") == 0
     hashes = {marker(out, f"p{i}")["config_hash"] for i in range(SHARDS)}
     assert len(hashes) == 1 and hashes != {first_hash}
-
-
-def test_a_second_live_run_on_the_same_output_is_refused(tmp_path, clips, capsys):
-    """A lock of a live process on this host refuses the run (exit 2, before any work); once that
-    process is gone the lock is stale and the run takes it over; the lock is gone after the run."""
-    write_shard(tmp_path / "in" / "p0.tar", [video_sample("v0", clips["cells"])])
-    out = tmp_path / "out"
-    out.mkdir()
-    args = run_args(str(tmp_path / "in" / "p0.tar"), out)
-    holder = subprocess.Popen(["sleep", "60"])
-    try:   # the holder is task 0 of a 2-task array
-        lock_path(out, 0, 2).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                                    "started": time.time(), "shard_index": 0, "num_shards": 2}))
-        capsys.readouterr()
-        assert run_cli(*args) == 2                                                  # all shards: overlaps it
-        said = printed(capsys)
-        assert f"another run is writing {out}" in said and f"pid {holder.pid}" in said
-        assert run_cli(*args, "--shard-index", "0", "--num-shards", "2") == 2     # the same task
-        assert not (out / "shards").exists()
-        assert run_cli(*args, "--shard-index", "1", "--num-shards", "2") == 0     # the other task may run
-    finally:
-        holder.kill()
-        holder.wait()
-    assert run_cli(*run_args(str(tmp_path / "in" / "p0.tar"), out)) == 0
-    assert list(read_output(out / "shards" / "p0.tar")) == ["v0"]
-    assert not list(out.glob(".vidbatch-run*"))
 
 
 def test_failed_writes_leave_no_temporaries_and_cache_entries_follow_the_umask(tmp_path, clips):

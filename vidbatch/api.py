@@ -21,7 +21,6 @@ from typing import Callable, Sequence
 from rich.console import Console
 
 from vidbatch.config.schema import Config, load_config
-from vidbatch.core.run_lock import output_lock
 from vidbatch.core.errors import RunInterrupted, VidbatchError, error_line
 from vidbatch.core.signals import interrupt_on_signals, stop_code
 from vidbatch.dispatch.estimate import describe, estimate_plan
@@ -45,15 +44,16 @@ log = logging.getLogger("vidbatch")
 
 def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
         shard_index: int = 0, num_shards: int = 1, limit: int | None = None, console: Console | None = None,
-        on_event: Callable[[dict], None] | None = None) -> int:
+        on_event: Callable[[dict], None] | None = None, retry_failed: bool = False) -> int:
     """Runs the job and writes `OUT/summary.json`, `OUT/report.html` and `OUT/run.log`. Returns the exit
     code: 0 every shard done, 1 a shard failed (rerun the same call to continue).
 
     `limit`: only the first `limit` shards still to do (a quick look; a later run without it does the
-    rest). Usage, config and model errors raise `VidbatchError` subclasses before any model loads;
+    rest). `retry_failed`: done shards with failed samples are taken too, and only those samples are
+    edited again. Several runs may share one output: they take shards through leases (`dispatch.work`).
+    Usage, config and model errors raise `VidbatchError` subclasses before any model loads;
     SIGINT/SIGTERM raise `RunInterrupted` ("interrupted: N of M shards done; ..."). Both are also
-    written to `OUT/run.log`. A second live run on the same output raises `OutputBusyError` (see
-    `core.run_lock`).
+    written to `OUT/run.log`.
     """
     console = console or Console()
     out_dir = Path(out_dir)
@@ -64,10 +64,10 @@ def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool
             with interrupt_on_signals():
                 inputs, shard_index, num_shards = _prepare(config, inputs, out_dir, overwrite, shard_index,
                                                            num_shards, limit, console)
-                with output_lock(out_dir, shard_index, num_shards):
-                    outcome = run_shards(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
-                                         num_shards=num_shards, console=console, on_event=on_event)
-                    return finish_run(config, out_dir, outcome, console)
+                outcome = run_shards(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
+                                     num_shards=num_shards, console=console, on_event=on_event,
+                                     retry_failed=retry_failed)
+                return finish_run(config, out_dir, outcome, console)
         except VidbatchError as exc:
             log_to_files(logging.ERROR, error_line(exc))
             raise

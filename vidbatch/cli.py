@@ -1,8 +1,9 @@
 """The `vidbatch` command line.
 
 Exit codes: 0 done; 1 a shard could not be completed (rerun to continue); 2 a usage, input, config or
-model mistake, reported in one line naming the cause and the fix (and in OUT/run.log); 130 / 143
-stopped by SIGINT (Ctrl-C) / SIGTERM, reported in one line saying how many shards are done.
+model mistake, reported in one line naming the cause and the fix (and in OUT/run.log); 3 stopped before
+runtime.deadline with shards left (requeue to continue); 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM,
+reported in one line saying how many shards are done.
 """
 
 from __future__ import annotations
@@ -61,10 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, default=None, metavar="N",
                      help="process only the first N shards still to do (a quick look; a later run without "
                           "--limit does the rest)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="also redo the failed samples of done shards (their other samples are kept as they are)")
     run.add_argument("--shard-index", type=int, default=None,
-                     help="take every --num-shards-th shard from this one (default: $SLURM_ARRAY_TASK_ID or 0)")
+                     help="start with every --num-shards-th shard from this one, then help with the others' "
+                          "(default: $SLURM_ARRAY_TASK_ID or 0)")
     run.add_argument("--num-shards", type=int, default=None,
                      help="number of cooperating invocations (default: $SLURM_ARRAY_TASK_COUNT or 1)")
+
+    finalize = sub.add_parser("finalize", help="write OUT/summary.json and OUT/report.html over every shard of an "
+                              "output (the last of several drivers does it by itself)")
+    finalize.add_argument("output", help="the run's output folder")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on generated clips with the tiny model")
     demo.add_argument("--output", "-o", default="demo-out", help="output folder (default: demo-out)")
@@ -168,8 +176,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     except VidbatchError as exc:   # the API logs its own errors; this one comes before it
         log_to_files(logging.ERROR, error_line(exc))
         raise
-    return run(config, args.input, out_dir, overwrite=args.overwrite, shard_index=shard_index,
-               num_shards=num_shards, limit=args.limit, console=console)
+    return run(config, args.input, out_dir, overwrite=args.overwrite, retry_failed=args.retry_failed,
+               shard_index=shard_index, num_shards=num_shards, limit=args.limit, console=console)
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
@@ -286,6 +294,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _config(args, console)
     if args.command == "verify":
         return _verify(args, console)
+    if args.command == "finalize":
+        from vidbatch.report.finalize import finalize_output
+
+        return finalize_output(Path(args.output), console)
     if args.command == "cache":
         return _cache(args, console)
     if args.command == "bench":

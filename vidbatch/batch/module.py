@@ -23,8 +23,9 @@ from vidbatch.engine.controls.controlnet import canny_frames, load_controlnet
 from vidbatch.engine.plugins import get_method
 from vidbatch.core.rows import STATUS_OK, EditRow
 from vidbatch.batch.edits import EditorPool, PlannedEdit, editor_settings, plan_edits, row_settings
-from vidbatch.engine.editor import EditorSettings
+from vidbatch.engine.editor import EditedVideo, EditorSettings, VideoEditor
 from vidbatch.core.errors import SampleError, VidbatchError
+from vidbatch.core.faults import is_infrastructure_error, is_out_of_memory
 from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
 from vidbatch.metrics import compute_metrics, load_clip_scorer, metric_keys
 from vidbatch.metrics.clip import resolve_clip_model
@@ -51,6 +52,7 @@ class PreparedSample:
     mask: np.ndarray | None = None             # foreground, (T, H, W) bool, for methods that use one
     error: str | None = None
     decode_seconds: float = 0.0
+    reused: bool = False                       # kept from the committed shard (--retry-failed): not edited
 
 
 @dataclass
@@ -60,6 +62,7 @@ class SampleResult:
     rows: list[EditRow]
     frames_edited: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False                       # the writer copies the sample from the committed shard
 
 
 def _identity(item: Any) -> Any:
@@ -82,10 +85,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class ShardDataset(IterableDataset):
     """Samples of one shard, decoded to frames; decode failures become `error`s, not exceptions."""
 
-    def __init__(self, url: str, config: Config, size_multiple: int):
+    def __init__(self, url: str, config: Config, size_multiple: int, reuse: frozenset[str] = frozenset()):
+        """`reuse`: keys of samples kept from the committed shard (--retry-failed): passed on undecoded."""
         self.url = url
         self.config = config
         self.size_multiple = size_multiple
+        self.reuse = reuse
 
     def prepare(self, sample: InputSample) -> PreparedSample:
         """Decodes one sample; whatever goes wrong (a SampleError or any surprise) becomes its `error`."""
@@ -156,7 +161,10 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[PreparedSample]:
         limits = InputLimits(max_video_bytes=int(self.config.video.max_input_mb * 2**20))
         for sample in read_samples(self.url, limits):
-            yield self.prepare(sample)
+            if sample.key in self.reuse:
+                yield PreparedSample(key=sample.key, edits=[], reused=True)
+            else:
+                yield self.prepare(sample)
 
 
 def fill_prompt(template: str, prompt: str | None, what: str) -> str:
@@ -211,8 +219,8 @@ class VideoEditModule(L.LightningModule):
         """The engine's settings from the run config (:func:`vidbatch.batch.edits.editor_settings`)."""
         return editor_settings(config)
 
-    def dataloader(self, url: str) -> DataLoader:
-        dataset = ShardDataset(url, self.config, self.editor.size_multiple)
+    def dataloader(self, url: str, reuse: frozenset[str] = frozenset()) -> DataLoader:
+        dataset = ShardDataset(url, self.config, self.editor.size_multiple, reuse)
         # One decode worker overlaps ffmpeg with the GPU; more would duplicate an IterableDataset.
         workers = 1 if self.target_device.type == "cuda" else 0
         return DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers)
@@ -240,6 +248,8 @@ class VideoEditModule(L.LightningModule):
         Edits are grouped by the editor that runs them (their engine settings and seed); the groups
         share one inversion per distinct inversion key (`shared`), whatever editor made it.
         """
+        if sample.reused:
+            return SampleResult(key=sample.key, members={}, rows=[], reused=True)
         rows = [self._row(sample, edit) for edit in sample.edits]
         rows[0].seconds["decode"] = sample.decode_seconds  # shared stages count on the first edit
         members: dict[str, bytes] = {}
@@ -268,7 +278,7 @@ class VideoEditModule(L.LightningModule):
     def _edit_group(self, sample: PreparedSample, edits: list[PlannedEdit], rows: list[EditRow], shared: dict,
                     members: dict[str, bytes]) -> int:
         """Runs the edits of one editor on a sample: fills their rows and members; returns the edited frames.
-        A failure fails this group's rows only, naming the cause."""
+        A failure fails this group's rows only, naming the cause; a device failure propagates (core.faults)."""
         device, config = self.target_device, edits[0].config
         frames_edited = 0
         if device.type == "cuda":
@@ -277,13 +287,12 @@ class VideoEditModule(L.LightningModule):
             editor = self.editors.get(config)
             sink = self.step_sink
             editor.on_step = None if sink is None else (lambda stage, done, total: sink(sample.key, stage, done, total))
+            editor.on_progress = self.editor.on_progress   # the worker's liveness signal (set on the run's editor)
             # Without a description the inversion runs with the rest of the template (often
             # empty, the null prompt); only edits that ask for {prompt} need one.
             source_prompt = config.inversion.prompt.replace("{prompt}", sample.prompt or "").strip()
             prompts = [(e.spec.name, fill_prompt(e.spec.prompt, sample.prompt, f"edit '{e.spec.name}'")) for e in edits]
-            result = editor.edit(
-                sample.frames, source_prompt, prompts, seed=config.edit.seed, key=sample.key,
-                control_images=sample.control_frames, mask=sample.mask, shared=shared)
+            result = self._edit(editor, sample, source_prompt, prompts, config.edit.seed, shared)
             for row, (name, prompt) in zip(rows, prompts):
                 started = time.perf_counter()
                 members[f"{name}.mp4"] = encode_mp4(result.frames[name], sample.fps, audio=sample.audio,
@@ -297,12 +306,33 @@ class VideoEditModule(L.LightningModule):
         except VidbatchError as exc:
             self._fail(rows, sample.key, str(exc))
         except Exception as exc:  # one bad sample must not end the shard; the row names the cause
+            if is_infrastructure_error(exc):
+                raise  # the device failed, not the sample: the worker is retired (core.faults)
             log.exception("sample %s failed", sample.key)
             self._fail(rows, sample.key, f"{type(exc).__name__}: {exc}")
         memory = peak_memory_mb(device)
         for row in rows:
             row.peak_memory_mb = round(memory, 1)
         return frames_edited
+
+    def _edit(self, editor: VideoEditor, sample: PreparedSample, source_prompt: str, prompts: list[tuple[str, str]],
+              seed: int, shared: dict) -> EditedVideo:
+        """The editor's edit; out of memory, it is tried once more with chunks half as large."""
+        def edit() -> EditedVideo:
+            return editor.edit(sample.frames, source_prompt, prompts, seed=seed, key=sample.key,
+                               control_images=sample.control_frames, mask=sample.mask, shared=shared)
+
+        try:
+            return edit()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            log.warning("sample %s ran out of memory (%s); trying it once more with chunks half as large",
+                        sample.key, exc)
+        if self.target_device.type == "cuda":
+            torch.cuda.empty_cache()
+        with editor.smaller_chunks(2):
+            return edit()
 
     # -- quality metrics ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from vidbatch.batch.writer import ShardPredictionWriter
 from vidbatch.config.output_hash import output_config_hash
 from vidbatch.core.rows import DoneMarker
 from vidbatch.core.signals import exit_on_signals, signals_held
-from vidbatch.io.output_shards import marker_path
+from vidbatch.io.output_shards import CommittedShard, is_done, marker_path
 
 # Lightning warnings that are expected here and say nothing to a user (regexes matched at the start):
 # the writer keys samples by `__key__` (an IterableDataset has no batch indices); a single-process
@@ -37,8 +37,11 @@ class VideoSink(Protocol):
 
 
 def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
-                  progress: VideoSink | None = None) -> DoneMarker:
+                  progress: VideoSink | None = None, retry_failed: bool = False) -> DoneMarker:
     """Runs the Lightning predict loop over one shard and commits its output; returns the done marker.
+
+    `retry_failed` (the shard is committed, some samples failed): only the samples with a failed edit
+    are edited again; the others are copied unchanged from the committed shard into the new one.
 
     Any exception leaves no file under a final name (the temporaries are removed) and propagates;
     SIGINT and SIGTERM end it at once the same way (SystemExit 130 / 143, see `vidbatch.core.signals`; installed
@@ -46,6 +49,8 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
     runs). Safe to run twice at once for the same shard (a Ray retry while the old attempt still runs): each
     attempt writes its own temporaries and renames complete files only (see shard_io.ShardOutput).
     """
+    # Opened before anything is replaced; only with its marker: without one, its files may not be one commit's.
+    committed = CommittedShard(out_dir, stem) if retry_failed and is_done(out_dir, stem) else None
     marker_path(out_dir, stem).unlink(missing_ok=True)  # --overwrite: never pair an old marker with new data
 
     def on_sample(result: SampleResult) -> None:
@@ -58,15 +63,19 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
         writer: ShardPredictionWriter | None = None
         try:
             with signals_held():
-                writer = ShardPredictionWriter(out_dir, url, stem, on_sample=on_sample)
+                writer = ShardPredictionWriter(out_dir, url, stem, on_sample=on_sample, committed=committed)
             object.__setattr__(module, "step_sink", getattr(progress, "video_step", None))
             trainer = _trainer(module, writer)
-            trainer.predict(module, dataloaders=module.dataloader(url), return_predictions=False)
+            reuse = frozenset(committed.ok_keys) if committed is not None else frozenset()
+            trainer.predict(module, dataloaders=module.dataloader(url, reuse), return_predictions=False)
             return writer.finish(output_config_hash(module.config))
         except BaseException:  # SIGINT/SIGTERM (SystemExit) included, wherever it lands, the commit too
             if writer is not None:
                 writer.abort()
             raise
+        finally:
+            if committed is not None:
+                committed.close()
 
 
 def _trainer(module: VideoEditModule, writer: ShardPredictionWriter) -> L.Trainer:

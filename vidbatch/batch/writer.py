@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from vidbatch.core.rows import DoneMarker, SampleRecord
 from vidbatch.batch.module import SampleResult
-from vidbatch.io.output_shards import ShardOutput
+from vidbatch.io.output_shards import CommittedShard, ShardOutput
 
 
 def utc_now() -> str:
@@ -27,9 +27,11 @@ class ShardPredictionWriter(BasePredictionWriter):
     """Appends every prediction to one `ShardOutput`; `finish` commits it with its done marker."""
 
     def __init__(self, out_dir: str | Path, url: str, stem: str,
-                 on_sample: Callable[[SampleResult], None] | None = None):
+                 on_sample: Callable[[SampleResult], None] | None = None, committed: CommittedShard | None = None):
+        """`committed`: the shard's committed output, whose ok samples a reused prediction copies."""
         super().__init__(write_interval="batch")
         self.url = url
+        self.committed = committed
         self.output = ShardOutput(out_dir, stem)
         self.on_sample = on_sample
         self.started_at = utc_now()
@@ -37,11 +39,24 @@ class ShardPredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: SampleResult, batch_indices: Any,
                            batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if prediction.reused:
+            self._copy_committed(prediction)
+            return
         record = SampleRecord(prediction.key, prediction.rows)
         members = {**prediction.members, "json": json.dumps(record.to_json()).encode()}
         self.output.add(prediction.key, members, prediction.rows)
         if self.on_sample is not None:
             self.on_sample(prediction)
+
+    def _copy_committed(self, prediction: SampleResult) -> None:
+        """A sample kept from the committed shard: its members and rows exactly as they were."""
+        if self.committed is None:
+            raise ValueError(f"sample {prediction.key} is marked reused but the writer has no committed shard")
+        members, rows = self.committed.take(prediction.key)
+        self.output.add(prediction.key, members, rows)
+        if self.on_sample is not None:
+            self.on_sample(SampleResult(key=prediction.key, members=members, rows=rows, reused=True,
+                                        frames_edited=sum(row.frames or 0 for row in rows if row.ok)))
 
     def finish(self, config_hash: str | None = None) -> DoneMarker:
         """Commits the shard: tar and jsonl under their final names, then the done marker, which records

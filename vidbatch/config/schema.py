@@ -124,9 +124,22 @@ class RuntimeConfig:
     workers: int | None = setting(None, minimum=1, help="Ray workers; null: one per GPU of the cluster, "
                                                         "or 1 on a cluster without GPUs")
     cpus_per_worker: int = setting(1, minimum=1, help="Ray CPUs each worker reserves; a CPU worker runs this many torch threads")
-    max_shard_retries: int = setting(2, minimum=0, help="times a shard is given out again after its worker died or it "
-                                                       "raised; then it is reported failed (a rerun continues it)")
+    max_shard_retries: int = setting(2, minimum=0, help="times a shard is given out again after it raised (a worker's "
+                                                       "failure does not count); then it is reported failed (a rerun "
+                                                       "continues it)")
     worker_start_timeout_s: float = setting(600.0, minimum=1, help="give up when no Ray worker could start for this long")
+    stall_timeout_s: float | None = setting(900.0, minimum=1, help="Ray: a worker that reports no progress (a UNet "
+                                            "step, a video) for this long is killed and replaced, its shard given "
+                                            "to another worker; null: never")
+    lease_s: float = setting(120.0, minimum=1, help="lease on a shard in flight (OUT/leases), renewed every third "
+                                                     "of it: another driver of the same output takes a shard over "
+                                                     "once its driver has not renewed it for this long")
+    deadline: float | None = setting(None, minimum=0, help="unix time after which no shard should end: a shard "
+                                                          "that would (judged by the longest done so far) is not "
+                                                          "started and the run exits 3 (requeue); the SLURM scripts "
+                                                          "set it from the job's time limit; null: none")
+    quarantine_after: int = setting(2, minimum=1, help="Ray: infrastructure failures in a row (CUDA errors, crashes, "
+                                                      "stalls) after which a worker's place (its GPU) is not refilled")
     device: str = setting("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (with Ray: 'cuda' workers get one GPU each)")
     max_memory_gb: float | None = setting(None, minimum=0, help="memory budget for chunk_size 'auto'; null: what the device has free")
     log_every_s: float = setting(30.0, minimum=0.1, help="seconds between plain status lines (in run.log, and on the "

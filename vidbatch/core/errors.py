@@ -30,10 +30,6 @@ class OutputConfigChangedError(ConfigError):
     """A rerun's output-shaping config differs from the one the output's done shards were made with (exit 2)."""
 
 
-class OutputBusyError(VidbatchError):
-    """Another live run is writing the same output folder (exit 2)."""
-
-
 class RunInterrupted(KeyboardInterrupt):
     """The run was stopped by SIGINT (Ctrl-C) or SIGTERM; what was done is kept and a rerun resumes.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +12,10 @@ from rich.console import Console
 
 from vidbatch.config.output_hash import output_config_hash
 from vidbatch.config.schema import Config, save_config
+from vidbatch.core.atomic import atomic_write
 from vidbatch.core.errors import ConfigError, OutputConfigChangedError
 from vidbatch.io.input_shards import check_local_urls, expand_urls, shard_stem
+from vidbatch.io.output_shards import read_done_marker
 from vidbatch.io.shard_check import check_shard
 
 log = logging.getLogger("vidbatch")
@@ -26,17 +29,23 @@ class RunPlan:
     stems: list[str]
     todo: list[int] = field(default_factory=list)
     redo: dict[str, str] = field(default_factory=dict)   # stem -> why a shard with a marker is redone
+    retry: set[int] = field(default_factory=set)  # done shards in `todo` whose failed samples alone are redone
+    overwrite: bool = False                        # done shards are redone (`todo` holds them)
 
 
-def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
-             shard_index: int = 0, num_shards: int = 1, config_hash: str | None = None) -> RunPlan:
+def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool, shard_index: int = 0, num_shards: int = 1,
+             retry_failed: bool = False, config_hash: str | None = None) -> RunPlan:
     """Expands the inputs, checks them, and picks the shards this invocation must process.
 
-    With `num_shards` > 1 (SLURM arrays), this invocation takes every `num_shards`-th shard from
-    `shard_index`. Without `overwrite`, a shard is skipped only when its done marker reads and its
-    files still have the recorded sizes (`io.shard_check`); a damaged one is redone. A done shard
-    whose marker records another `config_hash` (the output-shaping config, `config.output_hash`)
-    raises OutputConfigChangedError: one output never mixes two configs.
+    Every invocation plans every shard still to do (drivers share them through leases,
+    `dispatch.work`); with `num_shards` > 1 (SLURM arrays) the order starts with this invocation's
+    slice, every `num_shards`-th shard from `shard_index`, then the others'. With `retry_failed`, done
+    shards with a failed sample are taken too (in `retry`).
+
+    Without `overwrite`, a shard is skipped only when its done marker reads and its files still have
+    the recorded sizes (`io.shard_check`); a damaged one is redone. A done shard whose marker records
+    another `config_hash` (the output-shaping config, `config.output_hash`) raises
+    OutputConfigChangedError: one output never mixes two configs.
     """
     urls = expand_urls(list(inputs))
     if not urls:
@@ -54,9 +63,11 @@ def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
         seen[stem] = url
     if not 0 <= shard_index < num_shards:
         raise ConfigError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
-    plan = RunPlan(urls=urls, stems=stems)
+    mine = list(range(shard_index, len(urls), num_shards))
+    order = mine + [i for i in range(len(urls)) if i % num_shards != shard_index]
+    plan = RunPlan(urls=urls, stems=stems, overwrite=overwrite)
     changed: list[tuple[str, str]] = []
-    for i in range(shard_index, len(urls), num_shards):
+    for i in order:
         if overwrite:
             plan.todo.append(i)
             continue
@@ -65,6 +76,9 @@ def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
             recorded = check.marker.config_hash if check.marker is not None else None
             if config_hash is not None and recorded is not None and recorded != config_hash:
                 changed.append((stems[i], recorded))
+            elif retry_failed and _has_failed_samples(out_dir, stems[i]):
+                plan.retry.add(i)
+                plan.todo.append(i)
             continue
         plan.todo.append(i)
         if check.state == "damaged":
@@ -78,29 +92,53 @@ def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool,
     return plan
 
 
+def _has_failed_samples(out_dir: Path, stem: str) -> bool:
+    marker = read_done_marker(out_dir, stem)
+    return marker is not None and (marker.samples_failed > 0 or marker.rows_failed > 0)
+
+
 @dataclass
 class RunOutcome:
-    """What a backend leaves for the finaliser: the plan, the shards that failed (stem -> cause), and the
-    `time.perf_counter()` at which the run started."""
+    """What a backend leaves for the finaliser: the plan, the shards that failed (stem -> cause), the
+    `time.perf_counter()` at which the run started, and whether it stopped early for its deadline."""
 
     plan: RunPlan
     failed: dict[str, str]
     started: float
+    stopped: str | None = None   # why the driver stopped starting shards before the deadline (runtime.deadline)
+    never_fits: bool = False     # ... because a shard takes longer than the job's whole time
 
 
 def prepare_run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
-                shard_index: int = 0, num_shards: int = 1, console: Console | None = None) -> RunPlan:
+                shard_index: int = 0, num_shards: int = 1, console: Console | None = None,
+                retry_failed: bool = False) -> RunPlan:
     """Plans the run (raises ConfigError on bad inputs) and writes `OUT/config.yaml`."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_run(inputs, out_dir, overwrite, shard_index, num_shards, output_config_hash(config))
+    plan = plan_run(inputs, out_dir, overwrite, shard_index, num_shards, retry_failed, output_config_hash(config))
     save_config(config, out_dir / "config.yaml")
+    # What `vidbatch finalize OUT` summarises: every shard of the job (drivers of one job write the same).
+    atomic_write(out_dir / "plan.json", json.dumps({"urls": plan.urls, "stems": plan.stems}, indent=1))
     for stem, why in plan.redo.items():
         log.warning("shard %s is done but damaged (%s): redoing it", stem, why)
         console.print(f"[yellow]shard {stem} redone:[/yellow] {why}", highlight=False)
-    skipped = len(range(shard_index, len(plan.urls), num_shards)) - len(plan.todo)
+    if plan.retry:
+        console.print(f"{len(plan.retry)} done shard(s) have failed samples: redoing those samples only "
+                      "(--retry-failed)")
+    skipped = len(plan.urls) - len(plan.todo)
     log.info("run: %d shard(s), %d to do, %d already done (backend %s)", len(plan.urls), len(plan.todo), skipped,
              config.runtime.backend)
     if skipped:
         console.print(f"{skipped} shard(s) already done in {out_dir}: skipped (--overwrite redoes them)")
     return plan
+
+
+def read_plan_file(out_dir: Path) -> tuple[list[str], list[str]]:
+    """The job's shards as the last driver planned them (`OUT/plan.json`): (urls, stems)."""
+    path = Path(out_dir) / "plan.json"
+    try:
+        data = json.loads(path.read_text())
+        return list(data["urls"]), list(data["stems"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path} is missing or unreadable ({exc}): is {out_dir} the output folder of a "
+                          "vidbatch run?") from exc

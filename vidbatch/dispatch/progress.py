@@ -40,6 +40,7 @@ class RunProgress:
         self.retries = 0
         self.workers: tuple[int, int] | None = None  # (ready, wanted), Ray backend only
         self.current: tuple[str, str, int, int] | None = None  # (video key, stage, done, total)
+        self.detail = ""  # Ray backend: per-worker throughput, memory and stall warnings, set by the driver
         self._started = time.monotonic()
         self._last_line = self._started
         self._lock = threading.RLock()
@@ -97,7 +98,7 @@ class RunProgress:
         return (f"progress: shards {self.shards_done}/{self.total_shards} done, {self.shards_failed} failed"
                 f"{retried}; videos {self.videos}{of_videos} ({self.videos_failed} failed); {self.frames} frames, "
                 f"{fps:.2f} frames/s{now}; elapsed {elapsed:.0f}s"
-                f"{f', eta {eta:.0f}s' if eta is not None else ''}{workers}")
+                f"{f', eta {eta:.0f}s' if eta is not None else ''}{workers}{f' ({self.detail})' if self.detail else ''}")
 
     def _tick(self, force: bool = False) -> None:
         with self._lock:

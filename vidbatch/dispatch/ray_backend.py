@@ -1,38 +1,50 @@
-"""The `ray` backend: one long-lived worker per GPU, shards handed out one at a time, lost work redone.
+"""The `ray` backend's driver: one long-lived worker per GPU, shards handed out one at a time, failures sorted.
 
 The driver (the `vidbatch run` process) joins a Ray cluster (`runtime.ray_address`, `$RAY_ADDRESS`) or
-starts an embedded local one, then starts `ShardWorker` actors: one per GPU (`num_gpus=1`), or
-`runtime.workers` CPU workers. Each loads the model once and runs `batch.shard.process_shard` (the
-Lightning predict loop) shard after shard.
+starts an embedded local one, then starts `ShardWorker` actors (`dispatch.ray_worker`): one per GPU
+(`num_gpus=1`), or `runtime.workers` CPU workers. Each loads the model once and runs
+`batch.shard.process_shard` (the Lightning predict loop) shard after shard.
 
 Dispatch is dynamic: the driver keeps exactly one shard in flight per ready worker and gives the next
 shard to whichever worker finishes first, so fast and slow GPUs (or short and long shards) even out.
 
-Faults: a worker whose process dies (killed, out of memory, node lost) surfaces as a `RayActorError`
-on its shard's future; the driver starts a replacement actor and gives the shard out again. An
-exception inside a shard is retried the same way (the worker is kept). A shard that failed
-`runtime.max_shard_retries` + 1 attempts is reported failed and the run exits 1; a rerun continues.
+Failures are sorted (`core.faults`):
+- the worker's (infrastructure): a CUDA or driver error raised by a shard, a worker process that died
+  (killed, out of host memory, node lost), a worker that reported no progress for
+  `runtime.stall_timeout_s` (a wedged read, a hung GPU; it is killed). The worker is retired and a new
+  one takes its place; the shard goes to the front of the queue without spending a retry (up to
+  FREE_REQUEUES times, in case the shard is what breaks its workers). After `runtime.quarantine_after`
+  such failures in a row a place is quarantined, not refilled (a quarantined GPU worker that still
+  lives is kept idle, holding the bad GPU so no other worker lands on it). Only when every place is
+  quarantined do the remaining shards fail;
+- the shard's: any other exception a shard raises (an unreadable tar). The worker is kept and the
+  shard given out again at the back of the queue; after `runtime.max_shard_retries` retries it is
+  reported failed and the run exits 1; a rerun continues;
+- a sample's: a failed row naming the cause (the shard goes on); out of memory is retried once with
+  smaller chunks first (`batch.module`);
+- the cluster's: when, for CLUSTER_LOST_GRACE_S, no live node can host a worker (the embedded node
+  died, every node was lost), the run stops at once: "the Ray cluster was lost: rerun to resume",
+  exit 1, the unfinished shards reported failed.
 
 Exactly once: every attempt writes its own temporaries and the output of a shard becomes visible only
-by renames of complete files, the done marker last (shard_io.py). A retried shard rewrites its output
-from scratch; an attempt the driver gave up on (a worker that is not quite dead yet) can only ever
-rename a complete, equivalent shard. Two attempts racing: the later one's `remove_stale_temporaries`
-may delete the earlier one's temporaries; the earlier attempt then fails at its rename and nobody
-waits for it; no data is lost, and if it was the live attempt it is simply retried.
+by renames of complete files, the done marker last (io.output_shards). A retried shard rewrites its
+output from scratch; an attempt the driver gave up on (a worker that is not quite dead yet) can only
+ever rename a complete, equivalent shard. Two attempts racing: the later one's
+`remove_stale_temporaries` may delete the earlier one's temporaries; the earlier attempt then fails at
+its rename and nobody waits for it; no data is lost, and if it was the live attempt it is simply retried.
 
-Progress: workers send per-video events (and their log records) to a small `EventRelay` actor; the
-driver drains it every poll and draws with `RunProgress`. Workers never draw. The counts of an attempt
-that is redone are taken back, and a finished shard's counts are set from its done marker, so the
-totals are exact whatever is killed.
+Progress: workers send events (see `dispatch.ray_worker`) to a small `EventRelay` actor; the driver
+drains it every poll without blocking and draws with `RunProgress`, adding per-worker throughput,
+peak memory and stall warnings to the status lines. The counts of an attempt that is redone are taken
+back, and a finished shard's counts are set from its done marker, so the totals are exact whatever is
+killed. A relay that dies is restarted by Ray; its loss is reported once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections import deque
@@ -43,15 +55,17 @@ from typing import Any, Callable, Sequence
 from rich.console import Console
 
 from vidbatch.config.schema import Config, RuntimeConfig
-from vidbatch.core.rows import DoneMarker
 from vidbatch.core.errors import ConfigError, VidbatchError
-from vidbatch.batch.module import VideoEditModule
-from vidbatch.batch.shard import process_shard
+from vidbatch.core.faults import is_infrastructure_error
+from vidbatch.core.rows import DoneMarker
 from vidbatch.core.signals import STOP_SIGNALS
 from vidbatch.dispatch.estimate import known_video_total
+from vidbatch.dispatch.leases import LeaseBook, new_run_id
 from vidbatch.dispatch.logs import demote_third_party_logs, logs_set_up
-from vidbatch.dispatch.plan import RunOutcome, prepare_run
+from vidbatch.dispatch.plan import RunOutcome, RunPlan, prepare_run
 from vidbatch.dispatch.progress import RunProgress
+from vidbatch.dispatch.ray_worker import EventRelay, ShardWorker, file_sha256
+from vidbatch.dispatch.work import SharedWork
 
 log = logging.getLogger("vidbatch")
 
@@ -59,6 +73,16 @@ log = logging.getLogger("vidbatch")
 POLL_S = 0.25
 # Environment a worker needs to find models offline like the driver does; forwarded when set.
 FORWARDED_ENV = ("VIDBATCH_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+# Test-only fault hooks (dispatch.ray_worker, engine.editor) reach the workers through this prefix.
+TEST_ENV_PREFIX = "VIDBATCH_TEST_"
+# Hand-outs again after a worker failure that a shard gets for free; then they spend its retries.
+FREE_REQUEUES = 3
+# A relay drain unanswered for this long counts as a lost relay (said once).
+RELAY_LATE_S = 30.0
+# How often the driver asks Ray which nodes live, and how long none may host a worker before the run stops.
+CLUSTER_CHECK_S = 2.0
+CLUSTER_LOST_GRACE_S = 10.0
+CLUSTER_LOST = "the Ray cluster was lost: rerun to resume"
 
 
 @dataclass(frozen=True)
@@ -99,137 +123,49 @@ def plan_workers(runtime: RuntimeConfig, cluster_gpus: float, shards: int) -> Wo
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker side
-
-
-class EventRelay:
-    """A mailbox actor: workers `push` events without waiting, the driver `drain`s them every poll."""
-
-    def __init__(self) -> None:
-        self._events: list[dict] = []
-
-    def push(self, event: dict) -> None:
-        self._events.append(event)
-
-    def drain(self) -> list[dict]:
-        events, self._events = self._events, []
-        return events
-
-
-class _RelayLogHandler(logging.Handler):
-    """Sends a worker's `vidbatch` log records to the driver, which writes them to run.log."""
-
-    def __init__(self, send: Callable[[dict], None]):
-        super().__init__(level=logging.DEBUG)
-        self.send = send
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-            if record.exc_info:
-                message += "\n" + logging.Formatter().formatException(record.exc_info)
-            self.send({"type": "log", "level": record.levelno, "message": message})
-        except Exception:  # logging must never break a shard
-            self.handleError(record)
-
-
-class _ShardEvents:
-    """The `VideoSink` a worker hands to `process_shard`: one event per finished video, and the current
-    video's step at most once a second."""
-
-    STEP_EVERY_S = 1.0
-
-    def __init__(self, send: Callable[[dict], None], stem: str, attempt: int):
-        self.send, self.stem, self.attempt = send, stem, attempt
-        self._last_step = 0.0
-
-    def video_done(self, frames: int, ok: bool) -> None:
-        self.send({"type": "video", "stem": self.stem, "attempt": self.attempt, "frames": frames, "ok": ok})
-
-    def video_step(self, key: str, stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last_step >= self.STEP_EVERY_S or done == total:
-            self._last_step = now
-            self.send({"type": "step", "key": key, "stage": stage, "done": done, "total": total})
-
-
-class ShardWorker:
-    """A Ray actor holding one loaded `VideoEditModule`; `process` runs one shard and returns its marker."""
-
-    def __init__(self, config: Config, out_dir: str, relay: Any, name: str, use_gpu: bool, threads: int,
-                 driver_cwd: str):
-        # Relative paths (inputs, pipe: commands, models, LoRAs, caches) mean what they mean to the driver
-        # wherever its folder exists here too; elsewhere (a `ray job` working_dir copy) the worker's own.
-        if Path(driver_cwd).is_dir():
-            os.chdir(driver_cwd)
-        self.config = config
-        self.out_dir = Path(out_dir)
-        self.relay = relay
-        self.name = name
-        self.device = "cuda" if use_gpu else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
-        self.module = None
-        if not use_gpu:
-            import torch
-
-            torch.set_num_threads(threads)
-        logger = logging.getLogger("vidbatch")
-        logger.handlers[:] = [_RelayLogHandler(self._send)]
-        logger.setLevel(logging.DEBUG)
-        demote_third_party_logs()  # Lightning's banners, transformers' warnings: to run.log only, at DEBUG
-        logger.propagate = False
-
-    def _send(self, event: dict) -> None:
-        event.update(worker=self.name, pid=os.getpid())
-        try:
-            self.relay.push.remote(event)
-        except Exception:  # progress is best effort: the outputs and markers are the truth
-            pass
-
-    def setup(self, config_sha: str) -> dict:
-        """Checks that the output folder is the driver's (shared filesystem) and loads the model once."""
-        saved = self.out_dir / "config.yaml"
-        if not saved.is_file() or _sha256(saved) != config_sha:
-            raise ConfigError(f"the output folder {self.out_dir} is not the driver's on node {socket.gethostname()} "
-                              "(its config.yaml is missing or differs): with several nodes the output folder must "
-                              "be on a filesystem every node shares")
-        # Lightning's per-trainer banners ("GPU available: ...") would reach the driver once per shard per
-        # worker; it sets its logger's level when imported, so this comes after the import.
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-        self.module = VideoEditModule(self.config, device=self.device)
-        return {"worker": self.name, "pid": os.getpid(), "node": socket.gethostname(),
-                "device": str(self.module.target_device)}
-
-    def process(self, url: str, stem: str, attempt: int) -> DoneMarker:
-        self._send({"type": "start", "stem": stem, "attempt": attempt})
-        return process_shard(self.module, url, stem, self.out_dir, _ShardEvents(self._send, stem, attempt))
-
-
-# ---------------------------------------------------------------------------------------------
 # Driver side
 
 
 @dataclass
 class _Slot:
-    """One worker as the driver sees it."""
+    """One place for a worker (normally one GPU) as the driver sees it; a retired worker's place gets a new actor."""
 
     name: str
     handle: Any
-    ref: Any = None            # the future in flight: setup() while starting, process() while busy
-    state: str = "starting"    # starting -> idle <-> busy; a dead worker's slot gets a new actor
+    ref: Any = None             # the future in flight: setup() while starting, process() while busy
+    state: str = "starting"     # starting -> idle <-> busy; quarantined: never refilled
     pid: int | None = None
-    shard: int | None = None   # plan index of the shard in flight
+    shard: int | None = None    # plan index of the shard in flight
+    strikes: int = 0            # infrastructure failures in a row of this place's workers
+    last_progress: float = 0.0  # monotonic time of the worker's last event while busy
+    stall_warned: bool = False
 
 
 @dataclass
 class _ShardState:
     """Driver-side bookkeeping of one shard: its attempt and what that attempt reported."""
 
-    attempt: int = 0
+    attempt: int = 0           # counts every hand-out; events of older attempts are ignored
+    retries: int = 0           # hand-outs again after the shard itself failed (runtime.max_shard_retries)
+    requeues: int = 0          # hand-outs again after its worker failed (free, up to FREE_REQUEUES)
     videos: int = 0
     failed: int = 0
     frames: int = 0
     closed: bool = False       # done or failed for good: late events are ignored
     causes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _WorkerStats:
+    """What a worker's video events said: for the per-worker throughput and memory in the status lines."""
+
+    frames: int = 0
+    seconds: float = 0.0
+    memory_mb: float | None = None
+
+
+class RayClusterLost(Exception):
+    """No live Ray node can host a worker any more (the embedded node died, every node was lost)."""
 
 
 def _cause(exc: BaseException) -> str:
@@ -250,60 +186,91 @@ def _user_error(exc: BaseException) -> VidbatchError | None:
 
 
 class Dispatcher:
-    """The driver loop: starts workers, hands out shards one at a time, replaces dead workers, retries."""
+    """The driver loop: starts workers, hands out shards one at a time, retires failed workers, retries."""
 
-    def __init__(self, config: Config, urls: Sequence[str], stems: Sequence[str], todo: Sequence[int],
-                 out_dir: Path, workers: WorkerPlan, progress: RunProgress,
-                 on_event: Callable[[dict], None] | None = None):
+    def __init__(self, config: Config, plan: RunPlan, out_dir: Path, workers: WorkerPlan, progress: RunProgress,
+                 on_event: Callable[[dict], None] | None = None, book: LeaseBook | None = None):
+        """`book`: this driver's leases (a fresh run id by default); shards are claimed through it as
+        workers become free (`dispatch.work`), so other drivers of the same output can share them."""
         import ray
 
         self.ray = ray
         self.config = config
         self.runtime = config.runtime
-        self.urls, self.stems = list(urls), list(stems)
+        self.urls, self.stems = list(plan.urls), list(plan.stems)
         self.out_dir = out_dir
         self.workers = workers
         self.progress = progress
         self.on_event = on_event
-        self.queue: deque[int] = deque(todo)
-        self.shards = {i: _ShardState() for i in todo}
+        self.book = book or LeaseBook(out_dir, new_run_id(), config.runtime.lease_s)
+        self.work = SharedWork(plan, out_dir, self.book, config.runtime.deadline)
+        self.queue: deque[int] = deque()  # claimed shards waiting for a worker (new, requeued, retried)
+        self.shards = {i: _ShardState() for i in plan.todo}
+        self.retry = set(plan.retry)
         self.failed: dict[str, str] = {}
         self.slots: list[_Slot] = []
+        self.stats: dict[str, _WorkerStats] = {}
         self.started = 0
         self.start_failures = 0
+        self.ever_ready = False
         self.index_of = {stem: i for i, stem in enumerate(self.stems)}
-        self.config_sha = _sha256(out_dir / "config.yaml")  # written by prepare_run; workers compare theirs
+        self.config_sha = file_sha256(out_dir / "config.yaml")  # written by prepare_run; workers compare theirs
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         self.threads = workers.cpus if config.runtime.threads == "auto" else int(config.runtime.threads)
         if not workers.use_gpu:  # read by OpenMP when the worker's torch starts, before set_num_threads
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)})
         self.actor_options = dict(num_cpus=workers.cpus, num_gpus=1 if workers.use_gpu else 0, max_restarts=0,
                                   max_concurrency=1, runtime_env={"env_vars": env} if env else None)
-        self.relay = ray.remote(EventRelay).options(num_cpus=0, max_restarts=-1).remote()
+        self.relay = ray.remote(EventRelay).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote()
+        self.relay_ok = True
+        self.relay_pid: int | None = None
+        self.relay_warned = False
+        self.drain_ref: Any = None
+        self.drain_sent = 0.0
+        self.cluster_checked = 0.0
+        self.cluster_lost_since: float | None = None
         self.actor_class = ray.remote(ShardWorker)
 
     # -- workers
 
-    def _start_worker(self) -> _Slot:
+    def _start_worker(self, strikes: int = 0) -> _Slot:
         self.started += 1
         name = f"w{self.started}"
         handle = self.actor_class.options(**self.actor_options).remote(
             self.config, str(self.out_dir), self.relay, name, self.workers.use_gpu, self.threads, os.getcwd())
-        return _Slot(name=name, handle=handle, ref=handle.setup.remote(self.config_sha))
+        return _Slot(name=name, handle=handle, ref=handle.setup.remote(self.config_sha), strikes=strikes)
 
-    def _replace(self, slot: _Slot, why: str) -> None:
-        """Kills what is left of `slot`'s actor and starts a new one in its place."""
+    def _kill(self, handle: Any) -> None:
         try:
-            self.ray.kill(slot.handle, no_restart=True)
+            self.ray.kill(handle, no_restart=True)
         except Exception:  # already gone
             pass
-        fresh = self._start_worker()
-        log.warning("worker %s (pid %s) lost: %s; started %s in its place", slot.name, slot.pid, why, fresh.name)
+
+    def _retire(self, slot: _Slot, why: str, alive: bool) -> None:
+        """An infrastructure failure of `slot`'s worker: replace it, or after `runtime.quarantine_after`
+        failures in a row, quarantine its place. A quarantined GPU worker that still lives is kept, idle:
+        it holds its GPU, so no replacement can land on the bad device."""
+        slot.strikes += 1
+        slot.ref, slot.shard = None, None
+        if slot.strikes >= self.runtime.quarantine_after:
+            if not (alive and self.workers.use_gpu):
+                self._kill(slot.handle)
+            slot.state = "quarantined"
+            log.error("worker %s (pid %s) quarantined after %d infrastructure failure(s) in a row (last: %s); its "
+                      "place is not refilled", slot.name, slot.pid, slot.strikes, why)
+            self._emit({"type": "worker_quarantined", "worker": slot.name, "pid": slot.pid, "cause": why})
+            if all(s.state == "quarantined" for s in self.slots):
+                raise _NoHealthyWorker(f"every worker was quarantined (last: {why})")
+            return
+        self._kill(slot.handle)
+        fresh = self._start_worker(slot.strikes)
+        log.warning("worker %s (pid %s) retired: %s; started %s in its place", slot.name, slot.pid, why, fresh.name)
         self._emit({"type": "worker_replaced", "worker": slot.name, "pid": slot.pid, "by": fresh.name, "cause": why})
         self.slots[self.slots.index(slot)] = fresh
 
     def _ready_count(self) -> int:
-        return sum(s.state != "starting" for s in self.slots)
+        return sum(s.state in ("idle", "busy") for s in self.slots)
 
     # -- events
 
@@ -311,23 +278,62 @@ class Dispatcher:
         if self.on_event is not None:
             self.on_event(event)
 
-    def _drain_events(self) -> None:
-        try:
-            events = self.ray.get(self.relay.drain.remote(), timeout=30)
-        except Exception as exc:  # a lost relay loses progress lines only; Ray restarts it
-            log.warning("progress relay unavailable (%s); progress may lag", _cause(exc))
+    def _drain_events(self, wait_s: float = 0.0) -> None:
+        """Takes the relay's events without blocking the loop: a drain that is not answered yet stays pending."""
+        if self.drain_ref is None:
+            self.drain_ref, self.drain_sent = self.relay.drain.remote(), time.monotonic()
+        ready, _ = self.ray.wait([self.drain_ref], timeout=wait_s)
+        if not ready:  # (a relay that never answered yet is still starting, not late)
+            if self.relay_pid is not None and time.monotonic() - self.drain_sent > RELAY_LATE_S:
+                self._relay_down(f"no answer for {RELAY_LATE_S:g}s")
             return
+        ref, self.drain_ref = self.drain_ref, None
+        try:
+            pid, events = self.ray.get(ref)
+        except Exception as exc:
+            self._relay_down(_cause(exc))
+            return
+        if self.relay_pid is not None and pid != self.relay_pid:  # Ray restarted it; what it held is gone
+            self._relay_down(f"its process {self.relay_pid} ended; restarted as {pid}")
+        if pid != self.relay_pid:
+            self.relay_pid = pid
+            self._emit({"type": "relay_ready", "pid": pid})
+        if not self.relay_ok:
+            self.relay_ok = True
+            log.info("progress relay is back")
+            for slot in self.slots:  # the quiet time while it was away says nothing about the workers
+                slot.last_progress = time.monotonic()
         for event in events:
             self._on_worker_event(event)
 
+    def _relay_down(self, cause: str) -> None:
+        """The relay died or does not answer: said once per run; Ray restarts it (max_restarts=-1)."""
+        self.relay_ok = False
+        if not self.relay_warned:
+            self.relay_warned = True
+            log.warning("progress relay lost (%s); Ray restarts it. Events sent meanwhile are lost: progress lines "
+                        "may lag until shards finish (done markers correct the totals), and stall detection "
+                        "waits for the relay", cause)
+            self._emit({"type": "relay_lost", "cause": cause})
+
+    def _slot_of(self, worker: str | None) -> _Slot | None:
+        return next((s for s in self.slots if s.name == worker), None)
+
     def _on_worker_event(self, event: dict) -> None:
         kind = event.get("type")
+        slot = self._slot_of(event.get("worker"))
+        if slot is not None and slot.state == "busy":
+            slot.last_progress, slot.stall_warned = time.monotonic(), False
         if kind == "log":
             log.log(event["level"], "[%s] %s", event["worker"], event["message"])
         elif kind == "start":
             log.info("shard %s attempt %d started on %s (pid %s)", event["stem"], event["attempt"] + 1,
                      event["worker"], event["pid"])
         elif kind == "video":
+            stats = self.stats.setdefault(event["worker"], _WorkerStats())
+            stats.frames += event["frames"]
+            stats.seconds += event.get("seconds", 0.0)
+            stats.memory_mb = event.get("memory_mb", stats.memory_mb)
             state = self.shards.get(self.index_of.get(event["stem"], -1))
             if state is not None and not state.closed and state.attempt == event["attempt"]:
                 state.videos += 1
@@ -344,7 +350,8 @@ class Dispatcher:
         index = self.queue.popleft()
         state = self.shards[index]
         slot.state, slot.shard = "busy", index
-        slot.ref = slot.handle.process.remote(self.urls[index], self.stems[index], state.attempt)
+        slot.last_progress, slot.stall_warned = time.monotonic(), False
+        slot.ref = slot.handle.process.remote(self.urls[index], self.stems[index], state.attempt, index in self.retry)
         self._emit({"type": "dispatch", "stem": self.stems[index], "attempt": state.attempt, "worker": slot.name})
 
     def _shard_done(self, index: int, marker: DoneMarker, slot: _Slot) -> None:
@@ -353,18 +360,42 @@ class Dispatcher:
         self.progress.adjust(marker.samples - state.videos, marker.samples_failed - state.failed,
                              marker.frames - state.frames)
         state.closed = True
+        slot.strikes = 0
+        self.work.finished(index)
         self.progress.shard_done(self.stems[index], ok=True)
         self._emit({"type": "shard_done", "stem": self.stems[index], "attempt": state.attempt, "worker": slot.name})
 
-    def _attempt_failed(self, index: int, cause: str) -> None:
-        """Takes back what the attempt reported; gives the shard out again or, out of retries, fails it."""
+    def _take_back(self, index: int, cause: str) -> _ShardState:
+        """Takes back the counts the failed attempt reported."""
         state = self.shards[index]
-        stem = self.stems[index]
         self.progress.adjust(-state.videos, -state.failed, -state.frames)
         state.videos = state.failed = state.frames = 0
         state.causes.append(cause)
-        if state.attempt < self.runtime.max_shard_retries:
-            self.progress.shard_retry(stem, cause, state.attempt, self.runtime.max_shard_retries)
+        return state
+
+    def _requeue(self, index: int, cause: str) -> None:
+        """The shard's worker failed, not the shard: it goes to the front of the queue without spending a
+        retry. A shard whose workers keep failing (it may be what breaks them) spends retries after
+        FREE_REQUEUES such hand-outs."""
+        state = self.shards[index]
+        if state.requeues >= FREE_REQUEUES:
+            self._attempt_failed(index, cause)
+            return
+        self._take_back(index, cause)
+        state.requeues += 1
+        state.attempt += 1
+        self.queue.appendleft(index)
+        log.warning("shard %s: its worker failed (%s); given out again, not counted against its retries",
+                    self.stems[index], cause)
+        self._emit({"type": "requeue", "stem": self.stems[index], "attempt": state.attempt, "cause": cause})
+
+    def _attempt_failed(self, index: int, cause: str) -> None:
+        """The shard itself failed: gives it out again or, out of retries, fails it."""
+        state = self._take_back(index, cause)
+        stem = self.stems[index]
+        if state.retries < self.runtime.max_shard_retries:
+            self.progress.shard_retry(stem, cause, state.retries, self.runtime.max_shard_retries)
+            state.retries += 1
             state.attempt += 1
             self.queue.append(index)  # at the back: a poisonous shard does not hold up the others
             self._emit({"type": "retry", "stem": stem, "attempt": state.attempt, "cause": cause})
@@ -372,9 +403,17 @@ class Dispatcher:
             state.closed = True
             attempts = state.attempt + 1
             self.failed[stem] = f"{cause} (after {attempts} attempt{'s' if attempts > 1 else ''})"
+            self.work.failed(index, self.failed[stem])
             log.error("shard %s failed after %d attempt(s): %s", stem, attempts, "; ".join(state.causes))
             self.progress.shard_done(stem, ok=False)
             self._emit({"type": "shard_failed", "stem": stem, "cause": cause})
+
+    def _infrastructure_failure(self, slot: _Slot, why: str, alive: bool) -> None:
+        """The worker failed (device error, death, stall): its shard is requeued and the worker retired."""
+        index = slot.shard
+        self._retire(slot, why, alive)
+        if index is not None:
+            self._requeue(index, f"worker {slot.name}: {why}")
 
     def _settle(self, slot: _Slot) -> None:
         """Handles the finished future of `slot` (setup or shard)."""
@@ -392,24 +431,122 @@ class Dispatcher:
                 if self.start_failures > self.workers.count * (self.runtime.max_shard_retries + 1):
                     raise VidbatchError(f"Ray workers keep failing to start ({self.start_failures} times); "
                                         f"last cause: {_cause(exc)}") from exc
-                self._replace(slot, f"failed to start: {_cause(exc)}")
+                self._retire(slot, f"failed to start: {_cause(exc)}", alive=isinstance(exc, RayTaskError))
                 return
             slot.state, slot.pid = "idle", info["pid"]
-            log.info("worker %s ready: pid %s on %s, device %s", slot.name, info["pid"], info["node"], info["device"])
+            self.ever_ready = True
+            log.info("worker %s ready: pid %s on %s, device %s%s", slot.name, info["pid"], info["node"],
+                     info["device"], f" (GPU {','.join(info['gpus'])})" if info.get("gpus") else "")
             self._emit({"type": "worker_ready", **info})
             return
-        index, slot.shard = slot.shard, None
         try:
             marker = self.ray.get(ref)
-        except RayTaskError as exc:  # the shard raised; the worker is fine
-            slot.state = "idle"
-            self._attempt_failed(index, _cause(exc))
+        except RayTaskError as exc:
+            if is_infrastructure_error(exc):  # a device error: the worker is suspect, not the shard
+                self._infrastructure_failure(slot, _cause(exc), alive=True)
+            else:  # the shard raised; the worker is fine
+                index, slot.shard, slot.state = slot.shard, None, "idle"
+                self._attempt_failed(index, _cause(exc))
         except (RayActorError, RayError) as exc:  # the worker process or its node is gone
-            self._replace(slot, _cause(exc))
-            self._attempt_failed(index, f"worker {slot.name} died: {_cause(exc)}")
+            self._infrastructure_failure(slot, f"died: {_cause(exc)}", alive=False)
         else:
-            slot.state = "idle"
+            index, slot.shard, slot.state = slot.shard, None, "idle"
             self._shard_done(index, marker, slot)
+
+    # -- liveness
+
+    def _check_stalls(self, now: float) -> None:
+        """Kills and replaces a busy worker that sent no event for `runtime.stall_timeout_s`; warns at half."""
+        timeout = self.runtime.stall_timeout_s
+        if timeout is None or not self.relay_ok:  # without the relay, silence proves nothing
+            return
+        for slot in list(self.slots):
+            if slot.state != "busy":
+                continue
+            quiet = now - slot.last_progress
+            if quiet > timeout:
+                self._infrastructure_failure(
+                    slot, f"no progress for {quiet:.0f}s (runtime.stall_timeout_s={timeout:g})", alive=False)
+            elif quiet > timeout / 2 and not slot.stall_warned:
+                slot.stall_warned = True
+                log.warning("worker %s (pid %s) has reported no progress on shard %s for %.0fs; it is replaced "
+                            "at %gs (runtime.stall_timeout_s)", slot.name, slot.pid, self.stems[slot.shard],
+                            quiet, timeout)
+                self._emit({"type": "stall_warning", "worker": slot.name, "seconds": round(quiet, 1)})
+
+    def _check_cluster(self, now: float) -> None:
+        """Raises RayClusterLost when, for CLUSTER_LOST_GRACE_S, no live node could host a worker."""
+        if not self.ever_ready or now - self.cluster_checked < CLUSTER_CHECK_S:
+            return
+        self.cluster_checked = now
+        if _usable_nodes(self.ray, self.workers):
+            self.cluster_lost_since = None
+            return
+        if self.cluster_lost_since is None:
+            self.cluster_lost_since = now
+            log.warning("no live Ray node can host a worker; waiting %gs for one before giving up", CLUSTER_LOST_GRACE_S)
+        elif now - self.cluster_lost_since >= CLUSTER_LOST_GRACE_S:
+            raise RayClusterLost(f"no live Ray node could host a worker for {now - self.cluster_lost_since:.0f}s")
+
+    def _worker_detail(self, now: float) -> str:
+        """Per live worker: frames/s over its editing time, peak memory, and how long it has been quiet."""
+        parts = []
+        for slot in self.slots:
+            if slot.state not in ("idle", "busy"):
+                continue
+            stats = self.stats.get(slot.name, _WorkerStats())
+            text = f"{slot.name} {stats.frames / stats.seconds:.2f} frames/s" if stats.seconds else f"{slot.name} -"
+            if stats.memory_mb is not None:
+                text += f" {stats.memory_mb:.0f} MB"
+            timeout = self.runtime.stall_timeout_s
+            if slot.state == "busy" and timeout is not None and now - slot.last_progress > timeout / 2:
+                text += f" STALLED {now - slot.last_progress:.0f}s"
+            parts.append(text)
+        return ", ".join(parts)
+
+    def _claim_for_idle_workers(self) -> None:
+        """Claims shards (leases) only as workers are free to start them: a claimed shard waiting here
+        would keep other drivers of the output from it."""
+        idle = sum(s.state == "idle" for s in self.slots)
+        while len(self.queue) < idle:
+            index = self.work.claim_next()
+            if index is None:
+                return
+            self.queue.append(index)
+
+    def _more_to_do(self) -> bool:
+        """Work in flight or queued, or a shard this driver can still claim (claimed here, for the queue)."""
+        if self.queue or any(s.state == "busy" for s in self.slots):
+            return True
+        index = self.work.claim_next()
+        if index is None:
+            return False
+        self.queue.append(index)
+        return True
+
+    def _loop_once(self) -> None:
+        self.book.renew_due()
+        self._claim_for_idle_workers()
+        for slot in self.slots:
+            if slot.state == "idle" and self.queue:
+                self._give_out(slot)
+        waiting = {s.ref: s for s in self.slots if s.ref is not None}
+        ready: list = []
+        if waiting:
+            ready, _ = self.ray.wait(list(waiting), num_returns=1, timeout=POLL_S)
+            if ready:  # take every future that is ready now, not only the first
+                ready, _ = self.ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+        else:  # every place quarantined or waiting for a node: nothing to wait on but time
+            time.sleep(POLL_S)
+        self._drain_events(wait_s=POLL_S)  # a live relay answers in milliseconds; a lost one costs one poll
+        for ref in ready:
+            self._settle(waiting[ref])
+        now = time.monotonic()
+        self._check_stalls(now)
+        self._check_cluster(now)
+        self.progress.set_workers(self._ready_count(), sum(s.state != "quarantined" for s in self.slots))
+        self.progress.detail = self._worker_detail(now)
+        self.progress.tick()
 
     def run(self) -> dict[str, str]:
         """Runs every shard to done or failed; returns the failed ones (stem -> cause)."""
@@ -417,49 +554,60 @@ class Dispatcher:
         log.info("starting %s", self.workers.describe())
         no_worker_since = time.monotonic()
         try:
-            while self.queue or any(s.state == "busy" for s in self.slots):
-                for slot in self.slots:
-                    if slot.state == "idle" and self.queue:
-                        self._give_out(slot)
-                waiting = {s.ref: s for s in self.slots if s.ref is not None}
-                if not waiting:  # cannot happen while there is work (idle workers just got shards)
-                    raise RuntimeError("dispatcher has work but no worker future to wait on")
-                ready, _ = self.ray.wait(list(waiting), num_returns=1, timeout=POLL_S)
-                if ready:  # take every future that is ready now, not only the first
-                    ready, _ = self.ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
-                self._drain_events()
-                for ref in ready:
-                    self._settle(waiting[ref])
-                ready_count = self._ready_count()
-                self.progress.set_workers(ready_count, len(self.slots))
-                self.progress.tick()
-                if ready_count:
+            while self._more_to_do():
+                try:
+                    self._loop_once()
+                except _NoHealthyWorker as exc:
+                    self.fail_unfinished(f"no healthy Ray worker left: {exc}")
+                    break
+                if self._ready_count():
                     no_worker_since = time.monotonic()
                 elif time.monotonic() - no_worker_since > self.runtime.worker_start_timeout_s:
                     raise ConfigError(
                         f"no Ray worker could start within runtime.worker_start_timeout_s="
                         f"{self.runtime.worker_start_timeout_s:g}s; wanted {self.workers.describe()}, the cluster "
                         f"has {_resources_text(self.ray.cluster_resources())}")
-            self._drain_events()
+            self._drain_events(wait_s=5.0)
         finally:
             for slot in self.slots:
-                try:
-                    self.ray.kill(slot.handle, no_restart=True)
-                except Exception:  # already gone
-                    pass
-            try:
-                self.ray.kill(self.relay, no_restart=True)
-            except Exception:
-                pass
+                self._kill(slot.handle)
+            self._kill(self.relay)
+            self.book.release_all()  # whatever is unfinished here is free for other drivers at once
         return self.failed
 
+    def fail_unfinished(self, cause: str) -> None:
+        """Records every shard not done yet as failed with `cause` (a rerun continues them); the shards this
+        driver holds get a failure record for the summary, whoever writes it."""
+        for index, state in self.shards.items():
+            if not state.closed and self.work.still_todo(index):
+                state.closed = True
+                self.failed[self.stems[index]] = cause
+                if self.stems[index] in self.book.held:
+                    self.work.failed(index, cause)
+                self.progress.shard_done(self.stems[index], ok=False)
+        self.queue.clear()
+        for slot in self.slots:
+            slot.shard = None
+            if slot.state == "busy":
+                slot.state = "idle"
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+class _NoHealthyWorker(Exception):
+    """Every worker's place was quarantined."""
+
+
+def _usable_nodes(ray: Any, workers: WorkerPlan) -> int:
+    """How many live nodes have the resources one worker needs (0 when the cluster cannot be asked)."""
+    try:
+        nodes = ray.nodes()
+    except Exception:  # the cluster's control store is gone too
+        return 0
+    need = {"CPU": workers.cpus, "GPU": 1 if workers.use_gpu else 0}
+    return sum(1 for n in nodes if n.get("Alive")
+               and all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items() if v))
 
 
 def _resources_text(resources: dict) -> str:
@@ -514,19 +662,22 @@ class _RaySession:
 
 def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
             shard_index: int = 0, num_shards: int = 1, console: Console | None = None,
-            on_event: Callable[[dict], None] | None = None) -> RunOutcome:
+            on_event: Callable[[dict], None] | None = None, retry_failed: bool = False) -> RunOutcome:
     """Runs the shards still to do on Ray; a shard that keeps failing is recorded as failed.
 
-    Usage, config and model errors raise (the CLI turns them into exit code 2). `on_event` is called on
-    the driver with every worker event (`video`, `start`, `log`) and driver event (`dispatch`,
-    `worker_ready`, `worker_replaced`, `retry`, `shard_done`, `shard_failed`), each a dict with `type`.
+    Usage, config and model errors raise (the CLI turns them into exit code 2). A lost cluster stops the
+    run at once with the unfinished shards failed (exit 1, a rerun resumes). `on_event` is called on the
+    driver with every worker event (`video`, `start`, `beat`, `log`) and driver event (`dispatch`,
+    `worker_ready`, `worker_replaced`, `worker_quarantined`, `requeue`, `retry`, `stall_warning`,
+    `relay_ready`, `relay_lost`, `shard_done`, `shard_failed`), each a dict with `type`.
     """
     console = console or Console()
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     plan = prepare_run(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
-                       num_shards=num_shards, console=console)
+                       num_shards=num_shards, console=console, retry_failed=retry_failed)
     failed: dict[str, str] = {}
+    stopped, never_fits = None, False
     if plan.todo:
         import ray
 
@@ -536,7 +687,13 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
             console.print(f"running on {where}: {workers.describe()}", highlight=False)
             with RunProgress(len(plan.todo), console, config.runtime.log_every_s,
                              total_videos=known_video_total(plan.urls, plan.todo)) as progress:
-                dispatcher = Dispatcher(config, plan.urls, plan.stems, plan.todo, out_dir, workers, progress,
-                                        on_event)
-                failed = dispatcher.run()
-    return RunOutcome(plan=plan, failed=failed, started=started)
+                dispatcher = Dispatcher(config, plan, out_dir, workers, progress, on_event)
+                try:
+                    failed = dispatcher.run()
+                except RayClusterLost as exc:
+                    log.error("%s (%s)", CLUSTER_LOST, exc)
+                    console.print(f"[red]{CLUSTER_LOST}[/red] ({exc})", highlight=False)
+                    dispatcher.fail_unfinished(CLUSTER_LOST)
+                    failed = dispatcher.failed
+                stopped, never_fits = dispatcher.work.stopped, dispatcher.work.never_fits
+    return RunOutcome(plan=plan, failed=failed, started=started, stopped=stopped, never_fits=never_fits)

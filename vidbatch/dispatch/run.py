@@ -23,11 +23,12 @@ from vidbatch.dispatch.ray_backend import run_ray
 
 def run_shards(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
                shard_index: int = 0, num_shards: int = 1, console: Console | None = None,
-               on_event: Callable[[dict], None] | None = None) -> RunOutcome:
+               on_event: Callable[[dict], None] | None = None, retry_failed: bool = False) -> RunOutcome:
     """Processes the shards still to do on `config.runtime.backend`; returns what the finaliser needs.
 
     `on_event` (Ray backend only) sees every worker and driver event (see ray_backend.py); for monitoring
-    and tests. Usage, config and model errors raise (the CLI turns them into exit code 2); SIGINT/SIGTERM
+    and tests. `retry_failed`: done shards with failed samples are taken too, and only those samples are
+    edited again. Usage, config and model errors raise (the CLI turns them into exit code 2); SIGINT/SIGTERM
     (or a KeyboardInterrupt) raise `RunInterrupted` with the count of shards done.
     """
     if config.runtime.backend not in ("local", "ray"):
@@ -36,9 +37,9 @@ def run_shards(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrit
         with interrupt_on_signals():
             if config.runtime.backend == "local":
                 return run_local(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
-                                 num_shards=num_shards, console=console)
+                                 num_shards=num_shards, console=console, retry_failed=retry_failed)
             return run_ray(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
-                           num_shards=num_shards, console=console, on_event=on_event)
+                           num_shards=num_shards, console=console, on_event=on_event, retry_failed=retry_failed)
     except (KeyboardInterrupt, SystemExit) as exc:
         code = stop_code(exc)
         if code is None or isinstance(exc, RunInterrupted):
@@ -50,6 +51,6 @@ def interruption(inputs: Sequence[str], out_dir: Path, shard_index: int, num_sha
                  code: int) -> RunInterrupted:
     """The one-line account of a stopped run, counted from the done markers on disk (the truth)."""
     plan = plan_run(inputs, Path(out_dir), False, shard_index, num_shards)
-    total = len(range(shard_index, len(plan.urls), num_shards))
+    total = len(plan.urls)   # drivers share every shard of the job (leases), so all count
     done = total - len(plan.todo)
     return RunInterrupted(f"interrupted: {done} of {total} shards done; rerun the same command to resume", code)

@@ -13,9 +13,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +56,17 @@ def sample_seed(seed: int, *parts: str) -> int:
 
 # VidToMe's default chunk order is "mix-4": a quarter of the chunks visited first, at random.
 MIX_DIVISOR = 4
+# Test-only: a UNet call on more frames than this raises torch.OutOfMemoryError, as a device with
+# less memory would. Unset (always, outside tests) it does nothing.
+TEST_MAX_CHUNK_ENV = "VIDBATCH_TEST_MAX_CHUNK_FRAMES"
+
+
+def _simulated_memory_limit(frames: int) -> None:
+    """Raises the out-of-memory error a device would if `VIDBATCH_TEST_MAX_CHUNK_FRAMES` is below `frames`."""
+    limit = os.environ.get(TEST_MAX_CHUNK_ENV)
+    if limit and frames > int(limit):
+        raise torch.OutOfMemoryError(f"out of memory: a chunk of {frames} frames is over the simulated limit "
+                                     f"of {limit} ({TEST_MAX_CHUNK_ENV})")
 
 
 def chunk_schedule(num_frames: int, chunk_size: int, order: str, generator: torch.Generator) -> list[Tensor]:
@@ -140,6 +153,11 @@ class VideoEditor:
         # video; `stage` is "invert" or "edit NAME". Never raises into the loop's result: it only observes.
         self.on_step: Callable[[str, int, int], None] | None = None
         self._stage = "edit"
+        # Chunks and inversion batches are divided by this (`smaller_chunks`, a retry after running
+        # out of memory).
+        self.chunk_divisor = 1
+        # Called after every UNet step of inversion and denoising: the worker's liveness signal.
+        self.on_progress: Callable[[], None] | None = None
         # Pixels per latent cell, and the factor every side must be divisible by for the UNet.
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -236,8 +254,25 @@ class VideoEditor:
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         return self.unet(latents, t, encoder_hidden_states=embeddings, **residuals).sample.float()
 
+    @contextmanager
+    def smaller_chunks(self, divisor: int = 2) -> Iterator[None]:
+        """Within the block, chunks and inversion batches are `divisor` times smaller (at least 1 frame)."""
+        previous, self.chunk_divisor = self.chunk_divisor, self.chunk_divisor * divisor
+        try:
+            yield
+        finally:
+            self.chunk_divisor = previous
+
+    def _progressed(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
+
     def chunk_size_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int:
-        """`chunk_size`, or with "auto" the largest chunk whose estimated memory fits the budget."""
+        """`chunk_size`, or with "auto" the largest chunk whose estimated memory fits the budget
+        (divided by `chunk_divisor`)."""
+        return max(1, self._chunk_size_for(num_frames, latent_hw) // self.chunk_divisor)
+
+    def _chunk_size_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int:
         s = self.settings
         if s.chunk_size != "auto":
             return int(s.chunk_size)
@@ -255,10 +290,13 @@ class VideoEditor:
         return method_for(self.settings).max_branches(self.controls)
 
     def inversion_batch_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int:
-        """`inversion_batch`, or with "auto" the largest per-frame batch that fits the budget."""
+        """`inversion_batch`, or with "auto" the largest per-frame batch that fits the budget (divided by
+        `chunk_divisor`)."""
         if self.settings.inversion_batch != "auto":
-            return int(self.settings.inversion_batch)
-        return self._fit(num_frames, latent_hw, branches=1, method="per-frame", share=1.0)
+            batch = int(self.settings.inversion_batch)
+        else:
+            batch = self._fit(num_frames, latent_hw, branches=1, method="per-frame", share=1.0)
+        return max(1, batch // self.chunk_divisor)
 
     def _fit(self, num_frames: int, latent_hw: tuple[int, int], **estimate) -> int:
         budget = self.settings.memory_budget_bytes or memory.available_memory_bytes(self.device)
@@ -304,6 +342,7 @@ class VideoEditor:
                 alpha_to = alphas[timesteps[k]]
                 out = self.unet_output(x, t, cond)
                 x = ddim.inversion_step(x, out, alpha_from, alpha_to, self.prediction_type)
+                self._progressed()
                 alpha_from = alpha_to
                 self.report_progress("invert", start // batch * len(timesteps) + len(timesteps) - k, total_steps)
                 if k in row_of:
@@ -404,8 +443,10 @@ class VideoEditor:
                 hooks.begin_step(k, len(x), predict, generator)   # TokenFlow: the keyframe pass
                 model_out = torch.empty_like(x)
                 for frames in chunk_schedule(len(x), chunk_size, hooks.chunk_order(), generator):
+                    _simulated_memory_limit(len(frames))
                     idx = frames.to(self.device)
                     model_out[idx] = predict(idx)
+                self._progressed()
                 noise = None
                 if s.eta > 0:
                     noise = torch.randn(x.shape, generator=generator).to(self.device)

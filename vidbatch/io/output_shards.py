@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tarfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -165,3 +167,44 @@ class ShardOutput:
                 pass
         self._tar_tmp.unlink(missing_ok=True)
         self._rows_tmp.unlink(missing_ok=True)
+
+
+class CommittedShard:
+    """The samples of a committed shard whose every edit is ok, to be copied unchanged into its redo
+    (`vidbatch run --retry-failed`). Opens the old tar before the redo replaces it (the open file keeps
+    the old content whatever is renamed over it); `take` returns a sample's members and rows."""
+
+    def __init__(self, out_dir: str | Path, stem: str):
+        rows_by_key: dict[str, list[EditRow]] = defaultdict(list)
+        for row in read_rows(Path(out_dir), stem):
+            rows_by_key[row.key].append(row)
+        self.rows = {key: rows for key, rows in rows_by_key.items() if all(row.ok for row in rows)}
+        self._tar = tarfile.open(shard_path(Path(out_dir), stem))
+        self._members: dict[str, list[tarfile.TarInfo]] = defaultdict(list)
+        for info in self._tar.getmembers():
+            key, _, ext = _split_member(info.name)
+            if key in self.rows and ext:
+                self._members[key].append(info)
+
+    @property
+    def ok_keys(self) -> set[str]:
+        return set(self.rows)
+
+    def take(self, key: str) -> tuple[dict[str, bytes], list[EditRow]]:
+        """The members (extension -> bytes, as written) and rows of the ok sample `key`."""
+        members = {}
+        for info in self._members[key]:
+            stream = self._tar.extractfile(info)
+            members[_split_member(info.name)[2]] = stream.read() if stream is not None else b""
+        return members, self.rows[key]
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def _split_member(name: str) -> tuple[str, str, str]:
+    """A tar member name -> (key, ".", extension), split as WebDataset splits it: at the first dot of the
+    last path component."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), dot, ext

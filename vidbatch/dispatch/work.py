@@ -1,0 +1,143 @@
+"""This driver's share of a plan: shards handed out through leases, so drivers pull work from one plan.
+
+Every driver of an output plans the same shards. `SharedWork` walks them in the driver's order (an
+array task starts with its own slice, `--shard-index` of `--num-shards`, then helps with the rest)
+and hands out a shard only once this driver holds its lease; a shard another driver holds is skipped
+and looked at again later (taken over when its lease expires), a shard someone finished meanwhile is
+dropped. A driver stops when nothing is left that it could claim; the one that finishes the last
+shard writes the summary and the report (`report.finalize`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from vidbatch.dispatch.leases import LeaseBook, clear_failure, failure_path, live_lease, record_failure
+from vidbatch.dispatch.plan import RunPlan
+from vidbatch.io.output_shards import is_done, read_done_marker
+
+log = logging.getLogger("vidbatch")
+
+
+class SharedWork:
+    """The shards of `plan.todo` still to do, claimed one at a time through `book`."""
+
+    def __init__(self, plan: RunPlan, out_dir: Path, book: LeaseBook, deadline: float | None = None):
+        """`deadline` (unix time, `runtime.deadline`): no shard is started that would likely end after it,
+        judged by the longest shard done so far (`stopped` then says why)."""
+        self.plan = plan
+        self.out_dir = Path(out_dir)
+        self.book = book
+        self.pending: list[int] = list(plan.todo)   # not claimed by this driver yet, in order
+        self.deadline = deadline
+        self.started = time.time()
+        self.claims = 0
+        self.longest: float | None = None  # seconds of the longest done shard (read only with a deadline)
+        if deadline is not None:
+            markers = (read_done_marker(self.out_dir, stem) for stem in plan.stems)
+            self.longest = max((m.seconds for m in markers if m is not None), default=None)
+        self.stopped: str | None = None
+        self.never_fits = False
+
+    def _fits_before_deadline(self) -> bool:
+        """Whether a shard as long as the longest done so far still ends before the deadline."""
+        if self.deadline is None or self.longest is None:
+            return True
+        left = self.deadline - time.time()
+        if left >= self.longest:
+            return True
+        if self.stopped is None:
+            self.never_fits = self.claims == 0 and self.longest > self.deadline - self.started
+            self.stopped = (f"not starting another shard: the longest so far took {self.longest:.0f}s and "
+                            f"{max(0.0, left):.0f}s are left before runtime.deadline")
+            if self.never_fits:
+                self.stopped += ("; that is more than this job's whole time: raise its time limit or make the "
+                                 "shards smaller")
+            log.warning("%s", self.stopped)
+        return False
+
+    def still_todo(self, index: int) -> bool:
+        """Not finished by anyone yet (a --retry-failed shard: its marker still counts failed samples;
+        with --overwrite every shard of the plan is to do)."""
+        stem = self.plan.stems[index]
+        if self.plan.overwrite:
+            return True
+        if index in self.plan.retry:
+            marker = read_done_marker(self.out_dir, stem)
+            return marker is None or marker.samples_failed > 0 or marker.rows_failed > 0
+        return not is_done(self.out_dir, stem)
+
+    def claim_next(self) -> int | None:
+        """Claims and returns the first pending shard nobody else holds; None when there is none now.
+        Shards finished by another driver meanwhile are dropped from `pending`."""
+        for index in list(self.pending):
+            if not self.still_todo(index):
+                self.pending.remove(index)
+            elif not self._fits_before_deadline():
+                return None
+            elif self.book.claim(self.plan.stems[index]):
+                self.pending.remove(index)
+                self.claims += 1
+                return index
+        return None
+
+    def held_elsewhere(self) -> list[int]:
+        """Pending shards another driver holds a live lease on."""
+        return [i for i in self.pending if live_lease(self.out_dir, self.plan.stems[i]) is not None]
+
+    def finished(self, index: int) -> None:
+        marker = read_done_marker(self.out_dir, self.plan.stems[index])
+        if marker is not None:
+            self.longest = max(self.longest or 0.0, marker.seconds)
+        clear_failure(self.out_dir, self.plan.stems[index])
+        self.book.release(self.plan.stems[index])
+
+    def failed(self, index: int, cause: str) -> None:
+        record_failure(self.out_dir, self.plan.stems[index], cause, self.book.owner)
+        self.book.release(self.plan.stems[index])
+
+    def claimed(self) -> Iterator[int]:
+        """Claims shard after shard for a driver that runs one at a time (the local backend); stops when
+        nothing is left but shards other drivers hold."""
+        while True:
+            index = self.claim_next()
+            if index is None:
+                return
+            yield index
+
+
+@contextmanager
+def renewing(book: LeaseBook) -> Iterator[None]:
+    """Renews `book`'s leases from a thread while the block runs (the local backend's shard blocks)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(book.ttl_s / 3):
+            book.renew()
+
+    thread = threading.Thread(target=loop, name="vidbatch-leases", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def unfinished_stems(out_dir: Path, stems: Sequence[str]) -> dict[str, str]:
+    """Shards that are neither done nor given up: stem -> why (held by a driver, or never started)."""
+    unfinished = {}
+    for stem in stems:
+        if is_done(out_dir, stem):
+            continue
+        lease = live_lease(out_dir, stem)
+        if lease is not None:
+            unfinished[stem] = f"in progress: driver {lease.owner} holds it until {time.ctime(lease.expires)}"
+        elif not failure_path(out_dir, stem).exists():
+            unfinished[stem] = "not processed yet"
+    return unfinished
