@@ -278,38 +278,39 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
     return EXIT_SHARD_FAILED if bad else EXIT_OK
 
 
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from vidbatch.report import write_report
+
+    console.print(f"report written to {write_report(Path(args.output), max_videos=args.max_videos, strict=True)}")
+    return EXIT_OK
+
+
+def _finalize(args: argparse.Namespace, console: Console) -> int:
+    from vidbatch.report.finalize import finalize_output
+
+    return finalize_output(Path(args.output), console)
+
+
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from vidbatch.tools.bench import bench_main
+
+    return bench_main(args, console)
+
+
+def _make_tiny_model(args: argparse.Namespace, console: Console) -> int:
+    from vidbatch.models.builtin import make_tiny_model
+
+    console.print(f"tiny model written to {make_tiny_model(args.dir, seed=args.seed)}")
+    return EXIT_OK
+
+
+# Subcommand -> handler. The handlers import what they need themselves: `vidbatch --help` stays fast.
+HANDLERS = {"run": _run, "demo": _demo, "shard": _shard, "report": _report, "config": _config, "verify": _verify,
+            "finalize": _finalize, "cache": _cache, "bench": _bench, "make-tiny-model": _make_tiny_model}
+
+
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
-    if args.command == "run":
-        return _run(args, console)
-    if args.command == "demo":
-        return _demo(args, console)
-    if args.command == "shard":
-        return _shard(args, console)
-    if args.command == "report":
-        from vidbatch.report import write_report
-
-        console.print(f"report written to {write_report(Path(args.output), max_videos=args.max_videos, strict=True)}")
-        return EXIT_OK
-    if args.command == "config":
-        return _config(args, console)
-    if args.command == "verify":
-        return _verify(args, console)
-    if args.command == "finalize":
-        from vidbatch.report.finalize import finalize_output
-
-        return finalize_output(Path(args.output), console)
-    if args.command == "cache":
-        return _cache(args, console)
-    if args.command == "bench":
-        from vidbatch.tools.bench import bench_main
-
-        return bench_main(args, console)
-    if args.command == "make-tiny-model":
-        from vidbatch.models.builtin import make_tiny_model
-
-        console.print(f"tiny model written to {make_tiny_model(args.dir, seed=args.seed)}")
-        return EXIT_OK
-    raise AssertionError(f"unhandled command {args.command}")
+    return HANDLERS[args.command](args, console)
 
 
 def main(argv: list[str] | None = None) -> int:
