@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -127,8 +128,12 @@ def test_a_stopped_run_says_how_far_it_got_in_one_line(tmp_path, shards, backend
     assert lines(text)[-1] == expected, text
     assert not any(noise in text for noise in NOISE), text
     assert expected in (out / "run.log").read_text()
-    for tar in (out / "shards").glob("*.tar"):   # a file under its final name is complete and marked done
-        assert (out / "stats" / f"{tar.stem}.json").exists()
+    for tar in (out / "shards").glob("*.tar"):   # a file under its final name is complete
+        if backend == "local":   # the commit holds the signals: its files and marker appear together
+            assert (out / "stats" / f"{tar.stem}.json").exists()
+        else:   # Ray SIGKILLs its workers, maybe between the renames and the marker: whole, but not done
+            with tarfile.open(tar) as archive:
+                assert archive.getmembers()
     if backend == "local":   # the shard in progress removed its temporaries; Ray SIGKILLs its workers
         assert not list(out.rglob("*.tmp"))     # (a rerun removes theirs, see test_ray.py)
 

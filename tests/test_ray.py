@@ -238,7 +238,7 @@ def test_a_bad_worker_and_a_hung_one_cannot_fail_the_run_while_a_healthy_worker_
     assert sorted(done_by) == ["p0", "p1", "p2", "p3"] and set(done_by.values()) == {"w4"}
     log = (tmp_path / "out" / "run.log").read_text()
     assert "w3 (pid" in log and "quarantined after 2 infrastructure failure(s)" in log
-    assert "videos 4 (0 failed); 16 frames" in last_status_line(tmp_path / "out")
+    assert "videos 4/4 (0 failed); 16 frames" in last_status_line(tmp_path / "out")
     # Per-worker throughput and peak memory of the live worker in the status lines.
     assert re.search(r"\(w4 \d+\.\d\d frames/s \d+ MB\)", last_status_line(tmp_path / "out"))
     # The workers' ray.util.metrics reach Ray's Prometheus endpoint.
@@ -272,7 +272,7 @@ def test_a_killed_progress_relay_is_reported_once_and_restarted(ray_cluster, tmp
     assert len([e for e in events if e["type"] == "relay_lost"]) == 1
     assert f"its process {killed[0]} ended; restarted as" in log  # Ray brought it back, the driver noticed
     assert [e["pid"] for e in events if e["type"] == "relay_ready"][0] == killed[0]
-    assert "videos 6 (0 failed); 24 frames" in last_status_line(tmp_path / "out")  # the markers fix the totals
+    assert "videos 6/6 (0 failed); 24 frames" in last_status_line(tmp_path / "out")  # the markers fix the totals
 
 
 def test_a_lost_ray_node_ends_the_run_within_a_minute_as_an_infrastructure_failure(tmp_path, clips):

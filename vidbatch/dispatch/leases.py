@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, temporary_path
-from vidbatch.io.output_shards import is_done
+from vidbatch.io.shard_check import is_intact
 
 log = logging.getLogger("vidbatch")
 
@@ -178,7 +178,7 @@ def recorded_failures(out_dir: Path, stems: list[str]) -> dict[str, str]:
             record = json.loads(failure_path(out_dir, stem).read_text())
         except (OSError, ValueError):
             continue
-        if not is_done(out_dir, stem):
+        if not is_intact(out_dir, stem):
             failed[stem] = str(record.get("cause", "unknown"))
     return failed
 

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 from vidbatch.dispatch.leases import LeaseBook, clear_failure, failure_path, live_lease, record_failure
 from vidbatch.dispatch.plan import RunPlan
-from vidbatch.io.output_shards import is_done, read_done_marker
+from vidbatch.io.shard_check import intact_marker, is_intact
 
 log = logging.getLogger("vidbatch")
 
@@ -39,7 +39,7 @@ class SharedWork:
         self.claims = 0
         self.longest: float | None = None  # seconds of the longest done shard (read only with a deadline)
         if deadline is not None:
-            markers = (read_done_marker(self.out_dir, stem) for stem in plan.stems)
+            markers = (intact_marker(self.out_dir, stem) for stem in plan.stems)
             self.longest = max((m.seconds for m in markers if m is not None), default=None)
         self.stopped: str | None = None
         self.never_fits = False
@@ -68,9 +68,9 @@ class SharedWork:
         if self.plan.overwrite:
             return True
         if index in self.plan.retry:
-            marker = read_done_marker(self.out_dir, stem)
+            marker = intact_marker(self.out_dir, stem)
             return marker is None or marker.samples_failed > 0 or marker.rows_failed > 0
-        return not is_done(self.out_dir, stem)
+        return not is_intact(self.out_dir, stem)
 
     def claim_next(self) -> int | None:
         """Claims and returns the first pending shard nobody else holds; None when there is none now.
@@ -91,7 +91,7 @@ class SharedWork:
         return [i for i in self.pending if live_lease(self.out_dir, self.plan.stems[i]) is not None]
 
     def finished(self, index: int) -> None:
-        marker = read_done_marker(self.out_dir, self.plan.stems[index])
+        marker = intact_marker(self.out_dir, self.plan.stems[index])
         if marker is not None:
             self.longest = max(self.longest or 0.0, marker.seconds)
         clear_failure(self.out_dir, self.plan.stems[index])
@@ -133,7 +133,7 @@ def unfinished_stems(out_dir: Path, stems: Sequence[str]) -> dict[str, str]:
     """Shards that are neither done nor given up: stem -> why (held by a driver, or never started)."""
     unfinished = {}
     for stem in stems:
-        if is_done(out_dir, stem):
+        if is_intact(out_dir, stem):
             continue
         lease = live_lease(out_dir, stem)
         if lease is not None:

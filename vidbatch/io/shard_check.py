@@ -99,3 +99,15 @@ def verify_output(out_dir: Path) -> list[ShardCheck]:
     return [ShardCheck(c.stem, "damaged", c.marker,
                        f"made with config {mixed[c.stem]}, most shards with {majority}: the output mixes configs")
             if c.stem in mixed else c for c in checks]
+
+
+def intact_marker(out_dir: Path, stem: str) -> DoneMarker | None:
+    """The shard's done marker when the shard is done and its files are whole (`check_shard`); None when it
+    is not done, or its marker cannot be read, or a file is missing or of the wrong size (it is redone)."""
+    check = check_shard(out_dir, stem)
+    return check.marker if check.state == "done" else None
+
+
+def is_intact(out_dir: Path, stem: str) -> bool:
+    """Whether the shard is done and its files are whole: what resuming, leases and the finaliser count as done."""
+    return intact_marker(out_dir, stem) is not None

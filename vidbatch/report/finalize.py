@@ -22,7 +22,7 @@ from vidbatch.core.atomic import remove_stale_temporaries
 from vidbatch.dispatch.leases import recorded_failures, remove_stale_temporaries_by_age
 from vidbatch.dispatch.plan import RunOutcome, read_plan_file
 from vidbatch.dispatch.work import unfinished_stems
-from vidbatch.io.output_shards import read_done_marker
+from vidbatch.io.shard_check import intact_marker
 from vidbatch.report.page import write_report
 from vidbatch.report.summary import build_summary, print_summary, write_summary
 
@@ -105,7 +105,7 @@ def _print_failures(failed: dict[str, str], console: Console) -> None:
 
 def _marker_span(out_dir: Path, stems: list[str]) -> float:
     """Seconds from the first shard's start to the last one's end, over the done markers (every driver)."""
-    markers = [m for m in (read_done_marker(out_dir, stem) for stem in stems) if m is not None]
+    markers = [m for m in (intact_marker(out_dir, stem) for stem in stems) if m is not None]
     if not markers:
         return 0.0
     start = min(datetime.fromisoformat(m.started_at) for m in markers)
