@@ -485,6 +485,8 @@ class VideoEditor:
         mask = mask if method.uses_mask else None
 
         def invert() -> Inversion:
+            # Only a method that reads masks is handed one: a plug-in written before masks existed keeps
+            # its three-argument `invert`.
             return method.invert(self, frames, prompt, mask) if method.uses_mask else method.invert(self, frames, prompt)
 
         if self.cache is None:
