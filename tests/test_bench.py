@@ -127,9 +127,19 @@ def test_the_gpu_script_runs_the_bench_with_valid_arguments(capsys):
     from vidbatch.tools.bench.spec import BenchSpec, bench_config
 
     parser = build_parser()
+    measured = set()
     for label, command, _ in commands():
         args = parser.parse_args(command[command.index("bench"):])
+        assert (args.model, args.size, args.steps, args.dtype) == ("sd15-random", 512, 50, "float16"), label
         for method in args.methods:
-            bench_config(BenchSpec(model="tiny", method=method, frames=args.frames[0], clip_path="unused",
-                                   steps=args.steps, control=args.control, dtype=args.dtype,
-                                   overrides=args.overrides))
+            config = bench_config(BenchSpec(model="tiny", method=method, frames=args.frames[0], clip_path="unused",
+                                            size=args.size, steps=args.steps, control=args.control,
+                                            dtype=args.dtype, overrides=args.overrides))
+            assert (config.edit.method, config.edit.steps, config.video.size) == (method, 50, 512), label
+            measured.add((method, args.frames[0], args.compile, config.merge.chunk_size))
+    # What BENCHMARKS.md's GPU table asks for: every method at 32 frames, vidtome at 128 (memory flat),
+    # extended over the whole 32-frame clip (the memory reference), vidtome compiled, videodirector.
+    for method in ("per-frame", "extended", "vidtome", "tokenflow"):
+        assert (method, 32, False, 4) in measured
+    assert {("vidtome", 128, False, 4), ("extended", 32, False, 32), ("vidtome", 32, True, 4)} <= measured
+    assert any(method == "videodirector" for method, *_ in measured)
