@@ -287,7 +287,6 @@ class VideoEditModule(L.LightningModule):
             editor = self.editors.get(config)
             sink = self.step_sink
             editor.on_step = None if sink is None else (lambda stage, done, total: sink(sample.key, stage, done, total))
-            editor.on_progress = self.editor.on_progress   # the worker's liveness signal (set on the run's editor)
             # Without a description the inversion runs with the rest of the template (often
             # empty, the null prompt); only edits that ask for {prompt} need one.
             source_prompt = config.inversion.prompt.replace("{prompt}", sample.prompt or "").strip()

@@ -106,6 +106,7 @@ class _ShardEvents:
         self._last_step = 0.0
 
     def video_step(self, key: str, stage: str, done: int, total: int) -> None:
+        self.worker.beat()   # every model step: this worker makes progress
         now = time.monotonic()
         if now - self._last_step >= self.STEP_EVERY_S or done == total:
             self._last_step = now
@@ -163,8 +164,9 @@ class ShardWorker:
         except Exception:  # progress is best effort: the outputs and markers are the truth
             pass
 
-    def _beat(self) -> None:
-        """Called after every UNet step: tells the driver this worker makes progress, every BEAT_S at most."""
+    def beat(self) -> None:
+        """Called after every model step (through `_ShardEvents.video_step`): tells the driver this worker
+        makes progress, every BEAT_S at most."""
         now = time.monotonic()
         if now - self._last_beat >= BEAT_S:
             self._last_beat = now
@@ -183,7 +185,6 @@ class ShardWorker:
         # worker; it sets its logger's level when imported, so this comes after the import.
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         self.module = VideoEditModule(self.config, device=self.device)
-        self.module.editor.on_progress = self._beat
         context = ray.get_runtime_context()
         gpus = context.get_accelerator_ids().get("GPU", [])
         return {"worker": self.name, "pid": os.getpid(), "node": socket.gethostname(),

@@ -149,15 +149,13 @@ class VideoEditor:
         self.prediction_type = pipe.scheduler.config.prediction_type
         self._scheduler = pipe.scheduler
         self._text_cache: dict[str, Tensor] = {}
-        # Told (stage, done, total) after every inversion and denoising step, for progress inside a long
-        # video; `stage` is "invert" or "edit NAME". Never raises into the loop's result: it only observes.
+        # Told (stage, done, total) after every inversion and denoising step (a method's own loop too): the
+        # progress inside a long video, and a Ray worker's liveness signal. It only observes.
         self.on_step: Callable[[str, int, int], None] | None = None
         self._stage = "edit"
         # Chunks and inversion batches are divided by this (`smaller_chunks`, a retry after running
         # out of memory).
         self.chunk_divisor = 1
-        # Called after every UNet step of inversion and denoising: the worker's liveness signal.
-        self.on_progress: Callable[[], None] | None = None
         # Pixels per latent cell, and the factor every side must be divisible by for the UNet.
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -263,10 +261,6 @@ class VideoEditor:
         finally:
             self.chunk_divisor = previous
 
-    def _progressed(self) -> None:
-        if self.on_progress is not None:
-            self.on_progress()
-
     def chunk_size_for(self, num_frames: int, latent_hw: tuple[int, int]) -> int:
         """`chunk_size`, or with "auto" the largest chunk whose estimated memory fits the budget
         (divided by `chunk_divisor`)."""
@@ -342,7 +336,6 @@ class VideoEditor:
                 alpha_to = alphas[timesteps[k]]
                 out = self.unet_output(x, t, cond)
                 x = ddim.inversion_step(x, out, alpha_from, alpha_to, self.prediction_type)
-                self._progressed()
                 alpha_from = alpha_to
                 self.report_progress("invert", start // batch * len(timesteps) + len(timesteps) - k, total_steps)
                 if k in row_of:
@@ -446,7 +439,6 @@ class VideoEditor:
                     _simulated_memory_limit(len(frames))
                     idx = frames.to(self.device)
                     model_out[idx] = predict(idx)
-                self._progressed()
                 noise = None
                 if s.eta > 0:
                     noise = torch.randn(x.shape, generator=generator).to(self.device)
