@@ -19,6 +19,7 @@ from vidbatch.core.errors import ConfigError, ModelLoadError
 from vidbatch.engine import ddim
 from vidbatch.engine.editor import EditorSettings, VideoEditor
 from vidbatch.engine.method import Inversion
+from vidbatch.engine.processors import project_heads
 from vidbatch.engine.methods import videodirector as vd
 from vidbatch.engine.methods.videodirector import VideoDirectorConfig
 from vidbatch.models.loading import load_pipeline
@@ -387,7 +388,7 @@ def _attention_call(processor, frames: int = 2, tokens: int = 16, context=None, 
     hidden = torch.randn(vd.BRANCHES * frames, tokens, 8)
     with torch.no_grad():
         out = processor(attn, hidden, context)
-        q, k, v = vd._project(attn, hidden, context)
+        q, k, v = project_heads(attn, hidden, context)
     return attn, out, q.unflatten(0, (4, -1)), k.unflatten(0, (4, -1)), v.unflatten(0, (4, -1))
 
 

@@ -49,6 +49,27 @@ def broadcast_branch0(t: Tensor, num_branches: int) -> Tensor:
     return b0.expand(num_branches, *b0.shape[1:]).reshape(t.shape)
 
 
+def in_blocks(name: str, prefixes: list[str] | tuple[str, ...]) -> bool:
+    """Whether module `name` is one of `prefixes` or lies inside one (`up_blocks.1` holds `up_blocks.1.x`,
+    not `up_blocks.10`)."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def project_heads(attn, hidden_states: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values of a diffusers ``Attention``, as ``(b, heads, n, d)`` (``norm_q``/``norm_k``
+    applied); `context` (``(b, M', C')``) gives the keys and values, `hidden_states` when ``None``."""
+    batch_size = hidden_states.shape[0]
+    context = hidden_states if context is None else context
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 def attend(
     attn,
     hidden_states: Tensor,
@@ -70,27 +91,13 @@ def attend(
         ``(b, M, C_out)`` after ``to_out`` (no residual, no rescale).
     """
     batch_size = hidden_states.shape[0]
-    query = attn.to_q(hidden_states)
-    if context is None:
-        context = hidden_states
-    key = attn.to_k(context)
-    value = attn.to_v(context)
-
-    inner_dim = key.shape[-1]
-    head_dim = inner_dim // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value = project_heads(attn, hidden_states, context)
     if inject_branches is not None and inject_branches > 1:
         query = broadcast_branch0(query, inject_branches)
         key = broadcast_branch0(key, inject_branches)
 
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+    out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * query.shape[-1]).to(query.dtype)
     out = attn.to_out[0](out)
     return attn.to_out[1](out)
 

@@ -44,7 +44,7 @@ from vidbatch.engine.controls.pnp import pnp_attention_blocks
 from vidbatch.engine.method import Inversion, Method
 from vidbatch.engine.precision import float32_unet
 from vidbatch.engine.prompt_to_prompt import controlled_steps, refine_mapping, replace_maps
-from vidbatch.engine.processors import (attend, check_layout, check_self_attention, install_processors,
+from vidbatch.engine.processors import (attend, check_layout, check_self_attention, in_blocks, install_processors,
                                         restore_processors, transformer_blocks)
 
 __all__ = [
@@ -406,10 +406,6 @@ class PromptToPromptProcessor:
         return out / attn.rescale_output_factor
 
 
-def _is_dense(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def apply_vid2vid_zero(unet: torch.nn.Module, cross_frame: bool = True,
                        dense_blocks: list[str] | tuple[str, ...] = ()) -> Vid2VidZeroState:
     """Replace every ``BasicTransformerBlock``'s self- and cross-attention processors; returns the shared state."""
@@ -418,14 +414,14 @@ def apply_vid2vid_zero(unet: torch.nn.Module, cross_frame: bool = True,
     dense = list(dense_blocks)
 
     def processors(name: str, block) -> dict[str, object]:
-        made = {"attn1": CrossFrameProcessor(state, name, _is_dense(name, dense), pnp_qk=name in pnp_blocks)}
+        made = {"attn1": CrossFrameProcessor(state, name, in_blocks(name, dense), pnp_qk=name in pnp_blocks)}
         if block.attn2 is not None:
             made["attn2"] = PromptToPromptProcessor(state, name, block.attn2.processor)
         return made
 
     install_processors(unet, PATCH_OWNER, state, processors, on_restore=state.begin_step)
     names = [name for name, _ in transformer_blocks(unet)]
-    unmatched = [p for p in dense if not any(_is_dense(n, [p]) for n in names)]
+    unmatched = [p for p in dense if not any(in_blocks(n, [p]) for n in names)]
     if unmatched:
         log.warning("vid2vid_zero.dense_blocks %s match no transformer block of this UNet", unmatched)
     return state

@@ -48,7 +48,8 @@ from vidbatch.core.settings import setting
 from vidbatch.engine import ddim
 from vidbatch.engine.method import Editor, Inversion, Method
 from vidbatch.engine.precision import float32_unet
-from vidbatch.engine.processors import install_processors, motion_blocks, restore_processors, transformer_blocks
+from vidbatch.engine.processors import (check_self_attention, in_blocks, install_processors, motion_blocks,
+                                        project_heads, restore_processors, transformer_blocks)
 from vidbatch.engine.prompt_to_prompt import controlled_steps, refine_mapping, replace_maps
 
 log = logging.getLogger("vidbatch")
@@ -186,7 +187,7 @@ def key_loss(reference: Tensor, generated: Tensor, mask: Tensor) -> Tensor:
 def block_weight(name: str, blocks: list[str], weights: list[float]) -> float | None:
     """The STDG weight of the layer `name`: that of the first of `blocks` it lies in; None outside them."""
     for block, weight in zip(blocks, weights):
-        if name == block or name.startswith(block + "."):
+        if in_blocks(name, [block]):
             return weight
     return None
 
@@ -271,16 +272,6 @@ class DirectorState:
         self.step, self.num_frames, self.mask, self.latent_hw = step, num_frames, mask, latent_hw
 
 
-def _project(attn, hidden_states: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Queries, keys, values as (b, heads, n, d)."""
-    context = hidden_states if context is None else context
-    if attn.norm_cross and context is not hidden_states:
-        context = attn.norm_encoder_hidden_states(context)
-    batch = hidden_states.shape[0]
-    q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-    return tuple(x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2) for x in (q, k, v))
-
-
 def _finish(attn, out: Tensor, hidden_states: Tensor) -> Tensor:
     """(b, heads, n, d) attention output -> the block's output (projection, residual, rescale)."""
     out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3]).to(hidden_states.dtype)
@@ -294,12 +285,6 @@ def _probabilities(attn, q: Tensor, k: Tensor) -> Tensor:
     return (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)
 
 
-def _check_call(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, attention_mask: Tensor | None):
-    if attention_mask is not None or hidden_states.ndim != 3 or attn.group_norm is not None or attn.spatial_norm is not None:
-        raise NotImplementedError("VideoDirector's attention supports (batch, tokens, channels) input without "
-                                  "masks or group/spatial norm")
-
-
 class TemporalProcessor:
     """A motion module's temporal attention: stock, but in `record` mode its maps (with their graph) are kept."""
 
@@ -308,8 +293,9 @@ class TemporalProcessor:
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
-        _check_call(attn, hidden_states, encoder_hidden_states, attention_mask)
-        q, k, v = _project(attn, hidden_states, encoder_hidden_states)
+        check_self_attention("VideoDirector temporal", self.name, attn, hidden_states, encoder_hidden_states,
+                             attention_mask)
+        q, k, v = project_heads(attn, hidden_states)
         if self.state.mode == "record" and self.recorded:
             probs = _probabilities(attn, q, k)                                   # (Q, heads, F, F)
             self.state.record.temporal[self.name] = probs
@@ -325,9 +311,10 @@ class SpatialSelfProcessor:
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
-        _check_call(attn, hidden_states, encoder_hidden_states, attention_mask)
+        check_self_attention("VideoDirector spatial", self.name, attn, hidden_states, encoder_hidden_states,
+                             attention_mask)
         st = self.state
-        q, k, v = _project(attn, hidden_states)
+        q, k, v = project_heads(attn, hidden_states)
         if st.mode == "record" and self.recorded:
             st.record.keys[self.name] = attn.to_k(hidden_states)                # (F, N, C), pre head split
         if st.mode != "edit":
@@ -376,16 +363,15 @@ class CrossProcessor:
         st = self.state
         if st.mode != "edit" or st.step >= st.cross_steps or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        _check_call(attn, hidden_states, None, attention_mask)
-        q, k, v = _project(attn, hidden_states, encoder_hidden_states)
+        if attention_mask is not None or hidden_states.ndim != 3 or attn.group_norm is not None:
+            raise NotImplementedError(f"block {self.name}: prompt-to-prompt supports (batch, tokens, channels) "
+                                      "cross-attention without a mask")
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        q, k, v = project_heads(attn, hidden_states, context)
         probs = _probabilities(attn, q, k).unflatten(0, (BRANCHES, -1))           # (4, F, heads, N, L)
         edited = replace_maps(probs[SOURCE_COND], probs[EDIT_COND], "refine", st.mapper, st.alphas)
         probs = torch.stack([probs[EDIT_UNCOND], edited, probs[SOURCE_UNCOND], probs[SOURCE_COND]])
         return _finish(attn, probs.flatten(0, 1) @ v, hidden_states)
-
-
-def _in(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def apply_videodirector(unet: torch.nn.Module, config: VideoDirectorConfig) -> DirectorState:
@@ -394,19 +380,19 @@ def apply_videodirector(unet: torch.nn.Module, config: VideoDirectorConfig) -> D
                           self_replace_max_tokens=config.self_replace_max_tokens)
 
     def spatial(name: str, block) -> dict[str, object]:
-        made = {"attn1": SpatialSelfProcessor(state, name, _in(name, state.stdg_blocks), _in(name, state.mutual_blocks))}
+        made = {"attn1": SpatialSelfProcessor(state, name, in_blocks(name, state.stdg_blocks), in_blocks(name, state.mutual_blocks))}
         if block.attn2 is not None:
             made["attn2"] = CrossProcessor(state, name, block.attn2.processor)
         return made
 
     def temporal(name: str, block) -> dict[str, object]:
-        recorded = _in(name, state.stdg_blocks)
+        recorded = in_blocks(name, state.stdg_blocks)
         return {"attn1": TemporalProcessor(state, name + ".attn1", recorded),
                 "attn2": TemporalProcessor(state, name + ".attn2", recorded)}
 
     install_processors(unet, PATCH_OWNER, state, spatial, make_temporal=temporal)
     names = [n for n, _ in transformer_blocks(unet)] + [n for n, _ in motion_blocks(unet)]
-    missing = [b for b in state.stdg_blocks if not any(_in(n, [b]) for n in names)]
+    missing = [b for b in state.stdg_blocks if not any(in_blocks(n, [b]) for n in names)]
     if missing and tuple(missing) not in _WARNED:
         _WARNED.add(tuple(missing))
         log.warning("videodirector.stdg_blocks %s match no attention block of this UNet", missing)
