@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from vidbatch.batch.edits import editor_settings
 from vidbatch.engine.methods import tokenflow
 from vidbatch.config.schema import load_config
 from vidbatch.engine.methods.tokenflow import TokenFlowConfig
@@ -238,10 +239,9 @@ def test_still_video_edits_to_identical_frames(pipe):
 
 
 def test_config_reaches_the_engine():
-    from vidbatch.batch.module import VideoEditModule
 
     config = load_config(None, ["edit.method=tokenflow", "tokenflow.batch_size=4", "tokenflow.blend=linear"])
-    settings = VideoEditModule.editor_settings(config)
+    settings = editor_settings(config)
     assert settings.method == "tokenflow"
     assert (settings.method_settings.batch_size, settings.method_settings.blend) == (4, "linear")
     with pytest.raises(Exception, match="tokenflow.blend"):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from vidbatch.batch.edits import editor_settings
 from vidbatch.config.schema import load_config
 from vidbatch.engine.methods.vid2vid_zero import Vid2VidZeroConfig
 from vidbatch.engine.editor import EditorSettings, VideoEditor
@@ -240,11 +241,10 @@ def test_null_embeddings_go_through_the_inversion_cache(pipe, tmp_path):
 
 
 def test_config_reaches_the_engine():
-    from vidbatch.batch.module import VideoEditModule
 
     config = load_config(None, ["edit.method=vid2vid-zero", "vid2vid_zero.null_steps=3", "vid2vid_zero.p2p=refine",
                                 "vid2vid_zero.dense_blocks=[mid_block]"])
-    settings = VideoEditModule.editor_settings(config).method_settings
+    settings = editor_settings(config).method_settings
     assert (settings.null_steps, settings.p2p, settings.dense_blocks) == (3, "refine", ["mid_block"])
     with pytest.raises(ConfigError, match="vid2vid_zero.p2p"):
         load_config(None, ["vid2vid_zero.p2p=swap"])
@@ -411,16 +411,15 @@ def test_prompt_to_prompt_steps_are_cross_replace_times_steps(pipe, monkeypatch)
 
 def test_auto_control_is_none_for_vid2vid_zero_and_pnp_for_the_others(pipe):
     from vidbatch.config.schema import resolve_control
-    from vidbatch.batch.module import VideoEditModule
 
     config = load_config(None, ["edit.method=vid2vid-zero"])
     assert config.edit.control == "auto" and resolve_control(config.edit.method, config.edit.control) == frozenset()
-    settings = VideoEditModule.editor_settings(config)
+    settings = editor_settings(config)
     assert settings.control == "none" and VideoEditor(pipe, settings).controls == frozenset()
     for method in ("per-frame", "extended", "vidtome", "tokenflow"):
         assert resolve_control(method, load_config(None, [f"edit.method={method}"]).edit.control) == {"pnp"}
     stacked = load_config(None, ["edit.method=vid2vid-zero", "edit.control=pnp"])
-    assert VideoEditor(pipe, VideoEditModule.editor_settings(stacked)).controls == {"pnp"}
+    assert VideoEditor(pipe, editor_settings(stacked)).controls == {"pnp"}
     with pytest.raises(ConfigError, match="auto"):
         load_config(None, ["edit.control=auto+pnp"])
 

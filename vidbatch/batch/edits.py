@@ -89,10 +89,15 @@ class EditorPool:
         self.pipe, self.cache, self.model_identity, self.controlnet = pipe, cache, model_identity, controlnet
         self._editors: dict[str, VideoEditor] = {}
 
+    @staticmethod
+    def key(config: Config) -> str:
+        """Which editor a config's edits run on: its engine settings (edits with equal keys share one)."""
+        return json.dumps(dataclasses.asdict(editor_settings(config)), sort_keys=True, default=str)
+
     def get(self, config: Config) -> VideoEditor:
-        settings = editor_settings(config)
-        key = json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str)
+        key = self.key(config)
         if key not in self._editors:
+            settings = editor_settings(config)
             uses_controlnet = "controlnet" in resolve_control(settings.method, settings.control)
             if uses_controlnet and self.controlnet is None:
                 raise ConfigError("this edit uses the controlnet control, but the run loaded no ControlNet (give "

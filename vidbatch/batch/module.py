@@ -22,8 +22,8 @@ from vidbatch.config.schema import Config, resolve_control
 from vidbatch.engine.controls.controlnet import canny_frames, load_controlnet
 from vidbatch.engine.plugins import get_method
 from vidbatch.core.rows import STATUS_OK, EditRow
-from vidbatch.batch.edits import EditorPool, PlannedEdit, editor_settings, plan_edits, row_settings
-from vidbatch.engine.editor import EditedVideo, EditorSettings, VideoEditor
+from vidbatch.batch.edits import EditorPool, PlannedEdit, plan_edits, row_settings
+from vidbatch.engine.editor import EditedVideo, VideoEditor
 from vidbatch.core.errors import SampleError, VidbatchError
 from vidbatch.core.faults import is_infrastructure_error, is_out_of_memory
 from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
@@ -214,11 +214,6 @@ class VideoEditModule(L.LightningModule):
         object.__setattr__(self, "step_sink", None)
         self._setup_metrics(config, dtype)
 
-    @staticmethod
-    def editor_settings(config: Config) -> EditorSettings:
-        """The engine's settings from the run config (:func:`vidbatch.batch.edits.editor_settings`)."""
-        return editor_settings(config)
-
     def dataloader(self, url: str, reuse: frozenset[str] = frozenset()) -> DataLoader:
         dataset = ShardDataset(url, self.config, self.editor.size_multiple, reuse)
         # One decode worker overlaps ffmpeg with the GPU; more would duplicate an IterableDataset.
@@ -271,7 +266,7 @@ class VideoEditModule(L.LightningModule):
         groups: dict[str, list[int]] = {}
         for i, edit in enumerate(edits):
             if edit.config is not None:
-                key = repr((editor_settings(edit.config), edit.config.edit.seed, edit.config.inversion.prompt))
+                key = repr((EditorPool.key(edit.config), edit.config.edit.seed, edit.config.inversion.prompt))
                 groups.setdefault(key, []).append(i)
         return list(groups.values())
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from vidbatch.batch.module import VideoEditModule
+from vidbatch.batch.edits import editor_settings
 from vidbatch.config.schema import Config, resolve_control
 from vidbatch.core.errors import VidbatchError
 from vidbatch.engine.editor import method_for
@@ -70,7 +70,7 @@ def _needs_prompt(config: Config, sample: IndexedSample) -> bool:
 def _edit_passes(config: Config) -> float:
     """UNet passes per frame of one edit (all branches, all steps it runs)."""
     controls = resolve_control(config.edit.method, config.edit.control)
-    branches = method_for(VideoEditModule.editor_settings(config)).max_branches(controls)
+    branches = method_for(editor_settings(config)).max_branches(controls)
     steps = config.edit.steps * (config.edit.strength if "sdedit" in controls else 1.0)
     return steps * branches
 

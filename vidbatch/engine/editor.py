@@ -471,8 +471,10 @@ class VideoEditor:
             parts["edit_steps"] = self.settings.steps
         return inversion_key(frames, parts)
 
-    def cached_invert(self, frames: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> tuple[Inversion, str]:
-        """`invert` through the cache; returns the inversion and "hit", "miss" or "off"."""
+    def cached_invert(self, frames: np.ndarray, prompt: str, mask: np.ndarray | None = None,
+                      key: str | None = None) -> tuple[Inversion, str]:
+        """`invert` through the cache; returns the inversion and "hit", "miss" or "off". `key`: the
+        inversion key when the caller has it already (hashing a long clip's frames costs)."""
         method = method_for(self.settings)
         mask = mask if method.uses_mask else None
 
@@ -483,7 +485,7 @@ class VideoEditor:
 
         if self.cache is None:
             return invert(), "off"
-        key = self.inversion_key(frames, prompt, mask)
+        key = key or self.inversion_key(frames, prompt, mask)
         stored = self.cache.load(key)
         if stored is not None:
             return Inversion(timesteps=stored.pop("timesteps"), trajectory=stored.pop("trajectory"),
@@ -504,7 +506,7 @@ class VideoEditor:
         key = self.inversion_key(frames, prompt, mask if method.uses_mask else None)
         if key in shared:
             return shared[key], "shared"
-        inversion, status = self.cached_invert(frames, prompt, mask)
+        inversion, status = self.cached_invert(frames, prompt, mask, key)
         shared[key] = inversion
         return inversion, status
 

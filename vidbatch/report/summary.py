@@ -142,6 +142,10 @@ def metric_distributions(ok_rows: Sequence[EditRow]) -> dict[str, dict[str, floa
             for key in metric_keys()}
 
 
+def _peak_memory(rows: Sequence[EditRow]) -> dict[str, float] | None:
+    return percentiles([r.peak_memory_mb for r in rows if r.peak_memory_mb is not None])
+
+
 def _per_frame(rows: Sequence[EditRow], stage: str) -> list[float]:
     return [r.seconds.get(stage, 0.0) / r.frames for r in rows if r.frames]
 
@@ -161,7 +165,7 @@ def by_method(rows: Sequence[EditRow], default_method: str) -> dict[str, dict]:
             "metrics": metric_distributions(ok),
             "seconds_per_frame": {"edit": distribution(_per_frame(ok, "edit")),
                                   "total": distribution(_per_frame(ok, "total"))},
-            "peak_memory_mb": percentiles([r.peak_memory_mb for r in ok if r.peak_memory_mb is not None]),
+            "peak_memory_mb": _peak_memory(ok),
         }
     return out
 
@@ -211,7 +215,7 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
         "device_hours": shard_seconds / 3600,
         "wall_seconds": round(wall_seconds, 3),
         "seconds_per_edit": stage_seconds,
-        "peak_memory_mb": percentiles([r.peak_memory_mb for r in ok if r.peak_memory_mb is not None]),
+        "peak_memory_mb": _peak_memory(ok),
         "metrics": metric_distributions(ok),
         "metrics_by": metrics_by(ok, config),
         "by_method": methods,

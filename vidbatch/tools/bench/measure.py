@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from vidbatch.batch.edits import editor_settings
 from vidbatch.config.schema import Config
 from vidbatch.engine.editor import EditorSettings, VideoEditor
 from vidbatch.core.errors import ModelLoadError
-from vidbatch.batch.module import VideoEditModule, resolve_device, resolve_dtype
+from vidbatch.batch.module import resolve_device, resolve_dtype
 from vidbatch.models.loading import load_pipeline
 from vidbatch.models.motion import with_motion_adapter
 from vidbatch.tools.bench.device import device_description, device_peak, sync
@@ -93,7 +94,7 @@ def _load_editor(spec: BenchSpec) -> _Loaded:
     config = bench_config(spec)
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.model.dtype, device)
-    settings = VideoEditModule.editor_settings(config)
+    settings = editor_settings(config)
     pipe = load_pipeline(config.model.id, dtype=dtype, device=device)
     if config.model.motion_adapter is not None:
         with_motion_adapter(pipe, config.model.motion_adapter, config=config.model.motion_adapter_config)
