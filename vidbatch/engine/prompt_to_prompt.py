@@ -11,7 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["controlled_steps", "refine_mapping", "replace_maps"]
+__all__ = ["controlled_steps", "refine_mapping", "replace_maps", "token_ids"]
+
+
+def token_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids with its start and end tokens, no padding (what `refine_mapping` aligns)."""
+    return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
 
 
 def controlled_steps(share: float, steps: int) -> int:

@@ -43,7 +43,7 @@ from vidbatch.engine import ddim
 from vidbatch.engine.controls.pnp import pnp_attention_blocks
 from vidbatch.engine.method import Inversion, Method
 from vidbatch.engine.precision import float32_unet
-from vidbatch.engine.prompt_to_prompt import controlled_steps, refine_mapping, replace_maps
+from vidbatch.engine.prompt_to_prompt import controlled_steps, refine_mapping, replace_maps, token_ids
 from vidbatch.engine.processors import (attend, check_layout, check_self_attention, in_blocks, install_processors,
                                         restore_processors, transformer_blocks)
 
@@ -436,9 +436,6 @@ def remove_vid2vid_zero(unet: torch.nn.Module) -> None:
 # The method
 
 
-def _token_ids(tokenizer, prompt: str) -> list[int]:
-    return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
-
 
 class Vid2VidZero(Method):
     """vid2vid-zero in the engine: null-text inversion, per-step null embeddings, cross-frame attention, p2p."""
@@ -476,7 +473,7 @@ class Vid2VidZero(Method):
         self.device = editor.device
         # Everything that can fail comes before the patch: an error must not leave the UNet patched.
         tokenizer = editor.pipe.tokenizer
-        source_ids, edit_ids = _token_ids(tokenizer, source_prompt), _token_ids(tokenizer, prompt)
+        source_ids, edit_ids = token_ids(tokenizer, source_prompt), token_ids(tokenizer, prompt)
         mode = p2p_mode(c.p2p, source_ids, edit_ids)
         mapper = alphas = None
         if mode == "refine":

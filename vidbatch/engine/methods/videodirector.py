@@ -50,7 +50,7 @@ from vidbatch.engine.method import Editor, Inversion, Method
 from vidbatch.engine.precision import float32_unet
 from vidbatch.engine.processors import (check_self_attention, in_blocks, install_processors, motion_blocks,
                                         project_heads, restore_processors, transformer_blocks)
-from vidbatch.engine.prompt_to_prompt import controlled_steps, refine_mapping, replace_maps
+from vidbatch.engine.prompt_to_prompt import controlled_steps, refine_mapping, replace_maps, token_ids
 
 log = logging.getLogger("vidbatch")
 
@@ -456,14 +456,12 @@ def _condition_and_score(state: DirectorState, editor: Editor, clip: _Clip, conf
     with one; the conditional prediction is that pass's output (no extra forward). Where `x` equals the
     reference (the first step) the reference pass is the same pass and is not run again.
     """
+    if not _stdg_on(config):
+        with torch.no_grad():
+            return _blended(editor, clip, x, t, cond.expand(len(x), -1, -1)), torch.zeros_like(x)
     eps_cond, score = torch.zeros_like(x), torch.zeros_like(x)
     for (start, end), weight in zip(clip.spans, clip.weights):
-        frames = end - start
-        embeddings = cond.expand(frames, -1, -1)
-        if not _stdg_on(config):
-            with torch.no_grad():
-                eps_cond[start:end] += weight * video_unet(editor, x[None, start:end], t, embeddings)[0]
-            continue
+        embeddings = cond.expand(end - start, -1, -1)
         reference_record = None
         if not torch.equal(x[start:end], reference[start:end]):
             with torch.no_grad():
@@ -481,11 +479,12 @@ def _condition_and_score(state: DirectorState, editor: Editor, clip: _Clip, conf
     return eps_cond, score
 
 
-def _uncond(editor: Editor, clip: _Clip, x: Tensor, t: Tensor, nulls: Tensor) -> Tensor:
-    """The blended unconditional prediction with per-frame null embeddings `nulls` (T, L, C)."""
+def _blended(editor: Editor, clip: _Clip, x: Tensor, t: Tensor, embeddings: Tensor) -> Tensor:
+    """The video UNet's prediction at `x` (T, 4, h, w), window by window, blended per frame; `embeddings`
+    (T, L, C): one per frame (the tuned nulls, or a prompt's repeated)."""
     out = torch.zeros_like(x)
     for (start, end), weight in zip(clip.spans, clip.weights):
-        out[start:end] += weight * video_unet(editor, x[None, start:end], t, nulls[start:end])[0]
+        out[start:end] += weight * video_unet(editor, x[None, start:end], t, embeddings[start:end])[0]
     return out
 
 
@@ -511,7 +510,7 @@ def _tune_step(editor: Editor, clip: _Clip, config: VideoDirectorConfig, k: int,
                 # Blended windows: the loss's gradient with respect to the blended prediction first (no
                 # graph through the UNet), then one window's backward at a time: memory of one window.
                 with torch.no_grad():
-                    eps_uncond = _uncond(editor, clip, x, t, nulls)
+                    eps_uncond = _blended(editor, clip, x, t, nulls)
                 eps_uncond.requires_grad_(True)
                 loss = reconstruction_loss(eps_uncond)
                 (upstream,) = torch.autograd.grad(loss, eps_uncond)
@@ -549,7 +548,7 @@ def tune(editor: Editor, config: VideoDirectorConfig, inversion: Inversion, sour
                 eps_cond, score = _condition_and_score(state, editor, clip, config, x, trajectory[k], t, cond, mask)
                 nulls = _tune_step(editor, clip, config, k, num_steps, x, t, eps_cond, score, target, nulls)
                 with torch.no_grad():
-                    eps_uncond = _uncond(editor, clip, x, t, nulls)
+                    eps_uncond = _blended(editor, clip, x, t, nulls)
                     guided = eps_cond + editor.settings.guidance * (eps_cond - eps_uncond)
                     x = ddim.score_guided_step(x, guided, clip.alpha_t[k], clip.alpha_prev[k], editor.prediction_type,
                                                score, config.stdg_scale)
@@ -587,9 +586,7 @@ def invert_video(editor: Editor, clean: Tensor, timesteps: Tensor, prompt: str, 
     alpha_from = final
     for k in range(len(timesteps) - 1, -1, -1):
         t = timesteps[k].to(editor.device)
-        out = torch.zeros_like(x)
-        for (start, end), weight in zip(clip.spans, clip.weights):
-            out[start:end] += weight * video_unet(editor, x[None, start:end], t, cond.expand(end - start, -1, -1))[0]
+        out = _blended(editor, clip, x, t, cond.expand(len(x), -1, -1))
         alpha_to = alphas[timesteps[k]]
         x = ddim.inversion_step(x, out, alpha_from, alpha_to, editor.prediction_type)
         alpha_from = alpha_to
@@ -599,11 +596,6 @@ def invert_video(editor: Editor, clean: Tensor, timesteps: Tensor, prompt: str, 
         x = trajectory[k].to(editor.device, torch.float32)
         editor.report_progress("invert", len(timesteps) - k, len(timesteps))
     return trajectory
-
-
-def _token_ids(editor: Editor, prompt: str) -> list[int]:
-    tokenizer = editor.pipe.tokenizer
-    return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
 
 
 class VideoDirector(Method):
@@ -662,7 +654,7 @@ class VideoDirector(Method):
         state.mode = "edit"
         state.self_replace_steps = int(num_steps * c.tau_s)
         state.cross_steps = controlled_steps(c.tau_c, num_steps)
-        mapper, alphas = refine_mapping(_token_ids(editor, source_prompt), _token_ids(editor, prompt))
+        mapper, alphas = refine_mapping(token_ids(editor.pipe.tokenizer, source_prompt), token_ids(editor.pipe.tokenizer, prompt))
         state.mapper, state.alphas = mapper.to(editor.device), alphas.to(editor.device)
         x = inversion.trajectory[0].to(editor.device, torch.float32)
         try:
