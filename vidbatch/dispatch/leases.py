@@ -115,12 +115,13 @@ class LeaseBook:
             except FileNotFoundError:  # another driver broke it first
                 pass
             else:
-                broken.unlink(missing_ok=True)
                 log.warning("lease of shard %s (driver %s) expired; taken over", stem,
                             current.owner if current else "unknown")
+            finally:   # a stop (SIGTERM raises) between the rename and here must not leave it behind
+                broken.unlink(missing_ok=True)
         tmp = temporary_path(path)
-        tmp.write_text(json.dumps(asdict(self._lease(stem, attempt))))
-        try:
+        try:   # the write inside: a stop while writing must not leave the temporary behind either
+            tmp.write_text(json.dumps(asdict(self._lease(stem, attempt))))
             os.link(tmp, path)  # fails if the name exists: someone else claimed it meanwhile
         except FileExistsError:
             return False
