@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import lightning as L
 from lightning.fabric.plugins.environments import LightningEnvironment
@@ -37,11 +37,17 @@ class VideoSink(Protocol):
 
 
 def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
-                  progress: VideoSink | None = None, retry_failed: bool = False) -> DoneMarker:
+                  progress: VideoSink | None = None, retry_failed: bool = False,
+                  fence: Callable[[], None] | None = None) -> DoneMarker:
     """Runs the Lightning predict loop over one shard and commits its output; returns the done marker.
 
     `retry_failed` (the shard is committed, some samples failed): only the samples with a failed edit
     are edited again; the others are copied unchanged from the committed shard into the new one.
+
+    `fence` (the dispatcher's lease check, `dispatch.leases.lease_fence`) is called before anything is
+    touched (an attempt that starts late must not remove another's marker) and again just before the
+    output is published; when it raises (`core.faults.LeaseLost`: another driver or a later attempt owns
+    the shard now) nothing is published, the temporaries are removed and the exception propagates.
 
     Any exception leaves no file under a final name (the temporaries are removed) and propagates;
     SIGINT and SIGTERM end it at once the same way (SystemExit 130 / 143, see `vidbatch.core.signals`; installed
@@ -49,6 +55,8 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
     runs). Safe to run twice at once for the same shard (a Ray retry while the old attempt still runs): each
     attempt writes its own temporaries and renames complete files only (see shard_io.ShardOutput).
     """
+    if fence is not None:
+        fence()
     # Opened before anything is replaced; only with its marker: without one, its files may not be one commit's.
     committed = CommittedShard(out_dir, stem) if retry_failed and is_done(out_dir, stem) else None
     marker_path(out_dir, stem).unlink(missing_ok=True)  # --overwrite: never pair an old marker with new data
@@ -68,7 +76,7 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
             trainer = _trainer(module, writer)
             reuse = frozenset(committed.ok_keys) if committed is not None else frozenset()
             trainer.predict(module, dataloaders=module.dataloader(url, reuse), return_predictions=False)
-            return writer.finish(output_config_hash(module.config))
+            return writer.finish(output_config_hash(module.config), fence)
         except BaseException:  # SIGINT/SIGTERM (SystemExit) included, wherever it lands, the commit too
             if writer is not None:
                 writer.abort()

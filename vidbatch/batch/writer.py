@@ -58,14 +58,15 @@ class ShardPredictionWriter(BasePredictionWriter):
             self.on_sample(SampleResult(key=prediction.key, members=members, rows=rows, reused=True,
                                         frames_edited=sum(row.frames or 0 for row in rows if row.ok)))
 
-    def finish(self, config_hash: str | None = None) -> DoneMarker:
+    def finish(self, config_hash: str | None = None, fence: Callable[[], None] | None = None) -> DoneMarker:
         """Commits the shard: tar and jsonl under their final names, then the done marker, which records
-        `config_hash` (the output-shaping config's, `config.output_hash`)."""
+        `config_hash` (the output-shaping config's, `config.output_hash`). `fence` is checked just before
+        the files are published and raises when this attempt lost the shard (`ShardOutput.commit`)."""
         marker = DoneMarker.for_shard(shard=self.url, stem=self.output.stem, keys=self.output.keys,
                                       rows=self.output.rows, seconds=time.perf_counter() - self._started,
                                       started_at=self.started_at, finished_at=utc_now(),
                                       config_hash=config_hash)
-        return self.output.commit(marker)
+        return self.output.commit(marker, fence)
 
     def abort(self) -> None:
         self.output.abort()

@@ -6,7 +6,10 @@ The dispatchers and the worker's module decide from this what to do with a failu
   counting against the shard's retries. A CUDA error also poisons the process's CUDA context, so a
   sample that hits one must not be recorded as a failed row while the shard carries on;
 - out of memory: transient; the sample is tried once more with smaller chunks;
-- anything else raised by one sample: the sample's fault, recorded as a failed row with its cause.
+- anything else raised by one sample: the sample's fault, recorded as a failed row with its cause;
+- a lost lease (`LeaseLost`): the attempt was overtaken, not broken. Another driver (or a later attempt
+  of the same one) owns the shard now, so this attempt publishes nothing and is neither a failed shard
+  nor a failed row.
 
 Classification goes by the exception's type name and message, so this module needs no torch (the
 exceptions come from torch, from CUDA extensions, or across Ray as a wrapped cause).
@@ -39,6 +42,11 @@ class InfrastructureError(RuntimeError):
     """The machine, not the input, failed (a device error, a hung or lost worker)."""
 
 
+class LeaseLost(RuntimeError):
+    """Raised by a commit's fence: the attempt no longer holds the shard's lease (it expired, was taken
+    over by another driver, or names a later attempt), so its output must not be published."""
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     """`exc`, its `cause` (Ray's wrapper of a worker's exception) and its __cause__/__context__."""
     seen: list[BaseException] = []
@@ -59,6 +67,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
         if type(e).__name__ in OUT_OF_MEMORY_TYPES or "out of memory" in str(e).lower():
             return True
     return False
+
+
+def is_lease_lost(exc: BaseException) -> bool:
+    """True when `exc` is (or wraps, across Ray) a `LeaseLost`."""
+    return any(isinstance(e, LeaseLost) or type(e).__name__ == LeaseLost.__name__ for e in _chain(exc))
 
 
 def is_infrastructure_error(exc: BaseException) -> bool:

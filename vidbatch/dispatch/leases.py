@@ -9,10 +9,15 @@ too). An expired lease (its driver died or hung), or one whose driver ran on thi
 process is gone, is broken by renaming it away, and the shard is free for anyone. Drivers that give up on a shard record why in `OUT/failed/{stem}.json`; the finaliser
 reads those (so one driver's failures are in the summary whoever writes it).
 
-Leases keep drivers from doing the same work twice; the exactly-once output never depends on them:
-a shard is still committed by renames of complete files, done marker last, so even two attempts
-that both believe they hold a lease (a lease broken while its holder was merely slow) can only
-publish complete, equivalent shards.
+Leases keep drivers from doing the same work twice, and they fence the commit: an attempt publishes
+its shard only if, just before the renames, the lease still names its driver and its attempt and has
+not expired (`lease_fence`, checked by `io.output_shards.ShardOutput.commit`); otherwise it removes its
+temporaries and reports `core.faults.LeaseLost`, which is neither a failed shard nor a failed row. The
+Ray driver writes the attempt it hands out into the lease (`LeaseBook.hand_out`), so a worker the
+driver gave up on (a node cut off, not dead) is fenced as well as another driver. The exactly-once
+output never depends on the fence alone: a shard is still committed by renames of complete files,
+done marker last, so even two attempts that both pass it (one stalled between the check and the
+renames for longer than its lease) can only publish complete, equivalent shards.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, temporary_path
+from vidbatch.core.faults import LeaseLost
 from vidbatch.io.shard_check import is_intact
 
 log = logging.getLogger("vidbatch")
@@ -85,6 +92,31 @@ def live_lease(out_dir: Path, stem: str) -> Lease | None:
     return lease if lease is not None and lease.live() else None
 
 
+def lease_fence(out_dir: Path, stem: str, owner: str, attempt: int) -> Callable[[], None]:
+    """The commit fence of one attempt: a callable that raises `LeaseLost` unless the shard's lease is
+    still this driver's (`owner`), for this `attempt`, and live. Reads one small file; safe to call from a
+    Ray worker on another node (the output folder is shared; expiry is compared with this node's clock,
+    which the renewals every third of the lease leave two thirds of it to differ by)."""
+    out_dir = Path(out_dir)
+
+    def fence() -> None:
+        lease = read_lease(out_dir, stem)
+        if lease is None:
+            why = "it was released or broken by another driver"
+        elif lease.owner != owner:
+            why = f"driver {lease.owner} holds it now"
+        elif lease.attempt != attempt:
+            why = f"attempt {lease.attempt + 1} of this driver holds it now"
+        elif not lease.live():
+            why = f"it expired {time.time() - lease.expires:.0f}s ago (not renewed: the driver stalled or died)"
+        else:
+            return
+        raise LeaseLost(f"lease of shard {stem} lost by attempt {attempt + 1} of driver {owner}: {why}; its output "
+                        "is not published")
+
+    return fence
+
+
 class LeaseBook:
     """One driver's leases on the shards of one output folder."""
 
@@ -129,6 +161,23 @@ class LeaseBook:
             tmp.unlink(missing_ok=True)
         self.held[stem] = attempt
         return True
+
+    def hand_out(self, stem: str, attempt: int) -> bool:
+        """Records in the held lease that `attempt` is the one working on the shard now (so an older
+        attempt still running somewhere fails its fence); False if the lease is no longer this driver's."""
+        current = read_lease(self.out_dir, stem)
+        if stem not in self.held or current is None or current.owner != self.owner:
+            self.held.pop(stem, None)
+            return False
+        if current.attempt != attempt:
+            self.held[stem] = attempt
+            atomic_write(lease_path(self.out_dir, stem), json.dumps(asdict(self._lease(stem, attempt))))
+        return True
+
+    def fence(self, stem: str) -> Callable[[], None]:
+        """The commit fence of the attempt this driver holds the shard for (`lease_fence`); one that always
+        fails when the lease was dropped meanwhile (a renewal found it taken over)."""
+        return lease_fence(self.out_dir, stem, self.owner, self.held.get(stem, -1))
 
     def renew_due(self) -> None:
         """Renews every held lease if a third of the lease time has passed since the last renewal."""

@@ -13,6 +13,7 @@ from rich.console import Console
 from vidbatch.batch.module import VideoEditModule
 from vidbatch.batch.shard import process_shard
 from vidbatch.config.schema import Config
+from vidbatch.core.faults import LeaseLost
 from vidbatch.dispatch.estimate import known_video_total
 from vidbatch.dispatch.leases import LeaseBook, new_run_id
 from vidbatch.dispatch.plan import RunOutcome, prepare_run
@@ -48,9 +49,15 @@ def run_local(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite
                 for i in work.claimed():
                     url, stem = plan.urls[i], plan.stems[i]
                     try:
-                        process_shard(module, url, stem, out_dir, progress, retry_failed=i in plan.retry)
+                        process_shard(module, url, stem, out_dir, progress, retry_failed=i in plan.retry,
+                                      fence=book.fence(stem))
                     except KeyboardInterrupt:
                         raise
+                    except LeaseLost as exc:  # published nothing; the shard is another driver's now
+                        progress.shard_lost(stem, str(exc))
+                        if not work.lost(i, str(exc)):
+                            failed[stem] = str(exc)
+                            progress.shard_done(stem, ok=False)
                     except Exception as exc:
                         log.exception("shard %s failed", url)
                         failed[stem] = f"{type(exc).__name__}: {exc}"

@@ -38,6 +38,7 @@ class RunProgress:
         self.videos_failed = 0
         self.frames = 0
         self.retries = 0
+        self.lost = 0   # attempts whose lease was lost (another driver owns the shard): not done, not failed
         self.workers: tuple[int, int] | None = None  # (ready, wanted), Ray backend only
         self.current: tuple[str, str, int, int] | None = None  # (video key, stage, done, total)
         self.detail = ""  # Ray backend: per-worker throughput, memory and stall warnings, set by the driver
@@ -89,6 +90,7 @@ class RunProgress:
         fps = self.frames / elapsed if elapsed > 0 else 0.0
         eta = self.eta_s()
         retried = f", {self.retries} retried" if self.retries else ""
+        retried += f", {self.lost} lease(s) lost" if self.lost else ""
         workers = f"; workers {self.workers[0]}/{self.workers[1]}" if self.workers is not None else ""
         of_videos = f"/{self.total_videos}" if self.total_videos is not None else ""
         now = ""
@@ -147,6 +149,13 @@ class RunProgress:
         self.videos_failed += videos_failed
         self.frames += frames
         self._tick()
+
+    def shard_lost(self, stem: str, cause: str) -> None:
+        """An attempt found the shard's lease lost at its commit and published nothing: not a failure (the
+        shard is another driver's now, or is claimed again here once free)."""
+        self.lost += 1
+        log.warning("shard %s: %s", stem, cause)
+        self._tick(force=True)
 
     def shard_retry(self, stem: str, cause: str, attempt: int, max_retries: int) -> None:
         """A shard attempt was lost (worker died or the shard raised) and the shard is given out again."""

@@ -27,11 +27,15 @@ Failures are sorted (`core.faults`):
   exit 1, the unfinished shards reported failed.
 
 Exactly once: every attempt writes its own temporaries and the output of a shard becomes visible only
-by renames of complete files, the done marker last (io.output_shards). A retried shard rewrites its
-output from scratch; an attempt the driver gave up on (a worker that is not quite dead yet) can only
-ever rename a complete, equivalent shard. Two attempts racing: the later one's
-`remove_stale_temporaries` may delete the earlier one's temporaries; the earlier attempt then fails at
-its rename and nobody waits for it; no data is lost, and if it was the live attempt it is simply retried.
+by renames of complete files, the done marker last (io.output_shards). The commit is fenced by the
+shard's lease (`dispatch.leases.lease_fence`): the driver writes the attempt it hands out into the
+lease, and a worker publishes only if, just before its renames, the lease still names this driver and
+that attempt. So an attempt the driver gave up on (a worker on a node that was cut off, not dead) or a
+shard another driver took over publishes nothing: the worker removes its temporaries and reports
+`LeaseLost`, which spends no retry and retires no worker; the shard is left to its new holder (or
+claimed again here once it is free). A retried shard rewrites its output from scratch; the new
+attempt's `remove_stale_temporaries` deletes an earlier attempt's temporaries, and that attempt, should
+it still run, then fails its fence (or its rename, which asks the fence again).
 
 Progress: workers send events (see `dispatch.ray_worker`) to a small `EventRelay` actor; the driver
 drains it every poll without blocking and draws with `RunProgress`, adding per-worker throughput,
@@ -56,7 +60,7 @@ from rich.console import Console
 
 from vidbatch.config.schema import Config, RuntimeConfig
 from vidbatch.core.errors import ConfigError, VidbatchError
-from vidbatch.core.faults import is_infrastructure_error
+from vidbatch.core.faults import is_infrastructure_error, is_lease_lost
 from vidbatch.core.rows import DoneMarker
 from vidbatch.core.signals import STOP_SIGNALS
 from vidbatch.dispatch.estimate import known_video_total
@@ -349,9 +353,14 @@ class Dispatcher:
     def _give_out(self, slot: _Slot) -> None:
         index = self.queue.popleft()
         state = self.shards[index]
+        stem = self.stems[index]
+        if not self.book.hand_out(stem, state.attempt):  # the lease went meanwhile (this driver stalled)
+            self._lease_lost(index, f"lease of shard {stem} lost before attempt {state.attempt + 1} started", None)
+            return
         slot.state, slot.shard = "busy", index
         slot.last_progress, slot.stall_warned = time.monotonic(), False
-        slot.ref = slot.handle.process.remote(self.urls[index], self.stems[index], state.attempt, index in self.retry)
+        slot.ref = slot.handle.process.remote(self.urls[index], stem, state.attempt, index in self.retry,
+                                              self.book.owner)
         self._emit({"type": "dispatch", "stem": self.stems[index], "attempt": state.attempt, "worker": slot.name})
 
     def _shard_done(self, index: int, marker: DoneMarker, slot: _Slot) -> None:
@@ -408,6 +417,22 @@ class Dispatcher:
             self.progress.shard_done(stem, ok=False)
             self._emit({"type": "shard_failed", "stem": stem, "cause": cause})
 
+    def _lease_lost(self, index: int, cause: str, slot: _Slot | None) -> None:
+        """The attempt's commit fence found the lease lost: it published nothing. Neither the shard's
+        failure nor the worker's: the shard is left to the driver that holds it now, or claimed again
+        here when free (`SharedWork.lost`); no retry is spent."""
+        state = self._take_back(index, cause)
+        state.attempt += 1   # whatever the old attempt still reports is ignored
+        stem = self.stems[index]
+        self.progress.shard_lost(stem, cause)
+        self._emit({"type": "lease_lost", "stem": stem, "attempt": state.attempt - 1,
+                    "worker": slot.name if slot is not None else None, "cause": cause})
+        if not self.work.lost(index, cause):
+            state.closed = True
+            self.failed[stem] = cause
+            self.progress.shard_done(stem, ok=False)
+            self._emit({"type": "shard_failed", "stem": stem, "cause": cause})
+
     def _infrastructure_failure(self, slot: _Slot, why: str, alive: bool) -> None:
         """The worker failed (device error, death, stall): its shard is requeued and the worker retired."""
         index = slot.shard
@@ -442,7 +467,11 @@ class Dispatcher:
         try:
             marker = self.ray.get(ref)
         except RayTaskError as exc:
-            if is_infrastructure_error(exc):  # a device error: the worker is suspect, not the shard
+            if is_lease_lost(exc):  # overtaken by another driver (or attempt): nothing published, nobody failed
+                index, slot.shard, slot.state = slot.shard, None, "idle"
+                slot.strikes = 0
+                self._lease_lost(index, _cause(exc), slot)
+            elif is_infrastructure_error(exc):  # a device error: the worker is suspect, not the shard
                 self._infrastructure_failure(slot, _cause(exc), alive=True)
             else:  # the shard raised; the worker is fine
                 index, slot.shard, slot.state = slot.shard, None, "idle"
@@ -668,8 +697,8 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
     Usage, config and model errors raise (the CLI turns them into exit code 2). A lost cluster stops the
     run at once with the unfinished shards failed (exit 1, a rerun resumes). `on_event` is called on the
     driver with every worker event (`video`, `start`, `beat`, `log`) and driver event (`dispatch`,
-    `worker_ready`, `worker_replaced`, `worker_quarantined`, `requeue`, `retry`, `stall_warning`,
-    `relay_ready`, `relay_lost`, `shard_done`, `shard_failed`), each a dict with `type`.
+    `worker_ready`, `worker_replaced`, `worker_quarantined`, `requeue`, `retry`, `lease_lost`,
+    `stall_warning`, `relay_ready`, `relay_lost`, `shard_done`, `shard_failed`), each a dict with `type`.
     """
     console = console or Console()
     started = time.perf_counter()

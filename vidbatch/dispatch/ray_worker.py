@@ -30,6 +30,7 @@ from vidbatch.batch.shard import process_shard
 from vidbatch.config.schema import Config
 from vidbatch.core.errors import ConfigError
 from vidbatch.core.rows import DoneMarker
+from vidbatch.dispatch.leases import lease_fence
 from vidbatch.dispatch.logs import demote_third_party_logs
 
 # Seconds between two liveness beats of a busy worker (beats are throttled, not timed).
@@ -191,7 +192,10 @@ class ShardWorker:
                 "node_id": context.get_node_id(), "gpus": [str(g) for g in gpus],
                 "device": str(self.module.target_device)}
 
-    def process(self, url: str, stem: str, attempt: int, retry_failed: bool = False) -> DoneMarker:
+    def process(self, url: str, stem: str, attempt: int, retry_failed: bool = False,
+                lease_owner: str | None = None) -> DoneMarker:
+        """Runs one shard; with `lease_owner` (the driver's run id) its commit is fenced by the shard's
+        lease: published only if the lease still names that driver and this `attempt` (`lease_fence`)."""
         self._last_beat = time.monotonic()
         self.send({"type": "start", "stem": stem, "attempt": attempt})
         if _named_in(TEST_FAIL_ENV, self.name):
@@ -199,4 +203,6 @@ class ShardWorker:
                                       f"(simulated for worker {self.name} by {TEST_FAIL_ENV})")
         if _named_in(TEST_HANG_ENV, self.name):
             threading.Event().wait()  # no progress, ever: the driver's stall timeout must end this worker
-        return process_shard(self.module, url, stem, self.out_dir, _ShardEvents(self, stem, attempt), retry_failed)
+        fence = lease_fence(self.out_dir, stem, lease_owner, attempt) if lease_owner is not None else None
+        return process_shard(self.module, url, stem, self.out_dir, _ShardEvents(self, stem, attempt), retry_failed,
+                             fence)

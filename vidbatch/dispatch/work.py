@@ -6,6 +6,12 @@ and hands out a shard only once this driver holds its lease; a shard another dri
 and looked at again later (taken over when its lease expires), a shard someone finished meanwhile is
 dropped. A driver stops when nothing is left that it could claim; the one that finishes the last
 shard writes the summary and the report (`report.finalize`).
+
+An attempt whose commit fence found the lease lost (`dispatch.leases.lease_fence`) published nothing;
+the shard goes back to this driver's pending list (`lost`): it is done by whoever holds it now, or
+claimed again here once it is free (its lease merely expired). After MAX_LEASE_LOSSES such losses the
+driver gives the shard up as failed: its leases keep expiring before its commits (a `runtime.lease_s`
+too short for the filesystem, or a Ray node whose clock is far off the driver's).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from vidbatch.dispatch.plan import RunPlan
 from vidbatch.io.shard_check import intact_marker, is_intact
 
 log = logging.getLogger("vidbatch")
+
+# Lost leases of one shard after which this driver gives it up (a rerun continues it).
+MAX_LEASE_LOSSES = 3
 
 
 class SharedWork:
@@ -43,6 +52,7 @@ class SharedWork:
             self.longest = max((m.seconds for m in markers if m is not None), default=None)
         self.stopped: str | None = None
         self.never_fits = False
+        self.losses: dict[int, int] = {}   # plan index -> lost leases of this driver's attempts
 
     def _fits_before_deadline(self) -> bool:
         """Whether a shard as long as the longest done so far still ends before the deadline."""
@@ -100,6 +110,18 @@ class SharedWork:
     def failed(self, index: int, cause: str) -> None:
         record_failure(self.out_dir, self.plan.stems[index], cause, self.book.owner)
         self.book.release(self.plan.stems[index])
+
+    def lost(self, index: int, cause: str) -> bool:
+        """This driver's attempt lost the shard's lease and published nothing: the lease is given up (if
+        it is still this driver's, it expired) and the shard goes back to pending, to be claimed again
+        when free. Returns False, with the shard recorded failed, after MAX_LEASE_LOSSES losses."""
+        self.losses[index] = self.losses.get(index, 0) + 1
+        if self.losses[index] >= MAX_LEASE_LOSSES:
+            self.failed(index, f"{cause} ({self.losses[index]} times: is runtime.lease_s long enough?)")
+            return False
+        self.book.release(self.plan.stems[index])
+        self.pending.append(index)
+        return True
 
     def claimed(self) -> Iterator[int]:
         """Claims shard after shard for a driver that runs one at a time (the local backend); stops when

@@ -7,6 +7,9 @@ Layout under the output folder (the output contract other tools read):
 - `stats/{stem}.jsonl`: one row per (video, edit);
 - `stats/{stem}.json`: the shard's done marker, written only after both files above are complete,
   with their sizes and sha256 (hashed as they are written).
+
+A commit may be fenced (`ShardOutput.commit(marker, fence)`): the fence is checked just before the
+renames and raises (`core.faults.LeaseLost`) when the attempt no longer owns the shard; see `commit`.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tarfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import webdataset as wds
 
@@ -95,6 +99,11 @@ class _HashingFile:
     def flush(self) -> None:
         self._file.flush()
 
+    def sync(self) -> None:
+        """Flushes and fsyncs through the open file (its name may be gone: a takeover removes it)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
     def close(self) -> None:
         self._file.close()
 
@@ -144,18 +153,45 @@ class ShardOutput:
         self.rows.extend(rows)
         return stem
 
-    def commit(self, marker: DoneMarker) -> DoneMarker:
+    def commit(self, marker: DoneMarker, fence: Callable[[], None] | None = None) -> DoneMarker:
         """Closes and renames the shard and its rows, then writes the done marker (last), with the
-        files' sizes and checksums."""
+        files' sizes and checksums.
+
+        `fence` (from the dispatcher: does this attempt still hold the shard's lease?) is called after
+        the files are complete and on disk and just before the first rename; when it raises (a
+        `core.faults.LeaseLost`) nothing is published and the caller's `abort` removes the temporaries.
+        A rename that finds its temporary gone (a taker of the lease removed it) asks the fence again,
+        so that case is reported as the lost lease it is.
+
+        The window that remains: the check and the renames are separate steps (a POSIX filesystem has
+        no "rename if the lease is still mine"), so an attempt that passes the fence and then stalls
+        longer than its lease's remaining time (at least two thirds of `runtime.lease_s` while its driver
+        renews) may still rename after another driver took the shard over. That is safe because both
+        attempts publish complete, equivalent shards of the same input and config, each by renames of
+        whole files with its marker written last: a reader sees one attempt's complete files, and the
+        last marker written describes files of one attempt (a `verify` of the sizes and sha256 tells in
+        the unlikely interleaving where it does not, and a rerun redoes that shard). There is no second
+        check between the files and the marker: once this attempt's files stand under the final names,
+        the marker that describes them must follow, as stopping there could leave the taker's marker
+        beside this attempt's files.
+        """
         self._tar.close()  # writes the tar's end blocks; leaves the file open
-        self._tar_file.close()
-        self._rows_file.close()
+        for file in (self._tar_file, self._rows_file):
+            file.sync()  # on disk before the fence: the fence-to-rename window is the renames alone
+            file.close()
         tar, rows = shard_path(self.out_dir, self.stem), rows_path(self.out_dir, self.stem)
         files = {relative_name(self.out_dir, tar): self._tar_file.record(),
                  relative_name(self.out_dir, rows): self._rows_file.record()}
         marker = dataclasses.replace(marker, files=files)
-        publish(self._tar_tmp, tar)
-        publish(self._rows_tmp, rows)
+        if fence is not None:
+            fence()
+        try:
+            publish(self._tar_tmp, tar)
+            publish(self._rows_tmp, rows)
+        except FileNotFoundError:
+            if fence is not None:
+                fence()
+            raise
         write_json_atomic(marker_path(self.out_dir, self.stem), marker.to_json())
         return marker
 
