@@ -317,3 +317,41 @@ def test_node_check_waits_for_named_nodes_and_names_the_missing_ones(ray_cluster
                              timeout=120)
     assert missing.returncode == 1
     assert "Ray nodes missing after 3s: node-that-never-came (of 2)" in missing.stderr
+
+
+def test_a_shard_taken_over_mid_shard_is_not_published_by_the_worker_nor_failed(ray_cluster, tmp_path, clips):
+    """While a worker edits p0, another driver (on another machine) takes p0's lease over. The worker's
+    commit fence finds the lease gone: nothing of p0 is published, its temporaries are removed, and the
+    attempt is a lost lease (no retry, no failed shard, no replaced worker); p1 is committed normally. The
+    run leaves p0 to its holder and does not finalise; when that driver dies, a rerun finishes p0."""
+    inputs, keys = make_inputs(tmp_path / "in", clips["pattern"], shards=2, videos=3)
+    out = tmp_path / "out"
+    events: list[dict] = []
+    taken: list[str] = []
+
+    def take_over(event: dict) -> None:
+        if event["type"] == "video" and event["stem"] == "p0" and not taken:
+            (out / "leases" / "p0.json").write_text(json.dumps(
+                {"stem": "p0", "owner": "node7-4242-abcdef12", "attempt": 0, "host": "node7", "pid": 4242,
+                 "expires": time.time() + 600}))
+            taken.append(event["worker"])
+
+    code, text = run_here(inputs, out, RAY, events, take_over)
+    assert code == 0, text
+    assert taken
+    lost = [e for e in events if e["type"] == "lease_lost"]
+    assert [(e["stem"], e["worker"]) for e in lost] == [("p0", taken[0])]
+    assert "driver node7-4242-abcdef12 holds it now" in lost[0]["cause"]
+    assert not [e for e in events if e["type"] in ("retry", "requeue", "shard_failed", "worker_replaced")]
+    assert [e["stem"] for e in events if e["type"] == "shard_done"] == ["p1"]
+    assert not (out / "shards" / "p0.tar").exists() and not (out / "stats" / "p0.json").exists()
+    assert not (out / "stats" / "p0.jsonl").exists() and not list(out.rglob("*.tmp"))
+    assert not (out / "summary.json").exists() and "still being processed by other drivers" in text
+    assert json.loads((out / "leases" / "p0.json").read_text())["owner"] == "node7-4242-abcdef12"
+
+    (out / "leases" / "p0.json").write_text(json.dumps(   # that driver died: its lease expires
+        {"stem": "p0", "owner": "node7-4242-abcdef12", "attempt": 0, "host": "node7", "pid": 4242,
+         "expires": time.time() - 1}))
+    code, text = run_here(inputs, out, RAY)
+    assert code == 0, text
+    check_exactly_once(out, 2, keys)
