@@ -226,7 +226,13 @@ class Dispatcher:
         env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)})
         self.actor_options = dict(num_cpus=workers.cpus, num_gpus=1 if workers.use_gpu else 0, max_restarts=0,
                                   max_concurrency=1, runtime_env={"env_vars": env} if env else None)
-        self.relay = ray.remote(EventRelay).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote()
+        # On the driver's own node (soft: a restart may go elsewhere): a lost worker node must not take the
+        # progress relay, and with it every worker's events, down with it.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        self.relay = ray.remote(EventRelay).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                                                    scheduling_strategy=here).remote()
         self.relay_ok = True
         self.relay_pid: int | None = None
         self.relay_warned = False
