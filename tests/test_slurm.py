@@ -171,7 +171,7 @@ def test_ray_job_builds_its_cluster_again_after_a_requeue_and_resumes(slurm, job
     assert log.count("Ray head up") == 2 and "running on the Ray cluster at" in log
     assert "requeueing job" in log, log[-3000:]
     assert skipped_on_restart(log) >= len(done_before)  # more may have finished before the driver stopped
-    assert re.search(r"Ray node \S+: CUDA_VISIBLE_DEVICES=\d", log)
+    assert re.search(r"Ray node \S+ on \S+: CUDA_VISIBLE_DEVICES=\d", log)
     run_log = (out / "run.log").read_text()
     assert "worker w1 ready" in run_log and "worker w2 ready" in run_log
     for name, text in done_before.items():
