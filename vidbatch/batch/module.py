@@ -32,6 +32,7 @@ from vidbatch.metrics.clip import resolve_clip_model
 from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint, quiet_loading
 from vidbatch.models.dtype import auto_dtype
 from vidbatch.models.motion import with_motion_adapter
+from vidbatch.io.frames import FrameFile
 from vidbatch.io.input_shards import InputLimits, InputSample, read_samples
 from vidbatch.io.video import decode_video, encode_mp4
 
@@ -45,7 +46,7 @@ class PreparedSample:
     key: str
     edits: list[PlannedEdit]                   # the sample's (or the run's) edits, resolved (`plan_edits`)
     prompt: str | None = None
-    frames: np.ndarray | None = None
+    frames: FrameFile | None = None            # (T, H, W, 3) uint8 on local disk: read in windows
     fps: float | None = None
     audio: bytes | None = None
     control_frames: np.ndarray | None = None   # ControlNet condition images, (T, H, W, 3) uint8
@@ -105,7 +106,8 @@ class ShardDataset(IterableDataset):
             decoded = decode_video(
                 sample.video, sample.video_ext, short_side=v.size, multiple=self.size_multiple,
                 max_frames=v.max_frames, frame_stride=v.frame_stride, min_frames=v.min_frames,
-                max_input_bytes=int(v.max_input_mb * 2**20), max_source_pixels=v.max_source_pixels)
+                max_input_bytes=int(v.max_input_mb * 2**20), max_source_pixels=v.max_source_pixels,
+                keep="disk")  # a clip of any length: host memory holds a window of frames, not the clip
             prepared.frames, prepared.fps, prepared.audio = decoded.frames, decoded.fps, decoded.audio
             prepared.control_frames, prepared.error = self.control_frames(sample, decoded.frames, prepared.edits)
             if prepared.error is None:
@@ -118,7 +120,7 @@ class ShardDataset(IterableDataset):
         prepared.decode_seconds = time.perf_counter() - started
         return prepared
 
-    def control_frames(self, sample: InputSample, frames: np.ndarray,
+    def control_frames(self, sample: InputSample, frames: FrameFile,
                        edits: list[PlannedEdit]) -> tuple[np.ndarray | None, str | None]:
         """The ControlNet condition of a sample whose `edits` use the ControlNet, or the reason it has none:
         (images, error)."""
@@ -133,7 +135,7 @@ class ShardDataset(IterableDataset):
         return self._companion_video(sample.control_video, f"{sample.key}.control.mp4", frames,
                                      "control frames must match the video's count and aspect ratio")
 
-    def mask(self, sample: InputSample, frames: np.ndarray, edits: list[PlannedEdit]) -> tuple[np.ndarray | None, str | None]:
+    def mask(self, sample: InputSample, frames: FrameFile, edits: list[PlannedEdit]) -> tuple[np.ndarray | None, str | None]:
         """The foreground mask of a sample (`{key}.mask.mp4`, white = foreground), when one of its `edits`'
         methods uses one: (T, H, W) bool or None (no mask: all foreground), or the reason it cannot be used."""
         if not any(e.method and get_method(e.method).uses_mask for e in edits) or sample.mask_video is None:
@@ -142,7 +144,7 @@ class ShardDataset(IterableDataset):
                                             "a mask must match the video's frame count and aspect ratio")
         return (None, error) if mask is None else (mask.mean(axis=-1) > 127, None)
 
-    def _companion_video(self, data: bytes, name: str, frames: np.ndarray,
+    def _companion_video(self, data: bytes, name: str, frames: FrameFile,
                          rule: str) -> tuple[np.ndarray | None, str | None]:
         """A video that goes with the sample's (control frames, a mask), decoded like it and checked to match
         its frames: (frames, None) or (None, the reason)."""

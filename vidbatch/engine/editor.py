@@ -31,6 +31,7 @@ from vidbatch.engine.controls.sdedit import first_step
 from vidbatch.engine.inversion_cache import InversionCache, inversion_key
 from vidbatch.engine.method import EditorSettings, Inversion, Method
 from vidbatch.engine.plugins import get_method, resolve_control
+from vidbatch.io.frames import FrameFile
 from vidbatch.models.motion import is_motion_unet
 
 log = logging.getLogger("vidbatch")
@@ -38,7 +39,7 @@ log = logging.getLogger("vidbatch")
 
 @dataclass
 class EditedVideo:
-    frames: dict[str, np.ndarray]                          # edit name -> (T, H, W, 3) uint8
+    frames: dict[str, np.ndarray | FrameFile]              # edit name -> (T, H, W, 3) uint8, kept like the input
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # edit name -> {"invert", "edit"}
     inversion_cache: str = "off"                           # "hit", "miss", "off", or "shared" (see `edit`)
     inversion_use: dict[str, str] = field(default_factory=dict)  # edit name -> the first's status, then "shared"
@@ -179,25 +180,40 @@ class VideoEditor:
 
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray) -> Tensor:
-        """(T, H, W, 3) uint8 -> (T, 4, H/8, W/8) latents on the device, in VAE batches."""
-        out = []
+        """(T, H, W, 3) uint8 (an array or a `FrameFile`) -> (T, 4, H/8, W/8) latents on the device, in VAE
+        batches written into one preallocated tensor (no second whole-clip copy)."""
+        out = None
         for start in range(0, len(frames), self.settings.vae_batch):
             batch = torch.from_numpy(np.ascontiguousarray(frames[start:start + self.settings.vae_batch]))
             pixels = batch.to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
-            latent = self.vae.encode(pixels).latent_dist.mean
-            out.append(latent * self.vae.config.scaling_factor)
-        return torch.cat(out)
+            latent = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+            if out is None:
+                out = torch.empty((len(frames), *latent.shape[1:]), dtype=latent.dtype, device=latent.device)
+            out[start:start + len(latent)] = latent
+        return out
 
     @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> np.ndarray:
-        """(T, 4, h, w) latents -> (T, 8h, 8w, 3) uint8 frames, in VAE batches."""
-        out = []
+    def decoded_windows(self, latents: Tensor) -> Iterator[np.ndarray]:
+        """(T, 4, h, w) latents -> (n, 8h, 8w, 3) uint8 frames, one VAE batch at a time, in order."""
         for start in range(0, len(latents), self.settings.vae_batch):
             batch = latents[start:start + self.settings.vae_batch].to(self.device, self.dtype)
             pixels = self.vae.decode(batch / self.vae.config.scaling_factor).sample
             pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            out.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
-        return np.concatenate(out)
+            yield pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+    def decode_latents(self, latents: Tensor) -> np.ndarray:
+        """(T, 4, h, w) latents -> (T, 8h, 8w, 3) uint8 frames in one array."""
+        return np.concatenate(list(self.decoded_windows(latents)))
+
+    def decode_latents_to_file(self, latents: Tensor) -> FrameFile:
+        """(T, 4, h, w) latents -> (T, 8h, 8w, 3) uint8 frames in a `FrameFile`: host memory holds one VAE
+        batch of frames, however long the clip."""
+        out = None
+        for window in self.decoded_windows(latents):
+            if out is None:
+                out = FrameFile(*window.shape[1:])
+            out.append(window)
+        return out
 
     # -- schedule --------------------------------------------------------------------------------
 
@@ -434,15 +450,29 @@ class VideoEditor:
                     return out_uncond + s.guidance * (out_cond - out_uncond)
 
                 hooks.begin_step(k, len(x), predict, generator)   # TokenFlow: the keyframe pass
-                model_out = torch.empty_like(x)
-                for frames in chunk_schedule(len(x), chunk_size, hooks.chunk_order(), generator):
-                    _simulated_memory_limit(len(frames))
-                    idx = frames.to(self.device)
-                    model_out[idx] = predict(idx)
-                noise = None
+                chunks = chunk_schedule(len(x), chunk_size, hooks.chunk_order(), generator)
                 if s.eta > 0:
+                    # The step's noise is drawn after every chunk's prediction (the generator's order), so
+                    # the step waits for the whole clip's predictions.
+                    model_out = torch.empty_like(x)
+                    for frames in chunks:
+                        _simulated_memory_limit(len(frames))
+                        idx = frames.to(self.device)
+                        model_out[idx] = predict(idx)
                     noise = torch.randn(x.shape, generator=generator).to(self.device)
-                x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type, s.eta, noise)
+                    x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type,
+                                            s.eta, noise)
+                else:
+                    # The DDIM step is elementwise: each chunk steps as soon as it is predicted, into the
+                    # next step's latents (later chunks still read this step's), so no clip-sized
+                    # prediction and temporaries are held besides the two latents.
+                    x_next = torch.empty_like(x)
+                    for frames in chunks:
+                        _simulated_memory_limit(len(frames))
+                        idx = frames.to(self.device)
+                        x_next[idx] = ddim.denoising_step(x[idx], predict(idx), alpha_t[k], alpha_prev[k],
+                                                          self.prediction_type, 0.0, None)
+                    x = x_next
                 self.report_progress(self._stage, k - start + 1, len(timesteps) - start)
         finally:
             hooks.unpatch(self.unet)
@@ -510,10 +540,13 @@ class VideoEditor:
         shared[key] = inversion
         return inversion, status
 
-    def edit(self, frames: np.ndarray, source_prompt: str, edits: list[tuple[str, str]], *,
+    def edit(self, frames: np.ndarray | FrameFile, source_prompt: str, edits: list[tuple[str, str]], *,
              seed: int, key: str, control_images: np.ndarray | None = None,
              mask: np.ndarray | None = None, shared: dict[str, Inversion] | None = None) -> EditedVideo:
         """Inverts `frames` once (or takes the inversion from the cache) and applies every edit.
+
+        `frames` (T, H, W, 3) uint8: an array, or a `FrameFile` for a clip that need not fit in host memory
+        (it is read a VAE batch at a time, and the edited frames are written to `FrameFile`s too).
 
         The inversion time is counted on the first edit; the others reuse it (their `inversion_use`
         is "shared"). `mask` (T, H, W) bool is the sample's foreground, used by methods that read one
@@ -532,7 +565,9 @@ class VideoEditor:
             started = time.perf_counter()
             self._stage = f"edit {name}"
             latents = self.denoise(inversion, prompt, sample_seed(seed, key, name), source_prompt, control_images, mask)
-            result.frames[name] = self.decode_latents(latents)
+            # Edited frames are kept like the source frames: in memory, or on disk for a `FrameFile`.
+            decode = self.decode_latents_to_file if isinstance(frames, FrameFile) else self.decode_latents
+            result.frames[name] = decode(latents)
             result.seconds[name] = {"invert": invert_seconds if result.inversion_use[name] != "shared" else 0.0,
                                     "edit": time.perf_counter() - started}
         return result

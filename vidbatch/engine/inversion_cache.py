@@ -33,7 +33,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_path
 from vidbatch.core.errors import ConfigError
+from vidbatch.io.frames import FrameFile
 
 __all__ = [
     "FORMAT_VERSION",
@@ -135,7 +136,7 @@ def _byte_view(x: np.ndarray | torch.Tensor) -> tuple[str, tuple[int, ...], memo
     raise TypeError(f"inversion_key: frames must be a numpy array or torch tensor, got {type(x).__name__}")
 
 
-def inversion_key(frames: np.ndarray | torch.Tensor, parts: Mapping[str, Any]) -> str:
+def inversion_key(frames: np.ndarray | torch.Tensor | FrameFile, parts: Mapping[str, Any]) -> str:
     """The cache key of an inversion: blake2b-256 hex digest (64 chars) of the frames' content and `parts`.
 
     Args:
@@ -153,13 +154,20 @@ def inversion_key(frames: np.ndarray | torch.Tensor, parts: Mapping[str, Any]) -
             not an array/tensor.
     """
     parts_json = canonical_json(parts)
-    dtype, shape, data = _byte_view(frames)
+    if isinstance(frames, FrameFile):
+        # A window at a time, hashed exactly as the same frames in one array would be.
+        dtype, shape, nbytes = "uint8", frames.shape, frames.nbytes
+        chunks: Iterable[memoryview] = (memoryview(w).cast("B") for w in frames.windows())
+    else:
+        dtype, shape, data = _byte_view(frames)
+        nbytes, chunks = data.nbytes, (data,)
     h = hashlib.blake2b(digest_size=32)
     h.update(_KEY_TAG + b"\0")
     # The frames header carries nbytes, so the boundary between the sections is unambiguous.
-    header = json.dumps({"dtype": dtype, "nbytes": data.nbytes, "shape": list(shape)}, sort_keys=True)
+    header = json.dumps({"dtype": dtype, "nbytes": nbytes, "shape": list(shape)}, sort_keys=True)
     h.update(header.encode() + b"\0")
-    h.update(data)
+    for chunk in chunks:
+        h.update(chunk)
     h.update(b"\0" + parts_json.encode("utf-8"))
     return h.hexdigest()
 

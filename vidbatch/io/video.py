@@ -32,6 +32,7 @@ import imageio_ffmpeg
 import numpy as np
 
 from vidbatch.core.errors import VideoDecodeError
+from vidbatch.io.frames import WINDOW, FrameFile, frame_windows
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class VideoInfo:
 class DecodedVideo:
     """Decoded frames and what came with them."""
 
-    frames: np.ndarray  # (T, H, W, 3) uint8 RGB, upright and resized
+    frames: np.ndarray | FrameFile  # (T, H, W, 3) uint8 RGB, upright and resized
     fps: float  # output frame rate = source fps / frame_stride
     source: VideoInfo
     audio: bytes | None  # first audio track as AAC in .m4a covering the frames' time span; None without audio
@@ -391,10 +392,28 @@ def _read_all(stream: IO[bytes], chunk: int = 1 << 20) -> bytearray:
         buf += data
 
 
+def _stream_into(stream: IO[bytes], frames: FrameFile) -> None:
+    """Read a pipe of raw frames to EOF into `frames`, a window at a time (a trailing partial frame,
+    which only a killed ffmpeg leaves, is dropped)."""
+    window = frames.frame_bytes * WINDOW
+    pending = bytearray()
+    while True:
+        data = stream.read(window)
+        if not data:
+            return
+        pending += data
+        whole = len(pending) - len(pending) % frames.frame_bytes
+        if whole:
+            frames.append_bytes(memoryview(pending)[:whole])
+            del pending[:whole]
+
+
 def _decode_frames(
-    path: Path, probe: _Probe, size: tuple[int, int], max_frames: int | None, frame_stride: int
-) -> tuple[np.ndarray, int, _StderrDrain]:
-    """Run ffmpeg: selected frames of the first video stream as (T, H, W, 3) rgb24, autorotated and scaled.
+    path: Path, probe: _Probe, size: tuple[int, int], max_frames: int | None, frame_stride: int,
+    keep: str,
+) -> tuple[np.ndarray | FrameFile, int, _StderrDrain]:
+    """Run ffmpeg: selected frames of the first video stream as (T, H, W, 3) rgb24, autorotated and scaled,
+    in memory (`keep` "memory") or streamed into a `FrameFile` ("disk").
 
     Returns (frames, ffmpeg exit code, drained stderr).
     """
@@ -413,13 +432,19 @@ def _decode_frames(
         out_opts["frames:v"] = max_frames  # ffmpeg stops reading and decoding once it has these
     args = ffmpeg_args(ffmpeg.output(video, "pipe:", **out_opts), loglevel=_DECODE_LOGLEVEL)
 
+    on_disk = FrameFile(height, width) if keep == "disk" else None
     with _ffmpeg_process(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as (proc, drain):
-        buf = _read_all(proc.stdout)
+        if on_disk is None:
+            buf = _read_all(proc.stdout)
+        else:
+            _stream_into(proc.stdout, on_disk)
         returncode = proc.wait()
     if returncode < 0:
         # Killed by a signal (preemption, scancel, OOM killer): the job is ending, the video is not
         # at fault, so this must not become a "corrupt video" row in a committed shard.
         raise RuntimeError(f"ffmpeg was killed by signal {-returncode} while decoding")
+    if on_disk is not None:
+        return on_disk, returncode, drain
     frame_bytes = width * height * 3
     count = len(buf) // frame_bytes
     del buf[count * frame_bytes :]  # a partial frame can only come from a killed ffmpeg
@@ -453,6 +478,7 @@ def decode_video(
     min_frames: int = 1,
     max_input_bytes: int | None = None,
     max_source_pixels: int | None = None,
+    keep: str = "memory",
 ) -> DecodedVideo:
     """Decode a video file's bytes into upright RGB frames of `output_size(...)`.
 
@@ -465,6 +491,8 @@ def decode_video(
         frame_stride: keep source frames 0, stride, 2*stride, ... (output fps = source fps / stride).
         min_frames: fewer frames than this after selection is an error.
         max_input_bytes, max_source_pixels: refuse inputs larger than this (bytes / width*height).
+        keep: "memory" (frames as one array) or "disk" (a `FrameFile`, streamed from ffmpeg a window
+            at a time: a clip of any length decodes at bounded host memory).
 
     Returns:
         DecodedVideo with frames `(T, H, W, 3)` uint8 and, when the source has audio, the audio of
@@ -480,6 +508,8 @@ def decode_video(
     """
     if frame_stride < 1:
         raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+    if keep not in ("memory", "disk"):
+        raise ValueError(f"keep must be 'memory' or 'disk', got {keep!r}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
     if max_frames is not None and max_frames < min_frames:
@@ -504,7 +534,7 @@ def decode_video(
                 f"> max_source_pixels={max_source_pixels}"
             )
         size = output_size(info.width, info.height, short_side, multiple)
-        frames, returncode, drain = _decode_frames(path, probe, size, max_frames, frame_stride)
+        frames, returncode, drain = _decode_frames(path, probe, size, max_frames, frame_stride, keep)
         count = len(frames)
         cause = _meaningful_lines(drain.damage or drain.tail).replace(file_url(path), "<input>")
         if count == 0:
@@ -530,15 +560,17 @@ def decode_video(
 # ---------------------------------------------------------------------------------------------- encode
 
 
-def encode_mp4(frames: np.ndarray, fps: float, *, audio: bytes | None = None, crf: int = 18) -> bytes:
-    """Encode `(T, H, W, 3)` uint8 RGB frames into a web-playable mp4 and return its bytes.
+def encode_mp4(frames: np.ndarray | FrameFile, fps: float, *, audio: bytes | None = None, crf: int = 18) -> bytes:
+    """Encode `(T, H, W, 3)` uint8 RGB frames (an array or a `FrameFile`, fed to ffmpeg a window at a
+    time) into a web-playable mp4 and return its bytes.
 
     H.264 (libx264), yuv420p tagged BT.601, `+faststart`; exactly T frames at exactly `fps` (NTSC rates as
     n*1000/1001). `audio` (the .m4a bytes of `DecodedVideo.audio`) is muxed without re-encoding, cut to
     the video's duration (T / fps) on input; not with `-shortest`, which loses video frames.
     H and W must be even (4:2:0 chroma).
     """
-    frames = np.asarray(frames)
+    if not isinstance(frames, FrameFile):
+        frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got shape {frames.shape} dtype {frames.dtype}")
     count, height, width, _ = frames.shape
@@ -547,7 +579,6 @@ def encode_mp4(frames: np.ndarray, fps: float, *, audio: bytes | None = None, cr
     if width % 2 or height % 2:
         raise ValueError(f"H.264 yuv420p needs even width and height, got {width}x{height}")
     rate = fps_to_rational(fps)
-    frames = np.ascontiguousarray(frames)
 
     with tempfile.TemporaryDirectory(prefix="vidbatch-encode-") as tmp:
         workdir = Path(tmp)
@@ -580,10 +611,8 @@ def encode_mp4(frames: np.ndarray, fps: float, *, audio: bytes | None = None, cr
 
         with _ffmpeg_process(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as (proc, drain):
             try:
-                view = memoryview(frames).cast("B")
-                step = width * height * 3 * 8
-                for start in range(0, len(view), step):
-                    proc.stdin.write(view[start : start + step])
+                for window in frame_windows(frames, 8):
+                    proc.stdin.write(memoryview(np.ascontiguousarray(window)).cast("B"))
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # ffmpeg quit early; its exit code and stderr say why

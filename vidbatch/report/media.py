@@ -31,6 +31,7 @@ from vidbatch.core.names import safe_member_stem
 from vidbatch.core.atomic import fsync_dir, publish, temporary_path
 from vidbatch.core.rows import EditRow
 from vidbatch.io.input_shards import read_samples, shard_stem
+from vidbatch.io.frames import FrameFile
 from vidbatch.io.video import decode_video, encode_mp4
 from vidbatch.report.summary import ShardRow
 
@@ -60,7 +61,7 @@ class _Sources:
     url: str
     videos: dict[str, tuple[bytes, str]] | None = None
     unavailable: str | None = None
-    decoded: dict[tuple[str, int, int, int], np.ndarray] = field(default_factory=dict)
+    decoded: dict[tuple[str, int, int, int], FrameFile] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,18 +127,22 @@ def _read_sources(url: str, keys: set[str]) -> _Sources:
     return sources
 
 
-def _source_frames(sources: _Sources, row: EditRow, stride: int) -> np.ndarray | None:
-    """The source frames that were edited, at the edited size: `(T, H, W, 3)` uint8, or None."""
+def _source_frames(sources: _Sources, row: EditRow, stride: int) -> FrameFile | None:
+    """The source frames that were edited, at the edited size: `(T, H, W, 3)` uint8 on disk (a clip of
+    any length), or None."""
     if sources.videos is None or row.key not in sources.videos:
         return None
     t, h, w = int(row.frames), int(row.height), int(row.width)
     cache_key = (row.key, t, h, w)
     if cache_key not in sources.decoded:
         data, ext = sources.videos[row.key]
-        decoded = decode_video(data, ext, short_side=min(h, w), multiple=2, max_frames=t, frame_stride=stride)
-        frames = decoded.frames[:t]
+        frames = decode_video(data, ext, short_side=min(h, w), multiple=2, max_frames=t, frame_stride=stride,
+                              keep="disk").frames
         if frames.shape[1:3] != (h, w):  # the edit rounded its size to the UNet's multiple
-            frames = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
+            resized = FrameFile(h, w)
+            for window in frames.windows():
+                resized.append(np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in window]))
+            frames = resized
         sources.decoded[cache_key] = frames
     return sources.decoded[cache_key]
 
@@ -231,13 +236,13 @@ class _ShardFiles:
 
 
 def _write_videos(item: Media, folder: Path, rel: str, row: EditRow, edited_bytes: bytes,
-                  source: np.ndarray | None) -> None:
+                  source: FrameFile | None) -> None:
     """The edited mp4 and its poster, and (once per sample) the re-encoded source and its poster."""
     key, edit = row.key, row.edit
     stem_name = f"{safe_member_stem(key)}.{_safe(edit)}"
     (folder / f"{stem_name}.mp4").write_bytes(edited_bytes)
     item.edited = f"{rel}/{stem_name}.mp4"
-    edited = decode_video(edited_bytes, "mp4", short_side=None, multiple=2).frames
+    edited = decode_video(edited_bytes, "mp4", short_side=None, multiple=2, keep="disk").frames
     _write_jpeg(folder / f"{stem_name}.jpg", edited[len(edited) // 2])
     item.edited_poster = f"{rel}/{stem_name}.jpg"
     if source is not None:
@@ -250,11 +255,13 @@ def _write_videos(item: Media, folder: Path, rel: str, row: EditRow, edited_byte
 
 
 def _write_sheet(item: Media, folder: Path, rel: str, row: EditRow, edited_bytes: bytes,
-                 source: np.ndarray | None) -> None:
+                 source: FrameFile | None) -> None:
     """A contact sheet: source frames (when available) above the same frames of the edit."""
     key, edit = row.key, row.edit
-    edited = decode_video(edited_bytes, "mp4", short_side=None, multiple=2).frames
-    strips = ([("source", source[:len(edited)])] if source is not None else []) + [(edit, edited)]
+    edited = decode_video(edited_bytes, "mp4", short_side=None, multiple=2, keep="disk").frames
+    if source is not None and len(source) != len(edited):
+        source = source[:len(edited)]
+    strips = ([("source", source)] if source is not None else []) + [(edit, edited)]
     name = f"{safe_member_stem(key)}.{_safe(edit)}.jpg"
     _write_jpeg(folder / name, contact_sheet(strips))
     item.sheet = f"{rel}/{name}"
