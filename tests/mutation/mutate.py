@@ -73,12 +73,19 @@ def mutmut(folder: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def run(module: str, folder: Path) -> float:
-    """Tests the module's mutants; returns the wall time in seconds."""
+    """Tests the module's mutants; returns the wall time in seconds.
+
+    mutmut tests the mutants it has no result for (all of them the first time, new or changed ones
+    later). On a later run the mutants not killed before are tested again too: tests may have been
+    added since (a killed mutant stays killed: its code and the tests that failed on it are unchanged,
+    or mutmut would have reset it)."""
     start = time.monotonic()
-    done = mutmut(folder, "run", "--max-children", "1", preexec_fn=lambda: os.nice(10))
+    again = [name for name, status in results(folder).items() if status not in (*KILLED, "not checked")] if (folder / "last-run.json").is_file() else []
+    for names in ([], again) if again else ([],):
+        done = mutmut(folder, "run", "--max-children", "1", *names, preexec_fn=lambda: os.nice(10))
+        if done.returncode != 0:
+            raise SystemExit(f"mutate: mutmut failed on module {module!r} (exit {done.returncode}); see its output above")
     seconds = time.monotonic() - start
-    if done.returncode != 0:
-        raise SystemExit(f"mutate: mutmut failed on module {module!r} (exit {done.returncode}); see its output above")
     (folder / "last-run.json").write_text(json.dumps({"seconds": round(seconds), "finished": time.strftime("%FT%TZ", time.gmtime())}))
     return seconds
 
