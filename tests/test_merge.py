@@ -529,3 +529,22 @@ def test_local_merge_default_stride_is_four():
 def test_local_merge_names_its_ratio_out_of_range():
     with pytest.raises(ValueError, match="local merge ratio"):
         local_merge(torch.zeros(1, 8, 2), 2, 1.5, generator=gen())
+
+
+def test_bipartite_match_with_an_empty_destination_set():
+    src = torch.randn(2, 3, 4, generator=gen(11))
+    src_idx, dst_idx, unm_idx = bipartite_match(src, torch.zeros(2, 0, 4), 0)   # nothing to merge: fine
+    assert src_idx.shape == (1, 0) and dst_idx.shape == (1, 0) and unm_idx.tolist() == [[0, 1, 2]]
+    src_idx, _, unm_idx = bipartite_match(src, torch.zeros(2, 0, 4), 0, align_batch=False)
+    assert src_idx.shape == (2, 0) and unm_idx.tolist() == [[0, 1, 2]] * 2
+    with pytest.raises(ValueError, match="empty destination"):
+        bipartite_match(src, torch.zeros(2, 0, 4), 1)
+
+
+def test_bipartite_match_scores_in_the_input_precision():
+    # Cosines 1 - 2e-12 (source 0) and 1 - 5e-13 (source 1) with the destination: equal in float32,
+    # but in float64 source 1 is the better match and is the one merged.
+    dst = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
+    src = torch.tensor([[[1.0, 2e-6], [1.0, 1e-6]]], dtype=torch.float64)
+    src_idx, dst_idx, unm_idx = bipartite_match(src, dst, 1)
+    assert src_idx.tolist() == [[1]] and unm_idx.tolist() == [[0]] and dst_idx.tolist() == [[0]]
