@@ -475,7 +475,7 @@ def test_global_merge_refuses_global_tokens_of_another_batch_or_width(shape):
 
 @pytest.mark.parametrize("ratio, rand, name", [(1.5, 0.5, "global merge ratio"), (0.5, -0.1, "global_rand")])
 def test_global_merge_names_the_setting_out_of_range(ratio, rand, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"^{name} must be in"):
         global_merge(torch.zeros(1, 6, 4), torch.zeros(1, 2, 4), ratio, rand, global_is_src=True)
 
 
@@ -498,7 +498,7 @@ def test_merge_and_unmerge_refuse_tokens_of_another_count():
 
 
 def test_draw_global_side_names_global_rand_out_of_range():
-    with pytest.raises(ValueError, match="global_rand"):
+    with pytest.raises(ValueError, match="^global_rand must be in"):
         draw_global_side(1.5, gen())
 
 
@@ -527,7 +527,7 @@ def test_local_merge_default_stride_is_four():
 
 
 def test_local_merge_names_its_ratio_out_of_range():
-    with pytest.raises(ValueError, match="local merge ratio"):
+    with pytest.raises(ValueError, match="^local merge ratio must be in"):
         local_merge(torch.zeros(1, 8, 2), 2, 1.5, generator=gen())
 
 
@@ -548,3 +548,10 @@ def test_bipartite_match_scores_in_the_input_precision():
     src = torch.tensor([[[1.0, 2e-6], [1.0, 1e-6]]], dtype=torch.float64)
     src_idx, dst_idx, unm_idx = bipartite_match(src, dst, 1)
     assert src_idx.tolist() == [[1]] and unm_idx.tolist() == [[0]] and dst_idx.tolist() == [[0]]
+
+
+def test_tied_scores_merge_the_lowest_source_indices():
+    # 64 identical sources tie for the one destination: the stable order merges sources 0..31.
+    src = torch.ones(1, 64, 4)
+    src_idx, dst_idx, unm_idx = bipartite_match(src, torch.ones(1, 1, 4), 32)
+    assert src_idx.tolist() == [list(range(32))] and unm_idx.tolist() == [list(range(32, 64))]
