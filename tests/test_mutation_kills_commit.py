@@ -58,3 +58,15 @@ def test_stale_temporaries_age_limit_is_a_parameter(tmp_path):
     aged(tmp, 60)
     assert remove_stale_temporaries(final, older_than_s=120) == [] and tmp.exists()
     assert remove_stale_temporaries(final, older_than_s=30) == [tmp] and not tmp.exists()
+
+
+def test_rows_of_a_committed_shard_read_back_in_order(tmp_path):
+    from test_commit_order import filled_output
+    from vidbatch.io.output_shards import read_rows
+
+    output, marker = filled_output(tmp_path, "p0")
+    output.commit(marker)
+    rows = read_rows(tmp_path, "p0")
+    assert [(row.key, row.to_json()) for row in rows] == [(row.key, row.to_json()) for row in output.rows]
+    assert [row.key for row in rows] == ["a", "b"]
+    assert read_rows(tmp_path, "p1") == []      # a shard without rows
