@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean mutate
 
 $(STAMP): pyproject.toml install.sh
 	bash install.sh $(VENV)
@@ -19,5 +19,14 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
+# Mutation testing of the engine's core with mutmut, module by module: slow, so not part of `make test`
+# or CI (docs/TESTING.md). `make mutate MODULES="ddim commit"` tests some modules only; the modules,
+# their files and their tests are in pyproject.toml ([tool.vidbatch.mutate]). Scores and the mutants
+# not killed go to mutation-report.txt; mutmut's work is kept in build/mutate/.
+MODULES ?= merge vidtome processors ddim commit cache controls methods
+
+mutate: $(STAMP)
+	$(BIN)/python tests/mutation/mutate.py $(MODULES)
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache build/mutate mutation-report.txt

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidbatch.engine.methods.merge import Merge, bipartite_match, global_merge, join_frames, local_merge, split_frames
+from vidbatch.engine.methods.merge import (
+    Merge,
+    bipartite_match,
+    draw_global_side,
+    draw_local_offsets,
+    global_merge,
+    join_frames,
+    local_merge,
+    split_frames,
+)
 
 FRAME_COUNTS = [1, 2, 3, 5, 8, 17, 64]
 
@@ -419,3 +428,130 @@ def test_half_precision_matching_differs_from_float32_only_at_ties(low):
     row = compare_matching(tokens_per_frame=256, frames=4, channels=64, branches=3, ratio=0.9, low=low, repeat=1)
     assert row["merged"] == int(3 * 256 * 0.9)
     assert row["not_ties"] == 0, row
+
+
+# --- found by `make mutate`: sizes in other dtypes, the global matching's defaults, full-ratio merging,
+# --- stride 2, and the checks that name the setting out of range.
+def test_sizes_keep_the_dtype_of_the_base_sizes():
+    # Positions 0..3; 1 and 3 merge into 0, 2 stays: groups {0, 1, 3} and {2}.
+    m = Merge(keep=torch.tensor([[0, 2]]), back=torch.tensor([[0, 0, 1, 0]]))
+    assert m.sizes().dtype == torch.float32 and m.sizes().tolist() == [[3.0, 1.0]]
+    base = torch.tensor([[1.0, 2.0, 4.0, 8.0]], dtype=torch.float64)
+    sizes = m.sizes(base)
+    assert sizes.dtype == torch.float64 and sizes.tolist() == [[11.0, 4.0]]
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 5), (1, 3)])
+def test_sizes_refuse_a_base_of_the_wrong_shape(shape):
+    m = Merge(keep=torch.tensor([[0, 2]]), back=torch.tensor([[0, 0, 1, 0]]))
+    with pytest.raises(ValueError, match="expected sizes of shape"):
+        m.sizes(torch.ones(shape))
+
+
+def test_global_merge_draws_its_side_with_even_odds_by_default():
+    # Without `rand`, the side is drawn with probability 0.5: over 200 draws both sides come up often.
+    x, g = torch.randn(1, 6, 4, generator=gen(1)), torch.randn(1, 2, 4, generator=gen(2))
+    generator = gen(3)
+    kept = [global_merge(x, g, 0.5, generator=generator).num_kept for _ in range(200)]
+    # global set as source: 2 sources, r = 1 -> 7 kept; chunk as source: 6 sources, r = 3 -> 5 kept.
+    assert set(kept) == {5, 7}
+    assert 60 < kept.count(7) < 140
+
+
+@pytest.mark.parametrize("global_is_src, kept", [(True, 6), (False, 2)])
+def test_global_merge_at_ratio_one_merges_every_source(global_is_src, kept):
+    x, g = torch.randn(2, 6, 4, generator=gen(4)), torch.randn(2, 2, 4, generator=gen(5))
+    m = global_merge(x, g, 1.0, global_is_src=global_is_src)
+    assert m.num_tokens == 8 and m.num_kept == kept
+    survivors = set(m.keep[0].tolist())
+    assert survivors == (set(range(6)) if global_is_src else {6, 7})
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4), (2, 2, 5)])
+def test_global_merge_refuses_global_tokens_of_another_batch_or_width(shape):
+    with pytest.raises(ValueError, match="do not match"):
+        global_merge(torch.zeros(2, 6, 4), torch.zeros(shape), 0.5, global_is_src=True)
+
+
+@pytest.mark.parametrize("ratio, rand, name", [(1.5, 0.5, "global merge ratio"), (0.5, -0.1, "global_rand")])
+def test_global_merge_names_the_setting_out_of_range(ratio, rand, name):
+    with pytest.raises(ValueError, match=f"^{name} must be in"):
+        global_merge(torch.zeros(1, 6, 4), torch.zeros(1, 2, 4), ratio, rand, global_is_src=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_mean_merge_keeps_the_shape_and_dtype_of_its_input(dtype):
+    # One matching shared by a batch of 2: positions 1 and 3 merge into 0, 2 stays.
+    m = Merge(keep=torch.tensor([[0, 2]]), back=torch.tensor([[0, 0, 1, 0]]))
+    x = torch.tensor([[[1.0], [2.0], [5.0], [6.0]], [[0.0], [3.0], [1.0], [-3.0]]], dtype=dtype)
+    out = m.merge(x, "mean")
+    assert out.dtype == dtype and out.shape == (2, 2, 1)
+    assert out[..., 0].tolist() == [[3.0, 5.0], [0.0, 1.0]]
+
+
+def test_merge_and_unmerge_refuse_tokens_of_another_count():
+    m = Merge(keep=torch.tensor([[0, 2]]), back=torch.tensor([[0, 0, 1, 0]]))
+    with pytest.raises(ValueError, match="expected tokens of shape"):
+        m.merge(torch.zeros(1, 5, 3))
+    with pytest.raises(ValueError, match="expected tokens of shape"):
+        m.unmerge(torch.zeros(1, 3, 3))
+
+
+def test_draw_global_side_names_global_rand_out_of_range():
+    with pytest.raises(ValueError, match="^global_rand must be in"):
+        draw_global_side(1.5, gen())
+
+
+def test_global_tokens_of_another_dtype_are_matched_in_the_chunk_dtype():
+    x = torch.randn(1, 6, 4, generator=gen(6))
+    g = x[:, :2].double() + 1e-3                 # near-copies of tokens 0 and 1, kept in float64
+    m = global_merge(x, g, 1.0, global_is_src=True)
+    assert m.back[0, 6:].tolist() == [0, 1]      # each global token merges into the token it copies
+
+
+def test_stride_two_is_allowed_and_halves_the_frames_each_level():
+    offsets = draw_local_offsets(8, 2, gen(7))
+    assert len(offsets) == 3 and all(int(o) in (0, 1) for o in offsets)   # 8 -> 4 -> 2 -> 1 frames
+    # Ratio 1 merges every source of every level: one frame's worth of tokens is left.
+    m = local_merge(torch.randn(1, 8 * 3, 4, generator=gen(8)), 8, 1.0, stride=2, offsets=offsets)
+    assert m.num_kept == 3
+
+
+def test_local_merge_default_stride_is_four():
+    x = torch.randn(2, 8 * 4, 4, generator=gen(9))
+    by_default = local_merge(x, 8, 0.5, generator=gen(10))
+    four = local_merge(x, 8, 0.5, stride=4, generator=gen(10))
+    assert torch.equal(by_default.keep, four.keep) and torch.equal(by_default.back, four.back)
+    # 8 frames at stride 4: 24 sources -> 12 merged, then 4 sources -> 2 merged: 32 - 14 kept.
+    assert by_default.num_kept == 18
+
+
+def test_local_merge_names_its_ratio_out_of_range():
+    with pytest.raises(ValueError, match="^local merge ratio must be in"):
+        local_merge(torch.zeros(1, 8, 2), 2, 1.5, generator=gen())
+
+
+def test_bipartite_match_with_an_empty_destination_set():
+    src = torch.randn(2, 3, 4, generator=gen(11))
+    src_idx, dst_idx, unm_idx = bipartite_match(src, torch.zeros(2, 0, 4), 0)   # nothing to merge: fine
+    assert src_idx.shape == (1, 0) and dst_idx.shape == (1, 0) and unm_idx.tolist() == [[0, 1, 2]]
+    src_idx, _, unm_idx = bipartite_match(src, torch.zeros(2, 0, 4), 0, align_batch=False)
+    assert src_idx.shape == (2, 0) and unm_idx.tolist() == [[0, 1, 2]] * 2
+    with pytest.raises(ValueError, match="empty destination"):
+        bipartite_match(src, torch.zeros(2, 0, 4), 1)
+
+
+def test_bipartite_match_scores_in_the_input_precision():
+    # Cosines 1 - 2e-12 (source 0) and 1 - 5e-13 (source 1) with the destination: equal in float32,
+    # but in float64 source 1 is the better match and is the one merged.
+    dst = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
+    src = torch.tensor([[[1.0, 2e-6], [1.0, 1e-6]]], dtype=torch.float64)
+    src_idx, dst_idx, unm_idx = bipartite_match(src, dst, 1)
+    assert src_idx.tolist() == [[1]] and unm_idx.tolist() == [[0]] and dst_idx.tolist() == [[0]]
+
+
+def test_tied_scores_merge_the_lowest_source_indices():
+    # 64 identical sources tie for the one destination: the stable order merges sources 0..31.
+    src = torch.ones(1, 64, 4)
+    src_idx, dst_idx, unm_idx = bipartite_match(src, torch.ones(1, 1, 4), 32)
+    assert src_idx.tolist() == [list(range(32))] and unm_idx.tolist() == [list(range(32, 64))]
