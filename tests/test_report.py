@@ -60,7 +60,7 @@ def metrics_run(tmp_path_factory, clips):
 
     def recording(source, edited, prompt, source_prompt, **kwargs):
         result = compute_metrics(source, edited, prompt, source_prompt, **kwargs)
-        calls.append(dict(source=source.copy(), edited=edited.copy(), prompt=prompt, source_prompt=source_prompt,
+        calls.append(dict(source=np.array(source), edited=np.array(edited), prompt=prompt, source_prompt=source_prompt,
                           kwargs=kwargs, result=result))
         return result
 

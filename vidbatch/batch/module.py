@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import numpy as np
@@ -64,6 +66,16 @@ class SampleResult:
     frames_edited: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     reused: bool = False                       # the writer copies the sample from the committed shard
+    # Encoding and metrics still running in the background (`runtime.finishing`): members, rows and
+    # frames_edited are complete once it is done; `finished()` waits for it.
+    pending: Future | None = None
+
+    def finished(self) -> "SampleResult":
+        """This result once its background work is done (re-raises what that work raised)."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+        return self
 
 
 def _identity(item: Any) -> Any:
@@ -214,6 +226,7 @@ class VideoEditModule(L.LightningModule):
         object.__setattr__(self, "editor", self.editors.get(run_edits[0].config))
         # Told (video key, stage, done, total) after every inversion/denoising step (progress in a long video).
         object.__setattr__(self, "step_sink", None)
+        object.__setattr__(self, "_background", None)  # made on first use (`background`)
         self._setup_metrics(config, dtype)
 
     def dataloader(self, url: str, reuse: frozenset[str] = frozenset()) -> DataLoader:
@@ -249,18 +262,39 @@ class VideoEditModule(L.LightningModule):
             return SampleResult(key=sample.key, members={}, rows=[], reused=True)
         rows = [self._row(sample, edit) for edit in sample.edits]
         rows[0].seconds["decode"] = sample.decode_seconds  # shared stages count on the first edit
-        members: dict[str, bytes] = {}
-        frames_edited = 0
+        result = SampleResult(key=sample.key, members={}, rows=rows)
+        finishing: list[Callable[[], None]] = []
         if sample.error is None:
             shared: dict = {}
             for indices in self._groups(sample.edits):
-                frames_edited += self._edit_group(sample, [sample.edits[i] for i in indices],
-                                                  [rows[i] for i in indices], shared, members)
+                finishing.append(self._edit_group(sample, [sample.edits[i] for i in indices],
+                                                  [rows[i] for i in indices], shared, result))
         else:
             log.warning("sample %s failed: %s", sample.key, sample.error)
-        for row in rows:
-            row.close_seconds()
-        return SampleResult(key=sample.key, members=members, rows=rows, frames_edited=frames_edited)
+
+        def finish() -> None:
+            for step in finishing:
+                step()
+            for row in rows:
+                row.close_seconds()
+
+        if self.background is None:
+            finish()
+        else:
+            result.pending = self.background.submit(finish)
+        return result
+
+    @property
+    def background(self) -> ThreadPoolExecutor | None:
+        """The thread that encodes and measures a video while the next one is edited (`runtime.finishing`),
+        or None when that runs inline."""
+        finishing = self.config.runtime.finishing
+        if finishing == "inline" or (finishing == "auto" and self.target_device.type != "cuda"):
+            return None
+        if self._background is None:
+            # One thread: one video finishing while the next is edited; its frames wait on local disk.
+            object.__setattr__(self, "_background", ThreadPoolExecutor(1, thread_name_prefix="vidbatch-finish"))
+        return self._background
 
     @staticmethod
     def _groups(edits: list[PlannedEdit]) -> list[list[int]]:
@@ -273,14 +307,14 @@ class VideoEditModule(L.LightningModule):
         return list(groups.values())
 
     def _edit_group(self, sample: PreparedSample, edits: list[PlannedEdit], rows: list[EditRow], shared: dict,
-                    members: dict[str, bytes]) -> int:
-        """Runs the edits of one editor on a sample: fills their rows and members; returns the edited frames.
-        A failure fails this group's rows only, naming the cause; a device failure propagates (core.faults)."""
+                    result: SampleResult) -> Callable[[], None]:
+        """Runs the edits of one editor on a sample and returns what finishes them: encoding and metrics,
+        which fill their rows and `result` (members, frames_edited). A failure, here or there, fails this
+        group's rows only, naming the cause; a device failure propagates (core.faults)."""
         device, config = self.target_device, edits[0].config
-        frames_edited = 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        try:
+        with self._failing_rows(rows, sample.key):
             editor = self.editors.get(config)
             sink = self.step_sink
             editor.on_step = None if sink is None else (lambda stage, done, total: sink(sample.key, stage, done, total))
@@ -288,28 +322,44 @@ class VideoEditModule(L.LightningModule):
             # empty, the null prompt); only edits that ask for {prompt} need one.
             source_prompt = config.inversion.prompt.replace("{prompt}", sample.prompt or "").strip()
             prompts = [(e.spec.name, fill_prompt(e.spec.prompt, sample.prompt, f"edit '{e.spec.name}'")) for e in edits]
-            result = self._edit(editor, sample, source_prompt, prompts, config.edit.seed, shared)
-            for row, (name, prompt) in zip(rows, prompts):
-                started = time.perf_counter()
-                members[f"{name}.mp4"] = encode_mp4(result.frames[name], sample.fps, audio=sample.audio,
-                                                    crf=self.config.video.crf)
-                row.seconds.update(result.seconds[name])
-                row.seconds["encode"] = time.perf_counter() - started
-                row.status, row.error, row.prompt = STATUS_OK, None, prompt
-                row.inversion_cache = result.inversion_use[name]
-                frames_edited += len(result.frames[name])
-                self._measure(row, sample.frames, result.frames[name], prompt, source_prompt)
+            edited = self._edit(editor, sample, source_prompt, prompts, config.edit.seed, shared)
+            memory = round(peak_memory_mb(device), 1)  # the edit's peak, before the next video's starts
+
+            def finish() -> None:
+                with self._failing_rows(rows, sample.key):
+                    for row, (name, prompt) in zip(rows, prompts):
+                        started = time.perf_counter()
+                        result.members[f"{name}.mp4"] = encode_mp4(edited.frames[name], sample.fps,
+                                                                   audio=sample.audio, crf=self.config.video.crf)
+                        row.seconds.update(edited.seconds[name])
+                        row.seconds["encode"] = time.perf_counter() - started
+                        row.status, row.error, row.prompt = STATUS_OK, None, prompt
+                        row.inversion_cache = edited.inversion_use[name]
+                        result.frames_edited += len(edited.frames[name])
+                        self._measure(row, sample.frames, edited.frames[name], prompt, source_prompt)
+                for row in rows:
+                    row.peak_memory_mb = memory
+
+            return finish
+        memory = round(peak_memory_mb(device), 1)
+
+        def failed() -> None:
+            for row in rows:
+                row.peak_memory_mb = memory
+        return failed
+
+    @contextmanager
+    def _failing_rows(self, rows: list[EditRow], key: str) -> Iterator[None]:
+        """Turns an exception into failed `rows` naming the cause; a device failure propagates (core.faults)."""
+        try:
+            yield
         except VidbatchError as exc:
-            self._fail(rows, sample.key, str(exc))
+            self._fail(rows, key, str(exc))
         except Exception as exc:  # one bad sample must not end the shard; the row names the cause
             if is_infrastructure_error(exc):
                 raise  # the device failed, not the sample: the worker is retired (core.faults)
-            log.exception("sample %s failed", sample.key)
-            self._fail(rows, sample.key, f"{type(exc).__name__}: {exc}")
-        memory = peak_memory_mb(device)
-        for row in rows:
-            row.peak_memory_mb = round(memory, 1)
-        return frames_edited
+            log.exception("sample %s failed", key)
+            self._fail(rows, key, f"{type(exc).__name__}: {exc}")
 
     def _edit(self, editor: VideoEditor, sample: PreparedSample, source_prompt: str, prompts: list[tuple[str, str]],
               seed: int, shared: dict) -> EditedVideo:

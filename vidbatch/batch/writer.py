@@ -36,9 +36,24 @@ class ShardPredictionWriter(BasePredictionWriter):
         self.on_sample = on_sample
         self.started_at = utc_now()
         self._started = time.perf_counter()
+        self._pending: SampleResult | None = None
 
     def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: SampleResult, batch_indices: Any,
                            batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        # A prediction still encoding in the background (`runtime.finishing`) waits here until the next one
+        # is edited: samples are written in order, each once its own work is done.
+        self._write_pending()
+        if prediction.pending is not None:
+            self._pending = prediction
+            return
+        self._write(prediction)
+
+    def _write_pending(self) -> None:
+        if self._pending is not None:
+            prediction, self._pending = self._pending, None
+            self._write(prediction.finished())
+
+    def _write(self, prediction: SampleResult) -> None:
         if prediction.reused:
             self._copy_committed(prediction)
             return
@@ -62,6 +77,7 @@ class ShardPredictionWriter(BasePredictionWriter):
         """Commits the shard: tar and jsonl under their final names, then the done marker, which records
         `config_hash` (the output-shaping config's, `config.output_hash`). `fence` is checked just before
         the files are published and raises when this attempt lost the shard (`ShardOutput.commit`)."""
+        self._write_pending()
         marker = DoneMarker.for_shard(shard=self.url, stem=self.output.stem, keys=self.output.keys,
                                       rows=self.output.rows, seconds=time.perf_counter() - self._started,
                                       started_at=self.started_at, finished_at=utc_now(),
@@ -69,4 +85,6 @@ class ShardPredictionWriter(BasePredictionWriter):
         return self.output.commit(marker, fence)
 
     def abort(self) -> None:
+        """Removes the temporaries; a sample still finishing in the background is dropped with them."""
+        self._pending = None
         self.output.abort()

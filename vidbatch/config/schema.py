@@ -144,6 +144,11 @@ class RuntimeConfig:
     max_memory_gb: float | None = setting(None, minimum=0, help="memory budget for chunk_size 'auto'; null: what the device has free")
     log_every_s: float = setting(30.0, minimum=0.1, help="seconds between plain status lines (in run.log, and on the "
                                                         "console when it is not a terminal)")
+    finishing: str = setting("auto", choices=["auto", "background", "inline"],
+                             help="where a video's encoding and quality metrics run: 'background', in a thread, while "
+                                  "the next video is edited (its decode already runs ahead in a DataLoader worker on a "
+                                  "GPU); 'inline', before the next video starts; 'auto': background with a GPU, inline "
+                                  "on a CPU (there the CPU is the device: nothing to overlap)")
     threads: Union[int, Literal["auto"]] = setting(
         "auto", minimum=1, help="torch CPU threads per worker; 'auto': $OMP_NUM_THREADS if set, else the CPUs "
                                 "this process may use (os.sched_getaffinity) divided among the local workers; "

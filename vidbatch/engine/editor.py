@@ -31,6 +31,7 @@ from vidbatch.engine.controls.sdedit import first_step
 from vidbatch.engine.inversion_cache import InversionCache, inversion_key
 from vidbatch.engine.method import EditorSettings, Inversion, Method
 from vidbatch.engine.plugins import get_method, resolve_control
+from vidbatch.io.disk_tensor import disk_tensor, on_disk
 from vidbatch.io.frames import FrameFile
 from vidbatch.models.motion import is_motion_unet
 
@@ -339,8 +340,9 @@ class VideoEditor:
         # Inversion step k -> its row in the kept trajectory (only the edit's timesteps are kept).
         row_of = {int(k): row for row, k in enumerate(kept.tolist())}
         # Stored in the model's dtype: halves the cache for fp16 models, and a fresh inversion is
-        # rounded exactly like a cached one, so a cache hit and a miss edit identically.
-        trajectory = torch.empty((len(kept), *clean.shape), dtype=self.dtype)
+        # rounded exactly like a cached one, so a cache hit and a miss edit identically. Memory-mapped
+        # from local disk: a long clip's trajectory need not fit in host memory.
+        trajectory = disk_tensor((len(kept), *clean.shape), self.dtype)
         batch = self.inversion_batch_for(len(clean), tuple(clean.shape[-2:]))
         total_steps = math.ceil(len(clean) / batch) * len(timesteps)
         for start in range(0, len(clean), batch):
@@ -356,7 +358,7 @@ class VideoEditor:
                 self.report_progress("invert", start // batch * len(timesteps) + len(timesteps) - k, total_steps)
                 if k in row_of:
                     trajectory[row_of[k], start:start + len(x)] = x.cpu()
-        return Inversion(timesteps=timesteps[kept], trajectory=trajectory, clean=clean.cpu())
+        return Inversion(timesteps=timesteps[kept], trajectory=trajectory, clean=on_disk(clean))
 
     # -- denoising -------------------------------------------------------------------------------
 

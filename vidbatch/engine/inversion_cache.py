@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_path
 from vidbatch.core.errors import ConfigError
+from vidbatch.io.disk_tensor import disk_tensor
 from vidbatch.io.frames import FrameFile
 
 __all__ = [
@@ -177,11 +178,44 @@ def inversion_key(frames: np.ndarray | torch.Tensor | FrameFile, parts: Mapping[
 # --------------------------------------------------------------------------------------------------
 
 
+def _update_checksum_header(h: Any, name: str, dtype: torch.dtype, shape: list[int]) -> None:
+    header = json.dumps({"dtype": str(dtype), "name": name, "shape": list(shape)}, sort_keys=True)
+    h.update(header.encode("utf-8") + b"\0")
+
+
+def _update_checksum_bytes(h: Any, t: torch.Tensor) -> None:
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def _update_checksum(h: Any, name: str, t: torch.Tensor) -> None:
     """Feed one CPU contiguous tensor (name, dtype, shape, bytes) into the running hash `h`."""
-    header = json.dumps({"dtype": str(t.dtype), "name": name, "shape": list(t.shape)}, sort_keys=True)
-    h.update(header.encode("utf-8") + b"\0")
-    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    _update_checksum_header(h, name, t.dtype, list(t.shape))
+    _update_checksum_bytes(h, t)
+
+
+# A stored tensor larger than this is read a block of rows at a time into a `disk_tensor` (a long clip's
+# trajectory need not fit in host memory); smaller ones are read whole.
+STREAM_BYTES = 64 * 2**20
+
+
+def _read_tensor(f: Any, name: str, h: Any) -> torch.Tensor:
+    """One tensor of an open entry, fed into the checksum `h` as it is read."""
+    part = f.get_slice(name)
+    shape = list(part.get_shape())
+    first = part[0:1] if shape and shape[0] > 0 else None
+    row_bytes = 0 if first is None else first.numel() * first.element_size()
+    if first is None or row_bytes * shape[0] <= STREAM_BYTES:
+        t = f.get_tensor(name)
+        _update_checksum(h, name, t)
+        return t
+    out = disk_tensor(tuple(shape), first.dtype)
+    _update_checksum_header(h, name, first.dtype, shape)
+    rows = max(1, STREAM_BYTES // 4 // row_bytes)
+    for start in range(0, shape[0], rows):
+        block = part[start:start + rows]
+        _update_checksum_bytes(h, block)
+        out[start:start + len(block)] = block
+    return out
 
 
 def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -271,8 +305,9 @@ def _safe_open(path: Path) -> Any:
 def _read_entry(path: Path, key: str, keep: bool) -> dict[str, torch.Tensor]:
     """Read and fully validate one entry; return its tensors (an empty dict when `keep` is False).
 
-    With `keep=False` each tensor is dropped after hashing, so verifying a multi-GB entry needs only
-    the memory of its largest tensor.
+    With `keep=False` each tensor is dropped after hashing. A tensor over `STREAM_BYTES` is read in
+    blocks of rows into a `disk_tensor`, so neither loading nor verifying a multi-GB entry needs that
+    much host memory.
 
     Raises:
         OSError: the file could not be read (missing, I/O error): not evidence of corruption.
@@ -300,8 +335,7 @@ def _read_entry(path: Path, key: str, keep: bool) -> dict[str, torch.Tensor]:
             if not names:
                 raise _BadEntry("entry holds no tensors")
             for name in names:
-                t = f.get_tensor(name)
-                _update_checksum(h, name, t)
+                t = _read_tensor(f, name, h)
                 if keep:
                     out[name] = t
                 del t

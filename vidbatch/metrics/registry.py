@@ -19,6 +19,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from vidbatch.io.frames import FrameFile
 from vidbatch.metrics.clip import ClipScorer
 from vidbatch.metrics.flow import warp_error
 from vidbatch.metrics.frames import check_frames
@@ -35,8 +36,10 @@ class MetricInputs:
     (`metrics.warp_error`, `metrics.interp_psnr`); a metric without a switch is always computed.
     """
 
-    source: np.ndarray  # (T, Hs, Ws, 3) uint8: the decoded source frames that were edited
-    edited: np.ndarray  # (T, H, W, 3) uint8: the edited frames
+    # In a run these are `FrameFile`s (frames on local disk): index, slice or iterate them a window at a
+    # time, as the built-in metrics do; `np.asarray(...)` reads a whole clip into memory.
+    source: np.ndarray | FrameFile  # (T, Hs, Ws, 3) uint8: the decoded source frames that were edited
+    edited: np.ndarray | FrameFile  # (T, H, W, 3) uint8: the edited frames
     prompt: str
     source_prompt: str | None
     clip: ClipScorer | None = None
@@ -113,8 +116,8 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def compute_metrics(
-    source: np.ndarray,
-    edited: np.ndarray,
+    source: np.ndarray | FrameFile,
+    edited: np.ndarray | FrameFile,
     prompt: str,
     source_prompt: str | None,
     *,

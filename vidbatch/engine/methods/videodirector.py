@@ -51,6 +51,7 @@ from vidbatch.engine.precision import float32_unet
 from vidbatch.engine.processors import (check_self_attention, in_blocks, install_processors, motion_blocks,
                                         project_heads, restore_processors, transformer_blocks)
 from vidbatch.engine.prompt_to_prompt import controlled_steps, refine_mapping, replace_maps, token_ids
+from vidbatch.io.disk_tensor import disk_tensor, on_disk
 
 log = logging.getLogger("vidbatch")
 
@@ -582,7 +583,7 @@ def invert_video(editor: Editor, clean: Tensor, timesteps: Tensor, prompt: str, 
     alphas, final = editor.alphas()
     cond = editor.text_embedding(prompt)
     x = clean.to(editor.device, torch.float32)
-    trajectory = torch.empty((len(timesteps), *clean.shape), dtype=editor.dtype)
+    trajectory = disk_tensor((len(timesteps), *clean.shape), editor.dtype)
     alpha_from = final
     for k in range(len(timesteps) - 1, -1, -1):
         t = timesteps[k].to(editor.device)
@@ -633,7 +634,7 @@ class VideoDirector(Method):
         timesteps = editor.timesteps_for(self.settings.steps)
         clean = editor.encode_frames(frames).float()
         trajectory = invert_video(editor, clean, timesteps, prompt, self.config)
-        inversion = Inversion(timesteps=timesteps, trajectory=trajectory, clean=clean.cpu())
+        inversion = Inversion(timesteps=timesteps, trajectory=trajectory, clean=on_disk(clean))
         tuned = tune(editor, self.config, inversion, prompt, mask)
         inversion.extras = {"null_embeddings": tuned.null_embeddings.to(editor.dtype), "stdg": tuned.stdg}
         return inversion
