@@ -50,16 +50,14 @@ MERGE_MODES = ("replace", "mean")
 # score matrix of SD 1.5's first level with a chunk of 4 frames is 12288 x 4096 = 50M entries;
 # computing it in row blocks keeps the peak memory of the matching small.
 _MAX_SCORES = 1 << 24
-# On a CPU the scores of a block (all batch elements) are kept to about 1 MB of float32, so that the
+# On a CPU the scores of a block (all batch elements) are kept to about 2 MB of float32, so that the
 # reduction that follows the matrix product reads them from the cache instead of memory: at the tiny
 # model's 256 px (3 branches, 3072 x 1024 scores of 32 channels) the product and its max are bound by
-# memory traffic, and blocking makes them about 3x faster. A block has at least as many rows as the
+# memory traffic, and blocking makes them about 2x faster. A block has at least as many rows as the
 # tokens have channels, so that packing the destination matrix for every block stays a small share
 # of the product (SD 1.5: 320 channels).
-_CPU_BLOCK_SCORES = 1 << 18
+_CPU_BLOCK_SCORES = 1 << 19
 _CPU_MIN_ROWS = 32
-# The first maximum of a row is found group by group on a CPU (see `_first_max`).
-_MAX_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -293,9 +291,12 @@ def bipartite_match(src: Tensor, dst: Tensor, r: int, align_batch: bool = True) 
 
 def _score_rows(batch: int, sources: int, destinations: int, channels: int, device: torch.device) -> int:
     """Rows of the score blocks of :func:`_best_destinations` (see ``_CPU_BLOCK_SCORES``)."""
-    if device.type != "cpu":
-        return min(sources, max(1, _MAX_SCORES // max(destinations, 1)))
-    return min(sources, max(_CPU_MIN_ROWS, channels, _CPU_BLOCK_SCORES // max(batch * destinations, 1)))
+    if device.type == "cpu":
+        most = max(_CPU_MIN_ROWS, channels, _CPU_BLOCK_SCORES // max(batch * destinations, 1))
+    else:
+        most = max(1, _MAX_SCORES // max(destinations, 1))
+    blocks = -(-sources // most)
+    return -(-sources // blocks)  # blocks of equal size: the last one overlaps the one before by less than `blocks` rows
 
 
 def _best_destinations(a: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
@@ -323,43 +324,8 @@ def _best_destinations(a: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
     for start in range(0, s, rows):
         start = min(start, s - rows)
         torch.bmm(a[:, start:start + rows], bt, out=scores)
-        best[:, start:start + rows], best_idx[:, start:start + rows] = _first_max(scores)
+        best[:, start:start + rows], best_idx[:, start:start + rows] = scores.max(dim=-1)
     return best, best_idx
-
-
-def _first_max(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """``scores.max(dim=-1)``: the max of every row and the first index holding it (NaN counts as the max).
-
-    On a CPU, torch's max with indices along the last dimension is a scalar loop, about ten times slower
-    than the vectorised max without indices. There the row is cut into groups of ``_MAX_GROUP``: the
-    vectorised max of every group, the first group holding the row's max (a max with indices over 32x
-    fewer entries), then the first position of that group holding it. Values and indices are exactly
-    ``scores.max(dim=-1)``'s (no arithmetic, the same ties), which ``tests/test_merge.py`` checks.
-
-    Args:
-        scores: ``(..., D)``.
-
-    Returns:
-        ``(values, indices)``: ``(...)`` of ``scores``' dtype, ``(...)`` int64.
-    """
-    d = scores.shape[-1]
-    whole = d - d % _MAX_GROUP
-    if scores.device.type != "cpu" or whole == 0:
-        return scores.max(dim=-1)
-    groups = scores[..., :whole].unflatten(-1, (whole // _MAX_GROUP, _MAX_GROUP))  # (..., D // G, G), a view
-    best, group = groups.amax(dim=-1).max(dim=-1)  # amax propagates NaN, as max does
-    members = groups.gather(-2, group[..., None, None].expand(*group.shape, 1, _MAX_GROUP)).squeeze(-2)
-    hit = (members == best[..., None]) | members.isnan()  # (..., G): where the max is (NaN: the first NaN)
-    # The first hit: the largest of the reversed positions G, G-1, ..., 1 among the hits.
-    reversed_pos = torch.arange(_MAX_GROUP, 0, -1, device=scores.device, dtype=torch.int32)
-    index = group * _MAX_GROUP + (_MAX_GROUP - (hit * reversed_pos).amax(dim=-1))
-    if whole < d:
-        # The columns after the last whole group win only with a strictly larger value (a NaN beats a number).
-        tail, tail_index = scores[..., whole:].max(dim=-1)
-        later = (tail > best) | (tail.isnan() & ~best.isnan())
-        best = torch.where(later, tail, best)
-        index = torch.where(later, tail_index + whole, index)
-    return best, index
 
 
 def _merge_from_representatives(alive: Tensor, rep: Tensor, kept: int) -> Merge:
