@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidbatch.engine.methods.merge import Merge, bipartite_match, global_merge, join_frames, local_merge, split_frames
+from vidbatch.engine.methods.merge import (
+    Merge,
+    bipartite_match,
+    global_merge,
+    join_frames,
+    local_merge,
+    split_frames,
+    take_tokens,
+)
 
 FRAME_COUNTS = [1, 2, 3, 5, 8, 17, 64]
 
@@ -435,3 +443,35 @@ def test_scores_in_row_blocks_equal_one_matrix_product(sources, destinations, ch
     best, best_idx = _best_destinations(a, bt)
     expected, expected_idx = (a @ bt).max(dim=-1)
     assert torch.equal(best, expected) and torch.equal(best_idx, expected_idx)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_take_tokens_is_a_gather_of_whole_tokens(shared):
+    """Row copies give what `gather` with the index expanded over channels gives, for one shared row of
+    indices and for one row per batch element."""
+    g = gen(6)
+    x = torch.randn(3, 50, 7, generator=g)
+    index = torch.randint(0, 50, (1 if shared else 3, 80), generator=g)
+    expected = x.gather(1, index[..., None].expand(3, -1, 7))
+    assert torch.equal(take_tokens(x, index), expected)
+    assert torch.equal(take_tokens(x.transpose(0, 1).contiguous().transpose(0, 1), index), expected)  # strided input
+    with pytest.raises(ValueError, match="indices of shape"):
+        take_tokens(x, torch.zeros(2, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("align_batch", [True, False])
+@pytest.mark.parametrize("global_is_src", [True, False])
+def test_global_then_local_unmerge_in_one_copy_equals_two_steps(align_batch, global_is_src):
+    """The one-copy un-merge through the global and then the local matching, and the first positions of
+    a global un-merge alone (the new global set), are exactly the two-step results."""
+    g = gen(7)
+    x = torch.randn(2, 6 * 16, 8, generator=g)
+    local = local_merge(x, 6, 0.9, 4, gen(1), align_batch=align_batch)
+    tokens = local.merge(x)
+    previous = torch.randn(2, 30, 8, generator=g)
+    glob = global_merge(tokens, previous, 0.8, align_batch=align_batch, global_is_src=global_is_src)
+    merged = glob.merge(torch.cat([tokens, previous], dim=1))
+    out = torch.randn(2, merged.shape[1], 5, generator=g)  # an attention output of other channels
+    two_steps = local.unmerge(glob.unmerge(out)[:, : local.num_kept])
+    assert torch.equal(take_tokens(out, glob.then_unmerge(local)), two_steps)
+    assert torch.equal(glob.unmerge_first(merged, local.num_kept), glob.unmerge(merged)[:, : local.num_kept])
