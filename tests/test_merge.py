@@ -429,6 +429,29 @@ def test_half_precision_matching_differs_from_float32_only_at_ties(low):
     assert row["not_ties"] == 0, row
 
 
+@pytest.mark.parametrize("width", [7, 77, 512, 1024, 1331])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_first_max_is_torch_max_with_its_ties_and_nans(width, dtype):
+    """The matching's max by groups (`_first_max`) returns exactly `max(dim=-1)`: the values, and the first
+    index among equal maxima, NaN counting as the max; with and without columns after the last group."""
+    from vidbatch.engine.methods.merge import _first_max
+
+    g = gen(3)
+    cases = {
+        "random": torch.randn(3, 40, width, generator=g),
+        "ties": torch.randint(-2, 3, (3, 40, width), generator=g).float(),  # many equal maxima per row
+    }
+    nans = torch.randint(-2, 3, (3, 40, width), generator=g).float()
+    nans[0, 0, width // 2] = nans[1, 3, width - 1] = nans[2, 5, 0] = nans[2, 5, width - 1] = float("nan")
+    cases["nan"] = nans
+    for name, scores in cases.items():
+        scores = scores.to(dtype)
+        values, index = _first_max(scores)
+        expected_values, expected_index = scores.max(dim=-1)
+        assert torch.equal(index, expected_index), name
+        assert torch.equal(values.nan_to_num(-9.0), expected_values.nan_to_num(-9.0)), name
+
+
 @pytest.mark.parametrize("sources,destinations,channels", [(3062, 1024, 32), (1331, 1331, 32), (700, 256, 64), (45, 300, 320)])
 def test_scores_in_row_blocks_equal_one_matrix_product(sources, destinations, channels):
     """Blocking the score matrix (every block of equal rows, the last one moved back) changes no score: the
