@@ -17,6 +17,7 @@ from vidbatch.engine.methods.merge import (
     join_frames,
     local_merge,
     split_frames,
+    take_tokens,
 )
 
 FRAME_COUNTS = [1, 2, 3, 5, 8, 17, 64]
@@ -555,3 +556,73 @@ def test_tied_scores_merge_the_lowest_source_indices():
     src = torch.ones(1, 64, 4)
     src_idx, dst_idx, unm_idx = bipartite_match(src, torch.ones(1, 1, 4), 32)
     assert src_idx.tolist() == [list(range(32))] and unm_idx.tolist() == [list(range(32, 64))]
+
+@pytest.mark.parametrize("width", [7, 77, 512, 1024, 1331])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_first_max_is_torch_max_with_its_ties_and_nans(width, dtype):
+    """The matching's max by groups (`_first_max`) returns exactly `max(dim=-1)`: the values, and the first
+    index among equal maxima, NaN counting as the max; with and without columns after the last group."""
+    from vidbatch.engine.methods.merge import _first_max
+
+    g = gen(3)
+    cases = {
+        "random": torch.randn(3, 40, width, generator=g),
+        "ties": torch.randint(-2, 3, (3, 40, width), generator=g).float(),  # many equal maxima per row
+    }
+    nans = torch.randint(-2, 3, (3, 40, width), generator=g).float()
+    nans[0, 0, width // 2] = nans[1, 3, width - 1] = nans[2, 5, 0] = nans[2, 5, width - 1] = float("nan")
+    cases["nan"] = nans
+    for name, scores in cases.items():
+        scores = scores.to(dtype)
+        values, index = _first_max(scores)
+        expected_values, expected_index = scores.max(dim=-1)
+        assert torch.equal(index, expected_index), name
+        assert torch.equal(values.nan_to_num(-9.0), expected_values.nan_to_num(-9.0)), name
+
+
+@pytest.mark.parametrize("sources,destinations,channels", [(3062, 1024, 32), (1331, 1331, 32), (700, 256, 64), (45, 300, 320)])
+def test_scores_in_row_blocks_equal_one_matrix_product(sources, destinations, channels):
+    """Blocking the score matrix (every block of equal rows, the last one moved back) changes no score: the
+    best value and destination of every source are bit-identical to one product over all sources."""
+    from vidbatch.engine.methods.merge import _best_destinations, _score_rows
+
+    g = gen(4)
+    a = torch.nn.functional.normalize(torch.randn(3, sources, channels, generator=g), dim=-1)
+    bt = torch.nn.functional.normalize(torch.randn(3, destinations, channels, generator=g), dim=-1).transpose(1, 2)
+    rows = _score_rows(3, sources, destinations, channels, a.device)
+    assert rows < sources or sources <= channels  # blocked (3062 sources: 19 blocks of 162, the last one moved back)
+    best, best_idx = _best_destinations(a, bt)
+    expected, expected_idx = (a @ bt).max(dim=-1)
+    assert torch.equal(best, expected) and torch.equal(best_idx, expected_idx)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_take_tokens_is_a_gather_of_whole_tokens(shared):
+    """Row copies give what `gather` with the index expanded over channels gives, for one shared row of
+    indices and for one row per batch element."""
+    g = gen(6)
+    x = torch.randn(3, 50, 7, generator=g)
+    index = torch.randint(0, 50, (1 if shared else 3, 80), generator=g)
+    expected = x.gather(1, index[..., None].expand(3, -1, 7))
+    assert torch.equal(take_tokens(x, index), expected)
+    assert torch.equal(take_tokens(x.transpose(0, 1).contiguous().transpose(0, 1), index), expected)  # strided input
+    with pytest.raises(ValueError, match="indices of shape"):
+        take_tokens(x, torch.zeros(2, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("align_batch", [True, False])
+@pytest.mark.parametrize("global_is_src", [True, False])
+def test_global_then_local_unmerge_in_one_copy_equals_two_steps(align_batch, global_is_src):
+    """The one-copy un-merge through the global and then the local matching, and the first positions of
+    a global un-merge alone (the new global set), are exactly the two-step results."""
+    g = gen(7)
+    x = torch.randn(2, 6 * 16, 8, generator=g)
+    local = local_merge(x, 6, 0.9, 4, gen(1), align_batch=align_batch)
+    tokens = local.merge(x)
+    previous = torch.randn(2, 30, 8, generator=g)
+    glob = global_merge(tokens, previous, 0.8, align_batch=align_batch, global_is_src=global_is_src)
+    merged = glob.merge(torch.cat([tokens, previous], dim=1))
+    out = torch.randn(2, merged.shape[1], 5, generator=g)  # an attention output of other channels
+    two_steps = local.unmerge(glob.unmerge(out)[:, : local.num_kept])
+    assert torch.equal(take_tokens(out, glob.then_unmerge(local)), two_steps)
+    assert torch.equal(glob.unmerge_first(merged, local.num_kept), glob.unmerge(merged)[:, : local.num_kept])

@@ -9,7 +9,7 @@ Every matching is described by a :class:`Merge`, two index tensors over one toke
 Because a matching is only indices, one matching computed on the normalised block input applies to
 any tensor with the same token layout (the q/k/v inputs, the attention output) and to every guidance
 branch. Several matchings compose into one (the recursive local levels collapse into a single
-``Merge``), so ``merge`` and ``unmerge`` are each one ``gather`` however many levels ran.
+``Merge``), so ``merge`` and ``unmerge`` are each one row copy (:func:`take_tokens`) however many levels ran.
 
 Merging is "replace" mode by default, as in VidToMe: a merged source token is dropped and its
 destination kept as it is; on unmerge the source position takes its destination's value.
@@ -25,7 +25,6 @@ frame, ``T = F * N`` tokens of the chunk, ``C`` channels.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,14 +42,26 @@ __all__ = [
     "join_frames",
     "size_bias",
     "split_frames",
+    "take_tokens",
 ]
 
 MERGE_MODES = ("replace", "mean")
 
-# Upper bound on the number of similarity scores held at once (per batch element). The full
+# Upper bound on the number of similarity scores held at once (per batch element) on a GPU. The full
 # score matrix of SD 1.5's first level with a chunk of 4 frames is 12288 x 4096 = 50M entries;
 # computing it in row blocks keeps the peak memory of the matching small.
 _MAX_SCORES = 1 << 24
+# On a CPU the scores of a block (all batch elements) are kept to about 2 MB of float32, so that the
+# reduction that follows the matrix product reads them from the cache instead of memory: at the tiny
+# model's 256 px (3 branches, 3072 x 1024 scores of 32 channels) the product and its max are bound by
+# memory traffic, and blocking makes them about 2x faster. A block has at least as many rows as the
+# tokens have channels, so that packing the destination matrix for every block stays a small share
+# of the product (SD 1.5: 320 channels).
+_CPU_BLOCK_SCORES = 1 << 19
+_CPU_MIN_ROWS = 32
+# The first maximum of a row of at least this many scores is found group by group on a CPU (`_first_max`).
+_GROUPED_MAX_WIDTH = 512
+_MAX_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,7 @@ class Merge:
             return x
         b, _, c = x.shape
         if mode == "replace":
-            return x.gather(1, self.keep[..., None].expand(b, -1, c))
+            return take_tokens(x, self.keep)
         if mode == "mean":
             idx = self.back[..., None].expand(b, -1, c)
             total = x.new_zeros(b, self.num_kept, c).scatter_add_(1, idx, x)
@@ -136,8 +147,22 @@ class Merge:
         self._check(x, self.num_kept)
         if self.is_identity:
             return x
-        b, _, c = x.shape
-        return x.gather(1, self.back[..., None].expand(b, -1, c))
+        return take_tokens(x, self.back)
+
+    def unmerge_first(self, x: Tensor, count: int) -> Tensor:
+        """``unmerge(x)[:, :count]`` without un-merging the other positions: ``(B, K, C) -> (B, count, C)``."""
+        self._check(x, self.num_kept)
+        return take_tokens(x, self.back[:, :count])
+
+    def then_unmerge(self, inner: Merge) -> Tensor:
+        """The un-merge indices of ``inner.unmerge(self.unmerge(x)[:, :inner.num_kept])`` as one: ``(Bm, T)``.
+
+        ``self`` is a matching over ``inner``'s kept tokens followed by other tokens (VidToMe's global
+        matching over ``[local tokens | global set]``); one copy with these indices un-merges both.
+        """
+        through = self.back[:, : inner.num_kept]
+        bm = max(through.shape[0], inner.back.shape[0])
+        return through.expand(bm, -1).gather(1, inner.back.expand(bm, -1))
 
     def _check(self, x: Tensor, tokens: int) -> None:
         if x.ndim != 3 or x.shape[1] != tokens:
@@ -147,6 +172,22 @@ class Merge:
                 f"this matching was computed per batch element for a batch of {self.back.shape[0]}, "
                 f"it cannot be applied to a batch of {x.shape[0]}"
             )
+
+
+def take_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, k]]`` for every batch element ``b`` and ``k``: ``(B, T, C), (1 or B, K) -> (B, K, C)``.
+
+    A row ``(1, K)`` of indices serves the whole batch (a matching shared by the guidance branches). The
+    tokens are copied as whole rows of ``C`` channels (``index_select``), which on a CPU is 5-20x faster
+    than ``gather`` with the index expanded over the channels, for the same values.
+    """
+    if index.ndim != 2 or index.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"expected indices of shape (1 or {x.shape[0]}, K), got {tuple(index.shape)}")
+    if index.shape[0] == 1:
+        return x.index_select(1, index[0])
+    b, t, c = x.shape
+    rows = index + torch.arange(b, device=index.device)[:, None] * t  # (B, K) rows of the (B*T, C) view
+    return x.reshape(b * t, c).index_select(0, rows.reshape(-1)).view(b, -1, c)
 
 
 def join_frames(x: Tensor, num_frames: int) -> Tensor:
@@ -268,13 +309,7 @@ def bipartite_match(src: Tensor, dst: Tensor, r: int, align_batch: bool = True) 
     with torch.no_grad():
         a = torch.nn.functional.normalize(src, dim=-1)
         bt = torch.nn.functional.normalize(dst, dim=-1).transpose(1, 2)
-        best = torch.full((b, s), -math.inf, device=src.device, dtype=a.dtype)
-        best_idx = torch.zeros(b, s, device=src.device, dtype=torch.int64)
-        rows = max(1, _MAX_SCORES // max(d, 1))
-        for start in range(0, s, rows):
-            stop = min(s, start + rows)
-            val, idx = (a[:, start:stop] @ bt).max(dim=-1)  # (B, rows)
-            best[:, start:stop], best_idx[:, start:stop] = val, idx
+        best, best_idx = _best_destinations(a, bt)
         if align_batch:
             # Max over the concatenation along the destination axis: the first batch element
             # wins ties, as torch.max over the concatenated scores would.
@@ -286,6 +321,82 @@ def bipartite_match(src: Tensor, dst: Tensor, r: int, align_batch: bool = True) 
         unm_idx = order[:, r:]
         dst_idx = best_idx.gather(1, src_idx)
     return src_idx, dst_idx, unm_idx
+
+
+def _score_rows(batch: int, sources: int, destinations: int, channels: int, device: torch.device) -> int:
+    """Rows of the score blocks of :func:`_best_destinations` (see ``_CPU_BLOCK_SCORES``)."""
+    if device.type == "cpu":
+        most = max(_CPU_MIN_ROWS, channels, _CPU_BLOCK_SCORES // max(batch * destinations, 1))
+    else:
+        most = max(1, _MAX_SCORES // max(destinations, 1))
+    blocks = -(-sources // most)
+    return -(-sources // blocks)  # blocks of equal size: the last one overlaps the one before by less than `blocks` rows
+
+
+def _best_destinations(a: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
+    """Every source's best score and the first destination achieving it: ``(B, S, C), (B, C, D) -> (B, S), (B, S)``.
+
+    The scores ``a @ bt`` are computed in blocks of rows, every block of the same number of rows: the
+    last block is moved back to end at the last row rather than cut short (a few rows are computed
+    twice). A score then comes from a product of the same shape whatever the number of sources, and
+    equals the one a single product would give: a matrix product's entries may round differently
+    when it has very few rows (CPU BLAS: 3 or fewer), never by which rows it holds.
+
+    Args:
+        a: ``(B, S, C)`` normalised sources.
+        bt: ``(B, C, D)`` normalised destinations, transposed.
+
+    Returns:
+        ``(best, best_idx)``: ``(B, S)`` in ``a``'s dtype, ``(B, S)`` int64.
+    """
+    b, s, c = a.shape
+    d = bt.shape[-1]
+    rows = _score_rows(b, s, d, c, a.device)
+    best = torch.empty(b, s, device=a.device, dtype=a.dtype)
+    best_idx = torch.empty(b, s, device=a.device, dtype=torch.int64)
+    scores = torch.empty(b, rows, d, device=a.device, dtype=a.dtype)  # one buffer for every block
+    for start in range(0, s, rows):
+        start = min(start, s - rows)
+        torch.bmm(a[:, start:start + rows], bt, out=scores)
+        best[:, start:start + rows], best_idx[:, start:start + rows] = _first_max(scores)
+    return best, best_idx
+
+
+def _first_max(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """``scores.max(dim=-1)``: the max of every row and the first index holding it (NaN counts as the max).
+
+    On a CPU, torch's max with indices along the last dimension is a scalar loop, about ten times slower
+    than the vectorised max without indices. There a row of at least ``_GROUPED_MAX_WIDTH`` entries is
+    cut into groups of ``_MAX_GROUP``: the vectorised max of every group, the first group holding the
+    row's max (a max with indices over 32x fewer entries), then the first position of that group
+    holding it (the tiny model at 256 px: 8% less time for the whole vidtome edit; shorter rows gain
+    nothing). Values and indices are exactly ``scores.max(dim=-1)``'s (no arithmetic, the same ties),
+    which ``tests/test_merge.py`` checks.
+
+    Args:
+        scores: ``(..., D)``.
+
+    Returns:
+        ``(values, indices)``: ``(...)`` of ``scores``' dtype, ``(...)`` int64.
+    """
+    d = scores.shape[-1]
+    whole = d - d % _MAX_GROUP
+    if scores.device.type != "cpu" or d < _GROUPED_MAX_WIDTH:
+        return scores.max(dim=-1)
+    groups = scores[..., :whole].unflatten(-1, (whole // _MAX_GROUP, _MAX_GROUP))  # (..., D // G, G), a view
+    best, group = groups.amax(dim=-1).max(dim=-1)  # amax propagates NaN, as max does
+    members = groups.gather(-2, group[..., None, None].expand(*group.shape, 1, _MAX_GROUP)).squeeze(-2)
+    hit = (members == best[..., None]) | members.isnan()  # (..., G): where the max is (NaN: the first NaN)
+    # The first hit: the largest of the reversed positions G, G-1, ..., 1 among the hits.
+    reversed_pos = torch.arange(_MAX_GROUP, 0, -1, device=scores.device, dtype=torch.int32)
+    index = group * _MAX_GROUP + (_MAX_GROUP - (hit * reversed_pos).amax(dim=-1))
+    if whole < d:
+        # The columns after the last whole group win only with a strictly larger value (a NaN beats a number).
+        tail, tail_index = scores[..., whole:].max(dim=-1)
+        later = (tail > best) | (tail.isnan() & ~best.isnan())
+        best = torch.where(later, tail, best)
+        index = torch.where(later, tail_index + whole, index)
+    return best, index
 
 
 def _merge_from_representatives(alive: Tensor, rep: Tensor, kept: int) -> Merge:
@@ -410,8 +521,8 @@ def local_merge(
 
         r = int(src_pos.numel() * ratio)
         merged_count += r
-        src_tokens = x[:, src_pos]
-        dst_tokens = x.gather(1, dst_pos[..., None].expand(b, -1, x.shape[-1]))
+        src_tokens = x.index_select(1, src_pos)
+        dst_tokens = take_tokens(x, dst_pos)
         src_sel, dst_sel, unm_sel = bipartite_match(src_tokens, dst_tokens, r, align_batch)
 
         merged = src_pos[src_sel]  # (Bm, r) positions merged away at this level

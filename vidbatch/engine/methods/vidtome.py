@@ -57,6 +57,7 @@ from vidbatch.engine.methods.merge import (
     local_merge,
     size_bias,
     split_frames,
+    take_tokens,
 )
 from vidbatch.engine.processors import attend, check_layout, check_self_attention, install_processors, restore_processors
 
@@ -291,9 +292,10 @@ class MergedChunk:
 
     def unmerge(self, out: Tensor) -> Tensor:
         """``(B, M, C') -> (B, F*N, C')``: every position of the chunk takes its merged token's value."""
-        if self.glob is not None:
-            out = self.glob.unmerge(out)[:, : self.local.num_kept]
-        return self.local.unmerge(out)
+        if self.glob is None:
+            return self.local.unmerge(out)
+        # The global un-merge, then the local one, as a single copy.
+        return take_tokens(out, self.glob.then_unmerge(self.local))
 
 
 class FrameAttnProcessor:
@@ -450,7 +452,7 @@ class FrameAttnProcessor:
                 tokens = glob.merge(torch.cat([tokens, previous.to(tokens.dtype)], dim=1), s.merge_mode)
                 # The new global set: this chunk's tokens at the local level, as the global matching
                 # left them (merged ones take their global destination's value). Replaces the old set.
-                st.global_tokens[self.name] = glob.unmerge(tokens)[:, :num_local].detach()
+                st.global_tokens[self.name] = glob.unmerge_first(tokens, num_local).detach()
                 if sizes is not None:
                     # A global token stands for its group of the previous chunk's tokens.
                     before = st.global_sizes.get(self.name)
