@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,5 +128,10 @@ def test_a_node_killed_mid_run_costs_its_worker_not_the_shards(two_nodes, tmp_pa
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["shards"]["done"] == 3 and summary["shards"]["failed"] == 0
 
+    # The GCS marks a killed node dead only after its health checks fail: on a loaded machine that can
+    # take longer than the run itself, so wait for it (a minute at most) before asking the node check.
+    deadline = time.monotonic() + 60
+    while any(n["NodeID"] == ids[SECOND] and n["Alive"] for n in ray.nodes()) and time.monotonic() < deadline:
+        time.sleep(1)
     lost = node_check(cluster.address, HEAD, SECOND)
     assert lost.returncode == 1 and f"Ray nodes missing after 3s: {SECOND} (of 2)" in lost.stderr
