@@ -85,6 +85,56 @@ def test_the_fence_names_the_attempt_that_holds_the_lease_now(tmp_path):
         first()
 
 
+def test_a_killed_drivers_half_written_lease_goes_when_its_shard_is_claimed(tmp_path):
+    """A driver SIGKILLed while writing its lease leaves `.p0.json.PID.*.tmp`: the next driver to claim p0
+    (the dead holder's lease is not live) removes it; a temporary of a live process is left alone, and so
+    is one of another shard."""
+    from vidbatch.core.atomic import temporary_path
+    from vidbatch.dispatch.leases import lease_path
+
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()   # its pid names a process that is gone
+    holder = LeaseBook(out, "dead-driver", ttl_s=600)
+    assert holder.claim("p0") and holder.claim("p1")
+    for stem in ("p0", "p1"):   # both leases written by the dead process, each with a temporary left beside it
+        record = json.loads(lease_path(out, stem).read_text())
+        lease_path(out, stem).write_text(json.dumps({**record, "pid": dead.pid}))
+    left = {stem: lease_path(out, stem).with_name(f".{stem}.json.{dead.pid}.0123456789ab.tmp") for stem in ("p0", "p1")}
+    for path in left.values():
+        path.write_text("{")
+    ours = temporary_path(lease_path(out, "p0"))   # this process's: alive
+    ours.write_text("{")
+    assert LeaseBook(out, "next-driver", ttl_s=600).claim("p0")
+    assert not left["p0"].exists() and left["p1"].exists() and ours.exists()
+    assert read_lease(out, "p0").owner == "next-driver"
+
+
+def test_old_temporaries_of_shards_without_a_live_lease_are_swept_from_every_output_folder(tmp_path):
+    """What killed attempts and drivers leave in shards/, stats/, leases/ and failed/ goes once it is older
+    than the lease time, unless its shard's lease is live (an attempt may still be writing it)."""
+    from vidbatch.dispatch.leases import remove_stale_temporaries_by_age
+
+    out = tmp_path / "out"
+    LeaseBook(out, "driver", ttl_s=600).claim("p1")   # p1 is in flight
+    old_stamp = time.time() - 300
+    names = {"shards": ".{}.tar.9.a.tmp", "stats": ".{}.jsonl.9.b.tmp", "leases": ".{}.json.9.c.tmp",
+             "failed": ".{}.json.9.d.tmp"}
+    made = {}
+    for folder, pattern in names.items():
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for stem in ("p0", "p1"):
+            path = out / folder / pattern.format(stem)
+            path.write_text("half")
+            os.utime(path, (old_stamp, old_stamp))
+            made[folder, stem] = path
+    young = out / "leases" / ".p0.json.9.e.tmp"
+    young.write_text("being written")
+    assert remove_stale_temporaries_by_age(out, max_age_s=120) == 4
+    assert [key for key, path in made.items() if path.exists()] == [(folder, "p1") for folder in names]
+    assert young.exists()
+
+
 def test_a_driver_paused_past_its_lease_publishes_nothing_for_the_shard_taken_over(tmp_path, clips):
     """Driver A commits p0, then is paused (SIGSTOP) in the middle of p1 for longer than its lease. Driver
     B takes p1 over and commits it. When A resumes and reaches p1's commit, its fence finds the lease

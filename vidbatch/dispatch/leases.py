@@ -151,6 +151,8 @@ class LeaseBook:
                             current.owner if current else "unknown")
             finally:   # a stop (SIGTERM raises) between the rename and here must not leave it behind
                 broken.unlink(missing_ok=True)
+            if current is not None and current.host == socket.gethostname() and not _process_exists(current.pid):
+                self._remove_temporaries_of(stem, current.pid)
         tmp = temporary_path(path)
         try:   # the write inside: a stop while writing must not leave the temporary behind either
             tmp.write_text(json.dumps(asdict(self._lease(stem, attempt))))
@@ -161,6 +163,13 @@ class LeaseBook:
             tmp.unlink(missing_ok=True)
         self.held[stem] = attempt
         return True
+
+    def _remove_temporaries_of(self, stem: str, pid: int) -> None:
+        """Removes the lease temporaries (`.{stem}.json.{pid}.*.tmp`) a driver of this host left when it was
+        killed in the middle of writing its lease. Only for a process known dead: a live holder's renewal
+        may be between its write and its rename."""
+        for tmp in (self.out_dir / "leases").glob(f".{stem}.json.{pid}.*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
 
     def hand_out(self, stem: str, attempt: int) -> bool:
         """Records in the held lease that `attempt` is the one working on the shard now (so an older
@@ -234,11 +243,12 @@ def recorded_failures(out_dir: Path, stems: list[str]) -> dict[str, str]:
 
 
 def remove_stale_temporaries_by_age(out_dir: Path, max_age_s: float) -> int:
-    """Deletes temporaries (`.NAME.*.tmp`) under shards/ and stats/ older than `max_age_s` whose shard
-    has no live lease: what crashed attempts left behind. Returns how many were removed."""
+    """Deletes temporaries (`.NAME.*.tmp`) under shards/, stats/, leases/ and failed/ older than `max_age_s`
+    whose shard has no live lease: what crashed attempts and killed drivers left behind. Returns how many
+    were removed."""
     removed = 0
     now = time.time()
-    for folder in ("shards", "stats"):
+    for folder in ("shards", "stats", "leases", "failed"):
         for tmp in (Path(out_dir) / folder).glob(f".*{TMP_SUFFIX}"):
             final_name = tmp.name[1:].rsplit(".", 3)[0]   # .{stem}.tar.{pid}.{random}.tmp -> {stem}.tar
             stem = final_name.rsplit(".", 1)[0]
