@@ -246,3 +246,12 @@ def test_retry_failed_copies_ok_samples_from_the_store(s3, tmp_path, clips, one_
     old, new = read_output(first / "shards" / "p0.tar"), read_output(second / "shards" / "p0.tar")
     assert list(new) == ["good", "bad"]
     assert new["good"]["watercolor.mp4"] == old["good"]["watercolor.mp4"]   # copied, not edited again
+
+
+def test_each_output_url_has_its_own_staging_folder(monkeypatch, tmp_path):
+    from vidbatch.io.object_store import staging_dir
+
+    monkeypatch.setenv("VIDBATCH_STAGING", str(tmp_path))
+    a, b = staging_dir("s3://bucket/a"), staging_dir("s3://bucket/b")
+    assert a.parent == b.parent == tmp_path and a != b
+    assert staging_dir("s3://bucket/a/") == a

@@ -5,10 +5,10 @@ whole object in memory. Credentials and endpoints come from the store's standard
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ..., `GOOGLE_APPLICATION_CREDENTIALS`), read by the store's
 own library (botocore for s3fs).
 
-Outputs: a run whose `--output` is a URL works in a node-local staging folder (`staging_dir`:
-`$VIDBATCH_STAGING`, else `$TMPDIR/vidbatch-staging/<hash of the URL>`) that holds what a local output
-folder holds, and is bound to the URL by `STORE_FILE` in it (so workers that only get the folder, Ray
-actors included, commit to the same store). A shard is written there exactly as a local output, then
+Outputs: a run whose `--output` is a URL works in a node-local staging folder (`staging_dir`: a
+folder named by the URL's hash under `$VIDBATCH_STAGING`, else under `$TMPDIR/vidbatch-staging`) that
+holds what a local output folder holds, and is bound to the URL by `STORE_FILE` in it (so workers that
+only get the folder, Ray actors included, commit to the same store). A shard is written there exactly as a local output, then
 committed to the store by `commit_shard`:
 
 1. the store's old done marker is deleted (a redone shard is never "done" with new data under an old
@@ -64,13 +64,12 @@ def open_input(url: str) -> BinaryIO:
 
 
 def staging_dir(url: str) -> Path:
-    """The node-local folder a run writing to `url` works in: `$VIDBATCH_STAGING` when set (used as is),
-    else `vidbatch-staging/<16 hex digits of the URL's sha256>` under the temporary folder ($TMPDIR)."""
+    """The node-local folder a run writing to `url` works in: `<16 hex digits of the URL's sha256>` under
+    `$VIDBATCH_STAGING` when set, else under `vidbatch-staging` in the temporary folder ($TMPDIR). One
+    folder per URL: two outputs never share leases, failure records or staged markers."""
     configured = os.environ.get(STAGING_ENV, "").strip()
-    if configured:
-        return Path(configured).expanduser()
-    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "vidbatch-staging" / digest
+    parent = Path(configured).expanduser() if configured else Path(tempfile.gettempdir()) / "vidbatch-staging"
+    return parent / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
 class ObjectStore:
@@ -102,14 +101,8 @@ class ObjectStore:
         if not names:
             return {}
         paths = [self.path(n) for n in names]
-        data = self.fs.cat(paths, on_error="omit")
-        found = {}
-        for name, path in zip(names, paths):
-            for candidate in (path, self.fs._strip_protocol(path)):
-                if candidate in data:
-                    found[name] = data[candidate]
-                    break
-        return found
+        data = self.fs.cat(paths, on_error="omit")   # keyed by the paths as given (no protocol, like `root`)
+        return {name: data[path] for name, path in zip(names, paths) if path in data}
 
     def download(self, name: str, local: Path) -> None:
         self.fs.get_file(self.path(name), str(local))
