@@ -122,6 +122,11 @@ def test_run_reads_and_writes_buckets_then_resumes(s3, tmp_path, clips, one_thre
     assert "2 shard(s) already done" in capsys.readouterr().out
     assert {p: s3.info(p)["ETag"] for p in s3.find(f"{s3.bucket}/out/stats")} == etags   # markers untouched
 
+    # A dry run against the store (another fresh staging folder) sees the same: nothing to do.
+    monkeypatch.setenv("VIDBATCH_STAGING", str(tmp_path / "staging-3"))
+    assert run_cli("run", TINY, "--input", inputs, "--output", out_url, "--dry-run", *SETS) == 0
+    assert "shards: 2 (0 to do, 2 already done)" in capsys.readouterr().out
+
 
 def test_store_shard_missing_its_tar_is_redone(s3, tmp_path, clips, one_thread):
     """"Done" is checked against the store's listing: a marker whose tar is gone is redone."""
