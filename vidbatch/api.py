@@ -29,12 +29,13 @@ from vidbatch.dispatch.plan import plan_run
 from vidbatch.dispatch.preflight import (
     check_inputs,
     check_model,
-    check_output_dir,
     cpu_warning,
+    open_output,
     plan_device,
     resolve_threads,
 )
 from vidbatch.dispatch.run import interruption, run_shards
+from vidbatch.io.object_store import store_of, upload_run_files
 from vidbatch.report.finalize import finish_run
 
 __all__ = ["load_config", "plan", "run"]
@@ -42,11 +43,15 @@ __all__ = ["load_config", "plan", "run"]
 log = logging.getLogger("vidbatch")
 
 
-def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False,
+def run(config: Config, inputs: Sequence[str], out_dir: str | Path, *, overwrite: bool = False,
         shard_index: int = 0, num_shards: int = 1, limit: int | None = None, console: Console | None = None,
         on_event: Callable[[dict], None] | None = None, retry_failed: bool = False) -> int:
     """Runs the job and writes `OUT/summary.json`, `OUT/report.html` and `OUT/run.log`. Returns the exit
     code: 0 every shard done, 1 a shard failed (rerun the same call to continue).
+
+    `out_dir` is a local folder or an object store URL (`"s3://bucket/out"`, a string): the run then works
+    in a node-local staging folder and commits every shard to the store (`vidbatch.io.object_store`);
+    the summary, report, config and log are uploaded when it ends.
 
     `limit`: only the first `limit` shards still to do (a quick look; a later run without it does the
     rest). `retry_failed`: done shards with failed samples are taken too, and only those samples are
@@ -56,9 +61,10 @@ def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool
     written to `OUT/run.log`.
     """
     console = console or Console()
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir)
+    out_dir = open_output(out_dir, backend=config.runtime.backend, ray_address=config.runtime.ray_address,
+                          num_shards=num_shards)
     out_dir.mkdir(parents=True, exist_ok=True)
+    store = store_of(out_dir)
     with run_log(out_dir / "run.log"):
         try:
             with interrupt_on_signals():
@@ -67,7 +73,7 @@ def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool
                 outcome = run_shards(config, inputs, out_dir, overwrite=overwrite, shard_index=shard_index,
                                      num_shards=num_shards, console=console, on_event=on_event,
                                      retry_failed=retry_failed)
-                return finish_run(config, out_dir, outcome, console)
+                code = finish_run(config, out_dir, outcome, console)
         except VidbatchError as exc:
             log_to_files(logging.ERROR, error_line(exc))
             raise
@@ -79,15 +85,20 @@ def run(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool
                 _interruption(inputs, out_dir, shard_index, num_shards, code)
             log_to_files(logging.WARNING, str(stopped))
             raise stopped from None
+    if store is not None:   # after run.log is closed, so the uploaded log is complete
+        upload_run_files(out_dir, store)
+    return code
 
 
-def plan(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: bool = False, shard_index: int = 0,
+def plan(config: Config, inputs: Sequence[str], out_dir: str | Path, *, overwrite: bool = False, shard_index: int = 0,
          num_shards: int = 1, limit: int | None = None) -> list[str]:
     """What `run` would do, as lines (`vidbatch run --dry-run`): shards, samples, edits, frames, estimated
-    GPU-hours (see `vidbatch.dispatch.estimate`). Checks like `run`; writes nothing, loads no model."""
-    check_output_dir(Path(out_dir))
+    GPU-hours (see `vidbatch.dispatch.estimate`). Checks like `run`; writes nothing to the output (an object
+    store output is listed into its staging folder) and loads no model."""
+    out_dir = open_output(out_dir, backend=config.runtime.backend, ray_address=config.runtime.ray_address,
+                          num_shards=num_shards)
     urls = check_inputs(inputs)
-    run_plan = plan_run(urls, Path(out_dir), overwrite, shard_index, num_shards)
+    run_plan = plan_run(urls, out_dir, overwrite, shard_index, num_shards)
     todo = run_plan.todo[:limit] if limit is not None else run_plan.todo
     if todo:
         check_model(config)

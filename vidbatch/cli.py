@@ -26,6 +26,18 @@ from vidbatch.core.version import __version__
 EXIT_OK, EXIT_SHARD_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _local_folder(output: str, command: str) -> Path:
+    """`output` as a local folder for a command that reads or writes one directly; a URL (`s3://...`) is a
+    UsageError, never a local folder named `s3:` (only `vidbatch run` writes to object stores)."""
+    from vidbatch.core.paths import is_url, local_path
+
+    if is_url(output):
+        raise UsageError(f"vidbatch {command} '{output}': works on a local folder, not a URL (only `vidbatch run "
+                         "--output` writes to object stores). Fix: copy the output to a local folder first "
+                         "(aws s3 sync URL out/) and pass that")
+    return Path(local_path(output))
+
+
 def _env_int(*names: str, default: int) -> int:
     for name in names:
         if os.environ.get(name, "").isdigit():
@@ -150,21 +162,22 @@ def _compare_override(methods: list[str] | None) -> list[str]:
 def _run(args: argparse.Namespace, console: Console) -> int:
     from vidbatch.api import load_config, plan, run
     from vidbatch.dispatch.logs import log_to_files, setup_logging
-    from vidbatch.dispatch.preflight import check_output_dir
+    from vidbatch.dispatch.preflight import check_output_dir, output_folder
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    out_dir = Path(args.output)
     # A SLURM array task's place in its array (0-N, or 0-N:S with a step); --shard-index wins.
     shard_index = args.shard_index if args.shard_index is not None else \
         (_env_int("SLURM_ARRAY_TASK_ID", default=0) - _env_int("SLURM_ARRAY_TASK_MIN", default=0)) \
         // max(1, _env_int("SLURM_ARRAY_TASK_STEP", default=1))
     num_shards = args.num_shards if args.num_shards is not None else \
         _env_int("SLURM_ARRAY_TASK_COUNT", default=1)
+    # A local folder, or the staging folder of an object store URL (its scheme and package checked here).
+    out_dir = output_folder(args.output, num_shards=num_shards)
     if args.dry_run:
         setup_logging(None, console)
         config = load_config(args.config, args.overrides + _compare_override(args.compare))
-        for line in plan(config, args.input, out_dir, overwrite=args.overwrite, shard_index=shard_index,
+        for line in plan(config, args.input, args.output, overwrite=args.overwrite, shard_index=shard_index,
                          num_shards=num_shards, limit=args.limit):
             console.print(line, highlight=False, soft_wrap=True, markup=False)
         return EXIT_OK
@@ -176,7 +189,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     except VidbatchError as exc:   # the API logs its own errors; this one comes before it
         log_to_files(logging.ERROR, error_line(exc))
         raise
-    return run(config, args.input, out_dir, overwrite=args.overwrite, retry_failed=args.retry_failed,
+    return run(config, args.input, args.output, overwrite=args.overwrite, retry_failed=args.retry_failed,
                shard_index=shard_index, num_shards=num_shards, limit=args.limit, console=console)
 
 
@@ -185,7 +198,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     from vidbatch.dispatch.preflight import check_output_dir
     from vidbatch.tools.demo import DEMO_COMPARE, run_demo
 
-    out_dir = Path(args.output)
+    out_dir = _local_folder(args.output, "demo")
     check_output_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir / "run.log", console)
@@ -197,6 +210,7 @@ def _shard(args: argparse.Namespace, console: Console) -> int:
     from vidbatch.config.schema import load_config
     from vidbatch.io.packing import list_videos, pack_shards, read_prompts, videos_missing_prompts
 
+    args.output = str(_local_folder(args.output, "shard"))
     edits = load_config(args.config).edits
     prompts = read_prompts(Path(args.prompts)) if args.prompts else {}
     missing = videos_missing_prompts(list_videos(args.video_dir), prompts, edits)
@@ -267,7 +281,7 @@ def _cache(args: argparse.Namespace, console: Console) -> int:
 def _verify(args: argparse.Namespace, console: Console) -> int:
     from vidbatch.io.shard_check import verify_output
 
-    checks = verify_output(Path(args.output))
+    checks = verify_output(_local_folder(args.output, "verify"))
     bad = [c for c in checks if c.state != "done"]
     for check in bad:
         label = "damaged" if check.state == "damaged" else "not done"
@@ -281,14 +295,15 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
 def _report(args: argparse.Namespace, console: Console) -> int:
     from vidbatch.report import write_report
 
-    console.print(f"report written to {write_report(Path(args.output), max_videos=args.max_videos, strict=True)}")
+    path = write_report(_local_folder(args.output, "report"), max_videos=args.max_videos, strict=True)
+    console.print(f"report written to {path}")
     return EXIT_OK
 
 
 def _finalize(args: argparse.Namespace, console: Console) -> int:
     from vidbatch.report.finalize import finalize_output
 
-    return finalize_output(Path(args.output), console)
+    return finalize_output(_local_folder(args.output, "finalize"), console)
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:

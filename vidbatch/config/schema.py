@@ -24,6 +24,7 @@ import yaml
 from vidbatch.core.atomic import atomic_write
 from vidbatch.core.edits import EDIT_NAME_PATTERN, EditSpec
 from vidbatch.core.errors import ConfigError
+from vidbatch.core.paths import is_url
 from vidbatch.core.settings import setting
 from vidbatch.config.fields import build
 from vidbatch.engine.controls.controlnet import ControlNetConfig
@@ -284,6 +285,13 @@ def _validate(config: Config) -> None:
     for i, lora in enumerate(config.model.loras):
         if not lora.path:
             raise ConfigError(f"config key 'model.loras[{i}].path' is empty")
+    # Cache entries are written and read at random, per video, by every worker: an object store URL there
+    # would be a local folder named `s3:` (pathlib) or thousands of small requests; refused up front.
+    cache_dir = config.inversion.cache_dir
+    if cache_dir is not None and is_url(str(cache_dir)):
+        raise ConfigError(f"config key 'inversion.cache_dir' must be a local folder, got '{cache_dir}': the cache "
+                          "must be local. Fix: a node-local or shared-filesystem folder (null: $VIDBATCH_CACHE/"
+                          "inversions), or inversion.cache=false")
 
 
 def _validate_edit_names(edits: typing.Sequence[EditSpec]) -> None:

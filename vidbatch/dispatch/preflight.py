@@ -11,7 +11,9 @@ from typing import Sequence
 
 from vidbatch.config.schema import Config
 from vidbatch.core.errors import UsageError
+from vidbatch.core.paths import WEB_SCHEMES, check_url_supported, is_url, local_path, url_scheme
 from vidbatch.io.input_shards import VIDEO_EXTENSIONS, expand_urls
+from vidbatch.io.object_store import bind_staging, staging_dir, store_of, sync_from_store
 from vidbatch.models.availability import BUILTIN_MODELS, check_model_available
 from vidbatch.models.loading import hub_offline
 
@@ -37,13 +39,76 @@ def check_output_dir(out_dir: Path) -> None:
                          "can write to")
 
 
+def check_output_url(url: str, *, backend: str = "local", ray_address: str | None = None,
+                     num_shards: int = 1) -> None:
+    """An `--output` URL must name a writable fsspec scheme whose package is installed, and the run must be
+    one that a node-local staging folder serves: its leases (`dispatch.leases`) live in that folder, so
+    drivers on several machines (`--num-shards` > 1, SLURM array tasks, a multi-machine Ray cluster)
+    cannot share an object store output yet."""
+    check_url_supported(url, "--output")
+    scheme = url_scheme(url)
+    if scheme in WEB_SCHEMES:
+        raise UsageError(f"--output '{url}': {scheme}:// cannot be written to. Fix: give a local folder or an object "
+                         "store URL (s3://bucket/prefix)")
+    if num_shards > 1:
+        raise UsageError(f"--output '{url}': {num_shards} drivers (--num-shards or a SLURM array) cannot share an "
+                         "object store output yet (their leases need a shared filesystem). Fix: run one driver per "
+                         "output URL, or write to a shared filesystem folder")
+    if backend == "ray" and (ray_address or os.environ.get("RAY_ADDRESS")):
+        raise UsageError(f"--output '{url}': a Ray cluster of several machines cannot write to an object store "
+                         "output yet (its workers stage shards in this machine's folder). Fix: use runtime.backend="
+                         "local or an embedded Ray (no runtime.ray_address / RAY_ADDRESS), or write to a shared "
+                         "filesystem folder")
+
+
+def output_folder(output: str | Path, *, num_shards: int = 1) -> Path:
+    """The local folder of `--output` without touching it or the store: the path itself, or the staging
+    folder of an object store URL (checked for its scheme and package first). The CLI opens its log
+    there before `open_output` syncs."""
+    text = str(output)
+    if not is_url(text):
+        return Path(local_path(text))
+    check_output_url(text, num_shards=num_shards)
+    return staging_dir(text)
+
+
+def open_output(output: str | Path, *, backend: str = "local", ray_address: str | None = None,
+                num_shards: int = 1) -> Path:
+    """The local folder a run writes in: `output` itself when it is a local path (checked), or, for an
+    object store URL, its node-local staging folder (`io.object_store`), bound to the URL and synced
+    from one listing of the store, so resuming sees the store's done shards."""
+    text = str(output)
+    if not is_url(text):
+        out_dir = Path(local_path(text))
+        check_output_dir(out_dir)
+        return out_dir
+    check_output_url(text, backend=backend, ray_address=ray_address, num_shards=num_shards)
+    staging = staging_dir(text)
+    check_output_dir(staging)
+    bind_staging(staging, text)
+    store = store_of(staging)
+    assert store is not None
+    try:
+        sync_from_store(staging, store)
+    except Exception as exc:  # noqa: BLE001 - any store client's error (no credentials, no bucket, no route)
+        raise UsageError(f"--output '{text}': cannot list the object store ({type(exc).__name__}: {exc}). Fix: "
+                         "check the URL, the credentials and the endpoint (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                         "...)") from None
+    return staging
+
+
 def check_inputs(inputs: Sequence[str]) -> list[str]:
-    """The expanded input URLs; a UsageError for a local input that is a folder or a video file."""
+    """The expanded input URLs; a UsageError for a local input that is a folder or a video file, or for a
+    URL whose scheme is unknown or needs a package that is not installed."""
     urls = expand_urls(list(inputs))
     for url in urls:
-        if url.startswith("pipe:") or "://" in url:
+        if url.startswith("pipe:"):
             continue
-        path = Path(url)
+        if is_url(url):
+            if url_scheme(url) not in WEB_SCHEMES:
+                check_url_supported(url, "--input")
+            continue
+        path = Path(local_path(url))
         if path.is_dir():
             raise UsageError(f"--input '{url}' is a folder; vidbatch run reads WebDataset shards (.tar). Fix: pack "
                              f"it first with `vidbatch shard {url} --output shards/`, then pass --input "

@@ -25,6 +25,8 @@ import braceexpand
 from webdataset.gopen import gopen
 
 from vidbatch.core.edits import EDIT_NAME_PATTERN, EditSpec
+from vidbatch.core.paths import WEB_SCHEMES, is_url, local_path, url_scheme
+from vidbatch.io.object_store import open_input
 from vidbatch.io.tar_stream import TarMember, TarStream, open_decompressed
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "gif", "m4v")
@@ -87,12 +89,13 @@ def shard_stem(url: str) -> str:
 
 
 def check_local_urls(urls: Sequence[str]) -> list[str]:
-    """The local shard paths among `urls` that do not exist (pipe: and remote URLs are not checked)."""
+    """The local shard paths among `urls` that do not exist (pipe: and remote URLs are not checked;
+    a `file://` URL is a local path)."""
     missing = []
     for url in urls:
-        if url.startswith("pipe:") or "://" in url:
+        if url.startswith("pipe:") or is_url(url):
             continue
-        if not Path(url).is_file():
+        if not Path(local_path(url)).is_file():
             missing.append(url)
     return missing
 
@@ -268,10 +271,10 @@ def iter_tar_samples(stream: TarStream, limits: InputLimits,
 
 def read_samples(url: str, limits: InputLimits | None = None,
                  keys: Container[str] | None = None) -> Iterator[InputSample]:
-    """The samples of one shard, in order (a path, a `pipe:` URL or any URL WebDataset's gopen opens;
-    gzip, bzip2 or xz compressed or not). With `keys`, only those samples: the others' members are
-    skipped unread."""
-    raw = gopen(url, "rb")
+    """The samples of one shard, in order (a path, a `pipe:` command, an http(s) URL as WebDataset's gopen
+    opens them, or any other fsspec URL, `s3://bucket/x.tar`, streamed through fsspec; gzip, bzip2 or xz
+    compressed or not). With `keys`, only those samples: the others' members are skipped unread."""
+    raw = open_input(url) if is_url(url) and url_scheme(url) not in WEB_SCHEMES else gopen(local_path(url), "rb")
     try:
         stream, _ = open_decompressed(raw)
         yield from iter_tar_samples(TarStream(stream), limits or InputLimits(), keys)

@@ -29,6 +29,7 @@ from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, publish, temporary_pa
 from vidbatch.core.names import MemberStems
 from vidbatch.core.rows import DoneMarker, EditRow
 from vidbatch.core.errors import ConfigError
+from vidbatch.io.object_store import ObjectStore, commit_shard, store_of
 
 
 def shard_path(out_dir: Path, stem: str) -> Path:
@@ -185,6 +186,9 @@ class ShardOutput:
         marker = dataclasses.replace(marker, files=files)
         if fence is not None:
             fence()
+        store = store_of(self.out_dir)
+        if store is not None:
+            return self._commit_to_store(store, marker)
         try:
             publish(self._tar_tmp, tar)
             publish(self._rows_tmp, rows)
@@ -193,6 +197,22 @@ class ShardOutput:
                 fence()
             raise
         write_json_atomic(marker_path(self.out_dir, self.stem), marker.to_json())
+        return marker
+
+    def _commit_to_store(self, store: ObjectStore, marker: DoneMarker) -> DoneMarker:
+        """The commit of a staged shard (the output is an object store URL; see `io.object_store`): tar and
+        jsonl uploaded, the marker put last and conditionally; then the staged copies of the jsonl and
+        the marker take their final local names (the summary and resume read them) and the tar is
+        dropped from the staging folder (the store has it; its size is in the receipt)."""
+        tar, rows = shard_path(self.out_dir, self.stem), rows_path(self.out_dir, self.stem)
+        mark = marker_path(self.out_dir, self.stem)
+        tar_name, rows_name = relative_name(self.out_dir, tar), relative_name(self.out_dir, rows)
+        commit_shard(self.out_dir, store, self.stem, [(self._tar_tmp, tar_name), (self._rows_tmp, rows_name)],
+                     relative_name(self.out_dir, mark), marker.to_json(), store_only=(tar_name,))
+        publish(self._rows_tmp, rows)
+        self._tar_tmp.unlink(missing_ok=True)
+        tar.unlink(missing_ok=True)
+        write_json_atomic(mark, marker.to_json())
         return marker
 
     def abort(self) -> None:
@@ -215,7 +235,14 @@ class CommittedShard:
         for row in read_rows(Path(out_dir), stem):
             rows_by_key[row.key].append(row)
         self.rows = {key: rows for key, rows in rows_by_key.items() if all(row.ok for row in rows)}
-        self._tar = tarfile.open(shard_path(Path(out_dir), stem))
+        path = shard_path(Path(out_dir), stem)
+        self._download: Path | None = None
+        store = store_of(out_dir)
+        if store is not None and not path.is_file():   # a staged output: the committed tar is in the store
+            self._download = temporary_path(path)
+            store.download(relative_name(Path(out_dir), path), self._download)
+            path = self._download
+        self._tar = tarfile.open(path)
         self._members: dict[str, list[tarfile.TarInfo]] = defaultdict(list)
         for info in self._tar.getmembers():
             key, _, ext = _split_member(info.name)
@@ -236,6 +263,8 @@ class CommittedShard:
 
     def close(self) -> None:
         self._tar.close()
+        if self._download is not None:
+            self._download.unlink(missing_ok=True)
 
 
 def _split_member(name: str) -> tuple[str, str, str]:

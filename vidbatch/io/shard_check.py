@@ -16,6 +16,7 @@ from typing import Literal
 
 from vidbatch.core.errors import VidbatchError
 from vidbatch.core.rows import DoneMarker
+from vidbatch.io.object_store import receipt_sizes
 from vidbatch.io.output_shards import marker_path, relative_name
 
 ShardState = Literal["done", "absent", "damaged"]
@@ -37,10 +38,18 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _file_problem(out_dir: Path, name: str, record: object, checksums: bool) -> str | None:
-    """Why the file `name` (relative to OUT) does not match its marker record, or None."""
+def _file_problem(out_dir: Path, name: str, record: object, checksums: bool,
+                  stored: dict[str, int] | None = None) -> str | None:
+    """Why the file `name` (relative to OUT) does not match its marker record, or None. `stored`: the
+    files of a staged output that live only in its object store, with their sizes there."""
     if not isinstance(record, dict) or not isinstance(record.get("bytes"), int):
         return f"the marker's record of {name} is not {{bytes, sha256}}"
+    if stored and name in stored:
+        if stored[name] != record["bytes"]:
+            return f"{name} has {stored[name]} bytes in the object store, the marker says {record['bytes']}"
+        if checksums:
+            return f"{name} is in the object store only: its sha256 is not checked here"
+        return None
     path = out_dir / name
     if not path.is_file():
         return f"{name} is missing"
@@ -64,8 +73,9 @@ def check_shard(out_dir: Path, stem: str, *, checksums: bool = False) -> ShardCh
         return ShardCheck(stem, "damaged", problem=f"{relative_name(out_dir, path)} is not a readable done marker ({exc})")
     if not isinstance(marker.files, dict):
         return ShardCheck(stem, "damaged", problem=f"{relative_name(out_dir, path)} lists its files wrongly")
+    stored = receipt_sizes(out_dir, stem)
     for name, record in marker.files.items():
-        problem = _file_problem(out_dir, name, record, checksums)
+        problem = _file_problem(out_dir, name, record, checksums, stored)
         if problem is not None:
             return ShardCheck(stem, "damaged", marker, problem)
     return ShardCheck(stem, "done", marker)
