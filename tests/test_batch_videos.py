@@ -22,6 +22,7 @@ from vidbatch.engine import memory
 from vidbatch.engine.editor import DenoiseJob, VideoEditor, VideoRequest, method_for
 from vidbatch.engine.method import EditorSettings
 from vidbatch.engine.methods.vidtome import FrameAttnProcessor
+from vidbatch.tools.bench.main import run_bench
 
 # Clips of different lengths: the videos' chunk lists differ in count, so some calls hold fewer videos.
 LENGTHS = (7, 5, 6)
@@ -198,3 +199,13 @@ def test_shard_batched_writes_the_same_samples_in_order_and_a_bad_video_fails_al
         ("a", "ok"), ("d", "ok"), ("b", "failed"), ("e", "ok"), ("f", "ok")]
     assert "no prompt" in rows[2][2]["error"] and rows[2][2]["error"] == rows[1][2]["error"]
 
+
+def test_bench_measures_several_videos_per_call(hermetic_cache):
+    rows = list(run_bench("tiny", ["per-frame"], [4], size=32, steps=2, control="none", batch_videos=[1, 2],
+                          overrides=["merge.chunk_order=seq"], isolate=False))
+    assert [(r.get("error"), r["batch_videos"], r["frames"]) for r in rows] == [(None, 1, 4), (None, 2, 4)]
+    one, two = rows
+    # The same work per frame in fewer, larger edit calls: inversion 2 calls per video, edit 2 instead of 4
+    # (one chunk of 4 frames per step).
+    assert one["unet_samples_per_frame_edit"] == two["unet_samples_per_frame_edit"] == 4
+    assert one["unet_calls"] == 2 + 2 and two["unet_calls"] == 2 * 2 + 2
