@@ -367,8 +367,8 @@ class VideoEditModule(L.LightningModule):
                         size = editor.videos_per_call(max(g.sample.frames.shape[0] for g in bucket),
                                                       (frames.shape[1] // editor.vae_scale,
                                                        frames.shape[2] // editor.vae_scale), size)
-                    except VidbatchError:
-                        size = 1  # the editor cannot be built: each group fails alone with the reason
+                    except Exception:  # noqa: BLE001 - the editor cannot be built: each group fails alone with the reason
+                        size = 1
             batches += [bucket[i:i + size] for i in range(0, len(bucket), size)]
         return batches
 
@@ -382,6 +382,9 @@ class VideoEditModule(L.LightningModule):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         keys = ", ".join(group.sample.key for group in groups)
+        # The samples' shared inversions as they were: a video edited again alone after a failed batch inverts
+        # (or reads the cache) as it would have, and its rows say so.
+        shared_before = [dict(group.shared) for group in groups]
         try:
             editor = self.editors.get(config)
             editor.on_step = None
@@ -401,6 +404,9 @@ class VideoEditModule(L.LightningModule):
                         type(exc).__name__, exc)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            for group, before in zip(groups, shared_before):
+                group.shared.clear()
+                group.shared.update(before)
             return [self._edit_group(group) for group in groups]
         memory = round(peak_memory_mb(device), 1)  # the batch's peak, before the next one starts
         return [self._finisher(group, prompts[i], source_prompts[i], edited[i], memory)
