@@ -19,7 +19,7 @@ from vidbatch.batch.module import VideoEditModule
 from vidbatch.batch.shard import process_shard
 from vidbatch.config.schema import load_config
 from vidbatch.engine import memory
-from vidbatch.engine.editor import DenoiseJob, VideoEditor, VideoRequest, method_for
+from vidbatch.engine.editor import TEST_MAX_CHUNK_ENV, DenoiseJob, VideoEditor, VideoRequest, method_for
 from vidbatch.engine.method import EditorSettings
 from vidbatch.engine.methods.vidtome import FrameAttnProcessor
 from vidbatch.tools.bench.main import run_bench
@@ -209,3 +209,15 @@ def test_bench_measures_several_videos_per_call(hermetic_cache):
     # (one chunk of 4 frames per step).
     assert one["unet_samples_per_frame_edit"] == two["unet_samples_per_frame_edit"] == 4
     assert one["unet_calls"] == 2 + 2 and two["unet_calls"] == 2 * 2 + 2
+
+
+def test_a_batch_out_of_memory_is_edited_one_video_at_a_time(module, clips, tmp_path, monkeypatch, caplog):
+    # A device that holds one video's chunk (4 frames) but not two: the batched call runs out of memory.
+    monkeypatch.setenv(TEST_MAX_CHUNK_ENV, "4")
+    url = str(write_shard(tmp_path / "in.tar", [video_sample("a", clips["pattern"]),
+                                                video_sample("d", clips["pattern"], "a dog")]))
+    with caplog.at_level(logging.WARNING, logger="vidbatch"):
+        process_shard(module, url, "in", tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "stats" / "in.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["status"]) for r in rows] == [("a", "ok"), ("d", "ok")]
+    assert any("editing videos a, d together failed (OutOfMemoryError" in r.getMessage() for r in caplog.records)
