@@ -127,7 +127,7 @@ def test_the_gpu_script_runs_the_bench_with_valid_arguments(capsys):
     from vidbatch.tools.bench.spec import BenchSpec, bench_config
 
     parser = build_parser()
-    measured = set()
+    measured, batched = set(), set()
     for label, command, _ in commands():
         args = parser.parse_args(command[command.index("bench"):])
         assert (args.model, args.size, args.steps, args.dtype) == ("sd15-random", 512, 50, "float16"), label
@@ -137,9 +137,12 @@ def test_the_gpu_script_runs_the_bench_with_valid_arguments(capsys):
                                             dtype=args.dtype, overrides=args.overrides))
             assert (config.edit.method, config.edit.steps, config.video.size) == (method, 50, 512), label
             measured.add((method, args.frames[0], args.compile, config.merge.chunk_size))
+            batched.update((method, args.frames[0], n) for n in args.batch_videos if n > 1)
     # What BENCHMARKS.md's GPU table asks for: every method at 32 frames, vidtome at 128 (memory flat),
     # extended over the whole 32-frame clip (the memory reference), vidtome compiled, videodirector.
     for method in ("per-frame", "extended", "vidtome", "tokenflow"):
         assert (method, 32, False, 4) in measured
     assert {("vidtome", 128, False, 4), ("extended", 32, False, 32), ("vidtome", 32, True, 4)} <= measured
     assert any(method == "videodirector" for method, *_ in measured)
+    # Short clips several to a UNet call (runtime.batch_videos), against one at a time.
+    assert ("vidtome", 8, False, 4) in measured and {("vidtome", 8, 4), ("vidtome", 8, 8)} <= batched

@@ -147,6 +147,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--profile", metavar="DIR", help="profile the timed run; top operators to DIR/METHOD-FRAMES.txt")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads per measurement (default: torch's)")
     bench.add_argument("--repeat", type=int, default=1, help="timed runs per measurement; the fastest counts (default: 1)")
+    bench.add_argument("--batch-videos", type=int, nargs="+", default=[1], metavar="N",
+                       help="videos edited together, their chunks in one UNet call (runtime.batch_videos); each "
+                            "count is measured: N copies of the clip, per-frame figures over all of them (default: 1)")
     _add_overrides(bench, "merge.chunk_size=8")
     bench.add_argument("--in-process", action="store_true",
                        help="measure in this process (CPU peak memory is then only valid for the first pair)")

@@ -25,7 +25,7 @@ from vidbatch.engine.controls.controlnet import canny_frames, load_controlnet
 from vidbatch.engine.plugins import get_method
 from vidbatch.core.rows import STATUS_OK, EditRow
 from vidbatch.batch.edits import EditorPool, PlannedEdit, plan_edits, row_settings
-from vidbatch.engine.editor import EditedVideo, VideoEditor
+from vidbatch.engine.editor import MAX_AUTO_BATCH_VIDEOS, EditedVideo, VideoEditor, VideoRequest, batches_videos
 from vidbatch.core.errors import SampleError, VidbatchError
 from vidbatch.core.faults import is_infrastructure_error, is_out_of_memory
 from vidbatch.engine.inversion_cache import InversionCache, cache_max_bytes, inversion_cache_dir
@@ -80,6 +80,23 @@ class SampleResult:
 
 def _identity(item: Any) -> Any:
     return item
+
+
+@dataclass
+class _GroupEdit:
+    """The edits of one sample that one editor runs (a group of `VideoEditModule._groups`), with what their
+    results go into."""
+
+    sample: PreparedSample
+    edits: list[PlannedEdit]
+    rows: list[EditRow]
+    shared: dict                               # the sample's inversions, by key (shared by its groups)
+    result: SampleResult
+    slot: int                                  # its place among the sample's groups (finishing keeps that order)
+
+    @property
+    def config(self) -> Config:
+        return self.edits[0].config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -233,10 +250,26 @@ class VideoEditModule(L.LightningModule):
         dataset = ShardDataset(url, self.config, self.editor.size_multiple, reuse)
         # One decode worker overlaps ffmpeg with the GPU; more would duplicate an IterableDataset.
         workers = 1 if self.target_device.type == "cuda" else 0
-        return DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers)
+        batch = self.batch_videos
+        # More than one video per step: lists of up to `batch` consecutive samples, in the shard's order.
+        return DataLoader(dataset, batch_size=None if batch == 1 else batch, collate_fn=_identity, num_workers=workers)
 
-    def predict_step(self, sample: PreparedSample, batch_idx: int = 0) -> SampleResult:
-        return self.edit_sample(sample)
+    @property
+    def batch_videos(self) -> int:
+        """The most videos one step edits together (`runtime.batch_videos`): `auto` is 1 on a CPU (it is full
+        already: batching gains nothing there), `MAX_AUTO_BATCH_VIDEOS` on a GPU (fewer where the memory
+        estimate says so, see `_edit_batches`)."""
+        value = self.config.runtime.batch_videos
+        if value == "auto":
+            return MAX_AUTO_BATCH_VIDEOS if self.target_device.type == "cuda" else 1
+        return int(value)
+
+    def predict_step(self, batch: PreparedSample | list[PreparedSample], batch_idx: int = 0
+                     ) -> SampleResult | list[SampleResult]:
+        """One sample's result, or with `runtime.batch_videos` above 1 the results of a list of samples, in order."""
+        if isinstance(batch, list):
+            return self.edit_samples(batch)
+        return self.edit_sample(batch)
 
     @staticmethod
     def _row(sample: PreparedSample, edit: PlannedEdit) -> EditRow:
@@ -258,31 +291,140 @@ class VideoEditModule(L.LightningModule):
         Edits are grouped by the editor that runs them (their engine settings and seed); the groups
         share one inversion per distinct inversion key (`shared`), whatever editor made it.
         """
-        if sample.reused:
-            return SampleResult(key=sample.key, members={}, rows=[], reused=True)
-        rows = [self._row(sample, edit) for edit in sample.edits]
-        rows[0].seconds["decode"] = sample.decode_seconds  # shared stages count on the first edit
-        result = SampleResult(key=sample.key, members={}, rows=rows)
-        finishing: list[Callable[[], None]] = []
-        if sample.error is None:
-            shared: dict = {}
-            for indices in self._groups(sample.edits):
-                finishing.append(self._edit_group(sample, [sample.edits[i] for i in indices],
-                                                  [rows[i] for i in indices], shared, result))
-        else:
-            log.warning("sample %s failed: %s", sample.key, sample.error)
+        return self.edit_samples([sample])[0]
 
+    def edit_samples(self, samples: list[PreparedSample]) -> list[SampleResult]:
+        """:meth:`edit_sample` of consecutive samples, their results in the same order.
+
+        The groups of edits that one editor runs are gathered over the samples; those of videos of one frame
+        size are edited together (`VideoEditor.edit_videos`: their chunks share UNet calls), at most
+        `batch_videos` at once and as many as the memory estimate allows. Each video's result is the one it
+        gets alone; a batch that fails is edited again one video at a time, so a bad video fails alone with
+        its own error.
+        """
+        results: list[SampleResult] = []
+        groups: list[_GroupEdit] = []
+        finishing: dict[int, list[Callable[[], None] | None]] = {}
+        for sample in samples:
+            if sample.reused:
+                results.append(SampleResult(key=sample.key, members={}, rows=[], reused=True))
+                continue
+            rows = [self._row(sample, edit) for edit in sample.edits]
+            rows[0].seconds["decode"] = sample.decode_seconds  # shared stages count on the first edit
+            result = SampleResult(key=sample.key, members={}, rows=rows)
+            results.append(result)
+            finishing[id(result)] = []
+            if sample.error is None:
+                shared: dict = {}
+                for slot, indices in enumerate(self._groups(sample.edits)):
+                    groups.append(_GroupEdit(sample, [sample.edits[i] for i in indices], [rows[i] for i in indices],
+                                             shared, result, slot))
+                    finishing[id(result)].append(None)
+            else:
+                log.warning("sample %s failed: %s", sample.key, sample.error)
+        for batch in self._edit_batches(groups):
+            for group, finish in zip(batch, self._edit_groups(batch)):
+                finishing[id(group.result)][group.slot] = finish
+        for result in results:
+            if not result.reused:
+                self._finish(result, finishing[id(result)])
+        return results
+
+    def _finish(self, result: SampleResult, steps: list[Callable[[], None] | None]) -> None:
+        """Runs the finishing `steps` of a sample (encoding, metrics), in its groups' order, inline or in the
+        background."""
         def finish() -> None:
-            for step in finishing:
+            for step in steps:
                 step()
-            for row in rows:
+            for row in result.rows:
                 row.close_seconds()
 
         if self.background is None:
             finish()
         else:
             result.pending = self.background.submit(finish)
-        return result
+
+    def _edit_batches(self, groups: list[_GroupEdit]) -> list[list[_GroupEdit]]:
+        """`groups` cut into the batches that are edited together, in order of first appearance: groups of one
+        editor on videos of one frame size, at most `batch_videos` (and, with `auto`, what the memory estimate
+        allows) per batch; a group alone where its method edits one video at a time."""
+        if self.batch_videos == 1:
+            return [[group] for group in groups]
+        buckets: dict[str, list[_GroupEdit]] = {}
+        for group in groups:
+            frames = group.sample.frames
+            key = repr((EditorPool.key(group.config), tuple(frames.shape[1:3])))
+            buckets.setdefault(key, []).append(group)
+        batches = []
+        for bucket in buckets.values():
+            config, frames = bucket[0].config, bucket[0].sample.frames
+            size = 1
+            if len(bucket) > 1 and batches_videos(get_method(config.edit.method)):
+                size = self.batch_videos
+                if self.config.runtime.batch_videos == "auto":
+                    try:
+                        editor = self.editors.get(config)
+                        size = editor.videos_per_call(max(g.sample.frames.shape[0] for g in bucket),
+                                                      (frames.shape[1] // editor.vae_scale,
+                                                       frames.shape[2] // editor.vae_scale), size)
+                    except Exception:  # noqa: BLE001 - the editor cannot be built: each group fails alone with the reason
+                        size = 1
+            batches += [bucket[i:i + size] for i in range(0, len(bucket), size)]
+        return batches
+
+    def _edit_groups(self, groups: list[_GroupEdit]) -> list[Callable[[], None]]:
+        """Edits `groups` (one editor, videos of one size) together; returns what finishes each. A failure
+        edits them again one at a time (:meth:`_edit_group`), so each fails or succeeds on its own; a device
+        failure propagates (core.faults)."""
+        if len(groups) == 1:
+            return [self._edit_group(groups[0])]
+        device, config = self.target_device, groups[0].config
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        keys = ", ".join(group.sample.key for group in groups)
+        # The samples' shared inversions as they were: a video edited again alone after a failed batch inverts
+        # (or reads the cache) as it would have, and its rows say so.
+        shared_before = [dict(group.shared) for group in groups]
+        try:
+            editor = self.editors.get(config)
+            editor.on_step = None
+            requests, prompts, source_prompts = [], [], []
+            for group in groups:
+                source_prompt, group_prompts = self._prompts(group)
+                requests.append(VideoRequest(group.sample.frames, source_prompt, group_prompts, config.edit.seed,
+                                             group.sample.key, group.sample.control_frames, group.sample.mask,
+                                             group.shared, self._progress(group.sample.key)))
+                prompts.append(group_prompts)
+                source_prompts.append(source_prompt)
+            edited = editor.edit_videos(requests)
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                raise  # the device failed, not a sample: the worker is retired (core.faults)
+            log.warning("editing videos %s together failed (%s: %s); editing them one at a time", keys,
+                        type(exc).__name__, exc)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            for group, before in zip(groups, shared_before):
+                group.shared.clear()
+                group.shared.update(before)
+            return [self._edit_group(group) for group in groups]
+        memory = round(peak_memory_mb(device), 1)  # the batch's peak, before the next one starts
+        return [self._finisher(group, prompts[i], source_prompts[i], edited[i], memory)
+                for i, group in enumerate(groups)]
+
+    def _prompts(self, group: _GroupEdit) -> tuple[str, list[tuple[str, str]]]:
+        """The source prompt and the (edit name, prompt) pairs of a group of a sample's edits."""
+        sample, config = group.sample, group.config
+        # Without a description the inversion runs with the rest of the template (often
+        # empty, the null prompt); only edits that ask for {prompt} need one.
+        source_prompt = config.inversion.prompt.replace("{prompt}", sample.prompt or "").strip()
+        return source_prompt, [(e.spec.name, fill_prompt(e.spec.prompt, sample.prompt, f"edit '{e.spec.name}'"))
+                               for e in group.edits]
+
+    def _progress(self, key: str) -> Callable[[str, int, int], None] | None:
+        """The step callback of video `key` (to `step_sink`), or None."""
+        sink = self.step_sink
+        return None if sink is None else (lambda stage, done, total: sink(key, stage, done, total))
 
     @property
     def background(self) -> ThreadPoolExecutor | None:
@@ -306,47 +448,48 @@ class VideoEditModule(L.LightningModule):
                 groups.setdefault(key, []).append(i)
         return list(groups.values())
 
-    def _edit_group(self, sample: PreparedSample, edits: list[PlannedEdit], rows: list[EditRow], shared: dict,
-                    result: SampleResult) -> Callable[[], None]:
+    def _edit_group(self, group: _GroupEdit) -> Callable[[], None]:
         """Runs the edits of one editor on a sample and returns what finishes them: encoding and metrics,
-        which fill their rows and `result` (members, frames_edited). A failure, here or there, fails this
-        group's rows only, naming the cause; a device failure propagates (core.faults)."""
-        device, config = self.target_device, edits[0].config
+        which fill their rows and the sample's result (members, frames_edited). A failure, here or there,
+        fails this group's rows only, naming the cause; a device failure propagates (core.faults)."""
+        sample, rows, device, config = group.sample, group.rows, self.target_device, group.config
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with self._failing_rows(rows, sample.key):
             editor = self.editors.get(config)
-            sink = self.step_sink
-            editor.on_step = None if sink is None else (lambda stage, done, total: sink(sample.key, stage, done, total))
-            # Without a description the inversion runs with the rest of the template (often
-            # empty, the null prompt); only edits that ask for {prompt} need one.
-            source_prompt = config.inversion.prompt.replace("{prompt}", sample.prompt or "").strip()
-            prompts = [(e.spec.name, fill_prompt(e.spec.prompt, sample.prompt, f"edit '{e.spec.name}'")) for e in edits]
-            edited = self._edit(editor, sample, source_prompt, prompts, config.edit.seed, shared)
+            editor.on_step = self._progress(sample.key)
+            source_prompt, prompts = self._prompts(group)
+            edited = self._edit(editor, sample, source_prompt, prompts, config.edit.seed, group.shared)
             memory = round(peak_memory_mb(device), 1)  # the edit's peak, before the next video's starts
-
-            def finish() -> None:
-                with self._failing_rows(rows, sample.key):
-                    for row, (name, prompt) in zip(rows, prompts):
-                        started = time.perf_counter()
-                        result.members[f"{name}.mp4"] = encode_mp4(edited.frames[name], sample.fps,
-                                                                   audio=sample.audio, crf=self.config.video.crf)
-                        row.seconds.update(edited.seconds[name])
-                        row.seconds["encode"] = time.perf_counter() - started
-                        row.status, row.error, row.prompt = STATUS_OK, None, prompt
-                        row.inversion_cache = edited.inversion_use[name]
-                        result.frames_edited += len(edited.frames[name])
-                        self._measure(row, sample.frames, edited.frames[name], prompt, source_prompt)
-                for row in rows:
-                    row.peak_memory_mb = memory
-
-            return finish
+            return self._finisher(group, prompts, source_prompt, edited, memory)
         memory = round(peak_memory_mb(device), 1)
 
         def failed() -> None:
             for row in rows:
                 row.peak_memory_mb = memory
         return failed
+
+    def _finisher(self, group: _GroupEdit, prompts: list[tuple[str, str]], source_prompt: str, edited: EditedVideo,
+                  memory: float) -> Callable[[], None]:
+        """What finishes a group's edited video: encoding and metrics into its rows and the sample's result."""
+        sample, rows, result = group.sample, group.rows, group.result
+
+        def finish() -> None:
+            with self._failing_rows(rows, sample.key):
+                for row, (name, prompt) in zip(rows, prompts):
+                    started = time.perf_counter()
+                    result.members[f"{name}.mp4"] = encode_mp4(edited.frames[name], sample.fps,
+                                                               audio=sample.audio, crf=self.config.video.crf)
+                    row.seconds.update(edited.seconds[name])
+                    row.seconds["encode"] = time.perf_counter() - started
+                    row.status, row.error, row.prompt = STATUS_OK, None, prompt
+                    row.inversion_cache = edited.inversion_use[name]
+                    result.frames_edited += len(edited.frames[name])
+                    self._measure(row, sample.frames, edited.frames[name], prompt, source_prompt)
+            for row in rows:
+                row.peak_memory_mb = memory
+
+        return finish
 
     @contextmanager
     def _failing_rows(self, rows: list[EditRow], key: str) -> Iterator[None]:

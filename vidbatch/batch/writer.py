@@ -36,21 +36,22 @@ class ShardPredictionWriter(BasePredictionWriter):
         self.on_sample = on_sample
         self.started_at = utc_now()
         self._started = time.perf_counter()
-        self._pending: SampleResult | None = None
+        self._pending: list[SampleResult] = []
 
-    def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: SampleResult, batch_indices: Any,
-                           batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        # A prediction still encoding in the background (`runtime.finishing`) waits here until the next one
+    def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: SampleResult | list[SampleResult],
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        """`prediction`: one sample's result, or a list of consecutive samples' (`runtime.batch_videos`)."""
+        # A prediction still encoding in the background (`runtime.finishing`) waits here until the next step
         # is edited: samples are written in order, each once its own work is done.
         self._write_pending()
-        if prediction.pending is not None:
-            self._pending = prediction
-            return
-        self._write(prediction)
+        queue = list(prediction) if isinstance(prediction, list) else [prediction]
+        while queue and queue[0].pending is None:
+            self._write(queue.pop(0))
+        self._pending = queue
 
     def _write_pending(self) -> None:
-        if self._pending is not None:
-            prediction, self._pending = self._pending, None
+        pending, self._pending = self._pending, []
+        for prediction in pending:
             self._write(prediction.finished())
 
     def _write(self, prediction: SampleResult) -> None:
@@ -86,5 +87,5 @@ class ShardPredictionWriter(BasePredictionWriter):
 
     def abort(self) -> None:
         """Removes the temporaries; a sample still finishing in the background is dropped with them."""
-        self._pending = None
+        self._pending = []
         self.output.abort()

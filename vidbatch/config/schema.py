@@ -150,6 +150,12 @@ class RuntimeConfig:
                                   "the next video is edited (its decode already runs ahead in a DataLoader worker on a "
                                   "GPU); 'inline', before the next video starts; 'auto': background with a GPU, inline "
                                   "on a CPU (there the CPU is the device: nothing to overlap)")
+    batch_videos: Union[int, Literal["auto"]] = setting(
+        "auto", minimum=1, help="videos of a shard (consecutive samples, same size and edit settings) whose chunks "
+                                "share one UNet call, each edited as it would be alone; 'auto': 1 on a CPU (it is "
+                                "full already), on a GPU as many as the memory estimate allows, at most 8; a number: "
+                                "at most that many. Methods that follow one video (tokenflow, vid2vid-zero, "
+                                "videodirector) edit one at a time")
     threads: Union[int, Literal["auto"]] = setting(
         "auto", minimum=1, help="torch CPU threads per worker; 'auto': $OMP_NUM_THREADS if set, else the CPUs "
                                 "this process may use (os.sched_getaffinity) divided among the local workers; "

@@ -46,6 +46,85 @@ class EditedVideo:
     inversion_use: dict[str, str] = field(default_factory=dict)  # edit name -> the first's status, then "shared"
 
 
+@dataclass
+class DenoiseJob:
+    """One video's denoising in :meth:`VideoEditor.guided_denoise_videos`.
+
+    `method`: a fresh instance for this video (its hooks keep per-video state); `inversion` the video's
+    (its trajectory (S, T, 4, h, w) gives the start and the source branch); `control_images` (T, H, W, 3)
+    uint8 for the ControlNet. `progress` (stage, done, total) and `stage` report this video's steps;
+    None: the editor's `on_step` and current stage.
+    """
+
+    method: Method
+    inversion: Inversion
+    prompt: str
+    seed: int
+    source_prompt: str = ""
+    control_images: np.ndarray | None = None
+    progress: Callable[[str, int, int], None] | None = None
+    stage: str | None = None
+
+
+@dataclass
+class VideoRequest:
+    """One video and its edits for :meth:`VideoEditor.edit_videos` (the arguments of :meth:`VideoEditor.edit`).
+
+    `progress` receives (stage, done, total) of this video's inversion and edits; None: the editor's `on_step`.
+    """
+
+    frames: np.ndarray | FrameFile
+    source_prompt: str
+    edits: list[tuple[str, str]]
+    seed: int
+    key: str
+    control_images: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    shared: dict[str, Inversion] | None = None
+    progress: Callable[[str, int, int], None] | None = None
+
+
+@dataclass(eq=False)
+class _Video:
+    """The loop's state of one video of a batch: its job, generators, latents and chunks of the step."""
+
+    index: int                                  # its place in the batch
+    job: DenoiseJob
+    generator: torch.Generator
+    merge_generator: torch.Generator
+    x: Tensor                                   # (T, 4, h, w) float32 on the device
+    cond: Tensor                                # (1, 77, C) the edit prompt's embedding
+    source: Tensor                              # (1, 77, C) the source prompt's embedding
+    condition: Tensor | None                    # (T, 3, H, W) ControlNet condition, or None
+    chunk_size: int
+    state: object = None                        # the method's processor state for this video
+    with_source: bool = False
+    source_latents: Tensor | None = None        # (T, 4, h, w): the inverted latent of the step
+    step_uncond: Tensor | None = None
+    chunks: list[Tensor] = field(default_factory=list)
+    out: Tensor | None = None                   # the step's next latents (eta 0) or predictions (eta > 0)
+
+
+# Methods whose videos were edited one at a time although several were asked to share UNet calls: said once.
+_SAID_NO_BATCH: set[str] = set()
+# `runtime.batch_videos: auto` on a GPU: at most this many videos share a UNet call (past it the calls are
+# large enough to fill the device; more only delays the first results).
+MAX_AUTO_BATCH_VIDEOS = 8
+
+
+def batches_videos(method: Method | type[Method]) -> bool:
+    """Whether chunks of several videos may share a UNet call with `method` (`Method.batches_videos`, and the
+    engine's own loop). When not, says once per method why its videos are edited one at a time."""
+    cls = method if isinstance(method, type) else type(method)
+    if cls.batches_videos and cls.denoise is Method.denoise:
+        return True
+    if cls.name not in _SAID_NO_BATCH:
+        _SAID_NO_BATCH.add(cls.name)
+        log.info("runtime.batch_videos: edit.method %s edits one video at a time (its hooks or its own loop "
+                 "follow a single video)", cls.name)
+    return False
+
+
 def sample_seed(seed: int, *parts: str) -> int:
     """A 63-bit seed from the run seed and names (sample key, edit name).
 
@@ -295,6 +374,20 @@ class VideoEditor:
         method.check_budget(num_frames, latent_hw, budget, branches=branches, **self._geometry())
         return chunk
 
+    def videos_per_call(self, num_frames: int, latent_hw: tuple[int, int], most: int | None = None) -> int:
+        """How many videos of `num_frames` frames may share a UNet call (`runtime.batch_videos: auto`): as many
+        chunks as the memory estimate fits in the budget (`Method.chunk_bytes` of one video's chunk, which
+        adds up linearly over the videos: each attends within its own chunk), 1..`most` (default
+        `MAX_AUTO_BATCH_VIDEOS`). With `chunk_size: auto` one video's chunk fills the budget already: 1."""
+        most = MAX_AUTO_BATCH_VIDEOS if most is None else most
+        s = self.settings
+        method = method_for(s)
+        chunk = min(num_frames, self.chunk_size_for(num_frames, latent_hw))
+        one = method.chunk_bytes(chunk, latent_hw, branches=self.max_branches(), share=method.attended_share(),
+                                 keyframes=method.keyframes(num_frames), **self._geometry())
+        budget = s.memory_budget_bytes or memory.available_memory_bytes(self.device)
+        return max(1, min(most, int(memory.BUDGET_SHARE * budget // max(one, 1))))
+
     def max_branches(self) -> int:
         """The most guidance branches one UNet call of this edit runs (`Method.max_branches`): uncond and
         cond, and the source branch where some step runs it (PnP, or the method's own need)."""
@@ -371,13 +464,22 @@ class VideoEditor:
 
     @torch.no_grad()
     def denoise(self, inversion: Inversion, prompt: str, seed: int, source_prompt: str = "",
-                control_images: np.ndarray | None = None, mask: np.ndarray | None = None) -> Tensor:
+                control_images: np.ndarray | None = None, mask: np.ndarray | None = None,
+                method: Method | None = None) -> Tensor:
         """Denoising from the inverted latents with `prompt`; (T, 4, h, w) on the device.
 
         The method decides the loop (:meth:`Method.denoise`): the engine's chunked loop
         (:meth:`guided_denoise`) unless it brings its own. `mask` (T, H, W) bool: the sample's
-        foreground, for methods that use one (None: all foreground).
+        foreground, for methods that use one (None: all foreground). `method`: a fresh instance of the
+        editor's method for this edit (None: made here).
         """
+        self._check_denoise(inversion, control_images)
+        method = method_for(self.settings) if method is None else method
+        return method.denoise(self, inversion, prompt, source_prompt, seed, control_images,
+                              mask if method.uses_mask else None)
+
+    def _check_denoise(self, inversion: Inversion, control_images: np.ndarray | None) -> None:
+        """Raises ValueError when `inversion` was made with other steps, or the ControlNet lacks its images."""
         s = self.settings
         if not torch.equal(self.timesteps_for(s.steps), inversion.timesteps):
             # `invert` keeps the latents at the edit's timesteps: these come from other settings.
@@ -386,101 +488,201 @@ class VideoEditor:
                 f"{s.steps} timesteps of this edit (edit.steps {s.steps}); invert with this editor's settings")
         if self.controlnet is not None and control_images is None:
             raise ValueError("a ControlNet is loaded but no control images were given")
-        method = method_for(s)
-        return method.denoise(self, inversion, prompt, source_prompt, seed, control_images,
-                              mask if method.uses_mask else None)
+
+    @torch.no_grad()
+    def denoise_videos(self, jobs: list[DenoiseJob], masks: list[np.ndarray | None] | None = None) -> list[Tensor]:
+        """:meth:`denoise` of several videos; their chunks share UNet calls where the method batches videos
+        (`Method.batches_videos`, the engine's own loop), else they run one at a time (said once per method).
+
+        The result of every video is that of editing it alone with the same seed. `masks`: (T, H, W) bool
+        per job, for a method that uses one. Returns (T_i, 4, h, w) latents per job, in order.
+        """
+        masks = masks or [None] * len(jobs)
+        if len(jobs) < 2 or not batches_videos(jobs[0].method):
+            results = []
+            for job, mask in zip(jobs, masks):
+                with self._reporting(job.progress, job.stage):
+                    results.append(self.denoise(job.inversion, job.prompt, job.seed, job.source_prompt,
+                                                job.control_images, mask, method=job.method))
+            return results
+        for job in jobs:
+            self._check_denoise(job.inversion, job.control_images)
+        return self.guided_denoise_videos(jobs)
+
+    @contextmanager
+    def _reporting(self, progress: Callable[[str, int, int], None] | None, stage: str | None = None) -> Iterator[None]:
+        """Within the block, progress goes to `progress` under `stage` (None: left as they are)."""
+        previous = self.on_step, self._stage
+        self.on_step = progress if progress is not None else self.on_step
+        self._stage = stage if stage is not None else self._stage
+        try:
+            yield
+        finally:
+            self.on_step, self._stage = previous
 
     @torch.no_grad()
     def guided_denoise(self, method: Method, inversion: Inversion, prompt: str, seed: int, source_prompt: str = "",
                        control_images: np.ndarray | None = None) -> Tensor:
-        """The engine's loop: guided DDIM denoising, chunk by chunk, through `method`'s hooks; (T, 4, h, w).
+        """The engine's loop for one video (:meth:`guided_denoise_videos` with one job); (T, 4, h, w)."""
+        return self.guided_denoise_videos([DenoiseJob(method, inversion, prompt, seed, source_prompt,
+                                                      control_images)])[0]
 
-        Per step, frames go through the UNet chunk by chunk (`chunk_schedule`); the attention
-        processors see one chunk per call. Branches per call: `[uncond, cond]`, with a leading
-        `source` branch while PnP injects or the method needs it (the inverted latent of the step with
-        `source_prompt`). The method's hooks (:class:`vidbatch.engine.method.Method`) add their steps to the loop (TokenFlow's keyframe
+    @torch.no_grad()
+    def guided_denoise_videos(self, jobs: list[DenoiseJob]) -> list[Tensor]:
+        """The engine's loop: guided DDIM denoising, chunk by chunk, through the methods' hooks; one
+        (T_i, 4, h, w) result per job.
+
+        Per step, each video's frames are cut into chunks (`chunk_schedule`, from its own generator);
+        the attention processors see one chunk per video per call. Branches per video: `[uncond,
+        cond]`, with a leading `source` branch while PnP injects or the method needs it (the inverted
+        latent of the step with `source_prompt`). The method's hooks
+        (:class:`vidbatch.engine.method.Method`) add their steps to the loop (TokenFlow's keyframe
         pass, vid2vid-zero's null embeddings). `control_images` (T, H, W, 3) uint8 condition the
         ControlNet when one is loaded.
+
+        Several jobs (`runtime.batch_videos`) share the steps: chunk i of every video goes into one
+        UNet call, video after video, each with its branches branch-major (``B*F_i`` rows), and each
+        keeps its own generators, chunk schedule and processor state (:meth:`Method.patch_videos`), so
+        its result is the one it gets alone (up to the rounding of a larger matrix product). They
+        must share the latent size and the timesteps (one editor: steps, method, control, guidance);
+        the method must batch videos (`Method.batches_videos`).
         """
         s = self.settings
-        timesteps = inversion.timesteps
+        if not jobs:
+            return []
+        first = jobs[0]
+        if len(jobs) > 1:
+            self._check_batch(jobs)
+        timesteps = first.inversion.timesteps
         alphas, final = self.alphas()
         alpha_t, alpha_prev = ddim.alphas_for(alphas, final, timesteps.to(self.device))
-        generator = torch.Generator().manual_seed(seed)
-        # Merging draws on the device (no host round trip per block), from a seed of our generator.
-        merge_generator = torch.Generator(device=self.device).manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=generator)))
-        start = self._start_index(inversion)
-        x = inversion.trajectory[start].to(self.device, torch.float32)
+        start = self._start_index(first.inversion)
         uncond = self.text_embedding(s.negative_prompt)
-        cond = self.text_embedding(prompt)
-        source = self.text_embedding(source_prompt)
         pnp = "pnp" in self.controls
         pnp_feature_steps, pnp_attention_steps = injection_steps(s.steps, s.pnp_f_t, s.pnp_attn_t) if pnp else (0, 0)
-        condition = None
-        if self.controlnet is not None:
-            condition = condition_tensor(control_images, self.device, self.dtype)
-        chunk_size = self.chunk_size_for(len(x), tuple(x.shape[-2:]))
-        hooks = method
-        state = hooks.patch(self, prompt, source_prompt)
+        videos = [self._start_video(i, job, start) for i, job in enumerate(jobs)]
+        if len(jobs) == 1:
+            driver = None
+            videos[0].state = first.method.patch(self, first.prompt, first.source_prompt)
+        else:
+            driver = first.method.patch_videos(self, len(jobs))
+            for video, state in zip(videos, driver.videos):
+                video.state = state
         injector = PnpResidualInjector(self.unet) if pnp else None
         try:
             for k in range(start, len(timesteps)):
                 t = timesteps[k].to(self.device)
                 inject_features, inject_qk = k < pnp_feature_steps, k < pnp_attention_steps
-                with_source = inject_features or inject_qk or hooks.needs_source(k)
-                source_latents = inversion.trajectory[k].to(self.device, torch.float32) if with_source else None
-                step_uncond = hooks.uncond_embedding(inversion, k, uncond)
-                state.begin_step()
 
-                def predict(idx: Tensor) -> Tensor:
-                    """The guided prediction of step k for the frames `idx` (on the device): one UNet call."""
-                    n = len(idx)
-                    latents = [x[idx], x[idx]]
-                    embeddings = [step_uncond.expand(n, -1, -1), cond.expand(n, -1, -1)]
-                    if with_source:
-                        latents.insert(0, source_latents[idx])
-                        embeddings.insert(0, source.expand(n, -1, -1))
-                    branches = len(latents)
-                    hooks.begin_chunk(idx)
-                    state.begin_chunk(n, branches, merge_generator, inject_qk=inject_qk)
+                def predict(segments: list[tuple[_Video, Tensor]]) -> list[Tensor]:
+                    """The guided predictions of step k for the frames `idx` (on the device) of each video:
+                    one UNet call on all of them, video after video."""
+                    latents, embeddings, conditions, layout = [], [], [], []
+                    for video, idx in segments:
+                        n = len(idx)
+                        branch_latents = [video.x[idx], video.x[idx]]
+                        branch_embeddings = [video.step_uncond.expand(n, -1, -1), video.cond.expand(n, -1, -1)]
+                        if video.with_source:
+                            branch_latents.insert(0, video.source_latents[idx])
+                            branch_embeddings.insert(0, video.source.expand(n, -1, -1))
+                        branches = len(branch_latents)
+                        video.job.method.begin_chunk(idx)
+                        video.state.begin_chunk(n, branches, video.merge_generator, inject_qk=inject_qk)
+                        latents += branch_latents
+                        embeddings += branch_embeddings
+                        layout.append((branches, n))
+                        if video.condition is not None:
+                            conditions.append(video.condition[idx].repeat(branches, 1, 1, 1))
+                    if driver is not None:
+                        driver.begin_call([video.index for video, _ in segments])
                     if injector is not None:
-                        injector.active, injector.num_branches = inject_features, branches
-                    chunk_condition = None if condition is None else condition[idx].repeat(branches, 1, 1, 1)
-                    out = self.unet_output(torch.cat(latents), t, torch.cat(embeddings), chunk_condition)
-                    out_uncond, out_cond = out.chunk(branches)[-2:]
-                    return out_uncond + s.guidance * (out_cond - out_uncond)
+                        injector.active = inject_features
+                        injector.num_branches, injector.segments = layout[0][0], layout if len(layout) > 1 else None
+                    out = self.unet_output(torch.cat(latents), t, torch.cat(embeddings),
+                                           torch.cat(conditions) if conditions else None)
+                    guided = []
+                    for (branches, n), part in zip(layout, out.split([b * n for b, n in layout])):
+                        out_uncond, out_cond = part.chunk(branches)[-2:]
+                        guided.append(out_uncond + s.guidance * (out_cond - out_uncond))
+                    return guided
 
-                hooks.begin_step(k, len(x), predict, generator)   # TokenFlow: the keyframe pass
-                chunks = chunk_schedule(len(x), chunk_size, hooks.chunk_order(), generator)
-                if s.eta > 0:
-                    # The step's noise is drawn after every chunk's prediction (the generator's order), so
-                    # the step waits for the whole clip's predictions.
-                    model_out = torch.empty_like(x)
-                    for frames in chunks:
-                        _simulated_memory_limit(len(frames))
-                        idx = frames.to(self.device)
-                        model_out[idx] = predict(idx)
-                    noise = torch.randn(x.shape, generator=generator).to(self.device)
-                    x = ddim.denoising_step(x, model_out, alpha_t[k], alpha_prev[k], self.prediction_type,
-                                            s.eta, noise)
-                else:
-                    # The DDIM step is elementwise: each chunk steps as soon as it is predicted, into the
-                    # next step's latents (later chunks still read this step's), so no clip-sized
-                    # prediction and temporaries are held besides the two latents.
-                    x_next = torch.empty_like(x)
-                    for frames in chunks:
-                        _simulated_memory_limit(len(frames))
-                        idx = frames.to(self.device)
-                        x_next[idx] = ddim.denoising_step(x[idx], predict(idx), alpha_t[k], alpha_prev[k],
-                                                          self.prediction_type, 0.0, None)
-                    x = x_next
-                self.report_progress(self._stage, k - start + 1, len(timesteps) - start)
+                for video in videos:
+                    hooks = video.job.method
+                    video.with_source = inject_features or inject_qk or hooks.needs_source(k)
+                    video.source_latents = (video.job.inversion.trajectory[k].to(self.device, torch.float32)
+                                            if video.with_source else None)
+                    video.step_uncond = hooks.uncond_embedding(video.job.inversion, k, uncond)
+                    video.state.begin_step()
+                    # TokenFlow: the keyframe pass, on this video alone.
+                    hooks.begin_step(k, len(video.x), lambda idx, v=video: predict([(v, idx)])[0], video.generator)
+                    video.chunks = chunk_schedule(len(video.x), video.chunk_size, hooks.chunk_order(), video.generator)
+                    # With eta > 0 the step's noise is drawn after every chunk's prediction (the generator's
+                    # order), so the step waits for the whole clip's predictions. Otherwise the DDIM step is
+                    # elementwise: each chunk steps as soon as it is predicted, into the next step's latents
+                    # (later chunks still read this step's), so no clip-sized prediction and temporaries are
+                    # held besides the two latents.
+                    video.out = torch.empty_like(video.x)
+                for i in range(max(len(video.chunks) for video in videos)):
+                    segments = [(video, video.chunks[i].to(self.device)) for video in videos if i < len(video.chunks)]
+                    _simulated_memory_limit(sum(len(idx) for _, idx in segments))
+                    for (video, idx), prediction in zip(segments, predict(segments)):
+                        if s.eta > 0:
+                            video.out[idx] = prediction
+                        else:
+                            video.out[idx] = ddim.denoising_step(video.x[idx], prediction, alpha_t[k], alpha_prev[k],
+                                                                 self.prediction_type, 0.0, None)
+                for video in videos:
+                    if s.eta > 0:
+                        noise = torch.randn(video.x.shape, generator=video.generator).to(self.device)
+                        video.x = ddim.denoising_step(video.x, video.out, alpha_t[k], alpha_prev[k],
+                                                      self.prediction_type, s.eta, noise)
+                    else:
+                        video.x = video.out
+                    video.out = None
+                    self._report(video.job, k - start + 1, len(timesteps) - start)
         finally:
-            hooks.unpatch(self.unet)
+            first.method.unpatch(self.unet)
             if injector is not None:
                 injector.remove()
-        return x
+        return [video.x for video in videos]
+
+    def _start_video(self, index: int, job: DenoiseJob, start: int) -> _Video:
+        """A video's loop state at step `start`: its generators (from its seed), start latents, embeddings."""
+        generator = torch.Generator().manual_seed(job.seed)
+        # Merging draws on the device (no host round trip per block), from a seed of our generator.
+        merge_generator = torch.Generator(device=self.device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=generator)))
+        x = job.inversion.trajectory[start].to(self.device, torch.float32)
+        condition = None
+        if self.controlnet is not None:
+            condition = condition_tensor(job.control_images, self.device, self.dtype)
+        return _Video(index=index, job=job, generator=generator, merge_generator=merge_generator, x=x,
+                      cond=self.text_embedding(job.prompt), source=self.text_embedding(job.source_prompt),
+                      condition=condition, chunk_size=self.chunk_size_for(len(x), tuple(x.shape[-2:])))
+
+    def _check_batch(self, jobs: list[DenoiseJob]) -> None:
+        """Raises ValueError unless `jobs` can share UNet calls: one method that batches videos, one latent
+        size, one schedule."""
+        first = jobs[0]
+        if not type(first.method).batches_videos:
+            raise ValueError(f"edit.method {first.method.name!r} does not edit several videos in one UNet call")
+        shape = tuple(first.inversion.trajectory.shape[-3:])
+        for job in jobs[1:]:
+            if type(job.method) is not type(first.method):
+                raise ValueError(f"videos of one batch run one method, got {first.method.name!r} and {job.method.name!r}")
+            if tuple(job.inversion.trajectory.shape[-3:]) != shape:
+                raise ValueError(f"videos of one batch share the latent size, got {shape} and "
+                                 f"{tuple(job.inversion.trajectory.shape[-3:])}")
+            if not torch.equal(job.inversion.timesteps, first.inversion.timesteps):
+                raise ValueError("videos of one batch share the timesteps")
+
+    def _report(self, job: DenoiseJob, done: int, total: int) -> None:
+        """Tells the job's progress callback (or the editor's `on_step`) that `done` of `total` steps are done."""
+        stage = job.stage if job.stage is not None else self._stage
+        if job.progress is not None:
+            job.progress(stage, done, total)
+        else:
+            self.report_progress(stage, done, total)
 
     def report_progress(self, stage: str, done: int, total: int) -> None:
         """Tells `on_step` (progress inside a long video) that `done` of `total` steps of `stage` are done."""
@@ -555,21 +757,54 @@ class VideoEditor:
         (None: all foreground). `shared`: inversions of this video other editors made (see
         `shared_invert`); with it, editors with different methods but the same inversion invert once.
         """
-        result = EditedVideo(frames={})
-        started = time.perf_counter()
-        if shared is None:
-            inversion, result.inversion_cache = self.cached_invert(frames, source_prompt, mask)
-        else:
-            inversion, result.inversion_cache = self.shared_invert(frames, source_prompt, mask, shared)
-        invert_seconds = time.perf_counter() - started
-        for i, (name, prompt) in enumerate(edits):
-            result.inversion_use[name] = result.inversion_cache if i == 0 else "shared"
+        return self.edit_videos([VideoRequest(frames, source_prompt, edits, seed, key, control_images, mask,
+                                              shared)])[0]
+
+    def edit_videos(self, requests: list[VideoRequest]) -> list[EditedVideo]:
+        """:meth:`edit` of several videos: each is inverted alone, then their edits are denoised together,
+        edit by edit (the i-th edit of every video that has one, :meth:`denoise_videos`: one UNet call per
+        chunk of all of them where the method batches videos), and decoded.
+
+        Each video's result is the one :meth:`edit` gives it alone (its own seeds, from its key and the
+        edit's name). The videos must share the latent size. An edit's `seconds["edit"]` is its equal share
+        of the batch's denoising plus its own decoding. Any failure raises (the caller may edit the videos
+        one at a time to find the one that failed).
+        """
+        results: list[EditedVideo] = []
+        inversions: list[Inversion] = []
+        invert_seconds: list[float] = []
+        for request in requests:
+            result = EditedVideo(frames={})
             started = time.perf_counter()
-            self._stage = f"edit {name}"
-            latents = self.denoise(inversion, prompt, sample_seed(seed, key, name), source_prompt, control_images, mask)
-            # Edited frames are kept like the source frames: in memory, or on disk for a `FrameFile`.
-            decode = self.decode_latents_to_file if isinstance(frames, FrameFile) else self.decode_latents
-            result.frames[name] = decode(latents)
-            result.seconds[name] = {"invert": invert_seconds if result.inversion_use[name] != "shared" else 0.0,
-                                    "edit": time.perf_counter() - started}
-        return result
+            with self._reporting(request.progress):
+                if request.shared is None:
+                    inversion, result.inversion_cache = self.cached_invert(request.frames, request.source_prompt,
+                                                                           request.mask)
+                else:
+                    inversion, result.inversion_cache = self.shared_invert(request.frames, request.source_prompt,
+                                                                           request.mask, request.shared)
+            invert_seconds.append(time.perf_counter() - started)
+            inversions.append(inversion)
+            results.append(result)
+        for i in range(max((len(r.edits) for r in requests), default=0)):
+            members = [n for n, request in enumerate(requests) if i < len(request.edits)]
+            jobs = []
+            for n in members:
+                request, (name, prompt) = requests[n], requests[n].edits[i]
+                results[n].inversion_use[name] = results[n].inversion_cache if i == 0 else "shared"
+                jobs.append(DenoiseJob(method_for(self.settings), inversions[n], prompt,
+                                       sample_seed(request.seed, request.key, name), request.source_prompt,
+                                       request.control_images, progress=request.progress, stage=f"edit {name}"))
+            started = time.perf_counter()
+            self._stage = jobs[0].stage
+            latents = self.denoise_videos(jobs, [requests[n].mask for n in members])
+            share = (time.perf_counter() - started) / len(jobs)
+            for n, video_latents in zip(members, latents):
+                request, result, name = requests[n], results[n], requests[n].edits[i][0]
+                started = time.perf_counter()
+                # Edited frames are kept like the source frames: in memory, or on disk for a `FrameFile`.
+                decode = self.decode_latents_to_file if isinstance(request.frames, FrameFile) else self.decode_latents
+                result.frames[name] = decode(video_latents)
+                result.seconds[name] = {"invert": invert_seconds[n] if result.inversion_use[name] != "shared" else 0.0,
+                                        "edit": share + time.perf_counter() - started}
+        return results

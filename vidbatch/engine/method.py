@@ -22,7 +22,7 @@ from torch import Tensor
 
 from vidbatch.engine import memory
 
-__all__ = ["Editor", "EditorSettings", "Inversion", "Method", "ProcessorState"]
+__all__ = ["Editor", "EditorSettings", "Inversion", "Method", "ProcessorState", "VideoBatchState"]
 
 
 @dataclass
@@ -117,6 +117,22 @@ class ProcessorState(Protocol):
         query/key injection is on in this step."""
 
 
+class VideoBatchState(Protocol):
+    """What :meth:`Method.patch_videos` returns: one processor state per video of a batch, behind one patch.
+
+    A UNet call of a batch (`runtime.batch_videos`) holds a chunk of several videos one after the other,
+    each branch-major on its own (``B_i * F_i`` rows of video ``i``); the processors split the batch into
+    these segments and treat each with its video's state (its own merge matching, global tokens, PnP
+    source branch), so every video is edited as it would be alone.
+    """
+
+    videos: list[ProcessorState]
+
+    def begin_call(self, active: list[int]) -> None:
+        """The next UNet call holds the chunks of `videos[i]` for i in `active`, in that order (each declared
+        with its state's ``begin_chunk`` already)."""
+
+
 class Method:
     """Base class of editing methods. Subclass it, set the class attributes, override the hooks
     that differ, register the class (:func:`vidbatch.engine.registry.register_method`).
@@ -128,6 +144,10 @@ class Method:
             :func:`vidbatch.core.settings.setting` (default, choices, bounds, help), so the config
             validates them and ``--set section.key=value`` works.
         default_control: what `edit.control: auto` means for this method.
+        batches_videos: whether chunks of several videos may share one UNet call
+            (`runtime.batch_videos`, :meth:`patch_videos`); a method whose hooks or loop follow one
+            video (TokenFlow's keyframe pass, its own `denoise`) leaves it False and its videos are
+            edited one at a time.
 
     The defaults serve a method that only swaps self-attention processors: no source branch of its
     own, the configured chunk order, the negative prompt's embedding, plain DDIM inversion.
@@ -143,6 +163,8 @@ class Method:
     # Whether the method reads the sample's foreground mask (`{key}.mask.mp4`); only then is it decoded
     # and made part of the inversion's cache key.
     uses_mask: ClassVar[bool] = False
+    # Whether `patch_videos` is implemented: several videos' chunks in one UNet call.
+    batches_videos: ClassVar[bool] = False
 
     def __init__(self, settings: EditorSettings) -> None:
         self.settings = settings
@@ -167,6 +189,11 @@ class Method:
     def patch(self, editor: Editor, prompt: str, source_prompt: str) -> ProcessorState:
         """Install the attention processors for one edit; returns the state the loop drives."""
         raise NotImplementedError(f"method {self.name!r} installs no attention processors")
+
+    def patch_videos(self, editor: Editor, count: int) -> VideoBatchState:
+        """Install the attention processors for `count` videos edited together (only where
+        `batches_videos`); returns their states. Undone by :meth:`unpatch`."""
+        raise NotImplementedError(f"method {self.name!r} does not edit several videos in one UNet call")
 
     def unpatch(self, unet: torch.nn.Module) -> None:
         """Restore what :meth:`patch` replaced (called even when the edit failed)."""

@@ -44,7 +44,10 @@ class PnpResidualInjector:
     `conv2` does exactly that: `conv2`'s output is what is added to the shortcut (dropout comes before it).
 
     The UNet batch is `B*F`, branch-major, branch 0 being the source branch; `conv2`'s output is
-    `(B*F, C, h, w)`. Set `active` and `num_branches` before each UNet call.
+    `(B*F, C, h, w)`. Set `active` and `num_branches` before each UNet call. A call on several videos
+    at once (`runtime.batch_videos`) holds one such block per video, one after the other: `segments`
+    then gives ``(branches, frames)`` of each, and every video's edit branches take its own source
+    branch (None: the whole batch is one video of `num_branches` branches).
     """
 
     def __init__(self, unet) -> None:
@@ -55,16 +58,31 @@ class PnpResidualInjector:
             raise ModelLoadError("PnP needs a UNet with up_blocks[1].resnets[1] (Stable Diffusion's layout)") from exc
         self.active = False
         self.num_branches = 1
+        self.segments: list[tuple[int, int]] | None = None
         self._handle = self.conv.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output: Tensor) -> Tensor | None:
-        """`(B*F, C, h, w)` -> the same shape, every branch holding branch 0's values."""
-        if not self.active or self.num_branches < 2:
+        """`(B*F, C, h, w)` -> the same shape, every branch holding branch 0's values (per video segment)."""
+        if not self.active:
             return None
-        if output.shape[0] % self.num_branches:
+        if self.segments is None:
+            return self._broadcast(output, self.num_branches)
+        rows = [branches * frames for branches, frames in self.segments]
+        if sum(rows) != output.shape[0]:
+            raise RuntimeError(f"PnP residual injection: a batch of {output.shape[0]} is not the declared videos' "
+                               f"{' + '.join(f'{b}x{f}' for b, f in self.segments)} rows")
+        parts = output.split(rows)
+        return torch.cat([self._broadcast(part, branches) for part, (branches, _) in zip(parts, self.segments)])
+
+    @staticmethod
+    def _broadcast(output: Tensor, num_branches: int) -> Tensor:
+        """`(B*F, C, h, w)` of one video -> the same shape, every branch holding branch 0's values."""
+        if num_branches < 2:
+            return output
+        if output.shape[0] % num_branches:
             raise RuntimeError(f"PnP residual injection: a batch of {output.shape[0]} is not "
-                               f"{self.num_branches} branches of equal size")
-        per_branch = output.reshape(self.num_branches, -1, *output.shape[1:])
+                               f"{num_branches} branches of equal size")
+        per_branch = output.reshape(num_branches, -1, *output.shape[1:])
         return per_branch[:1].expand_as(per_branch).reshape(output.shape)
 
     def remove(self) -> None:

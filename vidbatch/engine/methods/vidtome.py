@@ -64,6 +64,7 @@ from vidbatch.engine.processors import attend, check_layout, check_self_attentio
 __all__ = [
     "FRAME_ATTENTION_MODES",
     "BlockStats",
+    "FrameAttentionBatch",
     "FrameAttentionState",
     "FrameAttnProcessor",
     "MergeConfig",
@@ -72,6 +73,7 @@ __all__ = [
     "MergeSettings",
     "VidToMe",
     "apply_patch",
+    "apply_patch_videos",
     "attended_share",
     "remove_patch",
 ]
@@ -273,6 +275,30 @@ class FrameAttentionState:
         return int(math.ceil(math.sqrt(self.latent_tokens / num_tokens) - 1e-6))
 
 
+class FrameAttentionBatch:
+    """The states of several videos whose chunks share UNet calls (`runtime.batch_videos`); created by
+    :func:`apply_patch_videos`.
+
+    Every video keeps its own :class:`FrameAttentionState` (its chunk layout, merge draws from its own
+    generator, global tokens, statistics). A UNet call holds the chunks of the `active` videos one after
+    the other, each ``B_i*F_i`` rows branch-major; the processors split the batch at those rows and
+    attend each part with its video's state, exactly as if the video ran alone.
+
+    Attributes:
+        videos: one state per video of the batch.
+        active: the states of the videos in the current call, in batch order (:meth:`begin_call`).
+    """
+
+    def __init__(self, videos: list[FrameAttentionState]) -> None:
+        self.videos = videos
+        self.active = list(videos)
+
+    def begin_call(self, active: list[int]) -> None:
+        """The next UNet call holds `videos[i]` for i in `active`, in that order (each already declared
+        with its own ``begin_chunk``)."""
+        self.active = [self.videos[i] for i in active]
+
+
 @dataclass
 class MergedChunk:
     """One block's merged chunk (:meth:`FrameAttnProcessor.merge_chunk`).
@@ -302,14 +328,15 @@ class FrameAttnProcessor:
     """Self-attention processor for one ``BasicTransformerBlock.attn1``, driven by a shared state.
 
     Args:
-        state: the :class:`FrameAttentionState` shared by the UNet's patched processors.
+        state: the :class:`FrameAttentionState` shared by the UNet's patched processors, or the
+            :class:`FrameAttentionBatch` of several videos (each video's rows with its own state).
         name: the block's module name (``down_blocks.0.attentions.0.transformer_blocks.0``); keys
             the block's global tokens and statistics.
         pnp_qk: the block takes PnP's query/key injection (``apply_patch`` sets it from
             :func:`vidbatch.engine.controls.pnp.pnp_attention_blocks`).
     """
 
-    def __init__(self, state: FrameAttentionState, name: str, pnp_qk: bool = False) -> None:
+    def __init__(self, state: FrameAttentionState | FrameAttentionBatch, name: str, pnp_qk: bool = False) -> None:
         self.state = state
         self.name = name
         self.pnp_qk = pnp_qk
@@ -324,19 +351,41 @@ class FrameAttnProcessor:
         *args,
         **kwargs,
     ) -> Tensor:
-        st = self.state
+        if not isinstance(self.state, FrameAttentionBatch):
+            return self._attend_video(self.state, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        # Several videos in one call: each segment (``B_i*F_i`` rows, branch-major) with its own state,
+        # so merging, global tokens and PnP's branch 0 never mix videos.
+        videos = self.state.active
+        if len(videos) == 1:
+            return self._attend_video(videos[0], attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        rows = [self._rows(st) for st in videos]
+        if sum(rows) != hidden_states.shape[0]:
+            raise RuntimeError(f"block {self.name} got a batch of {hidden_states.shape[0]}, but the videos of the "
+                               f"call declared {' + '.join(map(str, rows))} rows")
+        return torch.cat([
+            self._attend_video(st, attn, part, encoder_hidden_states, attention_mask, temb)
+            for st, part in zip(videos, hidden_states.split(rows))])
+
+    def _rows(self, st: FrameAttentionState) -> int:
+        if st.num_frames is None or st.num_branches is None:
+            raise RuntimeError(f"{st.method} attention needs the chunk layout: call state.begin_chunk() before the UNet")
+        return st.num_frames * st.num_branches
+
+    def _attend_video(self, st: FrameAttentionState, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None,
+                      attention_mask: Tensor | None, temb: Tensor | None) -> Tensor:
+        """The self-attention of one video's rows ``(B*F, N, C)`` with that video's state."""
         if st.method == "per-frame":
-            return self._per_frame(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return self._per_frame(attn, hidden_states, encoder_hidden_states, attention_mask, temb, st=st)
         check_self_attention(st.method, self.name, attn, hidden_states, encoder_hidden_states, attention_mask)
-        num_branches, num_frames = self._chunk(hidden_states)
+        num_branches, num_frames = self._chunk(hidden_states, st)
         if st.method == "vidtome":
             ds = st.downsample(hidden_states.shape[1])
             if ds > st.settings.max_downsample:
-                return self._per_frame(attn, hidden_states, None, None, temb, downsample=ds)
-            out = self._vidtome(attn, hidden_states, num_branches, num_frames, ds)
+                return self._per_frame(attn, hidden_states, None, None, temb, downsample=ds, st=st)
+            out = self._vidtome(attn, hidden_states, num_branches, num_frames, ds, st)
         elif st.method == "extended":
             x = join_frames(hidden_states, num_frames)
-            out = split_frames(attend(attn, x, inject_branches=self._inject(num_branches)), num_frames)
+            out = split_frames(attend(attn, x, inject_branches=self._inject(num_branches, st)), num_frames)
             t = x.shape[1]
             st.stats[self.name] = BlockStats(tokens=t, local=t, attended=t)
         else:
@@ -345,14 +394,13 @@ class FrameAttnProcessor:
             out = out + hidden_states
         return out / attn.rescale_output_factor
 
-    def _chunk(self, hidden_states: Tensor) -> tuple[int, int]:
-        st = self.state
+    def _chunk(self, hidden_states: Tensor, st: FrameAttentionState) -> tuple[int, int]:
         if st.num_frames is None or st.num_branches is None:
             raise RuntimeError(f"{st.method} attention needs the chunk layout: call state.begin_chunk() before the UNet")
         return check_layout(st.method, self.name, hidden_states.shape[0], st.num_frames, st.num_branches)
 
-    def _inject(self, num_branches: int) -> int | None:
-        return num_branches if (self.state.inject_qk and self.pnp_qk) else None
+    def _inject(self, num_branches: int, st: FrameAttentionState) -> int | None:
+        return num_branches if (st.inject_qk and self.pnp_qk) else None
 
     def _per_frame(
         self,
@@ -362,12 +410,13 @@ class FrameAttnProcessor:
         attention_mask: Tensor | None,
         temb: Tensor | None,
         downsample: int = 0,
+        st: FrameAttentionState | None = None,
     ) -> Tensor:
-        """The stock ``AttnProcessor2_0`` computation, plus PnP injection."""
-        st = self.state
+        """The stock ``AttnProcessor2_0`` computation, plus PnP injection; `st`: the video's state."""
+        st = self.state if st is None else st
         inject = None
         if st.inject_qk and self.pnp_qk:
-            inject = self._chunk(hidden_states)[0]
+            inject = self._chunk(hidden_states, st)[0]
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -400,28 +449,32 @@ class FrameAttnProcessor:
             st.stats[self.name] = BlockStats(tokens=t, local=t, attended=n, downsample=downsample)
         return out
 
-    def _vidtome(self, attn, hidden_states: Tensor, num_branches: int, num_frames: int, downsample: int) -> Tensor:
+    def _vidtome(self, attn, hidden_states: Tensor, num_branches: int, num_frames: int, downsample: int,
+                 st: FrameAttentionState) -> Tensor:
         """Local (+ global) merge, joint attention over the merged set, unmerge: ``(B*F, N, C)`` in and out."""
         x = join_frames(hidden_states, num_frames)  # (B, F*N, C)
-        merged = self.merge_chunk(x, num_frames, num_branches)
-        out = attend(attn, merged.tokens, attention_mask=merged.bias, inject_branches=self._inject(num_branches))
-        self.state.stats[self.name] = BlockStats(
+        merged = self.merge_chunk(x, num_frames, num_branches, st)
+        out = attend(attn, merged.tokens, attention_mask=merged.bias, inject_branches=self._inject(num_branches, st))
+        st.stats[self.name] = BlockStats(
             tokens=x.shape[1], local=merged.local.num_kept, attended=merged.tokens.shape[1], downsample=downsample
         )
         return split_frames(merged.unmerge(out), num_frames)
 
-    def merge_chunk(self, x: Tensor, num_frames: int, num_branches: int) -> MergedChunk:
+    def merge_chunk(self, x: Tensor, num_frames: int, num_branches: int,
+                    state: FrameAttentionState | None = None) -> MergedChunk:
         """VidToMe merging of one chunk in this block, with the call's draws; updates the global set.
 
         Args:
             x: ``(B, F*N, C)`` the block's normalised input, frames joined.
             num_frames: ``F``.
             num_branches: ``B``.
+            state: the video's state (its draws and global tokens); None: the processor's own.
 
         Returns:
             The :class:`MergedChunk`: the tokens to attend over and how to un-merge the output.
         """
-        st, s = self.state, self.state.settings
+        st = self.state if state is None else state
+        s = st.settings
         draws = st.draws
         if draws is None and ((s.local_ratio > 0 and num_frames > 1) or s.global_merge):
             raise RuntimeError("vidtome attention needs a torch.Generator: pass one to begin_chunk")
@@ -484,30 +537,55 @@ def apply_patch(unet: torch.nn.Module, method: str, merge: MergeSettings | None 
     Returns:
         The :class:`FrameAttentionState` that drives the processors.
     """
+    settings = _checked_settings(method, merge)
+    state = FrameAttentionState(method, settings)
+    _install(unet, state, [state])
+    return state
+
+
+def apply_patch_videos(unet: torch.nn.Module, method: str, count: int,
+                       merge: MergeSettings | None = None) -> FrameAttentionBatch:
+    """Like :func:`apply_patch`, for `count` videos whose chunks share UNet calls: one state per video,
+    driven through the returned :class:`FrameAttentionBatch`. Undone by :func:`remove_patch`."""
+    if count < 1:
+        raise ValueError(f"a batch needs at least one video, got {count}")
+    settings = _checked_settings(method, merge)
+    batch = FrameAttentionBatch([FrameAttentionState(method, settings) for _ in range(count)])
+    _install(unet, batch, batch.videos)
+    return batch
+
+
+def _checked_settings(method: str, merge: MergeSettings | None) -> MergeSettings:
     if method not in FRAME_ATTENTION_MODES:
         raise ConfigError(f"unknown attention method {method!r}; expected one of {', '.join(FRAME_ATTENTION_MODES)}")
     settings = merge if merge is not None else MergeSettings()
     settings.validate()
+    return settings
 
-    state = FrameAttentionState(method, settings)
+
+def _install(unet: torch.nn.Module, driver: FrameAttentionState | FrameAttentionBatch,
+             states: list[FrameAttentionState]) -> None:
+    """Installs processors driven by `driver` (one video's state, or a batch of `states`) and the hook that
+    records the latent size in every state."""
     pnp_blocks = pnp_attention_blocks(unet)
 
     def forget_global_tokens() -> None:
-        state.global_tokens.clear()
-        state.global_sizes.clear()
+        for state in states:
+            state.global_tokens.clear()
+            state.global_sizes.clear()
 
     patch = install_processors(
-        unet, PATCH_OWNER, state,
-        lambda name, block: {"attn1": FrameAttnProcessor(state, name, pnp_qk=name in pnp_blocks)},
+        unet, PATCH_OWNER, driver,
+        lambda name, block: {"attn1": FrameAttnProcessor(driver, name, pnp_qk=name in pnp_blocks)},
         on_restore=forget_global_tokens)
 
     def record_latent_size(module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         if sample is not None and sample.ndim == 4:
-            state.latent_tokens = sample.shape[-2] * sample.shape[-1]
+            for state in states:
+                state.latent_tokens = sample.shape[-2] * sample.shape[-1]
 
     patch.handles.append(unet.register_forward_pre_hook(record_latent_size, with_kwargs=True))
-    return state
 
 
 def remove_patch(unet: torch.nn.Module) -> None:
@@ -534,8 +612,15 @@ class FrameAttentionMethod(Method):
         """The merging settings the processors get (VidToMe's; defaults for the other modes)."""
         return MergeSettings()
 
+    # Every video's rows are attended with its own state (FrameAttentionBatch): chunks of several
+    # videos can share a UNet call. A subclass with its own `denoise` or per-video hooks sets False.
+    batches_videos = True
+
     def patch(self, editor, prompt: str, source_prompt: str) -> FrameAttentionState:
         return apply_patch(editor.unet, self.attention_mode, self.merge())
+
+    def patch_videos(self, editor, count: int) -> FrameAttentionBatch:
+        return apply_patch_videos(editor.unet, self.attention_mode, count, self.merge())
 
     def unpatch(self, unet: torch.nn.Module) -> None:
         remove_patch(unet)

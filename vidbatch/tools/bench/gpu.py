@@ -6,10 +6,12 @@ rows are appended to OUT.jsonl:
 
 1. per-frame, extended, vidtome and tokenflow at 32 frames (frames/s with inversion, peak memory,
    share of the device's peak);
-2. vidtome at 128 frames (peak memory flat from 32 to 128);
-3. extended attention over the whole 32-frame clip (the memory reference for vidtome's ≤ 0.35×);
-4. vidtome at 32 frames under `torch.compile`;
-5. videodirector at 16 frames (tuning and edit seconds per frame).
+2. vidtome on short 8-frame clips, 1, 4 and 8 videos per UNet call (`runtime.batch_videos`: the gain
+   of filling the device with several short videos);
+3. vidtome at 128 frames (peak memory flat from 32 to 128);
+4. extended attention over the whole 32-frame clip (the memory reference for vidtome's ≤ 0.35×);
+5. vidtome at 32 frames under `torch.compile`;
+6. videodirector at 16 frames (tuning and edit seconds per frame).
 
 A step that would not finish before `--budget-s` is skipped and said so; `--dry-run` prints the commands.
 """
@@ -29,6 +31,8 @@ BASE = ["--model", "sd15-random", "--size", "512", "--steps", "50", "--dtype", "
 MEASUREMENTS = [
     ("methods at 32 frames", ["--control", "pnp", "--frames", "32", "--methods", "per-frame", "extended",
                               "vidtome", "tokenflow"], 240),
+    ("short videos batched", ["--control", "pnp", "--frames", "8", "--methods", "vidtome",
+                              "--batch-videos", "1", "4", "8"], 180),
     ("vidtome at 128 frames", ["--control", "pnp", "--frames", "128", "--methods", "vidtome"], 150),
     ("extended over the whole clip", ["--control", "pnp", "--frames", "32", "--methods", "extended",
                                       "--set", "merge.chunk_size=32"], 90),

@@ -33,7 +33,7 @@ def default_methods() -> list[str]:
 
 
 def validate(methods: Sequence[str], frames: Sequence[int], size: int | None, steps: int | None,
-             repeat: int = 1) -> None:
+             repeat: int = 1, batch_videos: Sequence[int] = (1,)) -> None:
     """Raise ConfigError naming the first bad argument."""
     valid = default_methods()
     unknown = [m for m in methods if m not in valid]
@@ -49,6 +49,8 @@ def validate(methods: Sequence[str], frames: Sequence[int], size: int | None, st
         raise ConfigError(f"bench --steps must be >= 1, got {steps}")
     if repeat < 1:
         raise ConfigError(f"bench --repeat must be >= 1, got {repeat}")
+    if not batch_videos or any(int(n) < 1 for n in batch_videos):
+        raise ConfigError(f"bench --batch-videos: every count must be >= 1, got {list(batch_videos)}")
 
 
 def make_clip(folder: Path, frames: int, size: int) -> Path:
@@ -82,8 +84,8 @@ def native_size(model_dir: Path | None) -> int | None:
 
 def _run_isolated(spec: BenchSpec, workdir: Path) -> dict[str, Any]:
     """`measure(spec)` in a fresh Python process; a failure becomes a row with `error`."""
-    spec_path = workdir / f"spec-{spec.method}-{spec.frames}.json"
-    out_path = workdir / f"row-{spec.method}-{spec.frames}.json"
+    spec_path = workdir / f"spec-{spec.method}-{spec.frames}-{spec.batch_videos}.json"
+    out_path = workdir / f"row-{spec.method}-{spec.frames}-{spec.batch_videos}.json"
     spec_path.write_text(json.dumps(asdict(spec)))
     out_path.unlink(missing_ok=True)
     env = dict(os.environ)
@@ -106,14 +108,14 @@ def run_bench(model: str, methods: Sequence[str], frames: Sequence[int], *, size
               steps: int | None = None, control: str | None = None, dtype: str | None = None,
               device: str | None = None, overrides: Sequence[str] = (), compile: bool = False,
               profile_dir: str | Path | None = None, threads: int | None = None, repeat: int = 1,
-              isolate: bool = True,
+              batch_videos: Sequence[int] = (1,), isolate: bool = True,
               log: Callable[[str], None] = lambda msg: None) -> Iterator[dict[str, Any]]:
-    """Measures every (frames, method) pair; yields one row each, as it is done.
+    """Measures every (frames, method, batch_videos) triple; yields one row each, as it is done.
 
     A measurement that fails (out of memory, say) yields a row with the pair, `error` and `error_type`
     instead of the figures. A model that cannot be loaded raises ModelLoadError.
     """
-    validate(methods, frames, size, steps, repeat)
+    validate(methods, frames, size, steps, repeat, batch_videos)
     model_dir = _prepare_model(model)
     if size is None and not any(o.split("=", 1)[0].strip() == "video.size" for o in overrides):
         size = native_size(model_dir)  # default: the model's own resolution rather than video.size
@@ -130,22 +132,24 @@ def run_bench(model: str, methods: Sequence[str], frames: Sequence[int], *, size
         clip = make_clip(workdir, max(frames), clip_size)
         for n in frames:
             for method in methods:
-                spec = BenchSpec(model=model, method=method, frames=int(n), clip_path=str(clip), size=size,
-                                 steps=steps, control=control, dtype=dtype, device=device,
-                                 overrides=list(overrides), compile=compile,
-                                 profile_dir=None if profile_dir is None else str(Path(profile_dir).resolve()),
-                                 threads=threads, repeat=repeat,
-                                 device_peak_tflops=peak[0], device_peak_source=peak[1])
-                log(f"measuring {method} on {n} frames")
-                if isolate:
-                    row = _run_isolated(spec, workdir)
-                else:
-                    row = measure_safely(spec, log)
-                if "error" in row:
-                    row = {"method": method, "frames": int(n), "size": clip_size, "model": model, **row}
-                elif peak[0] is None:  # every later row uses the same ceiling
-                    peak = (row["device_peak_tflops"], row["device_peak_source"])
-                yield row
+                for videos in batch_videos:
+                    spec = BenchSpec(model=model, method=method, frames=int(n), clip_path=str(clip), size=size,
+                                     steps=steps, control=control, dtype=dtype, device=device,
+                                     overrides=list(overrides), compile=compile,
+                                     profile_dir=None if profile_dir is None else str(Path(profile_dir).resolve()),
+                                     threads=threads, repeat=repeat, batch_videos=int(videos),
+                                     device_peak_tflops=peak[0], device_peak_source=peak[1])
+                    log(f"measuring {method} on {n} frames" + (f" x {videos} videos" if videos > 1 else ""))
+                    if isolate:
+                        row = _run_isolated(spec, workdir)
+                    else:
+                        row = measure_safely(spec, log)
+                    if "error" in row:
+                        row = {"method": method, "frames": int(n), "batch_videos": int(videos), "size": clip_size,
+                               "model": model, **row}
+                    elif peak[0] is None:  # every later row uses the same ceiling
+                        peak = (row["device_peak_tflops"], row["device_peak_source"])
+                    yield row
 
 
 def bench_main(args: argparse.Namespace, console: Console) -> int:
@@ -161,7 +165,8 @@ def bench_main(args: argparse.Namespace, console: Console) -> int:
     for row in run_bench(args.model, methods, args.frames, size=args.size, steps=args.steps,
                          control=args.control, dtype=args.dtype, device=args.device, overrides=args.overrides,
                          compile=args.compile, profile_dir=args.profile, threads=args.threads,
-                         repeat=args.repeat, isolate=not args.in_process, log=log):
+                         repeat=args.repeat, batch_videos=args.batch_videos, isolate=not args.in_process,
+                         log=log):
         rows.append(row)
         if args.json:
             sys.stdout.write(json.dumps(row, sort_keys=True) + "\n")

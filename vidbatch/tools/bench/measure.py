@@ -5,7 +5,10 @@ with the real engine (:class:`vidbatch.engine.editor.VideoEditor`: VAE encode, D
 denoising, VAE decode) and reports one row:
 
 * seconds per frame for inversion (VAE encode + DDIM inversion) and for the edit (denoising + VAE decode),
-  timed with ``time.perf_counter`` after a warm-up, the device synchronised at each boundary;
+  timed with ``time.perf_counter`` after a warm-up, the device synchronised at each boundary; with
+  ``batch_videos`` N above 1, N copies of the clip are inverted one by one and edited together (their
+  chunks share UNet calls, :meth:`VideoEditor.denoise_videos`), and every per-frame figure counts the
+  frames of all N;
 * peak memory: CUDA's ``max_memory_allocated`` on a GPU, the process's peak resident set on a CPU, and the
   part of it above what was held before editing started (weights, frames): ``activation_memory_mb``;
 * UNet FLOPs per frame (``torch.utils.flop_counter.FlopCounterMode`` over the UNet calls of a one-step
@@ -34,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from vidbatch.batch.edits import editor_settings
 from vidbatch.config.schema import Config
-from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.engine.editor import DenoiseJob, EditorSettings, VideoEditor, method_for
 from vidbatch.core.errors import ModelLoadError
 from vidbatch.batch.module import resolve_device, resolve_dtype
 from vidbatch.models.loading import load_pipeline
@@ -120,13 +123,13 @@ def _metered_runs(spec: BenchSpec, loaded: _Loaded, frames: np.ndarray, log: Cal
         flops = probe_unet_flops(editor, frames, spec.seed)
         sync(device)
         probe_s = time.perf_counter() - counted
-        compile_s = _compile_and_warm_up(editor, frames, spec.seed, log) if spec.compile else None
+        compile_s = _compile_and_warm_up(editor, frames, spec.seed, log, spec.batch_videos) if spec.compile else None
         load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         profiler = _profiler(device) if spec.profile_dir else None
         runs = []
         with profiler or contextlib.nullcontext():
             for _ in range(max(1, spec.repeat)):
-                runs.append(_timed_edit(editor, frames, spec.seed, log))
+                runs.append(_timed_edit(editor, frames, spec.seed, log, spec.batch_videos))
         fastest = min(runs, key=lambda run: run["t"][3] - run["t"][0])
     return _Timed(memory, flops, probe_s, compile_s, load_avg, runs, fastest, profiler)
 
@@ -136,7 +139,8 @@ def _row(spec: BenchSpec, loaded: _Loaded, frames: np.ndarray, timed: _Timed,
     """The measurement's row: the fastest run's times, memory and FLOPs, and what produced them."""
     settings, editor, device, memory, flops = loaded.settings, loaded.editor, loaded.device, timed.memory, timed.flops
     runs, peak_tflops, peak_source = timed.runs, peak[0], peak[1]
-    count = len(frames)
+    clip_frames = len(frames)
+    count = clip_frames * spec.batch_videos  # every per-frame figure counts the frames of all the videos
     height, width = frames.shape[1:3]
     latent_hw = (height // editor.vae_scale, width // editor.vae_scale)
     t0, t1, t2, t3 = timed.fastest["t"]
@@ -150,14 +154,15 @@ def _row(spec: BenchSpec, loaded: _Loaded, frames: np.ndarray, timed: _Timed,
     return {
         "method": spec.method,
         "model": spec.model,
-        "frames": count,
+        "frames": clip_frames,
+        "batch_videos": spec.batch_videos,
         "size": int(min(height, width)),
         "width": int(width),
         "height": int(height),
         "steps": steps,
         "inversion_steps": settings.inversion_steps or steps,
         "control": settings.control,
-        "chunk_size": editor.chunk_size_for(count, latent_hw),
+        "chunk_size": editor.chunk_size_for(clip_frames, latent_hw),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": device_description(device),
         "compile": spec.compile,
@@ -194,27 +199,32 @@ def _row(spec: BenchSpec, loaded: _Loaded, frames: np.ndarray, timed: _Timed,
 
 
 
-def _timed_edit(editor, frames, seed: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Inverts and edits `frames` once with perf_counter marks at the stage boundaries (device synced).
+def _timed_edit(editor, frames, seed: int, log: Callable[[str], None], videos: int = 1) -> dict[str, Any]:
+    """Inverts and edits `frames` once (`videos` copies of them, edited together, each with its own seed)
+    with perf_counter marks at the stage boundaries (device synced).
 
     Returns {"t": (start, inverted, denoised, decoded), "invert": (samples, calls), "edit": (samples, calls)}.
     """
     device = editor.device
     samples = UnetSampleCounter(editor.unet)
     try:
-        log(f"{editor.settings.method}: inverting {len(frames)} frames")
+        log(f"{editor.settings.method}: inverting {len(frames)} frames x {videos}")
         sync(device)
         t0 = time.perf_counter()
-        inversion, _ = editor.cached_invert(frames, SOURCE_PROMPT)  # no cache here: always inverts
+        # No cache here: every copy is inverted, as distinct videos would be.
+        inversions = [editor.cached_invert(frames, SOURCE_PROMPT)[0] for _ in range(videos)]
         sync(device)
         t1 = time.perf_counter()
         invert = samples.take()
-        log(f"{editor.settings.method}: editing {len(frames)} frames")
-        latents = editor.denoise(inversion, EDIT_PROMPT, seed, SOURCE_PROMPT)
+        log(f"{editor.settings.method}: editing {len(frames)} frames x {videos}")
+        jobs = [DenoiseJob(method_for(editor.settings), inversion, EDIT_PROMPT, seed + i, SOURCE_PROMPT)
+                for i, inversion in enumerate(inversions)]
+        latents = editor.denoise_videos(jobs)
         sync(device)
         t2 = time.perf_counter()
         edit = samples.take()
-        editor.decode_latents(latents)
+        for video in latents:
+            editor.decode_latents(video)
         sync(device)
         t3 = time.perf_counter()
     finally:
@@ -235,14 +245,14 @@ def _write_profile(profiler, device: torch.device, path: Path) -> None:
     path.write_text(profiler.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
 
 
-def _compile_and_warm_up(editor, frames, seed: int, log: Callable[[str], None]) -> float:
+def _compile_and_warm_up(editor, frames, seed: int, log: Callable[[str], None], videos: int = 1) -> float:
     """`torch.compile` the UNet in place, then run the whole timed edit once so that every shape it
     meets (inversion batch, chunk sizes, 2 and 3 guidance branches) is compiled before timing; returns
     the seconds this took."""
     started = time.perf_counter()
     editor.unet.compile()
     log(f"{editor.settings.method}: compiling (one untimed run)")
-    _timed_edit(editor, frames, seed, log)
+    _timed_edit(editor, frames, seed, log, videos)
     sync(editor.device)
     return time.perf_counter() - started
 

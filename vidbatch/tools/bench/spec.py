@@ -16,7 +16,9 @@ CLIP_FPS = 8
 
 @dataclass
 class BenchSpec:
-    """One measurement: a method on the first `frames` frames of the clip at `clip_path`.
+    """One measurement: a method on the first `frames` frames of the clip at `clip_path`; with
+    `batch_videos` above 1, that many copies of it edited together (`runtime.batch_videos`: their chunks
+    share UNet calls), each with its own seed.
 
     `overrides` are config `--set` strings (applied over the defaults); `steps`, `control`, `dtype`,
     `device` and `size` override the matching config keys when not None.
@@ -36,6 +38,7 @@ class BenchSpec:
     profile_dir: str | None = None
     threads: int | None = None
     repeat: int = 1
+    batch_videos: int = 1
     seed: int = 0
     device_peak_tflops: float | None = None
     device_peak_source: str | None = None

@@ -27,6 +27,7 @@ TABLE_COLUMNS = (
     ("unet_gflop_per_sample_edit", "edit GFLOP/sample", 3),
     ("unet_tflop_per_frame", "UNet TFLOP/frame", 3),
     ("peak_fraction", "of peak", 2),
+    ("batch_videos", "videos/call", 0),
 )
 
 
