@@ -67,9 +67,9 @@ def recorded_counts(out_dir: Path) -> dict[str, int]:
     """Samples per input URL as an earlier plan of this output counted them (`OUT/plan.json`); {} if none."""
     try:
         counts = json.loads((Path(out_dir) / "plan.json").read_text()).get("counts") or {}
-    except (OSError, ValueError, AttributeError):
+        return {str(url): n for url, n in counts.items() if type(n) is int and n >= 0}
+    except (OSError, ValueError, AttributeError):   # none, or not one vidbatch wrote: count again
         return {}
-    return {str(url): int(n) for url, n in counts.items() if isinstance(n, int) and n >= 0}
 
 
 def count_shards(urls: Sequence[str], known: dict[str, int]) -> dict[str, int]:

@@ -122,6 +122,8 @@ def _write_parts(out_dir: Path, stems: list[str], folder: Path, target_samples: 
         if tar is not None:
             tar.close()
             rows.close()
+    for part in parts:   # the closed files: with the tar's end-of-archive blocks
+        part.bytes = (folder / f"{part.name}.tar").stat().st_size
     return parts
 
 
