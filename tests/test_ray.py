@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import TINY, check_exactly_once, make_inputs
+from conftest import TINY, check_exactly_once, make_inputs, read_output
 
 ray = pytest.importorskip("ray")
 
@@ -63,6 +63,19 @@ def test_every_sample_exactly_once_with_two_workers(ray_cluster, tmp_path, clips
     assert "videos 8/8 (0 failed); 32 frames" in last_status_line(tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["shards"]["done"] == 4 and summary["samples"] == {"total": 8, "ok": 8, "failed": 0}
+
+
+def test_work_items_of_one_shard_are_dispatched_apart(ray_cluster, tmp_path, clips, monkeypatch):
+    """runtime.samples_per_task=1: one shard of 3 samples is 3 work items, dispatched apart, each sample
+    edited once into its item's output shard."""
+    _, keys = make_inputs(tmp_path / "in", clips["pattern"], shards=1, videos=3)
+    events: list[dict] = []
+    monkeypatch.chdir(tmp_path)
+    code, text = run_here("in/p0.tar", Path("out"), [*RAY, "runtime.samples_per_task=1"], events)
+    assert code == 0, text
+    stems = ["p0-00000", "p0-00001", "p0-00002"]
+    assert sorted(e["stem"] for e in events if e["type"] == "dispatch") == stems
+    assert [list(read_output(tmp_path / "out" / "shards" / f"{s}.tar")) for s in stems] == [[k] for k in keys]
 
 
 def test_a_model_error_in_the_workers_is_a_user_error_not_retried(ray_cluster, tmp_path, clips):

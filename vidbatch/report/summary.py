@@ -20,6 +20,8 @@ from vidbatch.config.schema import Config, resolve_control_name
 from vidbatch.core.atomic import atomic_write
 from vidbatch.core.errors import VidbatchError
 from vidbatch.metrics import get_metric, metric_keys
+from vidbatch.core.errors import ConfigError
+from vidbatch.dispatch.plan import read_plan_file
 from vidbatch.io.input_shards import shard_stem
 from vidbatch.core.rows import DoneMarker, EditRow
 from vidbatch.io.output_shards import read_rows
@@ -222,7 +224,7 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
         "metrics_cost": {"seconds": round(metric_seconds, 4),
                          "share_of_total": metric_seconds / total_seconds if total_seconds else None,
                          "failed": sum(1 for r in ok if r.metrics_error)},
-        "inputs": list(urls),
+        "inputs": list(dict.fromkeys(urls)),   # the input shards (a shard's work items share its URL)
     }
 
 
@@ -250,9 +252,22 @@ class ShardRow:
     row: EditRow
 
 
+def run_items(out_dir: Path, summary: dict) -> list[tuple[str, str]]:
+    """(output stem, input URL) of every work item of the run, in order: from `OUT/plan.json` (work items
+    of `runtime.samples_per_task` are named apart from their shards), else one per input of the summary."""
+    inputs = summary.get("inputs") or []
+    try:
+        urls, stems = read_plan_file(Path(out_dir))
+    except ConfigError:
+        urls, stems = [], []
+    if set(urls) == set(inputs) and len(urls) == len(stems):
+        return list(zip(stems, urls))
+    return [(shard_stem(u), u) for u in inputs]
+
+
 def load_rows(out_dir: Path, summary: dict) -> list[ShardRow]:
-    """The rows of the run's shards, in input order, each with its shard's stem."""
-    stems = [shard_stem(u) for u in summary.get("inputs") or []]
+    """The rows of the run's work items (shards), in input order, each with its output stem."""
+    stems = [stem for stem, _ in run_items(out_dir, summary)]
     if not stems:  # a summary without inputs: every shard in the folder
         stems = sorted(p.stem for p in (Path(out_dir) / "stats").glob("*.jsonl"))
     return [ShardRow(stem, row) for stem in stems for row in read_rows(Path(out_dir), stem)]
