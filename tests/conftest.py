@@ -20,9 +20,9 @@ FAST = ["edit.steps=3", "video.size=32", "runtime.log_every_s=1"]
 # The test files that take longest, longest first (measured: `pytest --durations`, summed per file). With
 # `make test` each parallel worker takes whole files in collection order, so these start first and none of
 # them is left running alone at the end.
-LONGEST_FILES = ["test_cli_messages.py", "test_ray_worker_faults.py", "test_ray.py", "test_methods.py",
-                 "test_editing.py", "test_slurm.py", "test_videodirector.py", "test_ray_multinode.py",
-                 "test_pipeline.py", "test_bench.py", "test_long_clips.py"]
+LONGEST_FILES = ["test_ray_worker_faults.py", "test_ray.py", "test_cli_messages.py", "test_videodirector.py",
+                 "test_slurm.py", "test_methods.py", "test_ray_multinode.py", "test_vid2vid_zero.py", "test_models.py",
+                 "test_editing.py", "test_pipeline.py", "test_object_storage.py", "test_long_clips.py"]
 
 
 def pytest_configure(config):
