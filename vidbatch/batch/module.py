@@ -230,7 +230,8 @@ class VideoEditModule(L.LightningModule):
             with_motion_adapter(pipe, config.model.motion_adapter, config=config.model.motion_adapter_config)
         cache, identity = None, None
         if config.inversion.cache:
-            cache = InversionCache(inversion_cache_dir(config.inversion.cache_dir), cache_max_bytes(config.inversion.cache_max_gb), log)
+            cache = InversionCache(inversion_cache_dir(config.inversion.cache_dir, config.runtime.local_dir),
+                                   cache_max_bytes(config.inversion.cache_max_gb), log)
             identity = model_fingerprint(pipe, loras)
         # A plain attribute, not a submodule: the editor places the weights itself and Lightning
         # must not move or wrap them.
