@@ -1,9 +1,14 @@
-"""Node-local caches: where `runtime.local_dir` points, the inversion cache's default folder under it, and the
-size index that spares a store with `cache_max_gb` a scan of the whole cache."""
+"""Node-local caches: where `runtime.local_dir` points, the inversion cache's default folder under it, the
+size index that spares a store with `cache_max_gb` a scan of the whole cache, and model weights staged to
+local disk once per node."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,11 +19,15 @@ import torch
 
 from vidbatch.batch.module import VideoEditModule
 from vidbatch.config.schema import load_config
-from vidbatch.core.errors import ConfigError
+from vidbatch.core.errors import ConfigError, ModelLoadError
 from vidbatch.core.local_dir import local_dir
 from vidbatch.engine.inversion_cache import InversionCache, inversion_cache_dir, inversion_key
+from vidbatch.models import staging
+from vidbatch.models.builtin import tiny_model_dir
+from vidbatch.models.loading import load_pipeline, model_fingerprint
+from vidbatch.models.staging import NETWORK_FILESYSTEMS, filesystem_type, stage_model
 
-from conftest import FAST, TINY
+from conftest import FAST, REPO, TINY
 
 LOCAL_ENV = ("VIDBATCH_LOCAL_DIR", "SLURM_TMPDIR", "TMPDIR")
 
@@ -169,3 +178,102 @@ def test_index_is_rebuilt_when_lost_stale_or_damaged(tmp_path, monkeypatch):
     stale.store(_key(7), _tensors(7))
     assert counter.scans == before + 1
     assert sorted(e.key for e in cache.entries()) == sorted(_key(i) for i in (5, 6, 7))
+
+
+# --------------------------------------------------------------------------------------- staged weights
+
+
+@pytest.fixture()
+def shared_model(tmp_path) -> Path:
+    """The tiny model folder, copied to a folder of this test (standing for the shared filesystem)."""
+    return Path(shutil.copytree(tiny_model_dir(), tmp_path / "shared" / "tiny-model"))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_staging_copies_once_and_the_copy_loads_the_same_weights(tmp_path, shared_model):
+    node = tmp_path / "node"
+    first = stage_model(shared_model, "always", node, "tiny-model")
+    assert first.copied and first.path.parent.parent == node / "vidbatch-models"
+    assert first.path.name == "tiny-model" and _tree(first.path) == _tree(shared_model)
+    again = stage_model(shared_model, "always", node, "tiny-model")
+    assert again == type(first)(first.path, False)                 # reused, not copied again
+    assert stage_model(shared_model, "never", node, "x").path == shared_model
+    assert stage_model(first.path, "always", node, "x").path == first.path     # already local: as it is
+
+    in_place = load_pipeline(str(shared_model), stage_local="never")
+    staged = load_pipeline(str(shared_model), stage_local="always", local_dir=str(node))
+    assert Path(staged.config._name_or_path) == first.path      # loaded from the staged copy
+    assert model_fingerprint(staged) == model_fingerprint(in_place)
+
+
+def test_a_changed_source_is_staged_again_and_single_files_keep_their_name(tmp_path, shared_model):
+    node = tmp_path / "node"
+    first = stage_model(shared_model, "always", node, "m")
+    config = shared_model / "model_index.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    second = stage_model(shared_model, "always", node, "m")
+    assert second.copied and second.path != first.path
+    weights = next(shared_model.rglob("*.safetensors"))
+    single = stage_model(weights, "always", node, "w")
+    assert single.copied and single.path.name == weights.name and single.path.read_bytes() == weights.read_bytes()
+
+
+def test_auto_stages_only_from_network_filesystems(tmp_path, shared_model):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path / 'shared'} nfs4 rw 0 0\n"
+                      f"/dev/sdb1 {tmp_path / 'shared' / 'tiny-model' / 'unet'} xfs rw 0 0\n")
+    assert filesystem_type(shared_model, str(mounts)) == "nfs4"
+    assert filesystem_type(shared_model / "unet" / "x", str(mounts)) == "xfs"    # the longest mount point
+    assert filesystem_type(tmp_path / "sharedother", str(mounts)) == "ext4"       # a prefix is not a parent
+    # This machine's real mount table decides for the test's folder.
+    staged = stage_model(shared_model, "auto", tmp_path / "node", "m")
+    assert staged.copied == (filesystem_type(shared_model) in NETWORK_FILESYSTEMS)
+
+
+def test_staging_without_room(tmp_path, shared_model, monkeypatch):
+    monkeypatch.setattr(staging, "_FREE_MARGIN_BYTES", 1 << 62)
+    with pytest.raises(ModelLoadError, match="stage_local"):
+        stage_model(shared_model, "always", tmp_path / "node", "tiny-model")
+    assert not list((tmp_path / "node" / "vidbatch-models").glob("*/"))    # nothing half-copied left
+
+
+# A stager process: imports only the staging module (fast to start), waits for the go file, stages, prints.
+STAGER = """
+import json, os, sys, time
+from pathlib import Path
+from vidbatch.models.staging import stage_model
+source, node, go = sys.argv[1:]
+Path(go + "." + str(os.getpid())).touch()
+while not os.path.exists(go):
+    time.sleep(0.005)
+staged = stage_model(Path(source), "always", Path(node), "tiny-model")
+print(json.dumps([str(staged.path), staged.copied]))
+"""
+
+
+def test_concurrent_stagers_leave_one_complete_copy(tmp_path, shared_model):
+    node, go = tmp_path / "node", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", STAGER, str(shared_model), str(node), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("go.*"))) < len(procs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()     # all start staging at once
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0] * len(procs), [err for _, err in outs]
+    got = [json.loads(out) for out, _ in outs]
+    assert len({path for path, _ in got}) == 1 and sum(copied for _, copied in got) == 1
+    staged = node / "vidbatch-models"
+    folders = [p.name for p in staged.iterdir() if p.is_dir()]
+    assert len(folders) == 1 and not folders[0].startswith(".")      # one copy, no temporary left
+    assert _tree(Path(got[0][0])) == _tree(shared_model)

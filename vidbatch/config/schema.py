@@ -63,6 +63,12 @@ class ModelConfig:
     dtype: str = setting("auto", choices=["auto", "float32", "float16", "bfloat16"],
                          help="'auto': float16 on CUDA, bfloat16 on CPUs with native bfloat16 matmul "
                               "(AMX, AVX512-BF16), else float32")
+    stage_local: str = setting("auto", choices=["auto", "always", "never"],
+                               help="copy a model folder or file given as a local path to "
+                                    "{runtime.local_dir}/vidbatch-models once per node and load it from there: "
+                                    "'auto' when it is on a network filesystem (NFS, Lustre, GPFS, ...) and the "
+                                    "local disk has room, 'always' for any local path (an error when it does not "
+                                    "fit), 'never': load in place. Hub ids use the hub cache (HF_HOME)")
     motion_adapter: str | None = setting(None, help="AnimateDiff motion module for text-to-video methods "
                                          "(videodirector): 'tiny', 'v3-random', a diffusers MotionAdapter folder "
                                          "or a .safetensors/.ckpt file; null: none")
