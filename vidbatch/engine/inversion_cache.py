@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -604,6 +605,7 @@ class InversionCache:
         self.log = logger if logger is not None else logging.getLogger(__name__)
         self.root.mkdir(parents=True, exist_ok=True)
         self._index = _SizeIndex(self.root, rescan_s, self.log)
+        self._index_lock = threading.Lock()  # the index is plain Python state: one thread updates it at a time
 
     # ---------------------------------------------------------------- paths
 
@@ -690,7 +692,8 @@ class InversionCache:
         """Refresh the LRU clock and count the hit; failures (races, read-only caches) are ignored."""
         try:
             os.utime(path)
-            self._index.touch(key, time.time())
+            with self._index_lock:
+                self._index.touch(key, time.time())
         except OSError:
             pass
         try:
@@ -736,7 +739,8 @@ class InversionCache:
             save_file(cpu, str(tmp), metadata=metadata)
             del cpu
         if self.max_bytes is not None:
-            self._enforce_limit(self.max_bytes, key, path)
+            with self._index_lock:
+                self._enforce_limit(self.max_bytes, key, path)
         return path
 
     def _enforce_limit(self, max_bytes: int, keep: str, path: Path) -> list[str]:
@@ -907,8 +911,9 @@ class InversionCache:
                 self.log.warning("inversion cache: cannot evict %s (%s)", entry.path, e)
                 continue
             total -= entry.size_bytes
-            self._index.drop(entry.key)
-            self._index.append(f"- {entry.key}\n")
+            with self._index_lock:
+                self._index.drop(entry.key)
+                self._index.append(f"- {entry.key}\n")
         if keep is not None and total > max_bytes:
             self.log.warning(
                 "inversion cache: %s holds %d bytes, over its limit of %d, because the entry just stored "
