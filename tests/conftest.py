@@ -41,16 +41,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_cache(tmp_path_factory):
-    """Model and inversion caches in a per-session folder, never the user's ~/.cache."""
+    """Model caches and node-local scratch (the inversion cache, staged weights) in a per-session folder,
+    never the user's ~/.cache or the machine's shared /tmp."""
     cache = tmp_path_factory.mktemp("vidbatch-cache")
-    old = os.environ.get("VIDBATCH_CACHE")
+    old = {name: os.environ.get(name) for name in ("VIDBATCH_CACHE", "VIDBATCH_LOCAL_DIR")}
     os.environ["VIDBATCH_CACHE"] = str(cache)
+    os.environ["VIDBATCH_LOCAL_DIR"] = str(cache / "local")
     os.environ["HF_HUB_OFFLINE"] = "1"
     yield cache
-    if old is None:
-        os.environ.pop("VIDBATCH_CACHE", None)
-    else:
-        os.environ["VIDBATCH_CACHE"] = old
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

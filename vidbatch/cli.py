@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="inspect, verify or prune the inversion cache")
     cache.add_argument("action", choices=["ls", "verify", "prune"],
                        help="ls: list entries; verify: check every entry; prune: evict down to --max-gb")
-    cache.add_argument("--dir", help="cache folder (default: $VIDBATCH_CACHE/inversions or ~/.cache/vidbatch/inversions)")
+    cache.add_argument("--dir", help="cache folder (default: this node's vidbatch-inversions in $VIDBATCH_LOCAL_DIR, "
+                            "$SLURM_TMPDIR, $TMPDIR or /tmp, as runtime.local_dir resolves when unset)")
     cache.add_argument("--max-gb", type=float, help="prune: evict least recently used entries down to this size")
     cache.add_argument("--json", action="store_true", help="ls: one JSON object per entry")
 

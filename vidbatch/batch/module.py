@@ -228,12 +228,14 @@ class VideoEditModule(L.LightningModule):
         dtype = resolve_dtype(config.model.dtype, self.target_device)
         loras = [LoraSpec(l.path, l.scale) for l in config.model.loras]
         pipe = load_pipeline(config.model.id, dtype=dtype, device=self.target_device, loras=loras,
-                             single_file_config=config.model.single_file_config)
+                             single_file_config=config.model.single_file_config,
+                             stage_local=config.model.stage_local, local_dir=config.runtime.local_dir)
         if config.model.motion_adapter is not None:
             with_motion_adapter(pipe, config.model.motion_adapter, config=config.model.motion_adapter_config)
         cache, identity = None, None
         if config.inversion.cache:
-            cache = InversionCache(inversion_cache_dir(config.inversion.cache_dir), cache_max_bytes(config.inversion.cache_max_gb), log)
+            cache = InversionCache(inversion_cache_dir(config.inversion.cache_dir, config.runtime.local_dir),
+                                   cache_max_bytes(config.inversion.cache_max_gb), log)
             identity = model_fingerprint(pipe, loras)
         # A plain attribute, not a submodule: the editor places the weights itself and Lightning
         # must not move or wrap them.

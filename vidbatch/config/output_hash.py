@@ -3,7 +3,8 @@
 A rerun into the same output must not mix shards edited with different settings: it compares this
 hash with the done markers' and refuses when they differ. Keys that only say where or how fast the
 work runs are left out, so a rerun on other hardware, another backend or with another cache folder
-still resumes: the whole `runtime` section and the inversion cache's on/off switch, folder and size.
+still resumes: the whole `runtime` section, the inversion cache's on/off switch, folder and size, and
+whether the weights are staged to local disk (`model.stage_local`: the same bytes are loaded).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 # section -> keys of it that do not shape the output (None: the whole section).
 NOT_OUTPUT_SHAPING: dict[str, tuple[str, ...] | None] = {
     "runtime": None,
+    "model": ("stage_local",),
     "inversion": ("cache", "cache_dir", "cache_max_gb"),
 }
 

@@ -63,6 +63,12 @@ class ModelConfig:
     dtype: str = setting("auto", choices=["auto", "float32", "float16", "bfloat16"],
                          help="'auto': float16 on CUDA, bfloat16 on CPUs with native bfloat16 matmul "
                               "(AMX, AVX512-BF16), else float32")
+    stage_local: str = setting("auto", choices=["auto", "always", "never"],
+                               help="copy a model folder or file given as a local path to "
+                                    "{runtime.local_dir}/vidbatch-models once per node and load it from there: "
+                                    "'auto' when it is on a network filesystem (NFS, Lustre, GPFS, ...) and the "
+                                    "local disk has room, 'always' for any local path (an error when it does not "
+                                    "fit), 'never': load in place. Hub ids use the hub cache (HF_HOME)")
     motion_adapter: str | None = setting(None, help="AnimateDiff motion module for text-to-video methods "
                                          "(videodirector): 'tiny', 'v3-random', a diffusers MotionAdapter folder "
                                          "or a .safetensors/.ckpt file; null: none")
@@ -103,7 +109,9 @@ class InversionConfig:
     prompt: str = setting("{prompt}", help="prompt of the inversion (the source description); '{prompt}' is the sample's")
     batch_size: Union[int, Literal["auto"]] = setting(8, minimum=1, help="frames inverted per UNet call ('auto': fit runtime.max_memory_gb)")
     cache: bool = setting(True, help="reuse inversions across edits, reruns and workers (content-addressed)")
-    cache_dir: str | None = setting(None, help="inversion cache folder; null: $VIDBATCH_CACHE/inversions or ~/.cache/vidbatch/inversions")
+    cache_dir: str | None = setting(None, help="inversion cache folder; null: {runtime.local_dir}/vidbatch-inversions "
+                                             "(node-local: each node keeps its own); a shared folder shares "
+                                             "inversions between nodes")
     cache_max_gb: float | None = setting(None, minimum=0, help="evict least recently used entries above this size")
 
 
@@ -142,6 +150,9 @@ class RuntimeConfig:
     quarantine_after: int = setting(2, minimum=1, help="Ray: infrastructure failures in a row (CUDA errors, crashes, "
                                                       "stalls) after which a worker's place (its GPU) is not refilled")
     device: str = setting("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (with Ray: 'cuda' workers get one GPU each)")
+    local_dir: str | None = setting(None, help="node-local scratch folder for the inversion cache and staged "
+                                               "weights, resolved on each worker; null: $VIDBATCH_LOCAL_DIR, "
+                                               "$SLURM_TMPDIR, $TMPDIR, else the system temporary folder (/tmp)")
     max_memory_gb: float | None = setting(None, minimum=0, help="memory budget for chunk_size 'auto'; null: what the device has free")
     log_every_s: float = setting(30.0, minimum=0.1, help="seconds between plain status lines (in run.log, and on the "
                                                         "console when it is not a terminal)")
@@ -302,8 +313,12 @@ def _validate(config: Config) -> None:
     cache_dir = config.inversion.cache_dir
     if cache_dir is not None and is_url(str(cache_dir)):
         raise ConfigError(f"config key 'inversion.cache_dir' must be a local folder, got '{cache_dir}': the cache "
-                          "must be local. Fix: a node-local or shared-filesystem folder (null: $VIDBATCH_CACHE/"
-                          "inversions), or inversion.cache=false")
+                          "must be local. Fix: a node-local or shared-filesystem folder (null: "
+                          "{runtime.local_dir}/vidbatch-inversions), or inversion.cache=false")
+    local = config.runtime.local_dir
+    if local is not None and is_url(str(local)):
+        raise ConfigError(f"config key 'runtime.local_dir' must be a local folder on each node, got '{local}'. "
+                          "Fix: the node's local disk (e.g. /tmp or the job's scratch), or null")
 
 
 def _validate_edit_names(edits: typing.Sequence[EditSpec]) -> None:

@@ -76,7 +76,7 @@ log = logging.getLogger("vidbatch")
 # Seconds between polls of the futures and the event relay (bounds how late progress is drawn).
 POLL_S = 0.25
 # Environment a worker needs to find models offline like the driver does; forwarded when set.
-FORWARDED_ENV = ("VIDBATCH_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+FORWARDED_ENV = ("VIDBATCH_CACHE", "VIDBATCH_LOCAL_DIR", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # Test-only fault hooks (dispatch.ray_worker, engine.editor) reach the workers through this prefix.
 TEST_ENV_PREFIX = "VIDBATCH_TEST_"
 # Hand-outs again after a worker failure that a shard gets for free; then they spend its retries.

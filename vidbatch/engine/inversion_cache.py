@@ -4,8 +4,11 @@ Inversion costs as much as the edit itself, and bulk stylisation applies many st
 (and reruns jobs), so each inversion is computed once and kept here, keyed by what determines it:
 the decoded frames' content and the inversion settings (`inversion_key`).
 
-Layout (the store may live on a shared NFS/Lustre filesystem used by many processes on many nodes):
+By default the store lives on node-local disk (`{runtime.local_dir}/vidbatch-inversions`); an explicit
+`inversion.cache_dir` may put it on a shared NFS/Lustre filesystem used by many processes on many nodes.
+Layout:
 
+    root/.size-index                the size index (see below): entries and sizes, for `max_bytes`
     root/ab/abcdef....safetensors   one entry: the tensors + a JSON metadata header (never pickle)
     root/ab/abcdef....hits          hit counter: one newline appended per hit (`wc -l` counts it)
     root/ab/.abcdef....safetensors.<pid>.<random>.tmp   an entry being written (`core.atomic`: renamed
@@ -21,17 +24,30 @@ Concurrency rules, all without locks (locks are unreliable on network filesystem
   raise SIGBUS on NFS, while `pread` raises an ordinary error;
 - every entry carries a checksum of its tensor data, verified on each read: a bad entry is logged once,
   deleted and reported as a miss, so the caller recomputes and replaces it.
+
+The size index (only used with `max_bytes`): rather than listing and stat-ing every entry on each store,
+each cache object keeps the entries' sizes and last uses in memory, loaded once from `root/.size-index`,
+a journal of one line per store (`+ key size mtime`) and eviction (`- key`) that every process appends to
+and reads the new tail of on its next store, so a store costs O(1) amortised. The journal starts with a
+snapshot written by a full scan, redone when the journal is missing or unreadable, older than
+`rescan_s`, or much longer than the entries it describes. The index is a hint, never trusted for
+correctness: an eviction stats its victim first (gone: forgotten; used since, by another process: put
+back at its new place in the LRU order), lines lost to races (concurrent appends on a network
+filesystem, a snapshot replacing the journal under another process's append) only make the total
+wrong until the next scan, and no entry is ever read through the index.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -42,17 +58,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vidbatch.core.atomic import TMP_SUFFIX, atomic_path
+from vidbatch.core.atomic import TMP_SUFFIX, atomic_path, atomic_write
 from vidbatch.core.errors import ConfigError
+from vidbatch.core.local_dir import local_dir
 from vidbatch.io.disk_tensor import disk_tensor
 from vidbatch.io.frames import FrameFile
 
 __all__ = [
     "FORMAT_VERSION",
+    "INDEX_RESCAN_S",
     "CacheEntry",
     "InversionCache",
     "cache_max_bytes",
     "canonical_json",
+    "inversion_cache_dir",
     "inversion_key",
     "tensor_checksum",
 ]
@@ -67,6 +86,14 @@ _HITS_SUFFIX = ".hits"
 _KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
 _STALE_TMP_SECONDS = 3600.0  # a temp file this old belongs to a writer that died
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; guards against reading garbage lengths
+_INDEX_NAME = ".size-index"
+_INDEX_HEADER = "# vidbatch.inversion_cache_index/1 scanned="
+INDEX_RESCAN_S = 900.0  # the size index is rebuilt by a full scan when its snapshot is older than this
+# ... or when its journal has more lines than this plus twice the entries (evicted keys' lines pile up).
+_INDEX_SLACK_LINES = 1000
+# mtimes go through the journal as text to the microsecond: a victim's mtime counts as newer (used since the
+# index saw it) only beyond this, so the rounding costs no extra stat.
+_MTIME_SLACK_S = 1e-3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,14 +416,179 @@ def _prepare_for_save(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+class _SizeIndex:
+    """The entries' sizes and last uses, kept in memory and shared through the journal `root/.size-index`.
+
+    Journal lines (UTF-8, one per event, appended with a single `write` under O_APPEND):
+
+        # vidbatch.inversion_cache_index/1 scanned=<epoch>   header of a snapshot, written by a full scan
+        + <key> <size bytes> <mtime>                          an entry stored (or found by the scan)
+        - <key>                                               an entry evicted
+
+    Lines that do not parse are skipped. A new snapshot replaces the file atomically; a reader notices
+    the new file (another inode) and reads it from the start.
+    """
+
+    def __init__(self, root: Path, rescan_s: float, log: logging.Logger) -> None:
+        self.path = root / _INDEX_NAME
+        self.rescan_s = rescan_s
+        self.log = log
+        self.sizes: dict[str, int] = {}
+        self.used: dict[str, float] = {}
+        self.total = 0
+        self._heap: list[tuple[float, str]] = []  # (last use, key), stale items skipped when popped
+        self._file_id: tuple[int, int] | None = None  # the journal generation read so far
+        self._offset = 0  # bytes of it applied
+        self._lines = 0  # event lines in it
+        self.scanned: float | None = None  # when its snapshot was scanned (None: no valid snapshot)
+
+    # ------------------------------------------------------------ in-memory state
+
+    def _reset(self) -> None:
+        self.sizes.clear()
+        self.used.clear()
+        self._heap.clear()
+        self.total = 0
+        self._lines = 0
+        self.scanned = None
+
+    def set(self, key: str, size: int, used: float) -> None:
+        self.total += size - self.sizes.get(key, 0)
+        self.sizes[key] = size
+        self.used[key] = used
+        heapq.heappush(self._heap, (used, key))
+        if len(self._heap) > 2 * len(self.sizes) + _INDEX_SLACK_LINES:  # too many stale items: rebuild
+            self._heap = [(t, k) for k, t in self.used.items()]
+            heapq.heapify(self._heap)
+
+    def drop(self, key: str) -> None:
+        self.total -= self.sizes.pop(key, 0)
+        self.used.pop(key, None)
+
+    def touch(self, key: str, used: float) -> None:
+        """A hit in this process: move `key` to the recent end of the LRU order (not journaled: other
+        processes learn of it from the entry's mtime when they would evict it)."""
+        if key in self.sizes:
+            self.set(key, self.sizes[key], used)
+
+    def pop_lru(self) -> str | None:
+        """The least recently used key (ties by key), taken out of the order (not out of the index)."""
+        while self._heap:
+            used, key = heapq.heappop(self._heap)
+            if self.used.get(key) == used:
+                return key
+        return None
+
+    # ------------------------------------------------------------ the journal
+
+    def _apply(self, data: bytes) -> None:
+        end = data.rfind(b"\n") + 1  # a trailing partial line is someone's append in progress
+        self._offset += end
+        for raw in data[:end].splitlines():
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if line.startswith(_INDEX_HEADER):
+                try:
+                    self.scanned = float(line[len(_INDEX_HEADER):])
+                except ValueError:
+                    pass
+                continue
+            parts = line.split()
+            if len(parts) == 4 and parts[0] == "+" and _KEY_RE.match(parts[1]):
+                self._lines += 1
+                try:
+                    size, used = int(parts[2]), float(parts[3])
+                except ValueError:
+                    continue
+                if size >= 0 and math.isfinite(used):
+                    self.set(parts[1], size, used)
+            elif len(parts) == 2 and parts[0] == "-" and _KEY_RE.match(parts[1]):
+                self._lines += 1
+                self.drop(parts[1])
+
+    def _read(self) -> bool:
+        """Apply what the journal gained since the last read; False when there is no journal."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if _file_id(st) != self._file_id or st.st_size < self._offset:
+                self._reset()  # a new snapshot: start over from it
+                self._file_id, self._offset = _file_id(st), 0
+            if st.st_size > self._offset:
+                self._apply(os.pread(fd, st.st_size - self._offset, self._offset))
+        finally:
+            os.close(fd)
+        return True
+
+    def append(self, line: str) -> None:
+        """Append one event line; best effort (no journal, or an unwritable one: the next scan corrects it).
+        Never creates the file: a journal without its snapshot header would be taken for a complete one."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError:
+            return
+        try:
+            os.write(fd, line.encode("utf-8"))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def refresh(self, scan: Any, remove_stale: Any) -> None:
+        """Bring the index up to date: read the journal's new lines, or rebuild it by a full `scan()` when it
+        is missing, has no valid snapshot, is older than `rescan_s` or too long."""
+        had_file = self._file_id is not None
+        try:
+            present = self._read()
+        except OSError as e:
+            self.log.warning("inversion cache: cannot read the size index %s (%s); rescanning", self.path, e)
+            present = False
+        if not present and had_file:
+            self._reset()  # removed under us
+        now = time.time()
+        stale = self.scanned is None or now - self.scanned > self.rescan_s
+        if stale or self._lines > 2 * len(self.sizes) + _INDEX_SLACK_LINES:
+            self._rebuild(scan, remove_stale, now)
+
+    def _rebuild(self, scan: Any, remove_stale: Any, now: float) -> None:
+        remove_stale()
+        entries = scan()
+        lines = [f"{_INDEX_HEADER}{now:.6f}\n"]
+        lines += [f"+ {e.key} {e.size_bytes} {e.last_used:.6f}\n" for e in entries]
+        try:
+            atomic_write(self.path, "".join(lines))
+        except OSError as e:
+            self.log.warning("inversion cache: cannot write the size index %s (%s); keeping it in memory",
+                             self.path, e)
+        self._reset()
+        self._file_id, self._offset = None, 0
+        try:
+            present = self._read()  # the snapshot just written, or a newer one another process wrote
+        except OSError:
+            present = False
+        if not present or self.scanned is None:
+            self._reset()  # no usable journal: this process's own view, rescanned after rescan_s
+            self._file_id = None
+            for e in entries:
+                self.set(e.key, e.size_bytes, e.last_used)
+            self.scanned = now
+
+
 class InversionCache:
     """Content-addressed store of inversion results, safe to share between processes and nodes.
 
     Args:
         root: the cache directory (created if missing).
         max_bytes: if set, each `store` evicts least-recently-used entries until the entries total at
-            most this many bytes (the entry just stored is never evicted by its own store).
+            most this many bytes (the entry just stored is never evicted by its own store). The total
+            comes from the size index (module docstring), so a store does not list the cache.
         logger: where warnings about bad entries go; defaults to this module's logger.
+        rescan_s: the size index is rebuilt by a full scan when its snapshot is older than this.
     """
 
     def __init__(
@@ -404,6 +596,7 @@ class InversionCache:
         root: str | Path,
         max_bytes: int | None = None,
         logger: logging.Logger | None = None,
+        rescan_s: float = INDEX_RESCAN_S,
     ) -> None:
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
             raise ConfigError(f"inversion cache max_bytes must be None or an int >= 0, got {max_bytes!r}")
@@ -411,6 +604,8 @@ class InversionCache:
         self.max_bytes = max_bytes
         self.log = logger if logger is not None else logging.getLogger(__name__)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._index = _SizeIndex(self.root, rescan_s, self.log)
+        self._index_lock = threading.Lock()  # the index is plain Python state: one thread updates it at a time
 
     # ---------------------------------------------------------------- paths
 
@@ -497,6 +692,8 @@ class InversionCache:
         """Refresh the LRU clock and count the hit; failures (races, read-only caches) are ignored."""
         try:
             os.utime(path)
+            with self._index_lock:
+                self._index.touch(key, time.time())
         except OSError:
             pass
         try:
@@ -542,8 +739,69 @@ class InversionCache:
             save_file(cpu, str(tmp), metadata=metadata)
             del cpu
         if self.max_bytes is not None:
-            self._prune(self.max_bytes, keep=key)
+            with self._index_lock:
+                self._enforce_limit(self.max_bytes, key, path)
         return path
+
+    def _enforce_limit(self, max_bytes: int, keep: str, path: Path) -> list[str]:
+        """Record the entry just stored in the size index, then evict least recently used entries (never
+        `keep`) until the index's total is at most `max_bytes`. Returns the evicted keys.
+
+        Costs O(1) amortised file operations: one stat of the new entry, one journal append and read of
+        its new tail, and one stat and unlink per eviction (a full scan only when the index is rebuilt).
+        """
+        index = self._index
+        index.refresh(lambda: self._scan(with_metadata=False), self._remove_stale_files)
+        try:
+            st = path.stat()
+        except OSError:
+            st = None  # already evicted by another process: nothing to record
+        if st is not None:
+            index.set(keep, st.st_size, st.st_mtime)
+            index.append(f"+ {keep} {st.st_size} {st.st_mtime:.6f}\n")
+        evicted: list[str] = []
+        put_back: list[str] = []
+        while index.total > max_bytes:
+            key = index.pop_lru()
+            if key is None:
+                break
+            victim = self.path_for(key)
+            if key == keep:
+                put_back.append(key)
+                continue
+            try:
+                vst = victim.stat()
+            except FileNotFoundError:  # removed by someone else (evicted, dropped as corrupt, deleted by hand)
+                index.drop(key)
+                index.append(f"- {key}\n")
+                continue
+            except OSError as e:
+                self.log.warning("inversion cache: cannot evict %s (%s)", victim, e)
+                put_back.append(key)
+                continue
+            if vst.st_mtime > index.used[key] + _MTIME_SLACK_S or vst.st_size != index.sizes[key]:
+                # Used (or rewritten) by another process since the index saw it: not the LRU entry after all.
+                index.set(key, vst.st_size, vst.st_mtime)
+                continue
+            try:
+                _unlink_quiet(victim)
+                _unlink_quiet(self._hits_path(key))
+            except OSError as e:  # e.g. another user's entry in a shared cache: skip it, keep going
+                self.log.warning("inversion cache: cannot evict %s (%s)", victim, e)
+                put_back.append(key)
+                continue
+            index.drop(key)
+            index.append(f"- {key}\n")
+            evicted.append(key)
+        for key in put_back:
+            index.set(key, index.sizes[key], index.used[key])
+        if index.total > max_bytes and keep in index.sizes:
+            self.log.warning(
+                "inversion cache: %s holds %d bytes, over its limit of %d, because the entry just stored "
+                "(%s) is kept even though it does not fit; raise the cache size limit",
+                self.root, index.total, max_bytes, keep,
+            )
+        return evicted
 
     # ---------------------------------------------------------------- listing and maintenance
 
@@ -653,6 +911,9 @@ class InversionCache:
                 self.log.warning("inversion cache: cannot evict %s (%s)", entry.path, e)
                 continue
             total -= entry.size_bytes
+            with self._index_lock:
+                self._index.drop(entry.key)
+                self._index.append(f"- {entry.key}\n")
         if keep is not None and total > max_bytes:
             self.log.warning(
                 "inversion cache: %s holds %d bytes, over its limit of %d, because the entry just stored "
@@ -703,11 +964,10 @@ class InversionCache:
         }
 
 
-def inversion_cache_dir(configured: str | None = None) -> Path:
-    """`inversion.cache_dir` when set, else `inversions` under the vidbatch cache ($VIDBATCH_CACHE or ~/.cache/vidbatch)."""
-    from vidbatch.models.builtin import default_cache_root
-
-    return Path(configured).expanduser() if configured else default_cache_root() / "inversions"
+def inversion_cache_dir(configured: str | None = None, local: str | None = None) -> Path:
+    """`inversion.cache_dir` when set, else `vidbatch-inversions` in the node-local scratch folder
+    (`runtime.local_dir`, given as `local`; see `vidbatch.core.local_dir`)."""
+    return Path(configured).expanduser() if configured else local_dir(local) / "vidbatch-inversions"
 
 
 def cache_max_bytes(max_gb: float | None) -> int | None:

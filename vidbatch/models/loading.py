@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
+from vidbatch.core.local_dir import local_dir as node_local_dir
 from vidbatch.core.paths import looks_like_path
 from vidbatch.core.errors import ModelLoadError
+from vidbatch.models.staging import stage_model
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -232,6 +234,8 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     loras: Sequence[LoraSpec] = (),
     single_file_config: str | None = None,
+    stage_local: str = "never",
+    local_dir: str | None = None,
 ) -> "StableDiffusionPipeline":
     """Load a StableDiffusionPipeline for inference from the way a user names a model (see module docstring).
 
@@ -242,6 +246,10 @@ def load_pipeline(
         loras: fused in order, each at its scale.
         single_file_config: for single-file checkpoints: a diffusers folder or hub id describing the
             architecture (needed offline; otherwise diffusers infers one and fetches its config from the hub).
+        stage_local: `model.stage_local` for a model given as a local folder or file: 'never' loads it in
+            place; 'auto' (on a network filesystem) and 'always' copy it to node-local disk once per node
+            first (`vidbatch.models.staging`). Hub ids and the built-in models are never staged.
+        local_dir: `runtime.local_dir` (null: resolved from the environment, `vidbatch.core.local_dir`).
 
     Returns:
         the pipeline with a DDIM scheduler (same prediction_type), no safety checker, progress bars off,
@@ -259,6 +267,8 @@ def load_pipeline(
         else:
             local = Path(model_id).expanduser()
             if local.is_dir():
+                if (local / "model_index.json").is_file():   # staging a folder that is no model helps no one
+                    local = stage_model(local, stage_local, node_local_dir(local_dir), model_id).path
                 pipe = _load_folder(local, model_id, dtype)
             elif local.is_file():
                 if local.suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -266,6 +276,7 @@ def load_pipeline(
                         f"model.id '{model_id}': a file, but not a .safetensors or .ckpt checkpoint. "
                         "Fix: point model.id at a diffusers folder or a .safetensors/.ckpt file"
                     )
+                local = stage_model(local, stage_local, node_local_dir(local_dir), model_id).path
                 pipe = _load_single_file(local, model_id, dtype, single_file_config)
             elif _is_hub_file_url(model_id):
                 pipe = _load_single_file(model_id, model_id, dtype, single_file_config)
