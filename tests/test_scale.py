@@ -143,3 +143,48 @@ def test_planning_from_one_listing_skips_done_redoes_damaged_and_takes_absent(tm
     assert "bytes" in plan.redo["part-000004"]
     retry = plan_run([spec], out, False, retry_failed=True, config_hash=config_hash)
     assert {retry.stems[i] for i in retry.retry} == {"part-000001", "part-000003"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: every failure (paged), a bounded, reproducible sample of successes
+
+import hashlib  # noqa: E402
+import re  # noqa: E402
+
+from vidbatch.report import write_report  # noqa: E402
+from vidbatch.report.summary import write_summary  # noqa: E402
+
+
+def _table_rows(html: str) -> list[tuple[str, str, str, bool]]:
+    """(shard, key, edit, failed) of each row of a page's table."""
+    return [(shard, key, edit, bool(cls)) for key, edit, cls, shard in re.findall(
+        r'<tr data-i="\d+" data-key="([^"]+)" data-edit="([^"]+)"( class="failed")?><td data-v="([^/"]+)/', html)]
+
+
+def test_a_report_of_many_rows_has_every_failure_and_a_bounded_reproducible_sample(tmp_path):
+    out = tmp_path / "out"
+    make_synthetic_output(out, 30, 10, fail_every=3)          # 300 rows: 100 failed, 200 ok
+    write_summary(out, _summary(out))
+    assert write_report(out, strict=True, sample_ok=20, failures_per_page=30) == out / "report.html"
+    page = (out / "report.html").read_text()
+    shown = _table_rows(page)
+    assert sum(not failed for *_, failed in shown) == 20
+    assert sum(failed for *_, failed in shown) == 30
+    _, stems = read_plan_file(out)
+    every = [(stem, r.key, r.edit, not r.ok) for stem in stems for r in read_rows(out, stem)]
+    # The table keeps input order; its failures are the first 30, the rest on pages 2..4.
+    assert shown == sorted(shown, key=every.index)
+    pages = sorted((out / "report_media").glob("failures-*.html"))
+    assert [p.name for p in pages] == ["failures-0002.html", "failures-0003.html", "failures-0004.html"]
+    assert all(f'href="report_media/{p.name}"' in page for p in pages)
+    paged = [row for p in pages for row in _table_rows(p.read_text())]
+    assert all(failed for *_, failed in paged) and all('href="../report.html"' in p.read_text() for p in pages)
+    assert [r for r in shown if r[3]] + paged == [r for r in every if r[3]]
+    # The sample: the successes whose shard/key/edit hash lowest, so a rebuild shows the same ones.
+    ok = [r for r in every if not r[3]]
+    lowest = sorted(ok, key=lambda r: hashlib.sha1(f"{r[0]}/{r[1]}/{r[2]}".encode()).digest())[:20]
+    assert sorted(r for r in shown if not r[3]) == sorted(lowest)
+    write_report(out, strict=True, sample_ok=20, failures_per_page=30)
+    assert _table_rows((out / "report.html").read_text()) == shown
+    # The charts are over every edit, from the summary's distributions.
+    assert page.count("edits per bin") >= 4 and "200 successful edits" in page.replace(",", "")

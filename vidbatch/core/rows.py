@@ -41,8 +41,10 @@ STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")
 _Record = TypeVar("_Record")
 
 
-def _from_json(cls: type[_Record], data: Mapping[str, Any]) -> _Record:
-    """`cls(**data)`, refusing unknown keys and naming the missing required ones."""
+def _from_json(cls: type[_Record], data: Mapping[str, Any], copy: bool = True) -> _Record:
+    """`cls(**data)`, refusing unknown keys and naming the missing required ones. `copy=False` when
+    `data` was just parsed and is the caller's alone (a deep copy of a marker's aggregates costs more
+    than reading it)."""
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -52,7 +54,7 @@ def _from_json(cls: type[_Record], data: Mapping[str, Any]) -> _Record:
     missing = [name for name in required if name not in data]
     if missing:
         raise ValueError(f"{cls.__name__}: missing field(s) {', '.join(missing)}")
-    return cls(**{name: _copy(data[name]) for name in names if name in data})
+    return cls(**{name: _copy(data[name]) if copy else data[name] for name in names if name in data})
 
 
 def _copy(value: Any) -> Any:
@@ -183,5 +185,5 @@ class DoneMarker:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> DoneMarker:
-        return _from_json(cls, data)
+    def from_json(cls, data: Mapping[str, Any], copy: bool = True) -> DoneMarker:
+        return _from_json(cls, data, copy)

@@ -112,10 +112,10 @@ def check_shard(out_dir: Path, stem: str, *, checksums: bool = False,
     With `listing` (`list_output`), what it saw stands for the folders: no `stat` per file."""
     out_dir = Path(out_dir)
     path = marker_path(out_dir, stem)
-    if not (listing.has(relative_name(out_dir, path)) if listing is not None else path.is_file()):
+    if not (listing.has(f"stats/{stem}.json") if listing is not None else path.is_file()):
         return ShardCheck(stem, "absent", problem="no done marker")
     try:
-        marker = DoneMarker.from_json(json.loads(path.read_text()))
+        marker = DoneMarker.from_json(json.loads(path.read_text()), copy=False)
     except (ValueError, TypeError, UnicodeDecodeError, RecursionError, AttributeError) as exc:
         return ShardCheck(stem, "damaged", problem=f"{relative_name(out_dir, path)} is not a readable done marker ({exc})")
     if not isinstance(marker.files, dict):
