@@ -182,26 +182,23 @@ class Dist:
         return {"edges": [self.low + width * i for i in range(bins + 1)], "counts": counts}
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": self.n, "sum": self.sum, "min": self.low, "max": self.high}
-        if self.values is not None:
-            out["values"] = list(self.values)
-        else:
-            # JSON keys are strings; the bucket index as text.
-            out.update(pos={str(k): v for k, v in self.positive.items()},
-                       neg={str(k): v for k, v in self.negative.items()}, zeros=self.zeros, other=self.other)
-        return out
+        if self.values is not None:   # the rest follows from the values (a marker stays small to read)
+            return {"values": list(self.values)}
+        # JSON keys are strings: the bucket index as text.
+        return {"n": self.n, "sum": self.sum, "min": self.low, "max": self.high,
+                "pos": {str(k): v for k, v in self.positive.items()},
+                "neg": {str(k): v for k, v in self.negative.items()}, "zeros": self.zeros, "other": self.other}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Dist:
-        dist = cls(n=int(data["n"]), total=float(data["sum"]), low=float(data["min"]), high=float(data["max"]))
         if "values" in data:
-            dist.values = [float(v) for v in data["values"]]
-        else:
-            dist.values = None
-            dist.positive = {int(k): int(v) for k, v in data.get("pos", {}).items()}
-            dist.negative = {int(k): int(v) for k, v in data.get("neg", {}).items()}
-            dist.zeros, dist.other = int(data.get("zeros", 0)), int(data.get("other", 0))
-        return dist
+            values = [float(v) for v in data["values"]]
+            return cls(n=len(values), total=sum(values), low=min(values, default=math.inf),
+                       high=max(values, default=-math.inf), values=values)
+        return cls(n=int(data["n"]), total=float(data["sum"]), low=float(data["min"]), high=float(data["max"]),
+                   values=None, positive={int(k): int(v) for k, v in data.get("pos", {}).items()},
+                   negative={int(k): int(v) for k, v in data.get("neg", {}).items()},
+                   zeros=int(data.get("zeros", 0)), other=int(data.get("other", 0)))
 
 
 def failure_cause(error: str, key: str | None = None) -> str:

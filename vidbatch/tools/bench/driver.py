@@ -5,7 +5,7 @@
 writes OUT (unless it holds a synthetic output of that size already): per work item a done marker and a
 stats jsonl of `--rows-per-item` rows (random metrics, times and memory; every `--fail-every`-th row
 failed, with one of a few causes), `plan.json` and `config.yaml`; no videos. Then it times, each in a
-fresh Python process so that the peak resident set is that stage's: planning a rerun of the same inputs
+fresh Python process (peak resident set: the stage's, see `_STAGE`): planning a rerun of the same inputs
 (`plan_run`: brace expansion, the listing, every done marker checked), the summary (`build_summary`) and
 the report (`write_report`). `--pythonpath` runs the stages with another checkout's vidbatch (its public
 `plan_run`, `build_summary` and `write_report`), to compare with an earlier release; markers without
@@ -95,9 +95,11 @@ def make_synthetic_output(out_dir: Path, items: int, rows_per_item: int, *, fail
     return [INPUT_PATTERN.format(last=items - 1)]
 
 
-# Each stage runs in a fresh interpreter; it prints one JSON line: seconds and peak RSS (ru_maxrss, KiB).
+# Each stage runs in a fresh interpreter; it prints one JSON line: seconds, and the peak resident set of
+# the stage itself: the kernel's high-water mark (VmHWM) is reset once the imports are done (writing 5 to
+# /proc/self/clear_refs), so the figure is the stage's peak, imports (torch...) included as they stand.
 _STAGE = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 stage, out, spec = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 from vidbatch.config.output_hash import output_config_hash
@@ -105,8 +107,15 @@ from vidbatch.config.schema import load_config
 from vidbatch.dispatch.plan import plan_run, read_plan_file
 from vidbatch.report.page import write_report
 from vidbatch.report.summary import build_summary, load_summary, write_summary
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
 config = load_config(out / "config.yaml")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import gc; gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
 start = time.perf_counter()
 if stage == "plan":
     plan = plan_run([spec], out, False, config_hash=output_config_hash(config))
@@ -120,17 +129,19 @@ else:
     path = write_report(out, load_summary(out), strict=True)
     what = f"{sum(p.stat().st_size for p in [path, *(out / 'report_media').rglob('*')] if p.is_file())} bytes"
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"stage": stage, "seconds": round(seconds, 2), "peak_rss_mb": round(peak / 1024),
-                  "rss_at_start_mb": round(before / 1024), "what": what}))
+peak = status("VmHWM")
+print(json.dumps({"stage": stage, "seconds": round(seconds, 2), "peak_rss_mb": round(peak),
+                  "rss_at_start_mb": round(before), "stage_peak_mb": round(peak - before), "what": what}))
 """
 
 
 def run_stage(stage: str, out_dir: Path, spec: str, pythonpath: str | None) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = pythonpath or str(Path(__file__).resolve().parents[3])
-    done = subprocess.run([sys.executable, "-c", _STAGE, stage, str(out_dir), spec], env=env, text=True,
-                          capture_output=True)
+    root = pythonpath or str(Path(__file__).resolve().parents[3])
+    env["PYTHONPATH"] = root
+    # `python -c` puts the working folder first on sys.path: run there, so that checkout's vidbatch is the one.
+    done = subprocess.run([sys.executable, "-c", _STAGE, stage, str(Path(out_dir).resolve()), spec], env=env,
+                          text=True, capture_output=True, cwd=root)
     if done.returncode != 0:
         return {"stage": stage, "error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
     return json.loads(done.stdout.strip().splitlines()[-1])
