@@ -5,8 +5,9 @@
 writes OUT (unless it holds a synthetic output of that size already): per work item a done marker and a
 stats jsonl of `--rows-per-item` rows (random metrics, times and memory; every `--fail-every`-th row
 failed, with one of a few causes), `plan.json` and `config.yaml`; no videos. Then it times, each in a
-fresh Python process (peak resident set: the stage's, see `_STAGE`): planning a rerun of the same inputs
-(`plan_run`: brace expansion, the listing, every done marker checked), the summary (`build_summary`) and
+fresh Python process (peak resident set: the stage's, see `_STAGE`): planning the inputs into an empty
+folder (`plan-empty`: brace expansion and the listing) and a rerun of them (`plan`: every done marker
+read and its files checked), the summary (`build_summary`) and
 the report (`write_report`). `--pythonpath` runs the stages with another checkout's vidbatch (its public
 `plan_run`, `build_summary` and `write_report`), to compare with an earlier release; markers without
 aggregates (`--markers old`) are what such a release reads.
@@ -117,8 +118,10 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 before = status("VmRSS")
 start = time.perf_counter()
-if stage == "plan":
-    plan = plan_run([spec], out, False, config_hash=output_config_hash(config))
+if stage in ("plan", "plan-empty"):   # a rerun over the done items, or a first run into an empty folder
+    target = out if stage == "plan" else out / "empty-output"
+    target.mkdir(exist_ok=True)
+    plan = plan_run([spec], target, False, config_hash=output_config_hash(config))
     what = f"{len(plan.urls)} items, {len(plan.todo)} to do"
 elif stage == "summary":
     urls, stems = read_plan_file(out)
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-every", type=int, default=50, help="every N-th row is a failure (0: none)")
     parser.add_argument("--markers", choices=("new", "old"), default="new",
                         help="done markers with aggregates (new) or as earlier releases wrote them (old)")
-    parser.add_argument("--stages", default="plan,summary,report", help="comma-separated: plan, summary, report")
+    parser.add_argument("--stages", default="plan-empty,plan,summary,report",
+                        help="comma-separated: plan-empty (into an empty folder), plan (a rerun), summary, report")
     parser.add_argument("--pythonpath", default=None, help="run the stages with the vidbatch of this checkout")
     args = parser.parse_args(argv)
     stamp = args.out / "synthetic.json"
