@@ -15,9 +15,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/vidbatch demo --output demo-out
 
+# The suite in TEST_WORKERS parallel processes, each taking whole test files (module fixtures such as a Ray
+# cluster or the SLURM daemons start once per file). More workers than the 2 cores of CI pays: many tests wait
+# on clusters, subprocesses and timeouts rather than compute. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 3
+
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Mutation testing of the engine's core with mutmut, module by module: slow, so not part of `make test`
 # or CI (docs/TESTING.md). `make mutate MODULES="ddim commit"` tests some modules only; the modules,

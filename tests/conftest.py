@@ -17,6 +17,28 @@ TINY = REPO / "configs" / "tiny.yaml"
 FAST = ["edit.steps=3", "video.size=32", "runtime.log_every_s=1"]
 
 
+# The test files that take longest, longest first (measured: `pytest --durations`, summed per file). With
+# `make test` each parallel worker takes whole files in collection order, so these start first and none of
+# them is left running alone at the end.
+LONGEST_FILES = ["test_cli_messages.py", "test_ray_worker_faults.py", "test_ray.py", "test_methods.py",
+                 "test_editing.py", "test_slurm.py", "test_videodirector.py", "test_ray_multinode.py",
+                 "test_pipeline.py", "test_bench.py", "test_long_clips.py"]
+
+
+def pytest_configure(config):
+    """One torch thread in every test process and in the processes the tests start (`runtime.threads: auto`
+    reads OMP_NUM_THREADS): the tests' tensors are tiny, and `make test` runs several test processes on the
+    machine's cores, where OpenMP threads of one process spin waiting for each other (measured on this 2-core
+    machine under load: a tiny-model UNet call ~8 s with 2 threads, ~0.8 s with 1)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_cache(tmp_path_factory):
     """Model and inversion caches in a per-session folder, never the user's ~/.cache."""

@@ -3,7 +3,7 @@
 Real files and real leases (`dispatch.leases`); the driver test runs two real `vidbatch run` processes
 (local backend) on one output, the first paused with SIGSTOP mid-shard for longer than its lease, as a
 hung filesystem or a swapped-out node pauses a driver on a cluster. (The Ray backend's fence is tested
-in tests/test_ray.py.)
+in tests/test_ray_worker_faults.py.)
 """
 
 from __future__ import annotations

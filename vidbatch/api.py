@@ -25,7 +25,7 @@ from vidbatch.core.errors import RunInterrupted, VidbatchError, error_line
 from vidbatch.core.signals import interrupt_on_signals, stop_code
 from vidbatch.dispatch.estimate import describe, estimate_plan
 from vidbatch.dispatch.logs import log_to_files, run_log
-from vidbatch.dispatch.plan import plan_run
+from vidbatch.dispatch.plan import limit_todo, plan_run, remember_counts
 from vidbatch.dispatch.preflight import (
     check_inputs,
     check_model,
@@ -82,7 +82,7 @@ def run(config: Config, inputs: Sequence[str], out_dir: str | Path, *, overwrite
             if code is None:
                 raise
             stopped = exc if isinstance(exc, RunInterrupted) else \
-                _interruption(inputs, out_dir, shard_index, num_shards, code)
+                _interruption(inputs, out_dir, shard_index, num_shards, code, config.runtime.samples_per_task)
             log_to_files(logging.WARNING, str(stopped))
             raise stopped from None
     if store is not None:   # after run.log is closed, so the uploaded log is complete
@@ -98,14 +98,16 @@ def plan(config: Config, inputs: Sequence[str], out_dir: str | Path, *, overwrit
     out_dir = open_output(out_dir, backend=config.runtime.backend, ray_address=config.runtime.ray_address,
                           num_shards=num_shards)
     urls = check_inputs(inputs)
-    run_plan = plan_run(urls, out_dir, overwrite, shard_index, num_shards)
-    todo = run_plan.todo[:limit] if limit is not None else run_plan.todo
+    run_plan = plan_run(urls, out_dir, overwrite, shard_index, num_shards,
+                        samples_per_task=config.runtime.samples_per_task)
+    todo = limit_todo(run_plan, limit) if limit is not None else run_plan.todo
     if todo:
         check_model(config)
     lines = ["dry run: nothing is written and no model is loaded"]
     if limit is not None:
-        lines.append(f"--limit {limit}: {len(todo)} of the {len(run_plan.todo)} shard(s) to do")
-    lines += describe(estimate_plan(config, run_plan.urls, todo), config)
+        lines.append(f"--limit {limit}: {len(todo)} of the {len(run_plan.todo)} shard(s) to do" +
+                     (" (work items of the first input shards)" if run_plan.ranges else ""))
+    lines += describe(estimate_plan(config, run_plan.urls, todo, run_plan.ranges), config)
     lines.append(_plan_line(config))
     warning = _cpu_warning(config)
     if warning:
@@ -117,13 +119,17 @@ def _prepare(config: Config, inputs: Sequence[str], out_dir: Path, overwrite: bo
              num_shards: int, limit: int | None, console: Console) -> tuple[list[str], int, int]:
     """The checks before any model loads, and `limit` applied: returns (inputs, shard_index, num_shards)."""
     urls = check_inputs(inputs)
-    run_plan = plan_run(urls, out_dir, overwrite, shard_index, num_shards)   # missing shards, bad indices
+    run_plan = plan_run(urls, out_dir, overwrite, shard_index, num_shards,   # missing shards, bad indices
+                        samples_per_task=config.runtime.samples_per_task)
+    remember_counts(out_dir, run_plan.counts)   # the backend's plan, next, does not count again
     if run_plan.todo:
         check_model(config)
     if limit is not None:
-        chosen = [run_plan.urls[i] for i in run_plan.todo[:limit]]
-        console.print(f"--limit {limit}: running {len(chosen)} of the {len(run_plan.todo)} shard(s) still to do",
-                      highlight=False)
+        # Work items: --limit counts input shards, each run whole (its items still to do).
+        chosen = list(dict.fromkeys(run_plan.urls[i] for i in limit_todo(run_plan, limit)))
+        left = len(set(run_plan.urls[i] for i in run_plan.todo)) if run_plan.ranges else len(run_plan.todo)
+        what = "input shard(s) with work items still to do" if run_plan.ranges else "shard(s) still to do"
+        console.print(f"--limit {limit}: running {len(chosen)} of the {left} {what}", highlight=False)
         urls, shard_index, num_shards = chosen, 0, 1
     if run_plan.todo:
         log.info(_plan_line(config))
@@ -151,8 +157,8 @@ def _cpu_warning(config: Config) -> str | None:
 
 
 def _interruption(inputs: Sequence[str], out_dir: Path, shard_index: int, num_shards: int,
-                  code: int) -> RunInterrupted:
+                  code: int, samples_per_task: int | None = None) -> RunInterrupted:
     try:
-        return interruption(inputs, out_dir, shard_index, num_shards, code)
+        return interruption(inputs, out_dir, shard_index, num_shards, code, samples_per_task)
     except VidbatchError:  # stopped while the inputs were being checked
         return RunInterrupted("interrupted: 0 shards done; rerun the same command to resume", code)

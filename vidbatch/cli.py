@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(sizes and sha256); exit 1 listing damaged or unfinished shards")
     verify.add_argument("output", help="the run's output folder")
 
+    compact = sub.add_parser("compact", help="merge the done work items' output shards into larger ones in "
+                                             "OUT/compacted/ (the work items are kept)")
+    compact.add_argument("output", help="the run's output folder")
+    target = compact.add_mutually_exclusive_group()
+    target.add_argument("--target-samples", type=int, default=None, metavar="K",
+                        help="close a compacted shard once it holds K samples (whole work items)")
+    target.add_argument("--target-mb", type=float, default=None, metavar="X",
+                        help="close a compacted shard once it holds X MB (default: 1000)")
+
     cache = sub.add_parser("cache", help="inspect, verify or prune the inversion cache")
     cache.add_argument("action", choices=["ls", "verify", "prune"],
                        help="ls: list entries; verify: check every entry; prune: evict down to --max-gb")
@@ -303,6 +312,20 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _compact(args: argparse.Namespace, console: Console) -> int:
+    from vidbatch.tools.compact import compact_output
+
+    result = compact_output(_local_folder(args.output, "compact"), target_samples=args.target_samples,
+                            target_mb=args.target_mb)
+    samples = sum(p.samples for p in result.parts)
+    console.print(f"{len(result.parts)} compacted shard(s), {samples} sample(s) from "
+                  f"{sum(len(p.items) for p in result.parts)} work item(s), in {result.folder}", highlight=False)
+    if result.left_out:
+        console.print(f"[yellow]{len(result.left_out)} work item(s) not done were left out[/yellow] (first: "
+                      f"{result.left_out[0]}); rerun the job, then compact again", highlight=False)
+    return EXIT_SHARD_FAILED if result.left_out else EXIT_OK
+
+
 def _finalize(args: argparse.Namespace, console: Console) -> int:
     from vidbatch.report.finalize import finalize_output
 
@@ -324,7 +347,7 @@ def _make_tiny_model(args: argparse.Namespace, console: Console) -> int:
 
 # Subcommand -> handler. The handlers import what they need themselves: `vidbatch --help` stays fast.
 HANDLERS = {"run": _run, "demo": _demo, "shard": _shard, "report": _report, "config": _config, "verify": _verify,
-            "finalize": _finalize, "cache": _cache, "bench": _bench, "make-tiny-model": _make_tiny_model}
+            "finalize": _finalize, "compact": _compact, "cache": _cache, "bench": _bench, "make-tiny-model": _make_tiny_model}
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:

@@ -35,7 +35,7 @@ from vidbatch.models.loading import LoraSpec, load_pipeline, model_fingerprint, 
 from vidbatch.models.dtype import auto_dtype
 from vidbatch.models.motion import with_motion_adapter
 from vidbatch.io.frames import FrameFile
-from vidbatch.io.input_shards import InputLimits, InputSample, read_samples
+from vidbatch.io.input_shards import InputLimits, InputSample, SampleRange, read_samples
 from vidbatch.io.video import decode_video, encode_mp4
 
 log = logging.getLogger("vidbatch")
@@ -115,9 +115,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class ShardDataset(IterableDataset):
     """Samples of one shard, decoded to frames; decode failures become `error`s, not exceptions."""
 
-    def __init__(self, url: str, config: Config, size_multiple: int, reuse: frozenset[str] = frozenset()):
-        """`reuse`: keys of samples kept from the committed shard (--retry-failed): passed on undecoded."""
+    def __init__(self, url: str, config: Config, size_multiple: int, reuse: frozenset[str] = frozenset(),
+                 sample_range: SampleRange | None = None):
+        """`reuse`: keys of samples kept from the committed shard (--retry-failed): passed on undecoded.
+        `sample_range`: only these samples of the shard (a work item); None: all of them."""
         self.url = url
+        self.sample_range = sample_range
         self.config = config
         self.size_multiple = size_multiple
         self.reuse = reuse
@@ -191,7 +194,7 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[PreparedSample]:
         limits = InputLimits(max_video_bytes=int(self.config.video.max_input_mb * 2**20))
-        for sample in read_samples(self.url, limits):
+        for sample in read_samples(self.url, limits, sample_range=self.sample_range):
             if sample.key in self.reuse:
                 yield PreparedSample(key=sample.key, edits=[], reused=True)
             else:
@@ -246,8 +249,9 @@ class VideoEditModule(L.LightningModule):
         object.__setattr__(self, "_background", None)  # made on first use (`background`)
         self._setup_metrics(config, dtype)
 
-    def dataloader(self, url: str, reuse: frozenset[str] = frozenset()) -> DataLoader:
-        dataset = ShardDataset(url, self.config, self.editor.size_multiple, reuse)
+    def dataloader(self, url: str, reuse: frozenset[str] = frozenset(),
+                   sample_range: SampleRange | None = None) -> DataLoader:
+        dataset = ShardDataset(url, self.config, self.editor.size_multiple, reuse, sample_range)
         # One decode worker overlaps ffmpeg with the GPU; more would duplicate an IterableDataset.
         workers = 1 if self.target_device.type == "cuda" else 0
         batch = self.batch_videos

@@ -15,6 +15,7 @@ from vidbatch.batch.writer import ShardPredictionWriter
 from vidbatch.config.output_hash import output_config_hash
 from vidbatch.core.rows import DoneMarker
 from vidbatch.core.signals import exit_on_signals, signals_held
+from vidbatch.io.input_shards import SampleRange
 from vidbatch.io.output_shards import CommittedShard, is_done, marker_path
 
 # Lightning warnings that are expected here and say nothing to a user (regexes matched at the start):
@@ -38,8 +39,11 @@ class VideoSink(Protocol):
 
 def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
                   progress: VideoSink | None = None, retry_failed: bool = False,
-                  fence: Callable[[], None] | None = None) -> DoneMarker:
+                  fence: Callable[[], None] | None = None, sample_range: SampleRange | None = None) -> DoneMarker:
     """Runs the Lightning predict loop over one shard and commits its output; returns the done marker.
+
+    `sample_range`: a work item (`runtime.samples_per_task`): only those samples of the shard are read and
+    edited, into the output shard `stem`; None: the whole shard.
 
     `retry_failed` (the shard is committed, some samples failed): only the samples with a failed edit
     are edited again; the others are copied unchanged from the committed shard into the new one.
@@ -75,7 +79,7 @@ def process_shard(module: VideoEditModule, url: str, stem: str, out_dir: Path,
             object.__setattr__(module, "step_sink", getattr(progress, "video_step", None))
             trainer = _trainer(module, writer)
             reuse = frozenset(committed.ok_keys) if committed is not None else frozenset()
-            trainer.predict(module, dataloaders=module.dataloader(url, reuse), return_predictions=False)
+            trainer.predict(module, dataloaders=module.dataloader(url, reuse, sample_range), return_predictions=False)
             return writer.finish(output_config_hash(module.config), fence)
         except BaseException:  # SIGINT/SIGTERM (SystemExit) included, wherever it lands, the commit too
             if writer is not None:

@@ -20,7 +20,12 @@ NOT_OUTPUT_SHAPING: dict[str, tuple[str, ...] | None] = {
 
 
 def output_shaping(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config (`Config.to_dict()`) without the keys in NOT_OUTPUT_SHAPING."""
+    """The resolved config (`Config.to_dict()`) without the keys in NOT_OUTPUT_SHAPING.
+
+    `runtime.samples_per_task` is kept when set: it decides which samples an output shard of a given name
+    holds, so a rerun with another value must not resume over the old work items. Left out when null, so
+    the hash of a config without it is what it always was (outputs made before it still resume).
+    """
     kept = {}
     for section, value in config_dict.items():
         if section in NOT_OUTPUT_SHAPING:
@@ -29,6 +34,9 @@ def output_shaping(config_dict: dict[str, Any]) -> dict[str, Any]:
                 continue
             value = {k: v for k, v in value.items() if k not in dropped}
         kept[section] = value
+    per_task = (config_dict.get("runtime") or {}).get("samples_per_task")
+    if per_task is not None:
+        kept["work_items"] = {"samples_per_task": per_task}
     return kept
 
 

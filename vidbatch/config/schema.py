@@ -156,6 +156,12 @@ class RuntimeConfig:
                                 "full already), on a GPU as many as the memory estimate allows, at most 8; a number: "
                                 "at most that many. Methods that follow one video (tokenflow, vid2vid-zero, "
                                 "videodirector) edit one at a time")
+    samples_per_task: int | None = setting(
+        None, minimum=1, help="samples of an input shard per work item: a shard of M samples becomes ceil(M/N) "
+                              "work items, item k editing samples k*N .. k*N+N-1 into its own output shard "
+                              "{stem}-{k:05d} (smaller units of work: a lost worker loses less, GPUs finish "
+                              "together; `vidbatch compact OUT` merges them afterwards); null: one work item "
+                              "per input shard, named after it")
     threads: Union[int, Literal["auto"]] = setting(
         "auto", minimum=1, help="torch CPU threads per worker; 'auto': $OMP_NUM_THREADS if set, else the CPUs "
                                 "this process may use (os.sched_getaffinity) divided among the local workers; "

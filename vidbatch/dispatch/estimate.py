@@ -23,6 +23,7 @@ from vidbatch.batch.edits import editor_settings
 from vidbatch.config.schema import Config, resolve_control
 from vidbatch.core.errors import VidbatchError
 from vidbatch.engine.editor import method_for
+from vidbatch.io.input_shards import SampleRange
 from vidbatch.io.shard_index import IndexedSample, index_shard, read_member
 from vidbatch.io.video import output_size, probe_video
 
@@ -97,13 +98,31 @@ def _probe(config: Config, url: str, sample: IndexedSample) -> tuple[int, float]
     return frames, float(width * height)
 
 
-def estimate_plan(config: Config, urls: Sequence[str], todo: Sequence[int]) -> PlanEstimate:
-    """Counts the samples and edits of the shards to do and probes up to PROBE_VIDEOS of their videos."""
+def _item_samples(urls: Sequence[str], ranges: Sequence[SampleRange | None], index: int,
+                  indexed: dict[str, list[IndexedSample] | None]) -> list[IndexedSample] | None:
+    """The indexed samples of work item `index` (its range of its shard; `ranges` empty: the whole shard),
+    each shard indexed once (`indexed`, by URL, holds the last one: items of a shard are consecutive)."""
+    url = urls[index]
+    if url not in indexed:
+        indexed.clear()
+        indexed[url] = index_shard(url)
+    samples = indexed[url]
+    sample_range = ranges[index] if ranges else None
+    if samples is None or sample_range is None:
+        return samples
+    return samples[sample_range.first:sample_range.end]
+
+
+def estimate_plan(config: Config, urls: Sequence[str], todo: Sequence[int],
+                  ranges: Sequence[SampleRange | None] = ()) -> PlanEstimate:
+    """Counts the samples and edits of the work items to do (`ranges`: their samples, when they are not
+    whole shards) and probes up to PROBE_VIDEOS of their videos."""
     plan = PlanEstimate(shards_total=len(urls), shards_todo=len(todo))
     probes: list[tuple[int, float]] = []
     edits_with_video = 0
+    indexed: dict[str, list[IndexedSample] | None] = {}
     for i in todo:
-        samples = index_shard(urls[i])
+        samples = _item_samples(urls, ranges, i, indexed)
         if samples is None:
             plan.unknown_shards += 1
             continue
@@ -161,11 +180,18 @@ def describe(plan: PlanEstimate, config: Config) -> list[str]:
     return lines
 
 
-def known_video_total(urls: Sequence[str], todo: Sequence[int]) -> int | None:
-    """The number of samples in the shards to do, when every one of them can be read ahead; else None."""
+def known_video_total(urls: Sequence[str], todo: Sequence[int],
+                      ranges: Sequence[SampleRange | None] = ()) -> int | None:
+    """The number of samples in the work items to do, when every one of them can be read ahead (or, for
+    ranges of shards, was counted when planned); else None."""
+    if ranges:
+        counted = [ranges[i] for i in todo]
+        if all(r is not None for r in counted):
+            return sum(r.count for r in counted if r is not None)
     total = 0
+    indexed: dict[str, list[IndexedSample] | None] = {}
     for i in todo:
-        samples = index_shard(urls[i])
+        samples = _item_samples(urls, ranges, i, indexed)
         if samples is None:
             return None
         total += len(samples)

@@ -44,13 +44,13 @@ def run_local(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite
         book = LeaseBook(out_dir, new_run_id(), config.runtime.lease_s)  # shards shared with other drivers
         work = SharedWork(plan, out_dir, book, config.runtime.deadline)
         with RunProgress(len(plan.todo), console, config.runtime.log_every_s,
-                         total_videos=known_video_total(plan.urls, plan.todo)) as progress, renewing(book):
+                         total_videos=known_video_total(plan.urls, plan.todo, plan.ranges)) as progress, renewing(book):
             try:
                 for i in work.claimed():
                     url, stem = plan.urls[i], plan.stems[i]
                     try:
                         process_shard(module, url, stem, out_dir, progress, retry_failed=i in plan.retry,
-                                      fence=book.fence(stem))
+                                      fence=book.fence(stem), sample_range=plan.sample_range(i))
                     except KeyboardInterrupt:
                         raise
                     except LeaseLost as exc:  # published nothing; the shard is another driver's now

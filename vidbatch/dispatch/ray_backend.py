@@ -202,6 +202,7 @@ class Dispatcher:
         self.config = config
         self.runtime = config.runtime
         self.urls, self.stems = list(plan.urls), list(plan.stems)
+        self.ranges = [plan.sample_range(i) for i in range(len(plan.urls))]   # None: the whole shard
         self.out_dir = out_dir
         self.workers = workers
         self.progress = progress
@@ -366,7 +367,7 @@ class Dispatcher:
         slot.state, slot.shard = "busy", index
         slot.last_progress, slot.stall_warned = time.monotonic(), False
         slot.ref = slot.handle.process.remote(self.urls[index], stem, state.attempt, index in self.retry,
-                                              self.book.owner)
+                                              self.book.owner, self.ranges[index])
         self._emit({"type": "dispatch", "stem": self.stems[index], "attempt": state.attempt, "worker": slot.name})
 
     def _shard_done(self, index: int, marker: DoneMarker, slot: _Slot) -> None:
@@ -721,7 +722,7 @@ def run_ray(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrite: 
             log.info("ray: %s; %s", where, workers.describe())
             console.print(f"running on {where}: {workers.describe()}", highlight=False)
             with RunProgress(len(plan.todo), console, config.runtime.log_every_s,
-                             total_videos=known_video_total(plan.urls, plan.todo)) as progress:
+                             total_videos=known_video_total(plan.urls, plan.todo, plan.ranges)) as progress:
                 dispatcher = Dispatcher(config, plan, out_dir, workers, progress, on_event)
                 try:
                     failed = dispatcher.run()

@@ -32,6 +32,7 @@ from vidbatch.core.errors import ConfigError
 from vidbatch.core.rows import DoneMarker
 from vidbatch.dispatch.leases import lease_fence
 from vidbatch.dispatch.logs import demote_third_party_logs
+from vidbatch.io.input_shards import SampleRange
 
 # Seconds between two liveness beats of a busy worker (beats are throttled, not timed).
 BEAT_S = 2.0
@@ -193,9 +194,10 @@ class ShardWorker:
                 "device": str(self.module.target_device)}
 
     def process(self, url: str, stem: str, attempt: int, retry_failed: bool = False,
-                lease_owner: str | None = None) -> DoneMarker:
-        """Runs one shard; with `lease_owner` (the driver's run id) its commit is fenced by the shard's
-        lease: published only if the lease still names that driver and this `attempt` (`lease_fence`)."""
+                lease_owner: str | None = None, sample_range: SampleRange | None = None) -> DoneMarker:
+        """Runs one shard (one work item: `sample_range` of the shard, None for all of it); with `lease_owner`
+        (the driver's run id) its commit is fenced by the shard's lease: published only if the lease still
+        names that driver and this `attempt` (`lease_fence`)."""
         self._last_beat = time.monotonic()
         self.send({"type": "start", "stem": stem, "attempt": attempt})
         if _named_in(TEST_FAIL_ENV, self.name):
@@ -205,4 +207,4 @@ class ShardWorker:
             threading.Event().wait()  # no progress, ever: the driver's stall timeout must end this worker
         fence = lease_fence(self.out_dir, stem, lease_owner, attempt) if lease_owner is not None else None
         return process_shard(self.module, url, stem, self.out_dir, _ShardEvents(self, stem, attempt), retry_failed,
-                             fence)
+                             fence, sample_range)

@@ -44,13 +44,15 @@ def run_shards(config: Config, inputs: Sequence[str], out_dir: Path, *, overwrit
         code = stop_code(exc)
         if code is None or isinstance(exc, RunInterrupted):
             raise
-        raise interruption(inputs, out_dir, shard_index, num_shards, code) from None
+        raise interruption(inputs, out_dir, shard_index, num_shards, code,
+                           config.runtime.samples_per_task) from None
 
 
 def interruption(inputs: Sequence[str], out_dir: Path, shard_index: int, num_shards: int,
-                 code: int) -> RunInterrupted:
-    """The one-line account of a stopped run, counted from the done markers on disk (the truth)."""
-    plan = plan_run(inputs, Path(out_dir), False, shard_index, num_shards)
+                 code: int, samples_per_task: int | None = None) -> RunInterrupted:
+    """The one-line account of a stopped run, counted from the done markers on disk (the truth); with
+    `samples_per_task`, in work items (their counts from `OUT/plan.json`)."""
+    plan = plan_run(inputs, Path(out_dir), False, shard_index, num_shards, samples_per_task=samples_per_task)
     total = len(plan.urls)   # drivers share every shard of the job (leases), so all count
     done = total - len(plan.todo)
     return RunInterrupted(f"interrupted: {done} of {total} shards done; rerun the same command to resume", code)

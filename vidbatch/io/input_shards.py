@@ -10,6 +10,10 @@ nesting too deep), a member or key that appears twice.
 Members are grouped into samples as WebDataset does (consecutive members sharing the part of the
 name before the basename's first dot), but read with `io.tar_stream`, so a member's bytes are read
 only when it is one the sample needs and within its limit.
+
+A work item (`runtime.samples_per_task`) is a `SampleRange` of a shard: samples are numbered by that
+grouping, in tar order, from 0; `count_samples` counts them from the headers alone, and `read_samples`
+with a range skips the members of the samples outside it unread and stops after its last one.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Container, Iterator, Sequence
+from typing import BinaryIO, Container, Iterator, Sequence
 
 import braceexpand
 from webdataset.gopen import gopen
@@ -60,6 +64,18 @@ class InputSample:
     control_video: bytes | None = None
     mask_video: bytes | None = None          # {key}.mask.mp4: white = foreground
     error: str | None = None                 # why this sample cannot be edited, if it cannot
+
+
+@dataclass(frozen=True)
+class SampleRange:
+    """Samples `first` .. `first + count - 1` of a shard, numbered in tar order from 0 (a work item's share)."""
+
+    first: int
+    count: int
+
+    @property
+    def end(self) -> int:
+        return self.first + self.count
 
 
 def expand_urls(specs: str | Sequence[str]) -> list[str]:
@@ -199,17 +215,22 @@ def _member_limit(ext: str, limits: InputLimits) -> tuple[int | None, str] | Non
 class _SampleGrouper:
     """Collects consecutive members of one key into a raw sample dict; notes the first problem."""
 
-    def __init__(self, limits: InputLimits, keys: Container[str] | None = None):
+    def __init__(self, limits: InputLimits, keys: Container[str] | None = None,
+                 sample_range: SampleRange | None = None):
         self.limits = limits
         self.keys = keys
+        self.range = sample_range
         self.seen: dict[str, int] = {}   # key -> its sample's position in the shard
+        self.position = -1               # the current sample's number in the shard
         self.raw: dict | None = None
         self.error: str | None = None
         self.skip = False
 
     def start(self, key: str) -> None:
         self.raw, self.error = {"__key__": key}, None
-        self.skip = self.keys is not None and key not in self.keys
+        self.position += 1
+        self.skip = ((self.keys is not None and key not in self.keys)
+                     or (self.range is not None and self.position < self.range.first))
         if key in self.seen:
             self.error = (f"key {key!r} appears again in the shard (first as sample {self.seen[key] + 1}); "
                           "only its first sample is edited")
@@ -251,18 +272,31 @@ class _SampleGrouper:
         return parse_sample(raw)
 
 
-def iter_tar_samples(stream: TarStream, limits: InputLimits,
-                     keys: Container[str] | None = None) -> Iterator[InputSample]:
-    """The samples of a tar stream, in order (only those of `keys`, when given); see the module docstring."""
-    grouper = _SampleGrouper(limits, keys)
+def _sample_member(member: TarMember) -> tuple[str, str] | None:
+    """(key, extension) of a member that belongs to a sample; None for directories, links, names without
+    an extension and `__x__` ones (as WebDataset). The one rule both reading and counting follow."""
+    key, ext = split_member_name(member.name)
+    if key is None or ext is None or ext.startswith("__") or not member.is_file:
+        return None
+    return key, ext
+
+
+def iter_tar_samples(stream: TarStream, limits: InputLimits, keys: Container[str] | None = None,
+                     sample_range: SampleRange | None = None) -> Iterator[InputSample]:
+    """The samples of a tar stream, in order (only those of `keys`, when given, and of `sample_range`); see
+    the module docstring. With a range, reading stops at the first member of the sample after it."""
+    grouper = _SampleGrouper(limits, keys, sample_range)
     for member in stream.members():
-        key, ext = split_member_name(member.name)
-        if key is None or ext is None or ext.startswith("__") or not member.is_file:
-            continue  # directories, links, no extension, `__x__` ones: not sample members (as WebDataset)
+        named = _sample_member(member)
+        if named is None:
+            continue
+        key, ext = named
         if grouper.raw is None or key != grouper.raw["__key__"]:
             done = grouper.finish()
             if done is not None:
                 yield done
+            if sample_range is not None and grouper.position + 1 >= sample_range.end:
+                return   # the rest of the shard is other work items'
             grouper.start(key)
         grouper.add(member, ext, stream)
     done = grouper.finish()
@@ -270,14 +304,44 @@ def iter_tar_samples(stream: TarStream, limits: InputLimits,
         yield done
 
 
-def read_samples(url: str, limits: InputLimits | None = None,
-                 keys: Container[str] | None = None) -> Iterator[InputSample]:
-    """The samples of one shard, in order (a path, a `pipe:` command, an http(s) URL as WebDataset's gopen
-    opens them, or any other fsspec URL, `s3://bucket/x.tar`, streamed through fsspec; gzip, bzip2 or xz
-    compressed or not). With `keys`, only those samples: the others' members are skipped unread."""
-    raw = open_input(url) if is_url(url) and url_scheme(url) not in WEB_SCHEMES else gopen(local_path(url), "rb")
+def _open_shard(url: str) -> BinaryIO:
+    """A shard's raw bytes: a path, a `pipe:` command, an http(s) URL as WebDataset's gopen opens them, or
+    any other fsspec URL (`s3://bucket/x.tar`), streamed through fsspec."""
+    return open_input(url) if is_url(url) and url_scheme(url) not in WEB_SCHEMES else gopen(local_path(url), "rb")
+
+
+def read_samples(url: str, limits: InputLimits | None = None, keys: Container[str] | None = None,
+                 sample_range: SampleRange | None = None) -> Iterator[InputSample]:
+    """The samples of one shard, in order (see `_open_shard` for the URLs; gzip, bzip2 or xz compressed or
+    not). With `keys`, only those samples: the others' members are skipped unread. With `sample_range`,
+    only the samples it numbers (a work item): those before it are skipped unread, and the shard is not
+    read past it."""
+    raw = _open_shard(url)
     try:
         stream, _ = open_decompressed(raw)
-        yield from iter_tar_samples(TarStream(stream), limits or InputLimits(), keys)
+        tar = TarStream(stream)
+        yield from iter_tar_samples(tar, limits or InputLimits(), keys, sample_range)
+        if sample_range is not None and url.startswith("pipe:"):
+            # A command whose output is closed early dies of SIGPIPE, which the pipe reports as an error:
+            # read it to its end (the data unread).
+            for _ in tar.members():
+                pass
+    finally:
+        raw.close()
+
+
+def count_samples(url: str) -> int:
+    """How many samples a shard holds, grouped as `read_samples` groups them, from its tar headers alone
+    (a local file's members are seeked over; a stream is read through once, its data discarded).
+    Raises TarFormatError on a damaged tar, OSError when it cannot be opened."""
+    raw = _open_shard(url)
+    try:
+        stream, _ = open_decompressed(raw)
+        count, key = 0, None
+        for member in TarStream(stream).members():
+            named = _sample_member(member)
+            if named is not None and named[0] != key:
+                count, key = count + 1, named[0]
+        return count
     finally:
         raw.close()

@@ -30,10 +30,10 @@ import yaml
 from vidbatch.core.names import safe_member_stem
 from vidbatch.core.atomic import fsync_dir, publish, temporary_path
 from vidbatch.core.rows import EditRow
-from vidbatch.io.input_shards import read_samples, shard_stem
+from vidbatch.io.input_shards import read_samples
 from vidbatch.io.frames import FrameFile
 from vidbatch.io.video import decode_video, encode_mp4
-from vidbatch.report.summary import ShardRow
+from vidbatch.report.summary import ShardRow, run_items
 
 log = logging.getLogger("vidbatch")
 
@@ -200,8 +200,8 @@ class _ShardFiles:
     """The open output shards and the current input shard's sources, as rows go shard by shard."""
 
     out_dir: Path
-    urls: dict[str, str]  # input shard stem -> URL
-    wanted: dict[str, set[str]]  # input shard stem -> keys of its successful edits
+    urls: dict[str, str]  # output stem (a shard or work item) -> its input shard's URL
+    wanted: dict[str, set[str]]  # output stem -> keys of its successful edits
     tars: dict[str, tarfile.TarFile | None] = field(default_factory=dict)
     sources: dict[str, _Sources] = field(default_factory=dict)
 
@@ -309,7 +309,7 @@ def build_media(out_dir: Path, summary: dict, rows: list[ShardRow], media_dir: P
     wanted: dict[str, set[str]] = {}
     for i in ok:
         wanted.setdefault(rows[i].shard, set()).add(rows[i].row.key)
-    files = _ShardFiles(Path(out_dir), {shard_stem(u): u for u in summary.get("inputs") or []}, wanted)
+    files = _ShardFiles(Path(out_dir), dict(run_items(Path(out_dir), summary)), wanted)
     media: dict[int, Media] = {}
     try:
         for n, i in enumerate(ok):

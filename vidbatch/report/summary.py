@@ -27,6 +27,8 @@ from vidbatch.config.schema import Config, resolve_control_name
 from vidbatch.core.atomic import atomic_write
 from vidbatch.core.errors import VidbatchError
 from vidbatch.metrics import get_metric, metric_keys
+from vidbatch.core.errors import ConfigError
+from vidbatch.dispatch.plan import read_plan_file
 from vidbatch.io.input_shards import shard_stem
 from vidbatch.core.aggregates import Dist, ShardAggregates, failure_cause
 from vidbatch.core.rows import EditRow
@@ -263,7 +265,7 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
                          "failed": agg.metrics_errors},
         "quantiles": "exact" if _all_exact(agg) else "within 1%",
         "distributions": _histograms(agg),
-        "inputs": list(urls),
+        "inputs": list(dict.fromkeys(urls)),   # the input shards (a shard's work items share its URL)
     }
 
 
@@ -291,16 +293,30 @@ class ShardRow:
     row: EditRow
 
 
+def run_items(out_dir: Path, summary: dict) -> list[tuple[str, str]]:
+    """(output stem, input URL) of every work item of the run, in order: from `OUT/plan.json` (work items
+    of `runtime.samples_per_task` are named apart from their shards), else one per input of the summary."""
+    inputs = summary.get("inputs") or []
+    try:
+        urls, stems = read_plan_file(Path(out_dir))
+    except ConfigError:
+        urls, stems = [], []
+    if set(urls) == set(inputs) and len(urls) == len(stems):
+        return list(zip(stems, urls))
+    return [(shard_stem(u), u) for u in inputs]
+
+
 def run_stems(out_dir: Path, summary: dict) -> list[str]:
-    """The run's shard stems in input order (a summary without inputs: every shard in the folder)."""
-    stems = [shard_stem(u) for u in summary.get("inputs") or []]
+    """The output stems of the run's work items, in input order (a summary without inputs: every shard in
+    the folder)."""
+    stems = [stem for stem, _ in run_items(out_dir, summary)]
     if not stems:
         stems = sorted(list_output(Path(out_dir)).stems("stats", ".jsonl"))
     return stems
 
 
 def iter_rows(out_dir: Path, summary: dict) -> Iterator[ShardRow]:
-    """The rows of the run's shards, in input order, each with its shard's stem; one shard read at a time."""
+    """The rows of the run's work items, in input order, each with its output stem; one item read at a time."""
     for stem in run_stems(out_dir, summary):
         for row in read_rows(Path(out_dir), stem):
             yield ShardRow(stem, row)
