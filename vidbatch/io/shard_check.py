@@ -46,32 +46,32 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 @dataclass
 class OutputListing:
     """The files under an output's `stats/`, `shards/` and receipts folders, by name relative to OUT, as
-    one `os.scandir` of each saw them. A size is read (`DirEntry.stat`, cached) only when a check asks."""
+    one `os.scandir` of each saw them (names only: 100k shards keep a few MB). A size is read only when a
+    check asks for it (a `stat` of that file: on Linux a directory entry carries no size anyway)."""
 
-    entries: dict[str, os.DirEntry] = field(default_factory=dict)
+    out_dir: Path
+    names: set[str] = field(default_factory=set)
 
     def has(self, name: str) -> bool:
-        entry = self.entries.get(name)
-        return entry is not None and entry.is_file()
+        return name in self.names
 
     def size(self, name: str) -> int:
-        return self.entries[name].stat().st_size
+        return os.stat(self.out_dir / name).st_size
 
     def stems(self, folder: str, suffix: str) -> set[str]:
         """The names under `folder` ending in `suffix`, without it (hidden temporaries left out)."""
         start = folder + "/"
-        return {name[len(start):-len(suffix)] for name in self.entries
+        return {name[len(start):-len(suffix)] for name in self.names
                 if name.startswith(start) and name.endswith(suffix) and not name[len(start):].startswith(".")}
 
 
 def list_output(out_dir: Path) -> OutputListing:
-    """One listing of the folders a shard check reads (a missing folder lists as empty)."""
-    listing = OutputListing()
+    """One listing of the folders a shard check reads (a missing folder lists as empty; files only)."""
+    listing = OutputListing(Path(out_dir))
     for folder in ("stats", "shards", RECEIPTS_DIR):
         try:
             with os.scandir(Path(out_dir) / folder) as it:
-                for entry in it:
-                    listing.entries[f"{folder}/{entry.name}"] = entry
+                listing.names.update(f"{folder}/{entry.name}" for entry in it if entry.is_file())
         except (FileNotFoundError, NotADirectoryError):
             continue
     return listing
@@ -94,7 +94,10 @@ def _file_problem(out_dir: Path, name: str, record: object, checksums: bool,
     if listing is not None and name.count("/") == 1:
         if not listing.has(name):
             return f"{name} is missing"
-        size = listing.size(name)
+        try:
+            size = listing.size(name)
+        except FileNotFoundError:   # removed since the listing
+            return f"{name} is missing"
     else:
         if not path.is_file():
             return f"{name} is missing"
