@@ -3,10 +3,24 @@ summary and a report that pages failures and samples successes. Small synthetic 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
 import braceexpand
 import pytest
 
+from vidbatch.config.schema import load_config
+from vidbatch.core.aggregates import Dist, ShardAggregates
+from vidbatch.dispatch.plan import plan_run, read_plan_file
 from vidbatch.io.input_shards import expand_urls
+from vidbatch.io.output_shards import read_rows
+from vidbatch.report import write_report
+from vidbatch.report.summary import build_summary, distribution, failure_cause, percentiles, write_summary
+from vidbatch.tools.bench.driver import make_synthetic_output, synthetic_row
 
 
 def _expand_like_before(specs: list[str]) -> list[str]:
@@ -33,18 +47,6 @@ def test_brace_expansion_equals_the_first_implementation_in_order(specs):
 
 # ---------------------------------------------------------------------------------------------
 # Aggregates in the done markers, and the summary made from them
-
-import json  # noqa: E402
-import random  # noqa: E402
-from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from vidbatch.config.schema import load_config  # noqa: E402
-from vidbatch.core.aggregates import Dist, ShardAggregates  # noqa: E402
-from vidbatch.dispatch.plan import plan_run, read_plan_file  # noqa: E402
-from vidbatch.io.output_shards import read_rows  # noqa: E402
-from vidbatch.report.summary import build_summary, distribution, failure_cause, percentiles  # noqa: E402
-from vidbatch.tools.bench.driver import make_synthetic_output, synthetic_row  # noqa: E402
 
 
 def _summary(out: Path) -> dict:
@@ -147,12 +149,6 @@ def test_planning_from_one_listing_skips_done_redoes_damaged_and_takes_absent(tm
 
 # ---------------------------------------------------------------------------------------------
 # The report: every failure (paged), a bounded, reproducible sample of successes
-
-import hashlib  # noqa: E402
-import re  # noqa: E402
-
-from vidbatch.report import write_report  # noqa: E402
-from vidbatch.report.summary import write_summary  # noqa: E402
 
 
 def _table_rows(html: str) -> list[tuple[str, str, str, bool]]:
