@@ -18,7 +18,7 @@ CONTRACT_ROW_KEYS = ["key", "edit", "status", "error", "frames", "width", "heigh
                      "inversion_cache", "seconds", "peak_memory_mb", "metrics", "metrics_by",
                      "model_fingerprint", "metrics_error", "method", "settings"]
 CONTRACT_MARKER_KEYS = ["shard", "stem", "samples", "samples_ok", "samples_failed", "rows_ok", "rows_failed",
-                        "frames", "seconds", "started_at", "finished_at", "config_hash", "files"]
+                        "frames", "seconds", "started_at", "finished_at", "config_hash", "files", "aggregates"]
 CONTRACT_STAGES = ["decode", "invert", "edit", "encode", "metrics", "total"]
 
 

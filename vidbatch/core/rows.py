@@ -9,7 +9,8 @@ this order (the dataclass field order), with the values as written since the fir
 - `SampleRecord`: `{key}.json` in the output shard, the rows of one video.
 - `DoneMarker`: `stats/{stem}.json`, written last; its presence means the shard is complete. It
   records the hash of the config that shaped the output and each output file's size and sha256, so a
-  rerun can tell a complete shard from a damaged one or one made with another config.
+  rerun can tell a complete shard from a damaged one or one made with another config, and the
+  aggregates of its rows that the run summary merges (`core.aggregates`).
 
 `from_json` refuses keys it does not know (a reader and a writer out of step should fail loudly,
 not drop a field) and fills fields that are missing with their defaults (rows written before a
@@ -22,6 +23,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
+
+from vidbatch.core.aggregates import ShardAggregates
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -38,8 +41,10 @@ STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")
 _Record = TypeVar("_Record")
 
 
-def _from_json(cls: type[_Record], data: Mapping[str, Any]) -> _Record:
-    """`cls(**data)`, refusing unknown keys and naming the missing required ones."""
+def _from_json(cls: type[_Record], data: Mapping[str, Any], copy: bool = True) -> _Record:
+    """`cls(**data)`, refusing unknown keys and naming the missing required ones. `copy=False` when
+    `data` was just parsed and is the caller's alone (a deep copy of a marker's aggregates costs more
+    than reading it)."""
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -49,7 +54,7 @@ def _from_json(cls: type[_Record], data: Mapping[str, Any]) -> _Record:
     missing = [name for name in required if name not in data]
     if missing:
         raise ValueError(f"{cls.__name__}: missing field(s) {', '.join(missing)}")
-    return cls(**{name: _copy(data[name]) for name in names if name in data})
+    return cls(**{name: _copy(data[name]) if copy else data[name] for name in names if name in data})
 
 
 def _copy(value: Any) -> Any:
@@ -159,6 +164,9 @@ class DoneMarker:
     config_hash: str | None = None   # hash of the output-shaping config (config.output_hash)
     # Output files by path relative to OUT (`shards/{stem}.tar`, `stats/{stem}.jsonl`): {"bytes", "sha256"}.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What the run summary needs from the rows (`core.aggregates.ShardAggregates`), so a summary over many
+    # shards reads the markers only; null in markers written before it existed (the summary reads their rows).
+    aggregates: dict[str, Any] | None = None
 
     @classmethod
     def for_shard(cls, *, shard: str, stem: str, keys: Sequence[str], rows: Sequence[EditRow], seconds: float,
@@ -171,11 +179,11 @@ class DoneMarker:
                    rows_failed=sum(not row.ok for row in rows),
                    frames=sum(row.frames or 0 for row in rows if row.ok),
                    seconds=round(seconds, 3), started_at=started_at, finished_at=finished_at,
-                   config_hash=config_hash)
+                   config_hash=config_hash, aggregates=ShardAggregates.from_rows(rows).to_json())
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> DoneMarker:
-        return _from_json(cls, data)
+    def from_json(cls, data: Mapping[str, Any], copy: bool = True) -> DoneMarker:
+        return _from_json(cls, data, copy)

@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Container
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, temporary_path
 from vidbatch.core.faults import LeaseLost
@@ -229,15 +229,18 @@ def clear_failure(out_dir: Path, stem: str) -> None:
     failure_path(out_dir, stem).unlink(missing_ok=True)
 
 
-def recorded_failures(out_dir: Path, stems: list[str]) -> dict[str, str]:
-    """stem -> cause for the shards that have a failure record and no done marker."""
+def recorded_failures(out_dir: Path, stems: list[str], done: Container[str] | None = None) -> dict[str, str]:
+    """stem -> cause for the shards that have a failure record and no done marker. `done`: the stems known
+    to be done and intact (their records are not read), else each is checked."""
     failed = {}
     for stem in stems:
+        if done is not None and stem in done:
+            continue
         try:
             record = json.loads(failure_path(out_dir, stem).read_text())
         except (OSError, ValueError):
             continue
-        if not is_intact(out_dir, stem):
+        if done is not None or not is_intact(out_dir, stem):
             failed[stem] = str(record.get("cause", "unknown"))
     return failed
 

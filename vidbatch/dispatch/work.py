@@ -21,7 +21,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Container, Iterator, Sequence
 
 from vidbatch.dispatch.leases import LeaseBook, clear_failure, failure_path, live_lease, record_failure
 from vidbatch.dispatch.plan import RunPlan
@@ -151,11 +151,12 @@ def renewing(book: LeaseBook) -> Iterator[None]:
         thread.join()
 
 
-def unfinished_stems(out_dir: Path, stems: Sequence[str]) -> dict[str, str]:
-    """Shards that are neither done nor given up: stem -> why (held by a driver, or never started)."""
+def unfinished_stems(out_dir: Path, stems: Sequence[str], done: Container[str] | None = None) -> dict[str, str]:
+    """Shards that are neither done nor given up: stem -> why (held by a driver, or never started).
+    `done`: the stems known to be done and intact (one pass over the output made it), else each is checked."""
     unfinished = {}
     for stem in stems:
-        if is_intact(out_dir, stem):
+        if stem in done if done is not None else is_intact(out_dir, stem):
             continue
         lease = live_lease(out_dir, stem)
         if lease is not None:

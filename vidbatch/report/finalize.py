@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import time
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -22,9 +21,8 @@ from vidbatch.core.atomic import remove_stale_temporaries
 from vidbatch.dispatch.leases import recorded_failures, remove_stale_temporaries_by_age
 from vidbatch.dispatch.plan import RunOutcome, read_plan_file
 from vidbatch.dispatch.work import unfinished_stems
-from vidbatch.io.shard_check import intact_marker
 from vidbatch.report.page import write_report
-from vidbatch.report.summary import build_summary, print_summary, write_summary
+from vidbatch.report.summary import OutputScan, build_summary, print_summary, scan_output, write_summary
 
 IN_PROGRESS = "in progress: "
 # The run stopped starting shards before its deadline (runtime.deadline) with work left: requeue it.
@@ -43,7 +41,8 @@ def finish_run(config: Config, out_dir: Path, outcome: RunOutcome, console: Cons
         console.print(f"{outcome.stopped}; requeue or rerun the same command to continue (exit {EXIT_STOPPED})",
                       highlight=False)
         return EXIT_STOPPED
-    unfinished = unfinished_stems(out_dir, plan.stems)
+    scan = scan_output(out_dir, plan.stems)   # one pass over the markers: what is done, and the summary's figures
+    unfinished = unfinished_stems(out_dir, plan.stems, scan.done)
     elsewhere = {stem: why for stem, why in unfinished.items() if why.startswith(IN_PROGRESS)}
     if elsewhere:
         console.print(f"{len(elsewhere)} shard(s) are still being processed by other drivers of {out_dir}; the last "
@@ -54,8 +53,9 @@ def finish_run(config: Config, out_dir: Path, outcome: RunOutcome, console: Cons
     remove_stale_temporaries_by_age(out_dir, config.runtime.lease_s)
     for name in ("summary.json", "config.yaml"):   # left by killed runs (report.html: write_report)
         remove_stale_temporaries(out_dir / name)
-    failed = {**recorded_failures(out_dir, plan.stems), **unfinished, **outcome.failed}
-    return _write(config, out_dir, plan.stems, plan.urls, failed, time.perf_counter() - outcome.started, console)
+    failed = {**recorded_failures(out_dir, plan.stems, scan.done), **unfinished, **outcome.failed}
+    return _write(config, out_dir, plan.stems, plan.urls, failed, time.perf_counter() - outcome.started, console,
+                  scan)
 
 
 def finalize_output(out_dir: Path, console: Console) -> int:
@@ -64,11 +64,12 @@ def finalize_output(out_dir: Path, console: Console) -> int:
     out_dir = Path(out_dir)
     urls, stems = read_plan_file(out_dir)
     config = load_config(out_dir / "config.yaml")
-    unfinished = unfinished_stems(out_dir, stems)
+    scan = scan_output(out_dir, stems)
+    unfinished = unfinished_stems(out_dir, stems, scan.done)
     if not any(why.startswith(IN_PROGRESS) for why in unfinished.values()):
         remove_stale_temporaries_by_age(out_dir, config.runtime.lease_s)
-    failed = {**recorded_failures(out_dir, stems), **unfinished}
-    return _write(config, out_dir, stems, urls, failed, _marker_span(out_dir, stems), console)
+    failed = {**recorded_failures(out_dir, stems, scan.done), **unfinished}
+    return _write(config, out_dir, stems, urls, failed, scan.span_seconds, console, scan)
 
 
 @contextmanager
@@ -86,8 +87,8 @@ def _one_finaliser_at_a_time(out_dir: Path) -> Iterator[None]:
 
 
 def _write(config: Config, out_dir: Path, stems: list[str], urls: list[str], failed: dict[str, str],
-           wall_seconds: float, console: Console) -> int:
-    summary = build_summary(out_dir, config, stems, urls, failed, wall_seconds)
+           wall_seconds: float, console: Console, scan: OutputScan) -> int:
+    summary = build_summary(out_dir, config, stems, urls, failed, wall_seconds, scan)
     with _one_finaliser_at_a_time(out_dir):
         write_summary(out_dir, summary)
         write_report(out_dir, summary)
@@ -101,13 +102,3 @@ def _print_failures(failed: dict[str, str], console: Console) -> None:
         for stem, cause in failed.items():
             console.print(f"[red]shard {stem} failed:[/red] {cause}", highlight=False)
         console.print(f"{len(failed)} shard(s) could not be completed; rerun the same command to continue.")
-
-
-def _marker_span(out_dir: Path, stems: list[str]) -> float:
-    """Seconds from the first shard's start to the last one's end, over the done markers (every driver)."""
-    markers = [m for m in (intact_marker(out_dir, stem) for stem in stems) if m is not None]
-    if not markers:
-        return 0.0
-    start = min(datetime.fromisoformat(m.started_at) for m in markers)
-    end = max(datetime.fromisoformat(m.finished_at) for m in markers)
-    return (end - start).total_seconds()

@@ -1,18 +1,28 @@
 """`OUT/report.html`: one self-contained page (inline CSS, JS and SVG; no network) about a run.
 
-The page shows the run summary, the metric distributions and which flow / CLIP produced them, plots
-of time and memory per (video, edit), and a table of every (video, edit) sortable by each metric and
-time column. Its style and scripts are the files of `vidbatch/report/assets/`, inlined; its media
-live next to it under `OUT/report_media/` (see `vidbatch.report.media`).
+The page shows the run summary, the metric distributions and which flow / CLIP produced them,
+histograms of time, memory and each metric over every edit (from the summary's `distributions`), and
+a table of (video, edit) rows sortable by each metric and time column. Its style and scripts are the
+files of `vidbatch/report/assets/`, inlined; its media live next to it under `OUT/report_media/` (see
+`vidbatch.report.media`).
+
+The page stays small whatever the run's size: the rows are read one shard at a time and the table
+holds every failure up to `FAILURES_PER_PAGE` and a sample of `SAMPLE_OK` successful edits (the same
+ones on every rebuild: those whose shard/key/edit hash lowest; every success when there are fewer).
+Failures beyond the first page go to further pages, `report_media/failures-0002.html` and on,
+written as they fill, so memory is bounded by the page size, not the row count.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import heapq
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +37,7 @@ from vidbatch.report.compare import compare_html
 from vidbatch.report.format import escape as _e
 from vidbatch.report.format import fmt as _fmt
 from vidbatch.report.media import MEDIA_DIR, Media, atomic_directory, build_media
-from vidbatch.report.summary import ShardRow, load_rows, load_summary
+from vidbatch.report.summary import ShardRow, iter_rows, load_summary
 
 log = logging.getLogger("vidbatch")
 
@@ -37,6 +47,12 @@ STAGE_COLORS = {"decode": "#8da0cb", "invert": "#66c2a5", "edit": "#fc8d62", "en
 # Time columns of the sample table, after the metrics.
 TABLE_STAGES = ("total", "invert", "edit", "metrics")
 DISTRIBUTION_STATS = ("n", "mean", "min", "p10", "p50", "p90", "max")
+# The table of the page: every failure up to a page of them, and a reproducible sample of successes.
+FAILURES_PER_PAGE = 500
+SAMPLE_OK = 200
+# The histograms drawn from the summary's `distributions`: name there -> (title, unit).
+HISTOGRAM_TITLES = {"stage:total": ("seconds per edit (all stages)", "s"), "stage:invert": ("inversion seconds", "s"),
+                    "stage:edit": ("edit seconds", "s"), "memory": ("peak memory per edit", "MB")}
 
 
 @functools.cache
@@ -239,8 +255,127 @@ def _plots_html(rows: list[ShardRow]) -> str:
             + "</div>")
 
 
+def _histograms_html(summary: dict) -> str:
+    """One bar chart per figure of the summary's `distributions`: edits per bin, over every edit of the run."""
+    dists = summary.get("distributions") or {}
+    charts = []
+    for name, hist in dists.items():
+        if not hist:
+            continue
+        if name in HISTOGRAM_TITLES:
+            title, unit = HISTOGRAM_TITLES[name]
+        else:
+            metric = get_metric(name.split(":", 1)[1])
+            title, unit = (metric.label if metric is not None else name.split(":", 1)[1]), "value"
+        edges, counts = hist["edges"], hist["counts"]
+        labels = [f"{_fmt(lo)} to {_fmt(hi)} {unit}" for lo, hi in zip(edges, edges[1:])]
+        charts.append(svg_bars([{"edits": float(c)} for c in counts], labels, {"edits": "#7f8fb0"},
+                               title=f"{title}: edits per bin", unit="edits", width=420, height=180))
+    return '<div class="plots">' + "".join(charts) + "</div>"
+
+
+@dataclass
+class TableRows:
+    """What the page's table shows, gathered in one pass over the rows (`collect_rows`)."""
+
+    rows: list[ShardRow] = field(default_factory=list)   # in input order: the sampled ok rows, the first failures
+    ok_total: int = 0
+    failed_total: int = 0
+    failure_pages: list[str] = field(default_factory=list)   # further pages, relative to OUT
+
+    @property
+    def ok_shown(self) -> int:
+        return sum(r.row.ok for r in self.rows)
+
+
+def _sample_rank(shard_row: ShardRow) -> bytes:
+    """A row's place in the sample: a hash of shard, key and edit (the same on every rebuild, in any order)."""
+    return hashlib.sha1(f"{shard_row.shard}/{shard_row.row.key}/{shard_row.row.edit}".encode()).digest()
+
+
+def collect_rows(rows: Iterable[ShardRow], write_page: Callable[[int, list[ShardRow], int], str], *,
+                 sample_ok: int = SAMPLE_OK, per_page: int = FAILURES_PER_PAGE) -> TableRows:
+    """Streams `rows`: keeps the `sample_ok` ok rows of lowest `_sample_rank` and the first `per_page`
+    failures, and hands each further page of failures to `write_page(number, rows, first_index)` as it
+    fills (it returns the page's path relative to OUT). Memory: `sample_ok + per_page` rows."""
+    heap: list[tuple[bytes, int, ShardRow]] = []   # max-heap by rank (negated bytes: the rank's complement)
+    first: list[tuple[int, ShardRow]] = []
+    page: list[ShardRow] = []
+    out = TableRows()
+    for i, shard_row in enumerate(rows):
+        if shard_row.row.ok:
+            out.ok_total += 1
+            key = bytes(255 - b for b in _sample_rank(shard_row))
+            if len(heap) < sample_ok:
+                heapq.heappush(heap, (key, i, shard_row))
+            elif heap and key > heap[0][0]:
+                heapq.heapreplace(heap, (key, i, shard_row))
+            continue
+        out.failed_total += 1
+        if len(first) < per_page:
+            first.append((i, shard_row))
+            continue
+        page.append(shard_row)
+        if len(page) == per_page:
+            out.failure_pages.append(write_page(len(out.failure_pages) + 2, page, out.failed_total - per_page + 1))
+            page = []
+    if page:
+        out.failure_pages.append(write_page(len(out.failure_pages) + 2, page, out.failed_total - len(page) + 1))
+    out.rows = [r for _, r in sorted([(i, r) for _, i, r in heap] + first, key=lambda x: x[0])]
+    return out
+
+
+def _page_html(title: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>
+{asset("report.css")}</style>
+<script>
+{asset("error_hook.js")}</script>
+</head><body>
+<main>
+{body}
+</main>
+<script>
+{asset("report.js")}</script>
+</body></html>
+"""
+
+
+def failure_page(out_dir: Path, number: int, rows: list[ShardRow], first: int) -> str:
+    """A further page of failures (`report_media/failures-NNNN.html`), with links back to the report."""
+    body = (f'<h1>vidbatch report: failures, page {number}</h1>'
+            f'<div class="muted"><a href="../report.html">back to the report</a> · failed edits {first}–'
+            f'{first + len(rows) - 1} of <code>{_e(Path(out_dir).resolve())}</code></div>'
+            '<div id="js-errors" hidden></div>'
+            '<div class="controls"><input type="search" id="filter" placeholder="filter: key, edit, prompt, error…" '
+            'aria-label="filter rows"><label><input type="checkbox" id="only-failed"> failures only</label> '
+            '<span id="row-count" class="muted"></span></div>'
+            f"{_table_html(rows, {})}")
+    return _page_html(f"vidbatch report: failures, page {number}", body)
+
+
+def _table_note(table: TableRows | None) -> str:
+    """What the table holds when it is not every row, and the further pages of failures."""
+    if table is None:
+        return ""
+    parts = []
+    if table.ok_shown < table.ok_total:
+        parts.append(f"{table.ok_shown} of {table.ok_total:,} successful edits, a sample (the same on every rebuild); "
+                     "the charts above cover every edit")
+    shown_failed = len(table.rows) - table.ok_shown
+    if shown_failed < table.failed_total:
+        links = " ".join(f'<a href="{_e(p)}">{n + 2}</a>' for n, p in enumerate(table.failure_pages))
+        parts.append(f"failed edits 1–{shown_failed} of {table.failed_total:,}; more on page(s) {links}")
+    if not parts:
+        return ""
+    return '<div class="muted" id="table-note">' + "; ".join(p if "<a " in p else _e(p) for p in parts) + ".</div>"
+
+
 def render_report(out_dir: Path, summary: dict, rows: list[ShardRow], media: dict[int, Media], *,
-                  as_videos: bool) -> str:
+                  as_videos: bool, table: TableRows | None = None) -> str:
     """The report page as one HTML string (everything inline but the media files).
 
     `error_hook.js` runs first, in <head>: any script error or console.error lands in #js-errors,
@@ -273,9 +408,10 @@ def render_report(out_dir: Path, summary: dict, rows: list[ShardRow], media: dic
 <h2>Failures</h2>
 {_failures_html(summary)}
 <h2>Time and memory</h2>
-{_plots_html(rows)}
+{_histograms_html(summary) if summary.get("distributions") else _plots_html(rows)}
 <h2>Samples</h2>
 <div class="muted">{_e(media_note)}. Click a column header to sort; empty values sort last.</div>
+{_table_note(table)}
 <div class="controls"><input type="search" id="filter" placeholder="filter: key, edit, prompt, error…" aria-label="filter rows">
 <label><input type="checkbox" id="only-failed"> failures only</label> {play_all}<span id="row-count" class="muted"></span></div>
 {_table_html(rows, media)}
@@ -291,7 +427,8 @@ def render_report(out_dir: Path, summary: dict, rows: list[ShardRow], media: dic
 
 
 def write_report(out_dir: str | Path, summary: dict | None = None, *, max_videos: int = 50,
-                 max_sheets: int = 500, strict: bool = False) -> Path | None:
+                 max_sheets: int = 500, strict: bool = False, sample_ok: int = SAMPLE_OK,
+                 failures_per_page: int = FAILURES_PER_PAGE) -> Path | None:
     """Writes `OUT/report.html` and `OUT/report_media/` (both replaced atomically).
 
     Args:
@@ -299,6 +436,8 @@ def write_report(out_dir: str | Path, summary: dict | None = None, *, max_videos
         summary: the run summary (read from `OUT/summary.json` when None).
         max_videos: above this many successful edits, contact sheets replace the videos.
         max_sheets: at most this many contact sheets (the first ones in table order).
+        sample_ok: at most this many successful edits in the table (a sample: see the module docstring).
+        failures_per_page: failed edits in the page's table; the rest on further pages of this many.
         strict: raise on failure. Otherwise (at the end of a run, whose outputs are complete
             already) a failure is logged and None is returned.
 
@@ -311,11 +450,18 @@ def write_report(out_dir: str | Path, summary: dict | None = None, *, max_videos
         remove_stale_temporaries(out_dir / name)
     try:
         summary = summary if summary is not None else load_summary(out_dir)
-        rows = load_rows(out_dir, summary)
-        ok_count = sum(r.row.ok for r in rows)
         with atomic_directory(out_dir / MEDIA_DIR) as media_dir:
+            def write_page(number: int, page_rows: list[ShardRow], first: int) -> str:
+                name = f"failures-{number:04d}.html"
+                (media_dir / name).write_text(failure_page(out_dir, number, page_rows, first), encoding="utf-8")
+                return f"{MEDIA_DIR}/{name}"
+
+            table = collect_rows(iter_rows(out_dir, summary), write_page, sample_ok=sample_ok,
+                                 per_page=failures_per_page)
+            rows = table.rows
+            ok_count = table.ok_shown
             media = build_media(out_dir, summary, rows, media_dir, max_videos=max_videos, max_sheets=max_sheets)
-            page = render_report(out_dir, summary, rows, media, as_videos=ok_count <= max_videos)
+            page = render_report(out_dir, summary, rows, media, as_videos=ok_count <= max_videos, table=table)
         path = out_dir / "report.html"
         atomic_write(path, page)
         log.info("report written to %s", path)

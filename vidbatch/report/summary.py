@@ -1,12 +1,19 @@
-"""The run summary: `OUT/summary.json` built from the shards' stats files, its rich table, and
-reading a finished run back (its summary and rows) for the report."""
+"""The run summary: `OUT/summary.json` built from the shards' done markers, its rich table, and
+reading a finished run back (its summary and rows) for the report.
+
+The summary streams: it merges each done shard's aggregates (`core.aggregates`, carried in its marker;
+for a marker of an earlier release, made from that shard's rows) and never holds the rows of more than
+one shard, so its memory does not grow with the rows. Quantiles are exact while a figure has at most
+`SUMMARY_EXACT` values (`"quantiles": "exact"`), within 1% above that (`"within 1%"`).
+"""
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -23,40 +30,16 @@ from vidbatch.metrics import get_metric, metric_keys
 from vidbatch.core.errors import ConfigError
 from vidbatch.dispatch.plan import read_plan_file
 from vidbatch.io.input_shards import shard_stem
-from vidbatch.core.rows import DoneMarker, EditRow
+from vidbatch.core.aggregates import Dist, ShardAggregates, failure_cause
+from vidbatch.core.rows import EditRow
 from vidbatch.io.output_shards import read_rows
-from vidbatch.io.shard_check import check_shard
+from vidbatch.io.shard_check import check_shard, list_output
+
+__all__ = ["failure_cause", "build_summary", "scan_output", "OutputScan", "iter_rows", "ShardRow"]
 
 FLOW_NAMES = {"dis": "DIS (medium preset)", "farneback": "Farneback"}
 STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")
 PACKAGES = ("torch", "diffusers", "transformers", "lightning", "webdataset", "opencv-python-headless")
-
-
-def failure_cause(error: str, key: str | None = None) -> str:
-    """Groups error messages by cause: drops the sample-specific parts, never a word's own digits.
-
-    The sample's key becomes `<key>`, quoted values `'…'`, and numbers standing alone (`12 frames`,
-    `1.5 MB`, `640x480`) `N`; digits inside a word stay (`mp4`, `h264`, `x264`), so causes keep
-    their text. Of `cannot decode KEY.EXT: cause`, only the cause is kept.
-    """
-    cause = error.split(": ", 1)[1] if error.startswith("cannot decode ") and ": " in error else error
-    if key:
-        cause = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w])", "<key>", cause)
-    cause = re.sub(r"'[^']*'", "'…'", cause)
-    return _NUMBER.sub(_number_to_n, cause)[:160]
-
-
-# A number that starts a word: digits, a fraction, `x` and more digits (a size), then letters (a unit).
-_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:x\d+)?([A-Za-z]*)(?!\w|\.\d)")
-_UNITS = {"", "s", "ms", "h", "B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB", "px", "fps", "k", "M", "G"}
-
-
-def _number_to_n(match: re.Match) -> str:
-    """`12` -> `N`, `1.5MB` -> `NMB`, `640x480` -> `N`; a word that only starts with digits (`3gp`,
-    `2pass`...) is a name, kept whole."""
-    unit = match.group(1)
-    return "N" + unit if unit in _UNITS else match.group(0)
-
 
 
 def _nearest_rank(ordered: Sequence[float], q: float) -> float:
@@ -97,18 +80,15 @@ def _distinct(values: Sequence) -> list:
     return sorted({v for v in values if v is not None}, key=str)
 
 
-def metrics_by(ok_rows: Sequence[EditRow], config: Config) -> dict:
+def metrics_by(agg: ShardAggregates, config: Config) -> dict:
     """Which flow and CLIP produced the metrics, or why CLIP is off, stated once for the run.
 
     Read from the rows (each worker records what it loaded), falling back to the config when no
     edit succeeded. Several workers that disagree are listed, joined by '; '.
     """
-    by = [r.metrics_by for r in ok_rows if r.metrics_by]
     m = config.metrics
-    if by:
-        flows = _distinct([b["flow"] for b in by])
-        clips = _distinct([b["clip"] for b in by])
-        reasons = _distinct([b["clip_off"] for b in by])
+    if agg.metrics_by_rows:
+        flows, clips, reasons = agg.flows, agg.clips, agg.clip_off
     else:
         flows = [m.flow] if m.warp_error else []
         clips, reasons = [], []
@@ -124,69 +104,130 @@ def metrics_by(ok_rows: Sequence[EditRow], config: Config) -> dict:
     }
 
 
-def _read_done_shards(out_dir: Path, stems: Sequence[str]) -> tuple[list[EditRow], list[DoneMarker]]:
-    """The rows and done markers of the shards of `stems` that are done (a readable marker whose files
-    are all there, at their recorded sizes): a damaged shard counts as not done."""
-    rows: list[EditRow] = []
-    markers: list[DoneMarker] = []
+@dataclass
+class OutputScan:
+    """What one pass over the done shards of a run gathers: which are done, their markers' counts and
+    times, and their merged aggregates. Nothing in it grows with the rows."""
+
+    done: set[str] = field(default_factory=set)
+    samples: int = 0
+    samples_ok: int = 0
+    samples_failed: int = 0
+    frames: int = 0
+    shard_seconds: float = 0.0
+    first_start: datetime | None = None
+    last_finish: datetime | None = None
+    aggregates: ShardAggregates = field(default_factory=ShardAggregates)
+    from_rows: int = 0        # done shards whose marker had no aggregates (their rows were read)
+
+    @property
+    def span_seconds(self) -> float:
+        """From the first shard's start to the last one's end (every driver's shards)."""
+        if self.first_start is None or self.last_finish is None:
+            return 0.0
+        return (self.last_finish - self.first_start).total_seconds()
+
+
+def scan_output(out_dir: Path, stems: Sequence[str]) -> OutputScan:
+    """One pass over the shards of `stems` that are done (a readable marker whose files are all there, at
+    their recorded sizes; a damaged shard counts as not done), against one listing of the output."""
+    out_dir = Path(out_dir)
+    listing = list_output(out_dir)
+    with_marker = listing.stems("stats", ".json")
+    scan = OutputScan()
     for stem in stems:
-        check = check_shard(out_dir, stem)
-        if check.state != "done" or check.marker is None:
+        if stem not in with_marker:
             continue
-        markers.append(check.marker)
-        rows.extend(read_rows(out_dir, stem))
-    return rows, markers
+        check = check_shard(out_dir, stem, listing=listing)
+        marker = check.marker
+        if check.state != "done" or marker is None:
+            continue
+        scan.done.add(stem)
+        scan.samples += marker.samples
+        scan.samples_ok += marker.samples_ok
+        scan.samples_failed += marker.samples_failed
+        scan.frames += marker.frames
+        scan.shard_seconds += marker.seconds
+        start, finish = datetime.fromisoformat(marker.started_at), datetime.fromisoformat(marker.finished_at)
+        scan.first_start = start if scan.first_start is None else min(scan.first_start, start)
+        scan.last_finish = finish if scan.last_finish is None else max(scan.last_finish, finish)
+        agg = ShardAggregates.from_json(marker.aggregates) if marker.aggregates is not None else None
+        if agg is None:   # a marker of an earlier release: its rows, this once
+            agg = ShardAggregates.from_rows(read_rows(out_dir, stem))
+            scan.from_rows += 1
+        scan.aggregates.merge(agg)
+    return scan
 
 
-def metric_distributions(ok_rows: Sequence[EditRow]) -> dict[str, dict[str, float] | None]:
+def _metric_distributions(series: dict[str, Dist] | ShardAggregates) -> dict[str, dict[str, float] | None]:
     """Each registered metric's distribution over the successful edits that have a value for it."""
-    return {key: distribution([r.metrics[key] for r in ok_rows if r.metrics.get(key) is not None])
-            for key in metric_keys()}
+    get = series.series if isinstance(series, ShardAggregates) else (lambda name: series.get(name, Dist()))
+    return {key: get(f"metric:{key}").distribution() for key in metric_keys()}
 
 
-def _peak_memory(rows: Sequence[EditRow]) -> dict[str, float] | None:
-    return percentiles([r.peak_memory_mb for r in rows if r.peak_memory_mb is not None])
-
-
-def _per_frame(rows: Sequence[EditRow], stage: str) -> list[float]:
-    return [r.seconds.get(stage, 0.0) / r.frames for r in rows if r.frames]
-
-
-def by_method(rows: Sequence[EditRow], default_method: str) -> dict[str, dict]:
+def _by_method(agg: ShardAggregates, default_method: str) -> dict[str, dict]:
     """Per editing method (rows written before rows named theirs count as `default_method`): edits ok and
     failed, every metric's distribution, seconds per frame of the edit (its own denoising and decoding) and
     of the whole row (`total`, which carries the inversion on the row that made it), peak memory."""
-    grouped: dict[str, list[EditRow]] = {}
-    for row in rows:
-        grouped.setdefault(row.method or default_method, []).append(row)
-    out = {}
-    for method, method_rows in grouped.items():
-        ok = [r for r in method_rows if r.ok]
-        out[method] = {
-            "edits": {"ok": len(ok), "failed": len(method_rows) - len(ok)},
-            "metrics": metric_distributions(ok),
-            "seconds_per_frame": {"edit": distribution(_per_frame(ok, "edit")),
-                                  "total": distribution(_per_frame(ok, "total"))},
-            "peak_memory_mb": _peak_memory(ok),
-        }
-    return out
+    grouped: dict[str, MethodFigures] = {}
+    for name, method in agg.methods.items():
+        grouped.setdefault(name or default_method, MethodFigures()).add(method)
+    return {name: {"edits": {"ok": g.ok, "failed": g.failed},
+                   "metrics": _metric_distributions(g.series),
+                   "seconds_per_frame": {"edit": g.get("spf:edit").distribution(),
+                                         "total": g.get("spf:total").distribution()},
+                   "peak_memory_mb": g.get("memory").percentiles()}
+            for name, g in grouped.items()}
+
+
+@dataclass
+class MethodFigures:
+    """A method's merged figures (rows without a method and rows naming the run's method are one)."""
+
+    ok: int = 0
+    failed: int = 0
+    series: dict[str, Dist] = field(default_factory=dict)
+
+    def add(self, method) -> None:
+        self.ok += method.ok
+        self.failed += method.failed
+        for name, dist in method.series.items():
+            self.series.setdefault(name, Dist()).merge(dist)
+
+    def get(self, name: str) -> Dist:
+        return self.series.get(name, Dist())
+
+
+# The figures `summary.json` gives a histogram of (`distributions`): for the report's charts.
+HISTOGRAMS = ("stage:total", "stage:invert", "stage:edit", "memory")
+
+
+def _histograms(agg: ShardAggregates) -> dict[str, dict | None]:
+    names = [*HISTOGRAMS, *(f"metric:{key}" for key in metric_keys())]
+    return {name: agg.series(name).histogram() for name in names}
+
+
+def _all_exact(agg: ShardAggregates) -> bool:
+    return all(dist.exact for method in agg.methods.values() for dist in method.series.values()) and \
+        all(agg.series(name).exact for name in ("stage:total", "memory"))
 
 
 def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Sequence[str],
-                  failed_shards: dict[str, str], wall_seconds: float) -> dict:
-    """Summarises every shard of the run (this invocation's and earlier ones' done shards)."""
-    rows, markers = _read_done_shards(out_dir, stems)
-    ok = [r for r in rows if r.ok]
-    failed = [r for r in rows if not r.ok]
-    shard_seconds = sum(m.seconds for m in markers)
-    frames = sum(r.frames or 0 for r in ok)
-    videos = len({r.key for r in ok})
-    # Rows of runs before metrics existed have no "metrics" stage: it cost them nothing.
-    stage_seconds = {stage: percentiles([r.seconds.get(stage, 0.0) for r in ok]) for stage in STAGES}
-    metric_seconds = sum(r.seconds.get("metrics", 0.0) for r in ok)
-    total_seconds = sum(r.seconds["total"] for r in ok)
-    fingerprints = _distinct([r.model_fingerprint for r in ok])
-    methods = by_method(rows, config.edit.method)
+                  failed_shards: dict[str, str], wall_seconds: float, scan: OutputScan | None = None) -> dict:
+    """Summarises every shard of the run (this invocation's and earlier ones' done shards), from their
+    markers' aggregates (`scan`, made by `scan_output` when None)."""
+    scan = scan if scan is not None else scan_output(out_dir, stems)
+    agg = scan.aggregates
+    shard_seconds = scan.shard_seconds
+    ok = sum(m.ok for m in agg.methods.values())
+    failed = sum(m.failed for m in agg.methods.values())
+    frames = scan.frames
+    videos = agg.videos_ok
+    stage_seconds = {stage: agg.series(f"stage:{stage}").percentiles() for stage in STAGES}
+    metric_seconds = agg.series("stage:metrics").sum
+    total_seconds = agg.series("stage:total").sum
+    fingerprints = agg.fingerprints
+    methods = _by_method(agg, config.edit.method)
     return {
         "vidbatch_version": __version__,
         "model": config.model.id,
@@ -202,13 +243,11 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
             "fingerprints": fingerprints,
         },
         "packages": package_versions(),
-        "shards": {"total": len(stems), "done": len(markers), "failed": len(failed_shards),
+        "shards": {"total": len(stems), "done": len(scan.done), "failed": len(failed_shards),
                    "failed_shards": failed_shards},
-        "samples": {"total": sum(m.samples for m in markers),
-                    "ok": sum(m.samples_ok for m in markers),
-                    "failed": sum(m.samples_failed for m in markers)},
-        "edits": {"ok": len(ok), "failed": len(failed)},
-        "failures_by_cause": dict(Counter(failure_cause(r.error or "unknown", r.key) for r in failed).most_common()),
+        "samples": {"total": scan.samples, "ok": scan.samples_ok, "failed": scan.samples_failed},
+        "edits": {"ok": ok, "failed": failed},
+        "failures_by_cause": dict(Counter(agg.failures).most_common()),
         "frames_edited": frames,
         "throughput": {
             "videos_per_hour": videos / shard_seconds * 3600 if shard_seconds else None,
@@ -217,13 +256,15 @@ def build_summary(out_dir: Path, config: Config, stems: Sequence[str], urls: Seq
         "device_hours": shard_seconds / 3600,
         "wall_seconds": round(wall_seconds, 3),
         "seconds_per_edit": stage_seconds,
-        "peak_memory_mb": _peak_memory(ok),
-        "metrics": metric_distributions(ok),
-        "metrics_by": metrics_by(ok, config),
+        "peak_memory_mb": agg.series("memory").percentiles(),
+        "metrics": _metric_distributions(agg),
+        "metrics_by": metrics_by(agg, config),
         "by_method": methods,
         "metrics_cost": {"seconds": round(metric_seconds, 4),
                          "share_of_total": metric_seconds / total_seconds if total_seconds else None,
-                         "failed": sum(1 for r in ok if r.metrics_error)},
+                         "failed": agg.metrics_errors},
+        "quantiles": "exact" if _all_exact(agg) else "within 1%",
+        "distributions": _histograms(agg),
         "inputs": list(dict.fromkeys(urls)),   # the input shards (a shard's work items share its URL)
     }
 
@@ -265,12 +306,25 @@ def run_items(out_dir: Path, summary: dict) -> list[tuple[str, str]]:
     return [(shard_stem(u), u) for u in inputs]
 
 
-def load_rows(out_dir: Path, summary: dict) -> list[ShardRow]:
-    """The rows of the run's work items (shards), in input order, each with its output stem."""
+def run_stems(out_dir: Path, summary: dict) -> list[str]:
+    """The output stems of the run's work items, in input order (a summary without inputs: every shard in
+    the folder)."""
     stems = [stem for stem, _ in run_items(out_dir, summary)]
-    if not stems:  # a summary without inputs: every shard in the folder
-        stems = sorted(p.stem for p in (Path(out_dir) / "stats").glob("*.jsonl"))
-    return [ShardRow(stem, row) for stem in stems for row in read_rows(Path(out_dir), stem)]
+    if not stems:
+        stems = sorted(list_output(Path(out_dir)).stems("stats", ".jsonl"))
+    return stems
+
+
+def iter_rows(out_dir: Path, summary: dict) -> Iterator[ShardRow]:
+    """The rows of the run's work items, in input order, each with its output stem; one item read at a time."""
+    for stem in run_stems(out_dir, summary):
+        for row in read_rows(Path(out_dir), stem):
+            yield ShardRow(stem, row)
+
+
+def load_rows(out_dir: Path, summary: dict) -> list[ShardRow]:
+    """Every row of the run at once: for small outputs and tests; the report streams (`iter_rows`)."""
+    return list(iter_rows(out_dir, summary))
 
 
 def _table_label(key: str) -> str:
