@@ -326,6 +326,8 @@ def collect_rows(rows: Iterable[ShardRow], write_page: Callable[[int, list[Shard
 
 
 def _page_html(title: str, body: str) -> str:
+    """A whole page of the report (the main page and the further failure pages): the stylesheet, the error
+    hook (first, in <head>) and the script around `body`."""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -386,17 +388,7 @@ def render_report(out_dir: Path, summary: dict, rows: list[ShardRow], media: dic
     media_note = ("source and edited videos side by side (they play together)" if as_videos else
                   f"{ok_count} edits: contact sheets (source frames above edited frames) instead of videos")
     play_all = '<button type="button" id="play-all">play all shown videos</button>' if as_videos and ok_count else ""
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>vidbatch report: {_e(Path(out_dir).name)}</title>
-<style>
-{asset("report.css")}</style>
-<script>
-{asset("error_hook.js")}</script>
-</head><body>
-<main>
-<h1>vidbatch report</h1>
+    body = f"""<h1>vidbatch report</h1>
 <div class="muted"><code>{_e(Path(out_dir).resolve())}</code> · generated {_e(generated)} by vidbatch {_e(__version__)}
  · model <code>{_e(summary.get("model"))}</code> · {_e(", ".join(summary.get("methods") or [summary.get("method") or ""]))}</div>
 <div id="js-errors" hidden></div>
@@ -416,12 +408,8 @@ def render_report(out_dir: Path, summary: dict, rows: list[ShardRow], media: dic
 <label><input type="checkbox" id="only-failed"> failures only</label> {play_all}<span id="row-count" class="muted"></span></div>
 {_table_html(rows, media)}
 <h2>Run</h2>
-{_run_html(summary, out_dir)}
-</main>
-<script>
-{asset("report.js")}</script>
-</body></html>
-"""
+{_run_html(summary, out_dir)}"""
+    return _page_html(f"vidbatch report: {Path(out_dir).name}", body)
 
 
 
