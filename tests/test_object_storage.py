@@ -20,7 +20,7 @@ import s3fs
 from conftest import FAST, REPO, TINY, check_exactly_once, make_inputs, read_output, run_cli, video_sample, write_shard
 from vidbatch.core.errors import UsageError
 from vidbatch.core.paths import check_url_supported, is_url, local_path
-from vidbatch.io.object_store import TEST_KILL_ENV, TEST_KILL_EXIT
+from vidbatch.io.object_store import TEST_KILL_ENV, TEST_KILL_EXIT, staging_dir
 
 # Small and quick: every stage real, on 3 frames, no CLIP metrics.
 SETTINGS = [*FAST, "video.max_frames=3", "metrics.clip_model=none", "runtime.threads=1"]
@@ -252,3 +252,15 @@ def test_each_output_url_has_its_own_staging_folder(monkeypatch, tmp_path):
     a, b = staging_dir("s3://bucket/a"), staging_dir("s3://bucket/b")
     assert a.parent == b.parent == tmp_path and a != b
     assert staging_dir("s3://bucket/a/") == a
+
+
+def test_staging_is_in_the_node_local_folder_unless_set(tmp_path, monkeypatch):
+    """An output URL's staging folder: under $VIDBATCH_STAGING when set, else under `vidbatch-staging` in the
+    node-local folder (the first of $VIDBATCH_LOCAL_DIR, $SLURM_TMPDIR, $TMPDIR); one folder per URL."""
+    monkeypatch.delenv("VIDBATCH_STAGING", raising=False)
+    monkeypatch.setenv("VIDBATCH_LOCAL_DIR", str(tmp_path / "local"))
+    first = staging_dir("s3://bucket/out")
+    assert first.parent == tmp_path / "local" / "vidbatch-staging"
+    assert staging_dir("s3://bucket/out/") == first and staging_dir("s3://bucket/other") != first
+    monkeypatch.setenv("VIDBATCH_STAGING", str(tmp_path / "mine"))
+    assert staging_dir("s3://bucket/out").parent == tmp_path / "mine"

@@ -6,7 +6,8 @@ whole object in memory. Credentials and endpoints come from the store's standard
 own library (botocore for s3fs).
 
 Outputs: a run whose `--output` is a URL works in a node-local staging folder (`staging_dir`: a
-folder named by the URL's hash under `$VIDBATCH_STAGING`, else under `$TMPDIR/vidbatch-staging`) that
+folder named by the URL's hash under `$VIDBATCH_STAGING`, else under `vidbatch-staging` in the node's
+local folder, `core.local_dir`: $VIDBATCH_LOCAL_DIR, $SLURM_TMPDIR, $TMPDIR or /tmp) that
 holds what a local output folder holds, and is bound to the URL by `STORE_FILE` in it (so workers that
 only get the folder, Ray actors included, commit to the same store). A shard is written there exactly as a local output, then
 committed to the store by `commit_shard`:
@@ -35,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -43,6 +43,7 @@ import fsspec
 
 from vidbatch.core.atomic import atomic_write
 from vidbatch.core.faults import LeaseLost
+from vidbatch.core.local_dir import local_dir
 
 STAGING_ENV = "VIDBATCH_STAGING"
 # In a staging folder: the URL of the output it stages for (`{"url": ...}`).
@@ -65,10 +66,11 @@ def open_input(url: str) -> BinaryIO:
 
 def staging_dir(url: str) -> Path:
     """The node-local folder a run writing to `url` works in: `<16 hex digits of the URL's sha256>` under
-    `$VIDBATCH_STAGING` when set, else under `vidbatch-staging` in the temporary folder ($TMPDIR). One
-    folder per URL: two outputs never share leases, failure records or staged markers."""
+    `$VIDBATCH_STAGING` when set, else under `vidbatch-staging` in the node's local folder (`core.local_dir`
+    from the environment: the driver stages before any worker exists). One folder per URL: two outputs never
+    share leases, failure records or staged markers."""
     configured = os.environ.get(STAGING_ENV, "").strip()
-    parent = Path(configured).expanduser() if configured else Path(tempfile.gettempdir()) / "vidbatch-staging"
+    parent = Path(configured).expanduser() if configured else local_dir() / "vidbatch-staging"
     return parent / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
