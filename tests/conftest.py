@@ -111,16 +111,6 @@ def run_cli(*args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread for a module of tiny-model tests: their ops are too small to gain from threads,
-    and on a shared, loaded machine two OpenMP threads per process stall (measured: 35 s instead of 0.2 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def pipe():
     """The built-in tiny pipeline, loaded once per test module."""
     from vidbatch.models.loading import load_pipeline

@@ -488,7 +488,7 @@ def static_clip_pixels(pipe, proportional: bool) -> torch.Tensor:
     return (pixels.float().clamp(-1, 1) + 1) * 127.5
 
 
-def test_static_clip_stays_static_with_proportional_attention(pipe, one_thread):
+def test_static_clip_stays_static_with_proportional_attention(pipe):
     # Every chunk attends over a different mix of duplicates and global tokens; with proportional
     # attention each chunk's attention equals per-frame attention on a static clip, so all frames agree.
     def spread(pixels: torch.Tensor) -> float:

@@ -28,11 +28,6 @@ from vidbatch.tools.bench.main import run_bench
 LENGTHS = (7, 5, 6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def threads(one_thread):
-    yield
-
-
 class UnetCalls:
     """Records the batch size (rows) of every UNet call."""
 

@@ -69,7 +69,7 @@ def _lease(out: Path, stem: str, expires: float) -> None:
          "expires": expires}))
 
 
-def test_a_live_lease_is_left_alone_an_expired_one_taken_over_and_finalize_reports_both(tmp_path, clips, one_thread):
+def test_a_live_lease_is_left_alone_an_expired_one_taken_over_and_finalize_reports_both(tmp_path, clips):
     assert socket.gethostname() != "node7"
     inputs, keys = make_inputs(tmp_path / "in", clips["pattern"], shards=3, videos=1)
     out = tmp_path / "out"
@@ -118,7 +118,7 @@ def test_no_shard_is_started_that_would_end_after_the_deadline(tmp_path):
     assert never.claim_next() is None and never.never_fits and "raise its time limit" in never.stopped
 
 
-def test_a_run_whose_time_cannot_fit_a_shard_exits_1_and_one_that_ran_out_exits_3(tmp_path, clips, one_thread):
+def test_a_run_whose_time_cannot_fit_a_shard_exits_1_and_one_that_ran_out_exits_3(tmp_path, clips):
     inputs, _ = make_inputs(tmp_path / "in", clips["pattern"], shards=2, videos=1)
     out = tmp_path / "out"
     _done_marker(out, "p0", 100.0)

@@ -52,7 +52,7 @@ def _run_one_sample(tmp_path, clips, sets: list[str]) -> tuple[int, dict, str]:
     return code, row, (out / "run.log").read_text()
 
 
-def test_out_of_memory_is_retried_once_with_smaller_chunks(tmp_path, clips, monkeypatch, one_thread):
+def test_out_of_memory_is_retried_once_with_smaller_chunks(tmp_path, clips, monkeypatch):
     monkeypatch.setenv("VIDBATCH_TEST_MAX_CHUNK_FRAMES", "2")  # chunks of 4 frames do not fit, 2 do
     code, row, log = _run_one_sample(tmp_path, clips, [])
     assert code == 0
@@ -60,14 +60,14 @@ def test_out_of_memory_is_retried_once_with_smaller_chunks(tmp_path, clips, monk
     assert "sample v0 ran out of memory" in log and "chunks half as large" in log
 
 
-def test_out_of_memory_twice_is_a_failed_row_naming_it(tmp_path, clips, monkeypatch, one_thread):
+def test_out_of_memory_twice_is_a_failed_row_naming_it(tmp_path, clips, monkeypatch):
     monkeypatch.setenv("VIDBATCH_TEST_MAX_CHUNK_FRAMES", "1")  # halving 4 to 2 is not enough
     code, row, _ = _run_one_sample(tmp_path, clips, [])
     assert code == 0  # a failed sample does not fail the shard
     assert row["status"] == "failed" and row["error"].startswith("OutOfMemoryError: out of memory")
 
 
-def test_retry_failed_redoes_only_the_failed_samples_of_a_finished_output(tmp_path, clips, one_thread):
+def test_retry_failed_redoes_only_the_failed_samples_of_a_finished_output(tmp_path, clips):
     """A first run where sample b is not a video (the input is fixed afterwards), then `--retry-failed` on
     the finished output: b is edited, a stays byte for byte (its row too, timings included, so it was
     copied, not edited again), and a shard without failures is not touched at all."""

@@ -93,7 +93,7 @@ def _check_store_output(out: Path, shards: int, keys: list[str]) -> None:
             assert (out / name).stat().st_size == record["bytes"]
 
 
-def test_run_reads_and_writes_buckets_then_resumes(s3, tmp_path, clips, one_thread, monkeypatch, capsys):
+def test_run_reads_and_writes_buckets_then_resumes(s3, tmp_path, clips, monkeypatch, capsys):
     _, keys = make_inputs(tmp_path / "in", clips["cells"], shards=2, videos=2)
     inputs = _upload_inputs(s3, tmp_path / "in", 2)
     out_url = f"s3://{s3.bucket}/out"
@@ -120,7 +120,7 @@ def test_run_reads_and_writes_buckets_then_resumes(s3, tmp_path, clips, one_thre
     assert "shards: 2 (0 to do, 2 already done)" in capsys.readouterr().out
 
 
-def test_store_shard_missing_its_tar_is_redone(s3, tmp_path, clips, one_thread):
+def test_store_shard_missing_its_tar_is_redone(s3, tmp_path, clips):
     """"Done" is checked against the store's listing: a marker whose tar is gone is redone."""
     _, keys = make_inputs(tmp_path / "in", clips["cells"], shards=1, videos=2)
     inputs = _upload_inputs(s3, tmp_path / "in", 1)
@@ -226,7 +226,7 @@ def test_cache_dir_url_refused(s3, tmp_path, clips):
     assert "inversion.cache_dir" in (tmp_path / "out" / "run.log").read_text()
 
 
-def test_retry_failed_copies_ok_samples_from_the_store(s3, tmp_path, clips, one_thread):
+def test_retry_failed_copies_ok_samples_from_the_store(s3, tmp_path, clips):
     """--retry-failed on a store output: the ok samples are copied from the committed tar, which only the
     store has (the staging folder keeps no tars), and the shard is committed again."""
     write_shard(tmp_path / "in" / "p0.tar", [video_sample("good", clips["cells"]), {"__key__": "bad", "txt": "x"}])

@@ -187,7 +187,7 @@ def sd15_layout() -> UNet2DConditionModel:
 
 
 @pytest.fixture(scope="module", params=["tiny", "sd15-layout"])
-def model(request, one_thread, sd15_layout):
+def model(request, sd15_layout):
     """(name, UNet, text width, expected q/k blocks) for the built-in tiny model and SD 1.5's layout."""
     if request.param == "tiny":
         unet = request.getfixturevalue("pipe").unet

@@ -25,8 +25,6 @@ from vidbatch.engine.methods.tokenflow import (
 )
 from conftest import moving_frames
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def inversion(pipe):

@@ -29,8 +29,6 @@ from vidbatch.engine.methods.vid2vid_zero import (
 )
 from conftest import moving_frames
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 OFF = dict(null_steps=0, cross_frame=False, p2p="none")
 
 

@@ -29,8 +29,6 @@ from vidbatch.testing.checkpoints import make_motion_module_file
 
 from conftest import TINY, moving_frames, read_output, run_cli, video_sample, write_shard
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SOURCE, EDIT = "a red square", "a blue circle"
 
 
