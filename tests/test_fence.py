@@ -86,28 +86,35 @@ def test_the_fence_names_the_attempt_that_holds_the_lease_now(tmp_path):
 
 
 def test_a_killed_drivers_half_written_lease_goes_when_its_shard_is_claimed(tmp_path):
-    """A driver SIGKILLed while writing its lease leaves `.p0.json.PID.*.tmp`: the next driver to claim p0
-    (the dead holder's lease is not live) removes it; a temporary of a live process is left alone, and so
-    is one of another shard."""
+    """A driver SIGKILLed while writing a lease leaves `.pN.json.PID.*.tmp`: mid-renewal (p0: its lease is
+    there, held by the dead process) or mid-claim (p2: no lease). The next driver to claim the shard removes
+    it. Left alone: a temporary of a live process, a dead writer's just written (younger than
+    `DEAD_WRITER_S`: on a shared folder it may be another host's write in flight), another shard's."""
     from vidbatch.core.atomic import temporary_path
-    from vidbatch.dispatch.leases import lease_path
+    from vidbatch.dispatch.leases import DEAD_WRITER_S, lease_path
 
     out = tmp_path / "out"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()   # its pid names a process that is gone
     holder = LeaseBook(out, "dead-driver", ttl_s=600)
     assert holder.claim("p0") and holder.claim("p1")
-    for stem in ("p0", "p1"):   # both leases written by the dead process, each with a temporary left beside it
+    for stem in ("p0", "p1"):   # both leases written by the dead process
         record = json.loads(lease_path(out, stem).read_text())
         lease_path(out, stem).write_text(json.dumps({**record, "pid": dead.pid}))
-    left = {stem: lease_path(out, stem).with_name(f".{stem}.json.{dead.pid}.0123456789ab.tmp") for stem in ("p0", "p1")}
-    for path in left.values():
-        path.write_text("{")
+    old = time.time() - 10 * DEAD_WRITER_S
+    left = {stem: lease_path(out, stem).with_name(f".{stem}.json.{dead.pid}.0123456789ab.tmp")
+            for stem in ("p0", "p1", "p2")}
+    young = lease_path(out, "p0").with_name(f".p0.json.{dead.pid}.ba9876543210.tmp")
     ours = temporary_path(lease_path(out, "p0"))   # this process's: alive
-    ours.write_text("{")
-    assert LeaseBook(out, "next-driver", ttl_s=600).claim("p0")
-    assert not left["p0"].exists() and left["p1"].exists() and ours.exists()
-    assert read_lease(out, "p0").owner == "next-driver"
+    for path in [*left.values(), ours]:
+        path.write_text("{")
+        os.utime(path, (old, old))
+    young.write_text("{")
+    book = LeaseBook(out, "next-driver", ttl_s=600)
+    assert book.claim("p0") and book.claim("p2")
+    assert not left["p0"].exists() and not left["p2"].exists()
+    assert left["p1"].exists() and ours.exists() and young.exists()
+    assert read_lease(out, "p0").owner == "next-driver" and read_lease(out, "p2").owner == "next-driver"
 
 
 def test_old_temporaries_of_shards_without_a_live_lease_are_swept_from_every_output_folder(tmp_path):

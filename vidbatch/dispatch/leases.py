@@ -39,6 +39,10 @@ from vidbatch.io.shard_check import is_intact
 log = logging.getLogger("vidbatch")
 
 
+# A lease temporary older than this whose pid names no process here was left by a killed writer.
+DEAD_WRITER_S = 1.0
+
+
 def new_run_id() -> str:
     """A driver's identity in leases and failure records: host, pid and a random part."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -151,25 +155,35 @@ class LeaseBook:
                             current.owner if current else "unknown")
             finally:   # a stop (SIGTERM raises) between the rename and here must not leave it behind
                 broken.unlink(missing_ok=True)
-            if current is not None and current.host == socket.gethostname() and not _process_exists(current.pid):
-                self._remove_temporaries_of(stem, current.pid)
+        self._remove_dead_writers_temporaries(stem)
         tmp = temporary_path(path)
         try:   # the write inside: a stop while writing must not leave the temporary behind either
             tmp.write_text(json.dumps(asdict(self._lease(stem, attempt))))
             os.link(tmp, path)  # fails if the name exists: someone else claimed it meanwhile
         except FileExistsError:
             return False
+        except FileNotFoundError:  # our temporary was taken for a dead writer's (see below): claim later
+            return False
         finally:
             tmp.unlink(missing_ok=True)
         self.held[stem] = attempt
         return True
 
-    def _remove_temporaries_of(self, stem: str, pid: int) -> None:
-        """Removes the lease temporaries (`.{stem}.json.{pid}.*.tmp`) a driver of this host left when it was
-        killed in the middle of writing its lease. Only for a process known dead: a live holder's renewal
-        may be between its write and its rename."""
-        for tmp in (self.out_dir / "leases").glob(f".{stem}.json.{pid}.*{TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
+    def _remove_dead_writers_temporaries(self, stem: str) -> None:
+        """Removes the lease temporaries (`.{stem}.json.{pid}.{random}.tmp`) of writers that were killed while
+        writing the shard's lease (a claim or a renewal): those whose pid names no process here, written more
+        than `DEAD_WRITER_S` ago. A temporary lives for one write (milliseconds), so the age keeps a writer
+        on another host whose pid happens not to exist here safe in practice, and if it ever is not, its
+        claim fails and is tried again."""
+        now = time.time()
+        for tmp in (self.out_dir / "leases").glob(f".{stem}.json.*{TMP_SUFFIX}"):
+            try:
+                pid = int(tmp.name.rsplit(".", 3)[1])
+                old = now - tmp.stat().st_mtime > DEAD_WRITER_S
+            except (ValueError, FileNotFoundError):
+                continue
+            if old and not _process_exists(pid):
+                tmp.unlink(missing_ok=True)
 
     def hand_out(self, stem: str, attempt: int) -> bool:
         """Records in the held lease that `attempt` is the one working on the shard now (so an older
