@@ -29,9 +29,10 @@ test: $(STAMP)
 # their files and their tests are in pyproject.toml ([tool.vidbatch.mutate]). Scores and the mutants
 # not killed go to mutation-report.txt; mutmut's work is kept in build/mutate/.
 MODULES ?= merge vidtome processors ddim commit cache controls methods
+MUTATE_CHILDREN ?= 1
 
 mutate: $(STAMP)
-	$(BIN)/python tests/mutation/mutate.py $(MODULES)
+	$(BIN)/python tests/mutation/mutate.py --children $(MUTATE_CHILDREN) $(MODULES)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache build/mutate mutation-report.txt

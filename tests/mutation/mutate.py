@@ -1,12 +1,13 @@
 """`make mutate`: mutation testing of the engine's core with mutmut, one module at a time.
 
-Usage: python tests/mutation/mutate.py [--report FILE] MODULE [MODULE ...]
+Usage: python tests/mutation/mutate.py [--report FILE] [--children N] MODULE [MODULE ...]
 
 Each module of ``[tool.vidbatch.mutate]`` in pyproject.toml gets a mutmut project of its own in
 ``build/mutate/MODULE`` (links to the package, the tests and the configs, and a pyproject.toml holding
 the shared ``[tool.mutmut]`` settings plus the module's files and tests), so every module has its own
 test selection, its own stats run and its own results, kept between runs. The module's mutants are
-tested with one child process at nice 10 and one torch thread (the machine is shared). Then the report
+tested at nice 10, each child process with one torch thread, by ``--children`` processes at once
+(default 1: the machine is shared; give it the number of idle cores otherwise). Then the report
 (FILE, default mutation-report.txt) is rewritten with the score of every module tested so far and the
 diff of every mutant that was not killed.
 """
@@ -72,7 +73,7 @@ def mutmut(folder: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(MUTMUT), *args], cwd=folder, env=env, **kwargs)
 
 
-def run(module: str, folder: Path) -> float:
+def run(module: str, folder: Path, children: int) -> float:
     """Tests the module's mutants; returns the wall time in seconds.
 
     mutmut tests the mutants it has no result for (all of them the first time, new or changed ones
@@ -82,7 +83,7 @@ def run(module: str, folder: Path) -> float:
     start = time.monotonic()
     again = [name for name, status in results(folder).items() if status not in (*KILLED, "not checked")] if (folder / "last-run.json").is_file() else []
     for names in ([], again) if again else ([],):
-        done = mutmut(folder, "run", "--max-children", "1", *names, preexec_fn=lambda: os.nice(10))
+        done = mutmut(folder, "run", "--max-children", str(children), *names, preexec_fn=lambda: os.nice(10))
         if done.returncode != 0:
             raise SystemExit(f"mutate: mutmut failed on module {module!r} (exit {done.returncode}); see its output above")
     seconds = time.monotonic() - start
@@ -129,13 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="+", metavar="MODULE")
     parser.add_argument("--report", type=Path, default=REPO / "mutation-report.txt")
+    parser.add_argument("--children", type=int, default=1, help="mutants tested at once (default 1)")
     args = parser.parse_args(argv)
     shared, modules = settings()
     unknown = [m for m in args.modules if m not in modules]
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; the modules are: {' '.join(modules)}")
     for module in args.modules:
-        seconds = run(module, prepare(module, shared, modules[module]))
+        seconds = run(module, prepare(module, shared, modules[module]), args.children)
         print(f"mutate: {module} took {seconds / 60:.1f} min", flush=True)
     print(report(args.report, modules))
     print(f"(mutants not killed, with their diffs: {args.report})")
