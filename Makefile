@@ -28,7 +28,7 @@ test: $(STAMP)
 # or CI (docs/TESTING.md). `make mutate MODULES="ddim commit"` tests some modules only; the modules,
 # their files and their tests are in pyproject.toml ([tool.vidbatch.mutate]). Scores and the mutants
 # not killed go to mutation-report.txt; mutmut's work is kept in build/mutate/.
-MODULES ?= merge vidtome processors ddim commit cache controls methods
+MODULES ?= merge vidtome processors ddim commit cache controls tokenflow vid2vid_zero videodirector baselines
 MUTATE_CHILDREN ?= 1
 
 mutate: $(STAMP)
