@@ -46,6 +46,13 @@ def condition_tensor(images: np.ndarray, device: torch.device, dtype: torch.dtyp
     return tensor.permute(0, 3, 1, 2).to(dtype) / 255.0
 
 
+def cause_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a loader's causes can run to several lines), or its type's name
+    where the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_controlnet(model_id: str, *, dtype: torch.dtype, device: torch.device):
     """A ControlNetModel from a diffusers folder or a hub id; ModelLoadError with the cause otherwise."""
     # diffusers is imported here: it is heavy, and only loading a ControlNet needs it.
@@ -55,9 +62,8 @@ def load_controlnet(model_id: str, *, dtype: torch.dtype, device: torch.device):
         controlnet = ControlNetModel.from_pretrained(model_id, torch_dtype=dtype)
     except Exception as exc:
         where = "folder" if Path(model_id).exists() else "hub id (is the hub reachable?)"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"controlnet.model '{model_id}' could not be loaded as a diffusers {where}: {first}. "
-                             "Fix: point controlnet.model at a local ControlNet folder") from exc
+        raise ModelLoadError(f"controlnet.model '{model_id}' could not be loaded as a diffusers {where}: "
+                             f"{cause_line(exc)}. Fix: point controlnet.model at a local ControlNet folder") from exc
     return controlnet.to(device).eval().requires_grad_(False)
 
 
