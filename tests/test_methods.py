@@ -15,6 +15,7 @@ from vidbatch.engine.controls.controlnet import canny_frames
 from vidbatch.engine.methods.vidtome import MergeConfig
 from vidbatch.testing.controlnet import make_tiny_controlnet
 from vidbatch.engine.editor import EditorSettings, VideoEditor
+from vidbatch.engine import memory
 from vidbatch.engine.memory import estimate_chunk_bytes, pick_chunk_size
 from vidbatch.models.loading import load_pipeline
 from conftest import moving_frames
@@ -188,3 +189,18 @@ def test_auto_inversion_batch_follows_the_budget(pipe):
     a = VideoEditor(pipe, EditorSettings(steps=2, inversion_batch="auto", memory_budget_bytes=1)).invert(frames, "x")
     b = VideoEditor(pipe, EditorSettings(steps=2, inversion_batch=5)).invert(frames, "x")
     assert torch_allclose(a.trajectory, b.trajectory)
+
+
+@pytest.mark.parametrize("method", ["per-frame", "extended"])
+def test_chunk_memory_estimates_of_the_baselines_against_hand_counts(method):
+    """Per-frame attention materialises one (N, N) score matrix per frame, head and branch: linear in the frames;
+    extended attention one (F*N, F*N) matrix per head and branch: quadratic. Counted by hand on a non-square
+    latent (2 x 3 tokens) so that height and width cannot be mixed up."""
+    frames, tokens, branches, channels, heads, dtype_bytes = 5, 2 * 3, 2, 7, 3, 2
+    kwargs = dict(latent_hw=(2, 3), branches=branches, channels=channels, heads=heads, method=method,
+                  dtype_bytes=dtype_bytes)
+    activations = memory.ACTIVATION_FACTOR * branches * frames * tokens * channels * dtype_bytes
+    scores = {"per-frame": branches * frames * heads * tokens * tokens * dtype_bytes,
+              "extended": branches * heads * (frames * tokens) ** 2 * dtype_bytes}[method]
+    assert estimate_chunk_bytes(frames, materialised_scores=False, **kwargs) == activations
+    assert estimate_chunk_bytes(frames, materialised_scores=True, **kwargs) == activations + scores
