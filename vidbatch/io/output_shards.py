@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Callable
 import webdataset as wds
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, publish, temporary_path
-from vidbatch.core.names import MemberStems
+from vidbatch.core.names import MemberStems, safe_member_stem
 from vidbatch.core.rows import DoneMarker, EditRow
 from vidbatch.core.errors import ConfigError
 from vidbatch.io.object_store import ObjectStore, commit_shard, store_of
@@ -243,11 +243,14 @@ class CommittedShard:
             store.download(relative_name(Path(out_dir), path), self._download)
             path = self._download
         self._tar = tarfile.open(path)
+        # The tar names samples by their safe member stems (`core.names`), which differ from keys that are
+        # not plain names (`train/001`, `clip.1`): map each stem back to its key.
+        key_of_stem = {safe_member_stem(key): key for key in self.rows}
         self._members: dict[str, list[tarfile.TarInfo]] = defaultdict(list)
         for info in self._tar.getmembers():
-            key, _, ext = _split_member(info.name)
-            if key in self.rows and ext:
-                self._members[key].append(info)
+            stem, _ = _split_member(info.name)
+            if stem in key_of_stem:
+                self._members[key_of_stem[stem]].append(info)
 
     @property
     def ok_keys(self) -> set[str]:
@@ -258,7 +261,7 @@ class CommittedShard:
         members = {}
         for info in self._members[key]:
             stream = self._tar.extractfile(info)
-            members[_split_member(info.name)[2]] = stream.read() if stream is not None else b""
+            members[_split_member(info.name)[1]] = stream.read() if stream is not None else b""
         return members, self.rows[key]
 
     def close(self) -> None:
@@ -267,9 +270,9 @@ class CommittedShard:
             self._download.unlink(missing_ok=True)
 
 
-def _split_member(name: str) -> tuple[str, str, str]:
-    """A tar member name -> (key, ".", extension), split as WebDataset splits it: at the first dot of the
-    last path component."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), dot, ext
+def _split_member(name: str) -> tuple[str, str]:
+    """A member name of a committed shard -> (stem, extension): `{stem}.{edit}.mp4` -> (stem, `{edit}.mp4`).
+    The stems ShardOutput writes are safe names (`core.names`: no folder, no dot), so the first dot ends
+    the stem, as WebDataset splits it."""
+    stem, _, ext = name.partition(".")
+    return stem, ext
