@@ -302,3 +302,9 @@ def test_committed_shard_of_a_staged_output_reads_the_tar_from_the_store(tmp_pat
     committed = CommittedShard(staging, "p0")
     committed.close()                                           # a download nobody swept is removed too
     assert hidden_files(staging / "shards") == []
+
+
+def test_writer_makes_the_output_folders_it_needs(tmp_path):
+    out = tmp_path / "new" / "out"
+    marker = commit_samples(out)
+    assert is_done(out, "p0") and set(marker.files) == {"shards/p0.tar", "stats/p0.jsonl"}

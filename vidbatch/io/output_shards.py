@@ -128,8 +128,8 @@ class ShardOutput:
     def __init__(self, out_dir: str | Path, stem: str):
         self.out_dir = Path(out_dir)
         self.stem = stem
-        (self.out_dir / "shards").mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "stats").mkdir(parents=True, exist_ok=True)
+        for folder in ("shards", "stats"):
+            (self.out_dir / folder).mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir, stem)
         # Streamed into unique temporaries (a retry racing this attempt never shares them), published in `commit`.
         self._tar_tmp = temporary_path(shard_path(self.out_dir, stem))
