@@ -84,17 +84,28 @@ def publish(tmp: str | Path, final: str | Path) -> None:
 
 
 def umask_file_mode() -> int:
-    """0666 minus the process umask: the mode `open()` gives a new file. Read from /proc where it can
-    be (setting the umask to read it is process-wide and races other threads)."""
+    """0666 minus the process umask: the mode `open()` gives a new file."""
+    mask = umask_from_proc()
+    return 0o666 & ~(mask if mask is not None else umask_by_setting())
+
+
+def umask_from_proc() -> int | None:
+    """The process umask as /proc shows it (Linux), None where it cannot be read. Preferred because it
+    leaves the umask alone: setting it to read it is process-wide and races other threads' new files."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
+                return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
+    return None
+
+
+def umask_by_setting() -> int:
+    """The process umask, read the portable way: set to some value and put back at once."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 @contextlib.contextmanager

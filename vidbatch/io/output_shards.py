@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Callable
 import webdataset as wds
 
 from vidbatch.core.atomic import TMP_SUFFIX, atomic_write, publish, temporary_path
-from vidbatch.core.names import MemberStems
+from vidbatch.core.names import MemberStems, safe_member_stem
 from vidbatch.core.rows import DoneMarker, EditRow
 from vidbatch.core.errors import ConfigError
 from vidbatch.io.object_store import ObjectStore, commit_shard, store_of
@@ -128,8 +128,8 @@ class ShardOutput:
     def __init__(self, out_dir: str | Path, stem: str):
         self.out_dir = Path(out_dir)
         self.stem = stem
-        (self.out_dir / "shards").mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "stats").mkdir(parents=True, exist_ok=True)
+        for folder in ("shards", "stats"):
+            (self.out_dir / folder).mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir, stem)
         # Streamed into unique temporaries (a retry racing this attempt never shares them), published in `commit`.
         self._tar_tmp = temporary_path(shard_path(self.out_dir, stem))
@@ -243,11 +243,14 @@ class CommittedShard:
             store.download(relative_name(Path(out_dir), path), self._download)
             path = self._download
         self._tar = tarfile.open(path)
+        # The tar names samples by their safe member stems (`core.names`), which differ from keys that are
+        # not plain names (`train/001`, `clip.1`): map each stem back to its key.
+        key_of_stem = {safe_member_stem(key): key for key in self.rows}
         self._members: dict[str, list[tarfile.TarInfo]] = defaultdict(list)
         for info in self._tar.getmembers():
-            key, _, ext = _split_member(info.name)
-            if key in self.rows and ext:
-                self._members[key].append(info)
+            stem, _ = _split_member(info.name)
+            if stem in key_of_stem:
+                self._members[key_of_stem[stem]].append(info)
 
     @property
     def ok_keys(self) -> set[str]:
@@ -258,7 +261,7 @@ class CommittedShard:
         members = {}
         for info in self._members[key]:
             stream = self._tar.extractfile(info)
-            members[_split_member(info.name)[2]] = stream.read() if stream is not None else b""
+            members[_split_member(info.name)[1]] = stream.read() if stream is not None else b""
         return members, self.rows[key]
 
     def close(self) -> None:
@@ -267,9 +270,9 @@ class CommittedShard:
             self._download.unlink(missing_ok=True)
 
 
-def _split_member(name: str) -> tuple[str, str, str]:
-    """A tar member name -> (key, ".", extension), split as WebDataset splits it: at the first dot of the
-    last path component."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), dot, ext
+def _split_member(name: str) -> tuple[str, str]:
+    """A member name of a committed shard -> (stem, extension): `{stem}.{edit}.mp4` -> (stem, `{edit}.mp4`).
+    The stems ShardOutput writes are safe names (`core.names`: no folder, no dot), so the first dot ends
+    the stem, as WebDataset splits it."""
+    stem, _, ext = name.partition(".")
+    return stem, ext
