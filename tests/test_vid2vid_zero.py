@@ -21,6 +21,7 @@ from vidbatch.models.loading import model_fingerprint
 from vidbatch.engine.methods.vid2vid_zero import (
     CrossFrameProcessor,
     PromptToPromptProcessor,
+    Vid2VidZero,
     Vid2VidZeroState,
     optimise_null_embeddings,
     p2p_mode,
@@ -448,3 +449,21 @@ def test_prompt_to_prompt_window_matches_vid2vid_zeros():
         share = cross_replace_share("auto", mode)
         hooks.replace_steps = min(int(share * (case["steps"] + 1)), case["steps"])   # as `patch` sets it
         assert [k for k in range(case["steps"]) if hooks.needs_source(k)] == case["active_steps"], case
+
+
+@pytest.mark.parametrize("p2p, cross_replace, steps, most", [
+    ("auto", "auto", 10, 8),      # either mode may apply: replace's int(0.8 * 11) = 8 beats refine's int(0.4 * 11) = 4
+    ("refine", "auto", 10, 4),
+    ("replace", 0.3, 10, 3),      # a number overrides the mode's share
+    ("auto", 1.0, 7, 7),          # int(1.0 * 8) = 8, capped at the 7 steps there are
+    ("auto", 0.0, 10, 0),
+    ("none", "auto", 10, 0),
+])
+def test_the_most_prompt_to_prompt_steps_and_the_branches_they_need(p2p, cross_replace, steps, most):
+    """Before any prompt is known, the memory estimate must count the source branch wherever prompt-to-prompt may
+    run it: the most steps over the modes `p2p` allows, and 3 branches when that is not 0 (or PnP runs it)."""
+    method = Vid2VidZero(EditorSettings(method="vid2vid-zero", steps=steps,
+                                        method_settings=Vid2VidZeroConfig(p2p=p2p, cross_replace=cross_replace)))
+    assert method.replace_steps_at_most() == most
+    assert method.max_branches(frozenset()) == (3 if most else 2)
+    assert method.max_branches(frozenset({"pnp"})) == 3
