@@ -916,3 +916,143 @@ def test_a_journal_much_longer_than_its_entries_is_rebuilt(tmp_path, event_lines
     assert (gone not in after) is rebuilt
     assert after.startswith(text) is not rebuilt
     assert {e.key for e in cache.entries()} == {_key(0), _key(1), _key(2)}
+
+
+def test_a_lost_or_headerless_journal_is_rebuilt_by_a_scan(tmp_path):
+    size = _size(tmp_path)
+    cache = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    for i in range(3):
+        cache.store(_key(i), _tensors(i))
+    journal = _journal(cache.root)
+    journal.unlink()  # removed by hand: the next store writes a new snapshot
+    cache.store(_key(3), _tensors(3))
+    assert journal.is_file() and _on_disk(cache) == {_key(1), _key(2), _key(3)}
+    journal.write_text(f"+ {_key(1)} 1 1.0\n")  # no snapshot header: not to be trusted
+    cache.store(_key(4), _tensors(4))
+    assert journal.read_text().startswith("# vidbatch.inversion_cache_index/1 scanned=")
+    assert _on_disk(cache) == {_key(2), _key(3), _key(4)} and cache._index.total == 3 * size
+
+
+def test_the_first_limited_store_counts_the_entries_already_there(tmp_path):
+    size = _size(tmp_path)
+    unlimited = InversionCache(tmp_path / "c")
+    t0 = time.time() - 1000
+    for i in range(3):
+        os.utime(unlimited.store(_key(i), _tensors(i)), (t0 + i, t0 + i))
+    InversionCache(tmp_path / "c", max_bytes=2 * size).store(_key(3), _tensors(3))
+    assert _on_disk(unlimited) == {_key(2), _key(3)}
+
+
+@pytest.mark.parametrize("damage", ["loop", "folder"])
+def test_an_unusable_journal_is_reported_and_the_limit_still_holds(tmp_path, caplog, damage):
+    """A journal that cannot be read (a symlink loop: replaced by a new snapshot) or not even replaced (a
+    folder in its place: the cache keeps its own view in memory) never breaks a store or the limit."""
+    size = _size(tmp_path)
+    logger = logging.getLogger("test.inversion_cache.index")
+    cache = InversionCache(tmp_path / "c", max_bytes=2 * size, logger=logger)
+    cache.store(_key(0), _tensors(0))
+    journal = _journal(cache.root)
+    journal.unlink()
+    if damage == "loop":
+        journal.symlink_to(journal.name)
+    else:
+        journal.mkdir()
+    with caplog.at_level(logging.WARNING):
+        for i in range(1, 4):
+            cache.store(_key(i), _tensors(i))
+    assert _on_disk(cache) == {_key(2), _key(3)} and cache._index.total == 2 * size
+    assert caplog.records and {r.name for r in caplog.records} == {logger.name}
+    if damage == "loop":
+        assert journal.is_file() and not journal.is_symlink()
+
+
+def test_a_hit_seen_by_another_cache_object_is_respected_by_eviction(tmp_path):
+    size = _size(tmp_path)
+    a = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    b = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    for i in range(3):
+        a.store(_key(i), _tensors(i))
+    time.sleep(0.002)  # the hit must be later than the store by more than the journal's rounding
+    assert b.load(_key(0)) is not None  # a does not know: its index still has 0 as least recently used
+    a.store(_key(3), _tensors(3))
+    assert _on_disk(a) == {_key(0), _key(2), _key(3)} and a._index.total == 3 * size
+    a.store(_key(4), _tensors(4))
+    a.store(_key(5), _tensors(5))
+    assert _on_disk(a) == {_key(3), _key(4), _key(5)}
+
+
+def test_a_victim_rewritten_by_another_process_is_measured_again(tmp_path):
+    size = _size(tmp_path)
+    a = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    for i in range(3):
+        a.store(_key(i), _tensors(i))
+    p = a.path_for(_key(0))
+    st = p.stat()
+    InversionCache(tmp_path / "c").store(_key(0), {"latents": torch.zeros(2)})  # another size, same key
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime as before
+    a.store(_key(3), _tensors(3))  # measured again, and still the least recently used: evicted
+    assert _on_disk(a) == {_key(1), _key(2), _key(3)} and a._index.total == 3 * size
+
+
+def test_the_entry_just_stored_is_kept_even_when_others_look_newer(tmp_path, caplog):
+    """Entries with mtimes in the future (another node's clock): the new entry is the least recently used
+    by the clock, but its own store never evicts it; the next ones go instead."""
+    size = _size(tmp_path)
+    unlimited = InversionCache(tmp_path / "c")
+    future = time.time() + 1000
+    for i in range(3):
+        os.utime(unlimited.store(_key(i), _tensors(i)), (future + i, future + i))
+    cache = InversionCache(tmp_path / "c", max_bytes=2 * size)
+    with caplog.at_level(logging.WARNING):
+        cache.store(_key(3), _tensors(3))
+        assert _on_disk(cache) == {_key(2), _key(3)} and cache._index.total == 2 * size
+        cache.store(_key(4), _tensors(4))
+    assert _on_disk(cache) == {_key(2), _key(4)} and cache._index.total == 2 * size
+    assert not caplog.records
+
+
+def test_eviction_skips_victims_it_cannot_stat_or_remove_and_forgets_vanished_ones(tmp_path, caplog):
+    size = _size(tmp_path)
+    cache = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    for i in range(3):
+        cache.store(_key(i), _tensors(i))
+    cache.path_for(_key(0)).unlink()  # deleted by hand: forgotten, and not enough room by itself
+    cache.store(_key(3), _tensors(3))
+    cache.store(_key(4), _tensors(4))
+    assert _on_disk(cache) == {_key(2), _key(3), _key(4)} and cache._index.total == 3 * size
+    looped = cache.path_for(_key(2))
+    looped.unlink()
+    looped.symlink_to(looped.name)  # cannot even be stat-ed
+    with caplog.at_level(logging.WARNING):
+        cache.store(_key(5), _tensors(5))
+    assert looped.is_symlink() and not cache.path_for(_key(3)).exists()
+    # (a victim put back can be met twice in one store when the journal restated it: warned each time)
+    assert caplog.records and all(str(looped) in r.getMessage() for r in caplog.records)
+    assert cache._index.total == 3 * size  # the unstatable one is still counted
+
+
+def test_eviction_skips_an_entry_it_cannot_remove(tmp_path, caplog):
+    size = _size(tmp_path)
+    root = tmp_path / "c"
+    stuck = root / _key(9)[:2] / f"{_key(9)}.safetensors"
+    stuck.mkdir(parents=True)  # found by the scan, but unlink refuses a folder
+    os.utime(stuck, (time.time() - 100, time.time() - 100))
+    cache = InversionCache(root, max_bytes=stuck.stat().st_size + 2 * size)
+    with caplog.at_level(logging.WARNING):
+        for i in range(4):
+            cache.store(_key(i), _tensors(i))
+    assert _on_disk(cache) == {_key(9), _key(2), _key(3)}
+    assert caplog.records and all(str(stuck) in r.getMessage() for r in caplog.records)
+
+
+def test_the_lru_order_stays_right_and_bounded_under_many_hits(tmp_path):
+    cache = InversionCache(tmp_path)
+    index = cache._index
+    keys = [f"{i:02x}" * 8 for i in range(3)]
+    for i, k in enumerate(keys):
+        index.set(k, 10, float(i))
+    for t in range(1, 1500):  # hits leave stale items behind in the heap, which is compacted
+        index.touch(keys[0], 10.0 + t)
+        assert len(index._heap) <= 2 * len(index.sizes) + 1000 + 1
+    assert index.total == 30
+    assert [index.pop_lru() for _ in range(4)] == [keys[1], keys[2], keys[0], None]
