@@ -968,17 +968,17 @@ def test_an_unusable_journal_is_reported_and_the_limit_still_holds(tmp_path, cap
 
 def test_a_hit_seen_by_another_cache_object_is_respected_by_eviction(tmp_path):
     size = _size(tmp_path)
-    a = InversionCache(tmp_path / "c", max_bytes=3 * size)
-    b = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    unlimited = InversionCache(tmp_path / "c")
+    t0 = time.time() - 1000
     for i in range(3):
-        a.store(_key(i), _tensors(i))
-    time.sleep(0.002)  # the hit must be later than the store by more than the journal's rounding
-    assert b.load(_key(0)) is not None  # a does not know: its index still has 0 as least recently used
-    a.store(_key(3), _tensors(3))
-    assert _on_disk(a) == {_key(0), _key(2), _key(3)} and a._index.total == 3 * size
+        os.utime(unlimited.store(_key(i), _tensors(i)), (t0 + i, t0 + i))
+    a = InversionCache(tmp_path / "c", max_bytes=4 * size)
+    a.store(_key(3), _tensors(3))  # a's index (a scan) has 0, 1, 2 at their old times
+    assert unlimited.load(_key(0)) is not None  # a does not know: 0 is still its least recently used
     a.store(_key(4), _tensors(4))
+    assert _on_disk(a) == {_key(0), _key(2), _key(3), _key(4)} and a._index.total == 4 * size
     a.store(_key(5), _tensors(5))
-    assert _on_disk(a) == {_key(3), _key(4), _key(5)}
+    assert _on_disk(a) == {_key(0), _key(3), _key(4), _key(5)}
 
 
 def test_a_victim_rewritten_by_another_process_is_measured_again(tmp_path):
