@@ -584,6 +584,7 @@ def test_entries_load_with_a_safetensors_that_has_no_backend_choice(tmp_path, mo
         return real_safe_open(filename, framework=framework, device=device)
 
     monkeypatch.setattr(inversion_cache, "safe_open", safe_open_without_backend)
+    monkeypatch.chdir(tmp_path)  # nothing to find under a relative name: the entry is opened by its path
     cache = InversionCache(tmp_path)
     cache.store(_key(0), _tensors(0))
     loaded = cache.load(_key(0))
@@ -1011,21 +1012,31 @@ def test_the_entry_just_stored_is_kept_even_when_others_look_newer(tmp_path, cap
     assert not caplog.records
 
 
-def test_eviction_skips_victims_it_cannot_stat_or_remove_and_forgets_vanished_ones(tmp_path, caplog):
+def test_eviction_forgets_vanished_victims(tmp_path):
     size = _size(tmp_path)
     cache = InversionCache(tmp_path / "c", max_bytes=3 * size)
     for i in range(3):
         cache.store(_key(i), _tensors(i))
-    cache.path_for(_key(0)).unlink()  # deleted by hand: forgotten, and not enough room by itself
+    cache.path_for(_key(0)).unlink()  # deleted by hand: forgetting it is room enough
     cache.store(_key(3), _tensors(3))
-    cache.store(_key(4), _tensors(4))
-    assert _on_disk(cache) == {_key(2), _key(3), _key(4)} and cache._index.total == 3 * size
-    looped = cache.path_for(_key(2))
+    assert _on_disk(cache) == {_key(1), _key(2), _key(3)} and cache._index.total == 3 * size
+    cache.path_for(_key(1)).unlink()  # deleted by hand, but the new entry is larger: 2 is evicted too
+    big = cache.store(_key(4), {"latents": torch.ones(48, 8, 8)}).stat().st_size
+    assert size < big <= 2 * size
+    assert _on_disk(cache) == {_key(3), _key(4)} and cache._index.total == size + big
+
+
+def test_eviction_skips_a_victim_it_cannot_stat(tmp_path, caplog):
+    size = _size(tmp_path)
+    cache = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    for i in range(3):
+        cache.store(_key(i), _tensors(i))
+    looped = cache.path_for(_key(0))
     looped.unlink()
     looped.symlink_to(looped.name)  # cannot even be stat-ed
     with caplog.at_level(logging.WARNING):
-        cache.store(_key(5), _tensors(5))
-    assert looped.is_symlink() and not cache.path_for(_key(3)).exists()
+        cache.store(_key(3), _tensors(3))
+    assert looped.is_symlink() and _on_disk(cache) == {_key(2), _key(3)}  # (the loop is no entry)
     # (a victim put back can be met twice in one store when the journal restated it: warned each time)
     assert caplog.records and all(str(looped) in r.getMessage() for r in caplog.records)
     assert cache._index.total == 3 * size  # the unstatable one is still counted
@@ -1056,3 +1067,30 @@ def test_the_lru_order_stays_right_and_bounded_under_many_hits(tmp_path):
         assert len(index._heap) <= 2 * len(index.sizes) + 1000 + 1
     assert index.total == 30
     assert [index.pop_lru() for _ in range(4)] == [keys[1], keys[2], keys[0], None]
+
+
+def test_pruning_a_limited_cache_is_journaled_for_the_other_objects(tmp_path):
+    size = _size(tmp_path)
+    a = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    b = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    for i in range(3):
+        a.store(_key(i), _tensors(i))
+    b.store(_key(3), _tensors(3))  # b's index: 1, 2, 3
+    assert [e.key for e in a.prune(size)] == [_key(1), _key(2)]
+    b.store(_key(4), _tensors(4))  # b reads a's evictions: room for both without evicting
+    assert _on_disk(a) == {_key(3), _key(4)} and b._index.total == 2 * size
+
+
+def test_a_hit_moves_the_entry_to_the_recent_end_of_this_objects_order(tmp_path):
+    """The order in memory, not only the entry's mtime: a hit stays recent for this object even if the file's
+    time is set back afterwards (a copy or restore that keeps times)."""
+    size = _size(tmp_path)
+    cache = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    for i in range(3):
+        cache.store(_key(i), _tensors(i))
+    first = cache.path_for(_key(0))
+    st = first.stat()
+    assert cache.load(_key(0)) is not None
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns))
+    cache.store(_key(3), _tensors(3))
+    assert _on_disk(cache) == {_key(0), _key(2), _key(3)}
