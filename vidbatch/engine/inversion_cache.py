@@ -157,10 +157,11 @@ def _byte_view(x: np.ndarray | torch.Tensor) -> tuple[str, tuple[int, ...], memo
         a = x
         if a.dtype.byteorder == ">":  # normalise big-endian input so equal values give equal keys
             a = a.astype(a.dtype.newbyteorder("<"))
+        shape = tuple(a.shape)  # taken before packing: ascontiguousarray makes a 0-d array 1-d
         a = np.ascontiguousarray(a)
         if a.dtype.hasobject:
             raise TypeError("inversion_key: frames must be a numeric array, not an object array")
-        return str(a.dtype), tuple(a.shape), memoryview(a.reshape(-1).view(np.uint8))
+        return str(a.dtype), shape, memoryview(a.reshape(-1).view(np.uint8))
     raise TypeError(f"inversion_key: frames must be a numpy array or torch tensor, got {type(x).__name__}")
 
 
@@ -239,7 +240,8 @@ def _read_tensor(f: Any, name: str, h: Any) -> torch.Tensor:
     _update_checksum_header(h, name, first.dtype, shape)
     rows = max(1, STREAM_BYTES // 4 // row_bytes)
     for start in range(0, shape[0], rows):
-        block = part[start:start + rows]
+        # safetensors refuses a slice that runs past the end (unlike Python's), so the last block is cut
+        block = part[start:min(start + rows, shape[0])]
         _update_checksum_bytes(h, block)
         out[start:start + len(block)] = block
     return out
@@ -743,9 +745,9 @@ class InversionCache:
                 self._enforce_limit(self.max_bytes, key, path)
         return path
 
-    def _enforce_limit(self, max_bytes: int, keep: str, path: Path) -> list[str]:
+    def _enforce_limit(self, max_bytes: int, keep: str, path: Path) -> None:
         """Record the entry just stored in the size index, then evict least recently used entries (never
-        `keep`) until the index's total is at most `max_bytes`. Returns the evicted keys.
+        `keep`) until the index's total is at most `max_bytes`.
 
         Costs O(1) amortised file operations: one stat of the new entry, one journal append and read of
         its new tail, and one stat and unlink per eviction (a full scan only when the index is rebuilt).
@@ -759,7 +761,6 @@ class InversionCache:
         if st is not None:
             index.set(keep, st.st_size, st.st_mtime)
             index.append(f"+ {keep} {st.st_size} {st.st_mtime:.6f}\n")
-        evicted: list[str] = []
         put_back: list[str] = []
         while index.total > max_bytes:
             key = index.pop_lru()
@@ -792,7 +793,6 @@ class InversionCache:
                 continue
             index.drop(key)
             index.append(f"- {key}\n")
-            evicted.append(key)
         for key in put_back:
             index.set(key, index.sizes[key], index.used[key])
         if index.total > max_bytes and keep in index.sizes:
@@ -801,7 +801,6 @@ class InversionCache:
                 "(%s) is kept even though it does not fit; raise the cache size limit",
                 self.root, index.total, max_bytes, keep,
             )
-        return evicted
 
     # ---------------------------------------------------------------- listing and maintenance
 
@@ -890,9 +889,9 @@ class InversionCache:
         """
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"prune: max_bytes must be an int >= 0, got {max_bytes!r}")
-        return self._prune(max_bytes, keep=None)
+        return self._prune(max_bytes)
 
-    def _prune(self, max_bytes: int, keep: str | None) -> list[CacheEntry]:
+    def _prune(self, max_bytes: int) -> list[CacheEntry]:
         self._remove_stale_files()
         entries = self._scan(with_metadata=False)
         total = sum(e.size_bytes for e in entries)
@@ -900,8 +899,6 @@ class InversionCache:
         for entry in entries:
             if total <= max_bytes:
                 break
-            if entry.key == keep:
-                continue
             full = self._entry(entry.path, entry.key, with_metadata=True) or entry
             try:
                 if _unlink_quiet(entry.path):
@@ -914,12 +911,6 @@ class InversionCache:
             with self._index_lock:
                 self._index.drop(entry.key)
                 self._index.append(f"- {entry.key}\n")
-        if keep is not None and total > max_bytes:
-            self.log.warning(
-                "inversion cache: %s holds %d bytes, over its limit of %d, because the entry just stored "
-                "(%s) is kept even though it does not fit; raise the cache size limit",
-                self.root, total, max_bytes, keep,
-            )
         return evicted
 
     def _remove_stale_files(self) -> None:
