@@ -453,3 +453,422 @@ def test_reference_pairing_is_the_default_and_reproduces_the_reference():
     index_second = nearest_tokens(features, features[keyframes[second]])
     assert not torch.allclose(propagate(outputs, first, second, weight, index_first, index_second),
                               ref["propagated"], atol=1e-3)
+
+
+# --- contracts of the pure functions, the state and the memory estimates ---------------------------
+# Hand-made inputs whose answer is known, the documented refusals and defaults, and the memory bounds
+# observed on the tensor operations actually run (a TorchFunctionMode sees every torch call).
+
+
+class ProductSizes(torch.overrides.TorchFunctionMode):
+    """Records the elements of every matrix product (`bmm`, `matmul`, `@`) and the scores of every
+    `scaled_dot_product_attention` call made inside it: what the memory bounds are about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.products: list[int] = []
+        self.scores: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name in ("bmm", "matmul", "__matmul__"):
+            self.products.append(out.numel())
+        elif name == "scaled_dot_product_attention":
+            query, key = args[0], args[1]
+            self.scores.append(query.shape[:-1].numel() * key.shape[-2])
+        return out
+
+
+def test_sample_keyframes_refuses_no_frames_or_no_batch_and_takes_a_single_frame():
+    with pytest.raises(ValueError):
+        sample_keyframes(0, 4)
+    with pytest.raises(ValueError):
+        sample_keyframes(3, 0)
+    assert sample_keyframes(1, 4).tolist() == [0]          # one frame: itself
+    assert sample_keyframes(1, 1).tolist() == [0]
+
+
+def test_the_blend_defaults_to_tokenflows_sigmoid():
+    """`blend_weights`, both pairings and the config all default to the reference's sigmoid blend."""
+    from vidbatch.engine.methods.tokenflow import blend_weights, reference_neighbours
+
+    d1, d2 = torch.tensor([1, 2, 0]), torch.tensor([3, 2, 5])
+    assert torch.equal(blend_weights(d1, d2), torch.sigmoid(torch.tensor([3 / 4, 1 / 2, 1.0])))
+    frames, keys = torch.arange(10), torch.tensor([1, 6])
+    assert all(torch.equal(a, b) for a, b in zip(keyframe_neighbours(frames, keys),
+                                                 keyframe_neighbours(frames, keys, "sigmoid")))
+    assert all(torch.equal(a, b) for a, b in zip(reference_neighbours(frames, keys, 5),
+                                                 reference_neighbours(frames, keys, 5, "sigmoid")))
+    assert not torch.equal(keyframe_neighbours(frames, keys)[2], keyframe_neighbours(frames, keys, "linear")[2])
+    assert TokenFlowConfig().blend == "sigmoid"
+
+
+def test_keyframe_neighbours_tie_goes_to_the_previous_keyframe():
+    """A frame half-way between two keyframes takes the previous one as `first` (the one weighted
+    sigmoid(1/2) > 1/2), the next as `second`."""
+    first, second, weight = keyframe_neighbours(torch.tensor([3]), torch.tensor([1, 5]))
+    assert (first.item(), second.item()) == (0, 1)
+    assert weight.item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item())
+
+
+def test_reference_neighbours_odd_batch_size_by_hand():
+    """Batch size 3: groups {0,1,2}, {3,4,5}, {6,7,8} with centres 1, 4, 7 (integer centres, as the
+    reference's ``batch_size // 2``). Linear weights d_previous / (d_own + d_previous), counted by hand;
+    group 0 takes its own keyframe alone with weight 1; a frame past the last group is refused."""
+    from vidbatch.engine.methods.tokenflow import reference_neighbours
+
+    keys = torch.tensor([2, 3, 8])
+    first, second, weight = reference_neighbours(torch.arange(9), keys, 3, "linear")
+    assert first.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert second.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1]
+    # frame 3: d_own |3-4| = 1, d_previous |3-1| = 2 -> 2/3; frame 4: 0 and 3 -> 1; frame 5: 1 and 4 -> 4/5.
+    assert weight.tolist() == pytest.approx([1, 1, 1, 2 / 3, 1, 4 / 5, 2 / 3, 1, 4 / 5])
+    with pytest.raises(ValueError):
+        reference_neighbours(torch.tensor([9]), keys, 3)   # group 3 of 3 keyframes
+
+
+def test_nearest_tokens_refuses_features_and_keys_that_do_not_pair_up():
+    with pytest.raises(ValueError):
+        nearest_tokens(torch.randn(2, 5, 4), torch.randn(3, 5, 4))    # frames differ
+    with pytest.raises(ValueError):
+        nearest_tokens(torch.randn(2, 5, 4), torch.randn(2, 5, 3))    # channels differ
+
+
+@pytest.mark.parametrize("max_scores", [None, 800, 500, 45, 7])
+def test_nearest_tokens_blocks_hold_at_most_max_scores_and_agree_with_float64(max_scores):
+    """Whatever the block size (whole frames, several or one per product, row blocks, a single row),
+    the answer is the float64 cosine argmax with ties to the lowest index, every similarity is computed
+    exactly once, and no product holds more than `max_scores` similarities (or one row, when a row
+    alone is more). Keys have M=20 tokens of C=8 channels, so a bound by C instead of M shows."""
+    g = torch.Generator().manual_seed(11)
+    frames, n, m, c = 3, 20, 20, 8
+    keys = torch.randn(frames, m, c, generator=g)
+    keys[:, 13] = keys[:, 4]                                # a tie: token 4 must win
+    features = torch.randn(frames, n, c, generator=g)
+    features[:, 0] = 2.0 * keys[:, 13]
+    x, k = F.normalize(features.double(), dim=-1), F.normalize(keys.double(), dim=-1)
+    # Products summed elementwise, so the two identical keys score exactly the same.
+    expected = (x[:, :, None, :] * k[:, None, :, :]).sum(-1).argmax(-1)
+    assert bool((expected[:, 0] == 4).all())
+    with ProductSizes() as seen:
+        got = nearest_tokens(features, keys) if max_scores is None else nearest_tokens(features, keys, max_scores)
+    assert torch.equal(got, expected)
+    assert sum(seen.products) == frames * n * m
+    bound = tokenflow.MAX_SCORES if max_scores is None else max_scores
+    assert max(seen.products) <= max(bound, m)
+
+
+def test_propagate_keeps_the_outputs_dtype():
+    """Half-precision keyframe outputs give half-precision frames (the weights are cast, not the outputs)."""
+    g = torch.Generator().manual_seed(12)
+    outputs = torch.randn(2, 2, 4, 3, generator=g)
+    index = torch.arange(4).expand(2, 4)
+    first, second, weight = torch.tensor([0, 0]), torch.tensor([1, 0]), torch.tensor([0.75, 1.0])
+    half = propagate(outputs.half(), first, second, weight, index, index)
+    assert half.dtype == torch.float16
+    exact = propagate(outputs, first, second, weight, index, index)
+    assert torch.allclose(exact[:, 0], 0.75 * outputs[:, 0] + 0.25 * outputs[:, 1])
+    assert torch.allclose(half.float(), exact, atol=1e-2)
+
+
+def test_per_frame_attention_is_stock_attention_of_each_frame_in_its_layout():
+    """(1, h, F*N, d) in, (1, h, F*N, d) out: each frame's queries over that frame's keys only."""
+    g = torch.Generator().manual_seed(13)
+    h, frames, n, d = 2, 3, 5, 4
+    q, k, v = (torch.randn(1, h, frames * n, d, generator=g) for _ in range(3))
+    out = tokenflow._per_frame_attention(q, k, v, frames)
+    assert out.shape == (1, h, frames * n, d)
+    for f in range(frames):
+        rows = slice(f * n, (f + 1) * n)
+        assert torch.allclose(out[:, :, rows], F.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows],
+                                                                              v[:, :, rows]), atol=1e-6)
+
+
+def test_state_refuses_bad_keyframes_and_chunks_and_propagation_before_a_keyframe_pass():
+    state = TokenFlowState()
+    for bad in ([], [3, 1], [2, 2], [1, 5, 3]):                # empty, descending, repeated, unsorted
+        with pytest.raises(ValueError):
+            state.begin_keyframes(torch.tensor(bad, dtype=torch.int64))
+    state.begin_keyframes(torch.tensor([0, 4]))
+    assert state.mode == "keyframes"
+    state.begin_propagation()
+    assert state.mode == "propagate"
+    state.begin_keyframes(torch.tensor([1, 5]))
+    state.begin_step()                                       # a new step forgets the keyframe pass
+    assert state.mode == "propagate" and state.keyframes is None
+    with pytest.raises(RuntimeError):
+        state.begin_propagation()
+    state.set_frames(torch.tensor([0, 1]))
+    with pytest.raises(ValueError):
+        state.begin_chunk(0, 2)
+    with pytest.raises(ValueError):
+        state.begin_chunk(2, 0)
+    state.begin_chunk(2, 1)                                  # one branch is a valid chunk
+    assert (state.num_frames, state.num_branches, state.inject_qk) == (2, 1, False)
+
+
+def test_state_neighbours_searches_non_keyframes_and_blends_frames_between_two():
+    state = TokenFlowState(pairing="nearest", blend="linear")
+    state.begin_keyframes(torch.tensor([1, 5]))
+    state.set_frames(torch.tensor([0, 1, 3, 4, 6]))
+    first, second, weight, search, blended = state.neighbours()
+    assert search.tolist() == [0, 2, 3, 4]        # every frame but keyframe 1
+    assert blended.tolist() == [2, 3]             # frames 3 and 4 lie between keyframes 1 and 5
+    assert weight.tolist() == pytest.approx([1, 1, 1 / 2, 3 / 4, 1])
+
+
+# --- the memory estimates, against hand counts on a non-square latent ------------------------------
+# latent 4 x 6 (24 tokens), 3 branches, 5 channels, 2 heads, 2 bytes, 3 keyframes (72 tokens).
+
+
+def test_keyframe_records_estimate_by_hand():
+    # 10 (blocks factor) x (3 branches' outputs + 1 source input) x 3 keyframes x 24 tokens x 5 channels x 2 bytes
+    assert tokenflow.RECORD_FACTOR == 10
+    assert tokenflow.estimate_keyframe_records_bytes(3, (4, 6), branches=3, channels=5, dtype_bytes=2) == 28_800
+
+
+def test_keyframe_pass_estimate_by_hand():
+    from vidbatch.engine import memory
+
+    assert memory.ACTIVATION_FACTOR == 64
+    kwargs = dict(branches=3, channels=5, heads=2, dtype_bytes=2)
+    # activations 64 x 3 branches x 72 tokens x 5 x 2 = 138,240; records 28,800 (above).
+    assert tokenflow.estimate_keyframe_pass_bytes(3, (4, 6), materialised_scores=False, **kwargs) == 167_040
+    # + scores: edit 2 branches x 2 heads x 72 x 72 = 20,736; source 2 heads x 3 keyframes x 24 x 24 = 3,456;
+    # scores and softmax: 2 x (20,736 + 3,456) x 2 bytes = 96,768.
+    assert tokenflow.estimate_keyframe_pass_bytes(3, (4, 6), materialised_scores=True, **kwargs) == 263_808
+    # Past the chunking bound both score blocks are MAX_SCORES: 8 keyframes of 40 x 56 latents.
+    big = tokenflow.estimate_keyframe_pass_bytes(8, (40, 56), branches=3, channels=4, heads=8, dtype_bytes=4,
+                                                 materialised_scores=True)
+    # activations 64 x 3 x 17,920 x 4 x 4; records 10 x 4 x 8 x 2,240 x 4 x 4; scores 2 x 2 x 2^24 x 4
+    assert big == 55_050_240 + 11_468_800 + 268_435_456
+
+
+def test_tokenflow_chunk_estimate_is_the_larger_of_propagation_and_keyframe_pass():
+    from vidbatch.engine.methods.tokenflow import TokenFlow
+
+    kwargs = dict(branches=3, channels=5, heads=2, dtype_bytes=2)
+    # 10 frames: activations 64 x 3 x 240 x 5 x 2 = 460,800 + records 28,800 + search 4 x 2^24 bytes.
+    assert TokenFlow.chunk_bytes(10, (4, 6), materialised_scores=False, keyframes=3, **kwargs) == 67_598_464
+    assert TokenFlow.chunk_bytes(1, (4, 6), materialised_scores=False, keyframes=1, **kwargs) > 4 * 2**24
+    # The keyframe pass (above: 334,954,496) outweighs one frame's propagation (85,458,944).
+    assert TokenFlow.chunk_bytes(1, (40, 56), branches=3, channels=4, heads=8, dtype_bytes=4,
+                                 materialised_scores=True, keyframes=8) == 334_954_496
+    with pytest.raises(ValueError):
+        TokenFlow.chunk_bytes(10, (4, 6), materialised_scores=False, **kwargs)   # keyframes not given
+
+
+def test_check_budget_warns_exactly_when_the_keyframe_pass_is_over_budget(caplog):
+    """12 frames in groups of 4: 3 keyframes on the 4 x 6 latent with 21 channels: 701,568 bytes
+    (activations 64 x 3 x 72 x 21 x 2 = 580,608 + records 10 x 4 x 3 x 24 x 21 x 2 = 120,960), exactly
+    70% of 1,002,240; with materialised scores 96,768 more (as in the hand count above)."""
+    from vidbatch.engine import memory
+    from vidbatch.engine.method import EditorSettings
+    from vidbatch.engine.methods.tokenflow import TokenFlow
+
+    method = TokenFlow(EditorSettings(method="tokenflow", method_settings=TokenFlowConfig(batch_size=4)))
+    kwargs = dict(branches=3, channels=21, heads=2, dtype_bytes=2)
+    assert memory.BUDGET_SHARE * 1_002_240 == 701_568
+
+    def warns(budget, materialised=False) -> bool:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vidbatch"):
+            method.check_budget(12, (4, 6), budget, materialised_scores=materialised, **kwargs)
+        return "tokenflow.batch_size" in caplog.text
+
+    assert not warns(1_002_240)          # exactly fits
+    assert warns(1_002_239)
+    assert not warns(10**12)
+    assert warns(1_002_240, materialised=True)
+
+
+# --- the processor's contracts --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_keyframe_pass_is_stock_attention_with_qk_norms_residual_rescale_and_bounded_scores():
+    """With q/k norms, a residual connection and an output rescale, the source branch equals diffusers'
+    own processor on each keyframe alone and the edit branch on the keyframes joined; no SDPA call
+    holds more than the state's `max_scores` scores."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    torch.manual_seed(14)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, qk_norm="layer_norm", residual_connection=True,
+                     rescale_output_factor=2.0).eval()
+    for norm in (attn.norm_q, attn.norm_k):
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    state = TokenFlowState(max_scores=48)
+    attn.set_processor(TokenFlowProcessor(state, DECODER))
+    branches, k, n = 2, 2, 6
+    x = torch.randn(branches, k, n, 32, generator=torch.Generator().manual_seed(15))
+    keys = torch.tensor([0, 3])
+    state.begin_keyframes(keys)
+    state.set_frames(keys)
+    state.begin_chunk(k, branches)
+    with ProductSizes() as seen:
+        out = attn(x.reshape(-1, n, 32)).view(branches, k, n, 32)
+    stock = AttnProcessor2_0()
+    assert torch.allclose(out[0], stock(attn, x[0]), atol=1e-5)
+    assert torch.allclose(out[1], stock(attn, x[1].reshape(1, k * n, 32)).view(k, n, 32), atol=1e-5)
+    assert len(seen.scores) > 2 and max(seen.scores) <= 48     # unbounded: 144 (source), 288 (edit)
+
+
+def _joint_attention(attn, q_from, k_from, v_from):
+    """Attention of the keyframes joined: queries, keys and values from the given (K*N, C) inputs."""
+    def heads(t):
+        return t.view(1, -1, attn.heads, 16).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(attn.to_q(q_from)), heads(attn.to_k(k_from)), heads(attn.to_v(v_from)))
+    return attn.to_out[0](out.transpose(1, 2).reshape(-1, 32))
+
+
+@torch.no_grad()
+def test_pnp_qk_injection_in_the_keyframe_pass_only_where_both_the_block_and_the_step_ask():
+    """A PnP block (`pnp_qk`) in a step with `inject_qk`: the edit branch attends with the source
+    branch's queries and keys (and its own values); without either it keeps its own (both default off)."""
+    attn = attention_module()
+    branches, k, n = 2, 2, 6
+    x = torch.randn(branches, k, n, 32, generator=torch.Generator().manual_seed(16))
+    source, edit = x[0].reshape(k * n, 32), x[1].reshape(k * n, 32)
+    keys = torch.tensor([1, 2])
+
+    def keyframe_pass(processor, **chunk):
+        state = processor.state
+        attn.set_processor(processor)
+        state.begin_keyframes(keys)
+        state.set_frames(keys)
+        state.begin_chunk(k, branches, **chunk)
+        return attn(x.reshape(-1, n, 32)).view(branches, k * n, 32)
+
+    injected = _joint_attention(attn, source, source, edit)
+    own = _joint_attention(attn, edit, edit, edit)
+    assert not torch.allclose(injected, own, atol=1e-3)
+    pnp = keyframe_pass(TokenFlowProcessor(TokenFlowState(), DECODER, pnp_qk=True), inject_qk=True)
+    assert torch.allclose(pnp[1], injected, atol=1e-5)
+    assert torch.allclose(keyframe_pass(TokenFlowProcessor(TokenFlowState(), DECODER, pnp_qk=True))[1], own, atol=1e-5)
+    assert torch.allclose(keyframe_pass(TokenFlowProcessor(TokenFlowState(), DECODER), inject_qk=True)[1], own,
+                          atol=1e-5)
+
+
+@torch.no_grad()
+def test_propagation_follows_the_correspondences_to_both_keyframes_within_the_score_bound():
+    """Keyframes 1 and 4 with source features `base` and `base[pk]`; frame 2's are `base[pf]`. Frame 2
+    takes 2/3 (linear: distances 1 and 2) of keyframe 1's outputs at tokens `pf` and 1/3 of keyframe 4's
+    at tokens `pk^-1[pf]`; keyframe 1 takes its own outputs. The similarity search holds at most
+    `max_scores` similarities per product."""
+    attn = attention_module()
+    state = TokenFlowState(pairing="nearest", blend="linear", max_scores=12)
+    attn.set_processor(TokenFlowProcessor(state, DECODER))
+    g = torch.Generator().manual_seed(17)
+    branches, n = 2, 6
+    base = torch.randn(n, 32, generator=g)
+    pk, pf = torch.randperm(n, generator=g), torch.randperm(n, generator=g)
+    key_in = torch.randn(branches, 2, n, 32, generator=g)
+    key_in[0, 0], key_in[0, 1] = base, base[pk]
+    keys = torch.tensor([1, 4])
+    state.begin_keyframes(keys)
+    state.set_frames(keys)
+    state.begin_chunk(2, branches)
+    key_out = attn(key_in.reshape(-1, n, 32)).view(branches, 2, n, 32)
+    state.begin_propagation()
+    state.set_frames(torch.tensor([1, 2]))
+    state.begin_chunk(2, branches)
+    hidden = torch.randn(branches, 2, n, 32, generator=g)    # the edit branches' inputs are not used
+    hidden[0, 0], hidden[0, 1] = base, base[pf]
+    with ProductSizes() as seen:
+        out = attn(hidden.reshape(-1, n, 32)).view(branches, 2, n, 32)
+    assert torch.equal(out[:, 0], key_out[:, 0])
+    inverse_pk = torch.argsort(pk)
+    expected = 2 / 3 * key_out[:, 0, pf] + 1 / 3 * key_out[:, 1, inverse_pk[pf]]
+    assert torch.allclose(out[:, 1], expected, atol=1e-6)
+    assert seen.products and max(seen.products) <= 12        # unbounded: 36 per frame
+
+
+@torch.no_grad()
+def test_processor_refuses_a_context_or_a_mask():
+    attn = attention_module()
+    state = TokenFlowState()
+    attn.set_processor(TokenFlowProcessor(state, DECODER))
+    state.begin_keyframes(torch.tensor([0]))
+    state.set_frames(torch.tensor([0]))
+    state.begin_chunk(1, 2)
+    x = torch.randn(2, 4, 32)
+    with pytest.raises(NotImplementedError):
+        attn(x, encoder_hidden_states=torch.randn(2, 3, 32))
+    with pytest.raises(NotImplementedError):
+        attn(x, attention_mask=torch.zeros(2, 4, 4))
+
+
+# --- patching -------------------------------------------------------------------------------------
+
+
+def test_apply_tokenflow_state_carries_the_settings_and_remove_restores_only_its_own_patch(pipe):
+    """The state drives every patched block with the blend, pairing, batch size and score bound given
+    (the batch size defaults to the config's 8); removing the patch drops the records, and
+    remove_tokenflow leaves another method's patch alone."""
+    from vidbatch.engine.methods.tokenflow import apply_tokenflow, reference_neighbours, remove_tokenflow
+    from vidbatch.engine.processors import install_processors, installed_patch, restore_processors
+
+    unet = pipe.unet
+    keys, frames = torch.tensor([1, 4, 6]), torch.arange(9)
+    state = apply_tokenflow(unet, "linear", max_scores=1000, pairing="reference", batch_size=3)
+    try:
+        processors = [p for p in unet.attn_processors.values() if isinstance(p, TokenFlowProcessor)]
+        assert processors and all(p.state is state for p in processors)
+        assert installed_patch(unet).state is state and state.max_scores == 1000
+        state.begin_keyframes(keys)
+        state.set_frames(frames)
+        for got, want in zip(state.neighbours(), reference_neighbours(frames, keys, 3, "linear")):
+            assert torch.equal(got, want)
+        state.records["block"] = tokenflow.KeyframeRecord(torch.zeros(1), torch.zeros(1))
+    finally:
+        remove_tokenflow(unet)
+    assert state.records == {} and installed_patch(unet) is None
+
+    state = apply_tokenflow(unet, pairing="reference")
+    remove_tokenflow(unet)
+    keys, frames = torch.tensor([3, 10, 17]), torch.arange(20)
+    state.begin_keyframes(keys)
+    state.set_frames(frames)
+    assert torch.equal(state.neighbours()[0], reference_neighbours(frames, keys, 8)[0])
+
+    install_processors(unet, "someone-else", object(), lambda name, block: {})
+    try:
+        remove_tokenflow(unet)
+        assert installed_patch(unet).owner == "someone-else"
+    finally:
+        restore_processors(unet)
+
+
+def test_tokenflow_method_patches_with_its_config_and_seeds_the_keyframes_from_the_engine(pipe):
+    """`TokenFlow.patch` hands the config's blend, pairing and batch size to the processors;
+    `begin_step` draws one keyframe per group, runs the keyframe pass on them, leaves the state
+    propagating, and seeds the keyframe generator once from the engine's over its whole range."""
+    from vidbatch.engine.method import EditorSettings
+    from vidbatch.engine.methods.tokenflow import TokenFlow, reference_neighbours
+
+    settings = EditorSettings(method="tokenflow",
+                              method_settings=TokenFlowConfig(batch_size=3, blend="linear", pairing="reference"))
+    editor = VideoEditor(pipe, settings)
+    method = TokenFlow(settings)
+    state = method.patch(editor, "a painting", "a texture")
+    try:
+        drawn = []
+        method.begin_step(0, 9, drawn.append, torch.Generator().manual_seed(5))
+        (keys,) = drawn
+        assert torch.equal(state.keyframes, keys) and state.mode == "propagate"
+        assert torch.equal(keys // 3, torch.arange(3))
+        state.set_frames(torch.arange(9))
+        for got, want in zip(state.neighbours(), reference_neighbours(torch.arange(9), keys, 3, "linear")):
+            assert torch.equal(got, want)
+    finally:
+        method.unpatch(editor.unet)
+    seeds = set()
+    for seed in range(64):
+        fresh = TokenFlow(settings)
+        fresh.state, fresh.device = TokenFlowState(), torch.device("cpu")
+        fresh.begin_step(0, 9, lambda keys: None, torch.Generator().manual_seed(seed))
+        seeds.add(fresh.generator.initial_seed())
+    assert len(seeds) == 64
