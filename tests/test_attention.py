@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -11,14 +13,18 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from vidbatch.engine.methods.vidtome import (
+    BlockStats,
     FrameAttentionState,
     FrameAttnProcessor,
     MergeConfig,
     MergeSettings,
+    VidToMe,
     apply_patch,
+    attended_share,
     remove_patch,
 )
 from vidbatch.core.errors import ConfigError
+from vidbatch.engine.editor import EditorSettings
 from vidbatch.engine.methods.merge import join_frames, local_merge, split_frames
 from vidbatch.engine.processors import (
     attend,
@@ -659,3 +665,73 @@ def test_attend_with_a_context_is_diffusers_cross_attention():
     x, context = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
     with torch.no_grad():
         torch.testing.assert_close(attend(attn, x, context), attn(x, encoder_hidden_states=context))
+
+
+def _per_frame_pair(**attention) -> tuple[Attention, FrameAttentionState]:
+    """A diffusers Attention module with random norms, running the per-frame mode of FrameAttnProcessor."""
+    torch.manual_seed(21)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, **attention).eval()
+    for module in attn.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and module.weight is not None:
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_()
+    state = FrameAttentionState("per-frame", MergeSettings())
+    attn.set_processor(FrameAttnProcessor(state, ENCODER))
+    return attn, state
+
+
+@pytest.mark.parametrize("attention", [
+    dict(residual_connection=True, rescale_output_factor=2.0, qk_norm="layer_norm"),
+    dict(residual_connection=True, norm_num_groups=4, spatial_norm_dim=3),
+    dict(cross_attention_dim=24, cross_attention_norm="layer_norm"),
+], ids=["3d-residual-rescale-qknorm", "4d-groupnorm-spatialnorm", "cross-norm-mask"])
+@torch.no_grad()
+def test_per_frame_mode_is_diffusers_stock_attention_with_its_optional_parts(attention):
+    """Per-frame attention is diffusers' AttnProcessor2_0 frame by frame, with each optional part of an Attention
+    module (residual, output rescale, q/k norms, 4-D input with group and spatial norms, a normalised context
+    with a mask), and it records the block's statistics: F*N tokens, each attending over its frame's N."""
+    attn, state = _per_frame_pair(**attention)
+    frames, g = 3, torch.Generator().manual_seed(22)
+    state.begin_chunk(frames, BRANCHES, torch.Generator().manual_seed(0), latent_hw=(2, 3))
+    kwargs = {}
+    if "spatial_norm_dim" in attention:
+        x = torch.randn(BRANCHES * frames, 32, 2, 3, generator=g)
+        kwargs["temb"] = torch.randn(BRANCHES * frames, 3, 2, 3, generator=g)
+    else:
+        x = torch.randn(BRANCHES * frames, 6, 32, generator=g)
+    if "cross_attention_dim" in attention:
+        kwargs["encoder_hidden_states"] = torch.randn(BRANCHES * frames, 5, 24, generator=g)
+        kwargs["attention_mask"] = torch.tensor([[0.0, 0.0, -1e4, 0.0, -1e4]]).repeat(BRANCHES * frames, 1)
+    ours = attn(x, **kwargs)
+    stock = AttnProcessor2_0()(attn, x, **kwargs)
+    assert ours.shape == x.shape and torch.allclose(ours, stock, atol=1e-5)
+    assert state.stats[ENCODER] == BlockStats(tokens=frames * 6, local=frames * 6, attended=6, downsample=0)
+
+
+def test_merge_section_reaches_the_processors_setting_by_setting():
+    """Every merging setting of the `merge` section is the processors' own (no default silently kept): each
+    one set to a value other than its default. (`merge_mode` is no config setting: VidToMe's replace.)"""
+    config = MergeConfig(local_ratio=0.3, global_ratio=0.6, global_merge=False, global_rand=0.25, target_stride=3,
+                         align_batch=False, max_downsample=4, proportional_attention=True)
+    defaults = asdict(MergeSettings())
+    chosen = asdict(config.merge_settings())
+    from_config = {name: getattr(config, name) for name in defaults if name != "merge_mode"}
+    assert chosen == {**from_config, "merge_mode": "replace"}
+    assert all(chosen[name] != defaults[name] for name in from_config)
+
+
+@pytest.mark.parametrize("local_ratio, global_ratio, global_merge, stride, share", [
+    (0.5, 0.2, True, 4, (1 - 0.5 * 0.75) * 1.8),   # 62.5% kept locally; the global set adds up to (1 - 0.2)
+    (0.5, 0.2, False, 4, 1 - 0.5 * 0.75),
+    (0.9, 0.8, False, 2, 1 - 0.9 * 0.5),
+    (0.0, 0.0, True, 4, 2.0),                        # nothing merged: the chunk and a global set as large
+])
+def test_attended_share_counts_the_tokens_left_by_merging(local_ratio, global_ratio, global_merge, stride, share):
+    """The memory estimate's share of the chunk's F*N tokens one query attends over under VidToMe merging,
+    by hand: a local level keeps 1 - r(1 - 1/stride) (one destination frame per stride stays whole); global
+    merging joins a set of the chunk's size of which 1 - global_ratio is left."""
+    assert attended_share(local_ratio, global_ratio, global_merge, stride) == pytest.approx(share, rel=1e-12)
+    config = MergeConfig(local_ratio=local_ratio, global_ratio=global_ratio, global_merge=global_merge,
+                         target_stride=stride)
+    method = VidToMe(EditorSettings(method="vidtome", method_settings=config))
+    assert method.attended_share() == pytest.approx(share, rel=1e-12)
