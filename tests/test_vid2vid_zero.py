@@ -467,3 +467,193 @@ def test_the_most_prompt_to_prompt_steps_and_the_branches_they_need(p2p, cross_r
     assert method.replace_steps_at_most() == most
     assert method.max_branches(frozenset()) == (3 if most else 2)
     assert method.max_branches(frozenset({"pnp"})) == 3
+
+
+# --- processors against attention computed by hand ----------------------------------------------------
+
+
+def scaled_self_attention() -> Attention:
+    """Self-attention with a residual connection and an output rescale, which every processor must keep."""
+    torch.manual_seed(5)
+    return Attention(query_dim=32, heads=2, dim_head=16, residual_connection=True, rescale_output_factor=2.0).eval()
+
+
+def sdpa_by_hand(attn: Attention, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(M, C) queries against (M', C) key and value tokens: projections, 2 heads, SDPA, output projection."""
+
+    def heads(t):
+        return t.view(-1, 2, 16).transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(heads(attn.to_q(queries)), heads(attn.to_k(keys)), heads(attn.to_v(values)))
+    return attn.to_out[0](out.transpose(0, 1).reshape(-1, 32))
+
+
+def frame_attention_by_hand(attn: Attention, video: torch.Tensor, mode: str, inject: bool) -> torch.Tensor:
+    """(B, F, N, C) -> (B, F, N, C): every frame's tokens against its context ("alone": its own tokens, "dense":
+    every frame of its branch, "sparse": frame 0 then the frame before); with `inject` every branch takes
+    branch 0's queries and keys (PnP), keeping its own values. Residual and rescale as the module says."""
+    branches, frames = video.shape[:2]
+
+    def context(b: int, f: int) -> torch.Tensor:
+        if mode == "alone":
+            return video[b, f]
+        if mode == "dense":
+            return video[b].reshape(-1, 32)
+        return torch.cat([video[b, 0], video[b, max(f - 1, 0)]])
+
+    out = torch.empty_like(video)
+    for b in range(branches):
+        for f in range(frames):
+            qk = 0 if inject else b
+            out[b, f] = sdpa_by_hand(attn, video[qk, f], context(qk, f), context(b, f))
+    return (out + video) / attn.rescale_output_factor
+
+
+@torch.no_grad()
+def test_cross_frame_processor_equals_attention_by_hand_in_every_mode_with_and_without_injection():
+    attn = scaled_self_attention()
+    g = torch.Generator().manual_seed(6)
+    branches, frames, n = 3, 3, 4
+    video = torch.randn(branches, frames, n, 32, generator=g)
+    flat = video.reshape(-1, n, 32)
+    for mode in ("alone", "dense", "sparse"):
+        state = Vid2VidZeroState(cross_frame=mode != "alone")
+        attn.set_processor(CrossFrameProcessor(state, ENCODER, dense=mode == "dense", pnp_qk=True))
+        state.set_frames(torch.arange(frames))
+        for inject in (False, True):
+            state.begin_step()
+            state.begin_chunk(frames, branches, inject_qk=inject)
+            out = attn(flat).reshape(video.shape)
+            assert torch.allclose(out, frame_attention_by_hand(attn, video, mode, inject), atol=1e-5), (mode, inject)
+        # Injection is the engine's to ask for, per chunk: by default a chunk has none.
+        state.begin_step()
+        state.begin_chunk(frames, branches)
+        assert torch.allclose(attn(flat).reshape(video.shape), frame_attention_by_hand(attn, video, mode, False),
+                              atol=1e-5), mode
+    # Only the blocks PnP injects into (pnp_qk, set at patch time) take the injection.
+    state = Vid2VidZeroState(cross_frame=True)
+    attn.set_processor(CrossFrameProcessor(state, ENCODER, dense=True))
+    state.set_frames(torch.arange(frames))
+    state.begin_chunk(frames, branches, inject_qk=True)
+    assert torch.allclose(attn(flat).reshape(video.shape), frame_attention_by_hand(attn, video, "dense", False),
+                          atol=1e-5)
+
+
+@torch.no_grad()
+def test_cross_frame_processor_refuses_context_masks_and_chunks_out_of_order():
+    attn = self_attention()
+    state = Vid2VidZeroState(cross_frame=True)
+    attn.set_processor(CrossFrameProcessor(state, ENCODER, dense=False))
+    x = torch.randn(4, 3, 32)
+    state.set_frames(torch.tensor([0, 1]))
+    state.begin_chunk(2, 2)
+    with pytest.raises(NotImplementedError):
+        attn(x, encoder_hidden_states=torch.randn(4, 5, 32))
+    with pytest.raises(NotImplementedError):
+        attn(x, attention_mask=torch.zeros(4, 3, 3))
+    attn(x)                                       # frames 0, 1
+    state.set_frames(torch.tensor([3, 4]))        # frame 2 skipped: its previous frame was never seen
+    state.begin_chunk(2, 2)
+    with pytest.raises(RuntimeError, match="out of order"):
+        attn(x)
+
+
+def test_begin_chunk_needs_frames_branches_and_the_chunks_frame_indices():
+    state = Vid2VidZeroState()
+    with pytest.raises(RuntimeError, match="set_frames"):
+        state.begin_chunk(2, 2)                   # no frame indices yet
+    state.set_frames(torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="set_frames"):
+        state.begin_chunk(3, 2)                   # indices of another chunk
+    for frames, branches in ((0, 2), (2, 0)):
+        with pytest.raises(ValueError):
+            state.begin_chunk(frames, branches)
+    state.begin_chunk(2, 1)                       # one branch (guidance without uncond) is a layout too
+    assert (state.num_frames, state.num_branches, state.inject_qk) == (2, 1, False)
+
+
+def forwarded(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    """A block's original processor that answers with the call it got."""
+    return dict(attn=attn, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask, temb=temb, args=args, kwargs=kwargs)
+
+
+def test_p2p_processor_passes_calls_it_does_not_control_to_the_original_unchanged():
+    attn = cross_attention()
+    x, text, mask, temb = torch.randn(6, 5, 32), torch.randn(6, 7, 16), torch.zeros(6, 5, 7), torch.randn(6, 8)
+    for p2p, active, context in (("replace", False, text), ("none", True, text), ("replace", True, None)):
+        processor = PromptToPromptProcessor(Vid2VidZeroState(p2p=p2p, p2p_active=active), ENCODER, forwarded)
+        got = processor(attn, x, context, mask, temb, "extra", scale=0.5)
+        assert got["attn"] is attn and got["hidden_states"] is x and got["encoder_hidden_states"] is context
+        assert got["attention_mask"] is mask and got["temb"] is temb
+        assert got["args"] == ("extra",) and got["kwargs"] == dict(scale=0.5)
+
+
+@torch.no_grad()
+def test_p2p_processor_refuses_masks_unflattened_input_and_group_norm():
+    state = Vid2VidZeroState(p2p="replace", p2p_active=True)
+    state.set_frames(torch.arange(2))
+    state.begin_chunk(2, 3)
+    text = torch.randn(6, 7, 16)
+    attn = cross_attention()
+    processor = PromptToPromptProcessor(state, ENCODER, AttnProcessor2_0())
+    with pytest.raises(NotImplementedError):
+        processor(attn, torch.randn(6, 5, 32), text, attention_mask=torch.zeros(6, 5, 7))
+    with pytest.raises(NotImplementedError):
+        processor(attn, torch.randn(6, 32, 1, 5), text)
+    torch.manual_seed(3)
+    grouped = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16, norm_num_groups=4).eval()
+    with pytest.raises(NotImplementedError):
+        processor(grouped, torch.randn(6, 5, 32), text)
+
+
+@torch.no_grad()
+def test_p2p_with_identical_branches_keeps_the_blocks_norm_residual_and_rescale():
+    """Identical source and edit branches: the controlled call is the stock one, cross-attention norm, residual
+    connection and output rescale included."""
+    torch.manual_seed(7)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16, residual_connection=True,
+                     rescale_output_factor=2.0, cross_attention_norm="layer_norm").eval()
+    with torch.no_grad():                         # a layer norm that is not the identity
+        attn.norm_cross.weight.uniform_(0.5, 1.5)
+        attn.norm_cross.bias.uniform_(-0.5, 0.5)
+    state = Vid2VidZeroState(p2p="replace", p2p_active=True)
+    attn.set_processor(PromptToPromptProcessor(state, ENCODER, AttnProcessor2_0()))
+    g = torch.Generator().manual_seed(8)
+    frames, n = 2, 5
+    x, text = torch.randn(3, frames, n, 32, generator=g), torch.randn(3, frames, 7, 16, generator=g)
+    x[2], text[2] = x[0], text[0]
+    state.set_frames(torch.arange(frames))
+    state.begin_chunk(frames, 3)
+    flat_x, flat_text = x.reshape(-1, n, 32), text.reshape(-1, 7, 16)
+    assert torch.allclose(attn(flat_x, flat_text), AttnProcessor2_0()(attn, flat_x, flat_text), atol=1e-5)
+
+
+@torch.no_grad()
+def test_p2p_refine_mixes_the_edit_branchs_own_maps_for_new_words():
+    """refine: the edit branch's map of token j is the source's map of token mapper[j] where alphas[j] = 1 and
+    its own where 0; the source and uncond branches are untouched."""
+    attn = cross_attention()
+    mapper = torch.tensor([0, 1, 1, 2, 3, 4, 5])
+    alphas = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    state = Vid2VidZeroState(p2p="refine", p2p_active=True, mapper=mapper, alphas=alphas)
+    attn.set_processor(PromptToPromptProcessor(state, ENCODER, AttnProcessor2_0()))
+    g = torch.Generator().manual_seed(9)
+    frames, n = 2, 5
+    x, text = torch.randn(3, frames, n, 32, generator=g), torch.randn(3, frames, 7, 16, generator=g)
+    state.set_frames(torch.arange(frames))
+    state.begin_chunk(frames, 3)
+    flat_x, flat_text = x.reshape(-1, n, 32), text.reshape(-1, 7, 16)
+    controlled, stock = attn(flat_x, flat_text), AttnProcessor2_0()(attn, flat_x, flat_text)
+    assert torch.allclose(controlled[:2 * frames], stock[:2 * frames], atol=1e-5)
+
+    def maps(branch: int) -> torch.Tensor:   # (F, h, N, L)
+        q = attn.to_q(x[branch]).view(frames, n, 2, 16).transpose(1, 2)
+        k = attn.to_k(text[branch]).view(frames, 7, 2, 16).transpose(1, 2)
+        return (q @ k.transpose(-1, -2) / 4.0).softmax(-1)
+
+    source, own = maps(0), maps(2)
+    refined = torch.stack([source[..., int(m)] if a else own[..., j] for j, (m, a) in enumerate(zip(mapper, alphas))], -1)
+    v2 = attn.to_v(text[2]).view(frames, 7, 2, 16).transpose(1, 2)
+    expected = attn.to_out[0]((refined @ v2).transpose(1, 2).reshape(frames, n, 32))
+    assert torch.allclose(controlled[2 * frames:], expected, atol=1e-5)
