@@ -321,8 +321,10 @@ def test_null_uncond_ratio_selects_the_steps_like_vid2vid_zero():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_null_text_optimisation_in_half_precision_lowers_the_error_as_in_float32(dtype):
     """The first (noisiest) step's optimisation (5 Adam steps) lowers its one-step reconstruction error by as much
-    as in float32. Measured here: float32 0.252 -> 0.166 (0.66), float16 0.256 -> 0.170, bfloat16 0.250 -> 0.161;
-    before, with the UNet's own float16 gradient, float16 only to 0.224 (0.875)."""
+    as in float32. Measured here (error ratio): float32 0.875, float16 0.876, bfloat16 0.863. (The ratios once
+    recorded here, 0.66 and 0.875 with the UNet's own float16 gradient, were of the last step's embedding: on the
+    CPU every step's entry shared its storage. That the gradient runs through a float32 UNet is checked directly
+    by test_null_text_optimisation_of_a_half_precision_model_runs_its_unet_in_float32_and_leaves_it_as_it_was.)"""
     from vidbatch.engine import ddim
     from vidbatch.models.loading import load_pipeline
 
@@ -350,7 +352,7 @@ def test_null_text_optimisation_in_half_precision_lowers_the_error_as_in_float32
             return error(nulls[:1]) / error(ed.text_embedding(""))
 
     reference = error_ratio(torch.float32)
-    assert reference < 0.8, reference
+    assert reference < 0.92, reference
     assert error_ratio(dtype) < reference + 0.05
 
 
@@ -657,3 +659,183 @@ def test_p2p_refine_mixes_the_edit_branchs_own_maps_for_new_words():
     v2 = attn.to_v(text[2]).view(frames, 7, 2, 16).transpose(1, 2)
     expected = attn.to_out[0]((refined @ v2).transpose(1, 2).reshape(frames, n, 32))
     assert torch.allclose(controlled[2 * frames:], expected, atol=1e-5)
+
+
+# --- null-text optimisation against the objective computed by hand ----------------------------------------
+
+
+def guided_steps_by_hand(ed: VideoEditor, inversion, prompt: str):
+    """For each denoising step k (noisiest first): (t, x -> the guided DDIM step from x with a given null
+    embedding, the step's target: the inverted latent of the next step, the clean latent after the last)."""
+    from vidbatch.engine import ddim
+
+    alphas, final = ed.alphas()
+    alpha_t, alpha_prev = ddim.alphas_for(alphas, final, inversion.timesteps)
+    cond = ed.text_embedding(prompt)
+    steps = len(inversion.timesteps)
+    for k, t in enumerate(inversion.timesteps):
+        target = (inversion.trajectory[k + 1] if k + 1 < steps else inversion.clean).float()
+
+        def guided_step(x: torch.Tensor, null: torch.Tensor, k=k, t=t) -> torch.Tensor:
+            out_cond = ed.unet_output(x, t, cond.expand(len(x), -1, -1)).detach()
+            out_uncond = ed.unet_output(x, t, null.expand(len(x), -1, -1))
+            guided = out_uncond + ed.settings.guidance * (out_cond - out_uncond)
+            return ddim.denoising_step(x, guided, alpha_t[k], alpha_prev[k], ed.prediction_type)
+
+        yield t, guided_step, target
+
+
+def test_one_adam_step_per_denoising_step_is_the_sign_step_on_the_whole_videos_error(pipe):
+    """Adam's first step moves every entry by lr * g / (|g| + eps): one Adam step per denoising step is known
+    in closed form from the gradient g of the mean squared error of the guided step over the whole video
+    (the frames' batches summed), from the previous step's embedding (the empty prompt's at first), with the
+    learning rate decayed linearly to half; the next step starts from the latent that embedding gives.
+    Frames in batches as `inversion_batch: auto` fits them in a small budget (2 of 3 frames)."""
+    frames = moving_frames(3)
+    for budget in (2 ** p for p in range(16, 40)):
+        ed = editor(pipe, steps=2, inversion_batch="auto", memory_budget_bytes=budget, v2v=OFF)
+        if ed.inversion_batch_for(3, (4, 4)) == 2:
+            break
+    inversion = ed.invert(frames, "")
+    assert inversion.trajectory.shape[-2:] == (4, 4)
+    lr = 0.01
+    nulls = optimise_null_embeddings(ed, inversion, "a texture", steps=1, lr=lr)
+    x = inversion.trajectory[0].float()
+    for k, (t, guided_step, target) in enumerate(guided_steps_by_hand(ed, inversion, "a texture")):
+        previous = (nulls[k - 1] if k else ed.text_embedding("")[0]).float()[None]   # where step k starts
+        free = previous.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad((guided_step(x, free) - target).pow(2).mean(), [free])
+        step_lr = lr * (1 - 0.5 * k / 2)
+        expected = previous - step_lr * grad / (grad.abs() + 1e-8)
+        # Where |g| is near Adam's eps, rounding (the batches' sum) moves the step: compare where it cannot.
+        clear = grad[0].abs() > 1e-7
+        assert float(clear.float().mean()) > 0.8
+        assert torch.allclose(nulls[k][clear], expected[0][clear], atol=2e-4), k
+        assert float((nulls[k] - previous[0]).abs().max()) <= step_lr + 1e-6
+        with torch.no_grad():
+            x = guided_step(x, nulls[k][None].float())
+
+
+def test_null_text_optimisation_stops_a_step_once_its_loss_is_below_the_threshold(pipe):
+    """With guidance 1 the guided prediction is the conditional one: the null embedding has no gradient, and
+    each step's loss is known in advance (the mean squared error of the conditional DDIM step from the
+    conditional trajectory). A step stops after the first Adam step once that loss is below
+    `null_early_stop + k * 2e-5`, else it takes all `null_steps` (2); vid2vid-zero's `invert` passes its setting."""
+    frames = moving_frames(3)
+    ed = editor(pipe, steps=2, guidance=1.0, inversion_batch=2, v2v=OFF)
+    inversion = ed.invert(frames, "")
+    losses, x = [], inversion.trajectory[0].float()
+    with torch.no_grad():
+        for t, guided_step, target in guided_steps_by_hand(ed, inversion, "a texture"):
+            x = guided_step(x, ed.text_embedding("").float())
+            losses.append(float((x - target).pow(2).mean()))
+    adam_steps, unet_output = {}, ed.unet_output
+
+    def counting(latents, t, embeddings, condition=None):
+        if torch.is_grad_enabled():   # the optimisation's calls; 2 per Adam step (3 frames in batches of 2)
+            adam_steps[int(t)] = adam_steps.get(int(t), 0) + 0.5
+        return unet_output(latents, t, embeddings, condition)
+
+    ed.unet_output = counting
+
+    def adam_steps_with(early_stop: float) -> list[float]:
+        adam_steps.clear()
+        optimise_null_embeddings(ed, inversion, "a texture", steps=2, lr=0.01, early_stop=early_stop)
+        return [adam_steps[int(t)] for t in inversion.timesteps]
+
+    assert losses[0] + 1e-4 < losses[1]          # measured: 0.2713, 0.2742
+    # Between the two losses: step 0 stops, step 1 (its threshold 2e-5 higher) does not.
+    assert adam_steps_with((losses[0] + losses[1]) / 2) == [1, 2]
+    # Just above step 1's loss only with step 1's 2e-5: both stop. Through vid2vid-zero's `invert`.
+    adam_steps.clear()
+    method = Vid2VidZero(EditorSettings(method="vid2vid-zero", steps=2, guidance=1.0, method_settings=Vid2VidZeroConfig(
+        null_steps=2, null_early_stop=losses[1] - 1e-5)))
+    nulls = method.invert(ed, frames, "a texture").extras["null_embeddings"]
+    assert [adam_steps[int(t)] for t in inversion.timesteps] == [1, 1]
+    assert torch.equal(nulls, ed.text_embedding("").expand(2, -1, -1))   # no gradient: the embedding stays
+    adam_steps.clear()                           # the default threshold (1e-5) is far below these losses
+    optimise_null_embeddings(ed, inversion, "a texture", steps=2, lr=0.01)
+    assert [adam_steps[int(t)] for t in inversion.timesteps] == [2, 2]
+
+
+# --- the method's hooks ----------------------------------------------------------------------------------
+
+
+def test_inversion_key_parts_are_the_null_text_settings_and_only_with_an_optimisation():
+    """The parts' names are the key format of the entries already on disk; lr, early stop and guidance change
+    the embeddings only when null_steps > 0, so without an optimisation they must not split the cache."""
+    def parts(guidance=7.5, **v2v) -> dict:
+        return Vid2VidZero(EditorSettings(method="vid2vid-zero", guidance=guidance,
+                                          method_settings=Vid2VidZeroConfig(**v2v))).inversion_parts()
+
+    assert parts(null_steps=2, null_lr=0.02, null_early_stop=0.001, guidance=5.0) == {"vid2vid_zero": dict(
+        invert_with_prompt=False, null_steps=2, null_lr=0.02, null_early_stop=0.001, guidance=5.0)}
+    assert parts(null_steps=0, invert_with_prompt=True, null_lr=0.02, guidance=5.0) == {"vid2vid_zero": dict(
+        invert_with_prompt=True, null_steps=0)}
+
+
+def test_uncond_embedding_comes_in_the_default_embeddings_dtype():
+    from vidbatch.engine.method import Inversion
+
+    method = Vid2VidZero(EditorSettings(method="vid2vid-zero", method_settings=Vid2VidZeroConfig()))
+    method.device, method.empty = torch.device("cpu"), torch.zeros(1, 77, 8)
+    nulls = torch.arange(4.0)[:, None, None].expand(4, 77, 8)
+    inversion = Inversion(torch.arange(4), torch.zeros(4, 1, 4, 2, 2), torch.zeros(1, 4, 2, 2), {"null_embeddings": nulls})
+    default = torch.ones(1, 77, 8, dtype=torch.float64)
+    for step, expected in ((0, method.empty), (3, nulls[3:4])):    # the first half: the empty prompt's
+        got = method.uncond_embedding(inversion, step, default)
+        assert got.dtype == torch.float64 and torch.equal(got, expected.double())
+    assert method.uncond_embedding(Inversion(torch.arange(4), torch.zeros(4, 1, 4, 2, 2), torch.zeros(1, 4, 2, 2)),
+                                   0, default) is default      # a plain inversion: the negative prompt's
+
+
+def test_a_method_not_yet_patched_runs_no_source_branch():
+    assert not Vid2VidZero(EditorSettings(method="vid2vid-zero")).needs_source(0)
+
+
+def test_patch_defaults_warnings_and_removal_of_only_its_own_patch(pipe, caplog):
+    from vidbatch.engine.methods.vid2vid_zero import apply_vid2vid_zero, remove_vid2vid_zero
+    from vidbatch.engine.processors import install_processors, installed_patch, restore_processors
+
+    unet = pipe.unet
+    caplog.set_level("WARNING", logger="vidbatch")
+    state = apply_vid2vid_zero(unet, dense_blocks=["mid_block", "up_blocks.9"])
+    assert state.cross_frame                                   # cross-frame attention by default
+    assert "up_blocks.9" in caplog.text and "mid_block'" not in caplog.text
+    state.first["x"], state.last["x"] = torch.zeros(1), (0, torch.zeros(1))
+    remove_vid2vid_zero(unet)                                  # restoring forgets the kept frames
+    assert installed_patch(unet) is None and not state.first and not state.last
+    caplog.clear()
+    apply_vid2vid_zero(unet, dense_blocks=["mid_block"])
+    assert "match no transformer block" not in caplog.text
+    remove_vid2vid_zero(unet)
+    install_processors(unet, "another method", None, lambda name, block: {})
+    try:
+        remove_vid2vid_zero(unet)                              # not vid2vid-zero's patch: left alone
+        assert installed_patch(unet).owner == "another method"
+    finally:
+        restore_processors(unet)
+
+
+def test_null_text_optimisation_of_a_half_precision_model_runs_its_unet_in_float32_and_leaves_it_as_it_was():
+    """Gradients go through a float32 UNet; the embeddings come back, and the editor's text cache stays, in the
+    model's dtype (also with no optimisation at all)."""
+    from vidbatch.models.loading import load_pipeline
+
+    half = load_pipeline("tiny", dtype=torch.float16)
+    inversion = VideoEditor(half, EditorSettings(steps=2, method="vid2vid-zero", control="none")).invert(
+        moving_frames(2), "a texture")
+    ed = VideoEditor(half, EditorSettings(steps=2, method="vid2vid-zero", control="none"))   # nothing embedded yet
+    unet_output, grad_dtypes = ed.unet_output, set()
+
+    def recording(latents, t, embeddings, condition=None):
+        if torch.is_grad_enabled():
+            grad_dtypes.add((ed.unet.dtype, embeddings.dtype))
+        return unet_output(latents, t, embeddings, condition)
+
+    ed.unet_output = recording
+    nulls = optimise_null_embeddings(ed, inversion, "a texture", steps=1, lr=0.01)
+    assert grad_dtypes == {(torch.float32, torch.float32)}
+    assert nulls.dtype == torch.float16 and ed.unet.dtype == torch.float16
+    assert ed.text_embedding("").dtype == ed.text_embedding("a texture").dtype == torch.float16
+    assert optimise_null_embeddings(ed, inversion, "a texture", steps=0, lr=0.01).dtype == torch.float16
