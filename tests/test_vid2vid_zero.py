@@ -458,6 +458,7 @@ def test_prompt_to_prompt_window_matches_vid2vid_zeros():
     ("refine", "auto", 10, 4),
     ("replace", 0.3, 10, 3),      # a number overrides the mode's share
     ("auto", 1.0, 7, 7),          # int(1.0 * 8) = 8, capped at the 7 steps there are
+    ("replace", 0.2, 5, 1),       # int(0.2 * 6) = 1: a single step still runs the source branch
     ("auto", 0.0, 10, 0),
     ("none", "auto", 10, 0),
 ])
