@@ -694,7 +694,7 @@ def test_one_adam_step_per_denoising_step_is_the_sign_step_on_the_whole_videos_e
     Frames in batches as `inversion_batch: auto` fits them in a small budget (2 of 3 frames)."""
     frames = moving_frames(3)
     for budget in (2 ** p for p in range(16, 40)):
-        ed = editor(pipe, steps=2, inversion_batch="auto", memory_budget_bytes=budget, v2v=OFF)
+        ed = editor(pipe, steps=3, inversion_batch="auto", memory_budget_bytes=budget, v2v=OFF)
         if ed.inversion_batch_for(3, (4, 4)) == 2:
             break
     inversion = ed.invert(frames, "")
@@ -706,7 +706,7 @@ def test_one_adam_step_per_denoising_step_is_the_sign_step_on_the_whole_videos_e
         previous = (nulls[k - 1] if k else ed.text_embedding("")[0]).float()[None]   # where step k starts
         free = previous.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad((guided_step(x, free) - target).pow(2).mean(), [free])
-        step_lr = lr * (1 - 0.5 * k / 2)
+        step_lr = lr * (1 - 0.5 * k / 3)
         expected = previous - step_lr * grad / (grad.abs() + 1e-8)
         # Where |g| is near Adam's eps, rounding (the batches' sum) moves the step: compare where it cannot.
         clear = grad[0].abs() > 1e-7
