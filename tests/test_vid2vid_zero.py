@@ -321,8 +321,10 @@ def test_null_uncond_ratio_selects_the_steps_like_vid2vid_zero():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_null_text_optimisation_in_half_precision_lowers_the_error_as_in_float32(dtype):
     """The first (noisiest) step's optimisation (5 Adam steps) lowers its one-step reconstruction error by as much
-    as in float32. Measured here: float32 0.252 -> 0.166 (0.66), float16 0.256 -> 0.170, bfloat16 0.250 -> 0.161;
-    before, with the UNet's own float16 gradient, float16 only to 0.224 (0.875)."""
+    as in float32. Measured here (error ratio): float32 0.875, float16 0.876, bfloat16 0.863. (The ratios once
+    recorded here, 0.66 and 0.875 with the UNet's own float16 gradient, were of the last step's embedding: on the
+    CPU every step's entry shared its storage. That the gradient runs through a float32 UNet is checked directly
+    by test_null_text_optimisation_of_a_half_precision_model_runs_its_unet_in_float32_and_leaves_it_as_it_was.)"""
     from vidbatch.engine import ddim
     from vidbatch.models.loading import load_pipeline
 
@@ -350,7 +352,7 @@ def test_null_text_optimisation_in_half_precision_lowers_the_error_as_in_float32
             return error(nulls[:1]) / error(ed.text_embedding(""))
 
     reference = error_ratio(torch.float32)
-    assert reference < 0.8, reference
+    assert reference < 0.92, reference
     assert error_ratio(dtype) < reference + 0.05
 
 
@@ -456,6 +458,7 @@ def test_prompt_to_prompt_window_matches_vid2vid_zeros():
     ("refine", "auto", 10, 4),
     ("replace", 0.3, 10, 3),      # a number overrides the mode's share
     ("auto", 1.0, 7, 7),          # int(1.0 * 8) = 8, capped at the 7 steps there are
+    ("replace", 0.2, 5, 1),       # int(0.2 * 6) = 1: a single step still runs the source branch
     ("auto", 0.0, 10, 0),
     ("none", "auto", 10, 0),
 ])
@@ -467,3 +470,373 @@ def test_the_most_prompt_to_prompt_steps_and_the_branches_they_need(p2p, cross_r
     assert method.replace_steps_at_most() == most
     assert method.max_branches(frozenset()) == (3 if most else 2)
     assert method.max_branches(frozenset({"pnp"})) == 3
+
+
+# --- processors against attention computed by hand ----------------------------------------------------
+
+
+def scaled_self_attention() -> Attention:
+    """Self-attention with a residual connection and an output rescale, which every processor must keep."""
+    torch.manual_seed(5)
+    return Attention(query_dim=32, heads=2, dim_head=16, residual_connection=True, rescale_output_factor=2.0).eval()
+
+
+def sdpa_by_hand(attn: Attention, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(M, C) queries against (M', C) key and value tokens: projections, 2 heads, SDPA, output projection."""
+
+    def heads(t):
+        return t.view(-1, 2, 16).transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(heads(attn.to_q(queries)), heads(attn.to_k(keys)), heads(attn.to_v(values)))
+    return attn.to_out[0](out.transpose(0, 1).reshape(-1, 32))
+
+
+def frame_attention_by_hand(attn: Attention, video: torch.Tensor, mode: str, inject: bool) -> torch.Tensor:
+    """(B, F, N, C) -> (B, F, N, C): every frame's tokens against its context ("alone": its own tokens, "dense":
+    every frame of its branch, "sparse": frame 0 then the frame before); with `inject` every branch takes
+    branch 0's queries and keys (PnP), keeping its own values. Residual and rescale as the module says."""
+    branches, frames = video.shape[:2]
+
+    def context(b: int, f: int) -> torch.Tensor:
+        if mode == "alone":
+            return video[b, f]
+        if mode == "dense":
+            return video[b].reshape(-1, 32)
+        return torch.cat([video[b, 0], video[b, max(f - 1, 0)]])
+
+    out = torch.empty_like(video)
+    for b in range(branches):
+        for f in range(frames):
+            qk = 0 if inject else b
+            out[b, f] = sdpa_by_hand(attn, video[qk, f], context(qk, f), context(b, f))
+    return (out + video) / attn.rescale_output_factor
+
+
+@torch.no_grad()
+def test_cross_frame_processor_equals_attention_by_hand_in_every_mode_with_and_without_injection():
+    attn = scaled_self_attention()
+    g = torch.Generator().manual_seed(6)
+    branches, frames, n = 3, 3, 4
+    video = torch.randn(branches, frames, n, 32, generator=g)
+    flat = video.reshape(-1, n, 32)
+    for mode in ("alone", "dense", "sparse"):
+        state = Vid2VidZeroState(cross_frame=mode != "alone")
+        attn.set_processor(CrossFrameProcessor(state, ENCODER, dense=mode == "dense", pnp_qk=True))
+        state.set_frames(torch.arange(frames))
+        for inject in (False, True):
+            state.begin_step()
+            state.begin_chunk(frames, branches, inject_qk=inject)
+            out = attn(flat).reshape(video.shape)
+            assert torch.allclose(out, frame_attention_by_hand(attn, video, mode, inject), atol=1e-5), (mode, inject)
+        # Injection is the engine's to ask for, per chunk: by default a chunk has none.
+        state.begin_step()
+        state.begin_chunk(frames, branches)
+        assert torch.allclose(attn(flat).reshape(video.shape), frame_attention_by_hand(attn, video, mode, False),
+                              atol=1e-5), mode
+    # Only the blocks PnP injects into (pnp_qk, set at patch time) take the injection.
+    state = Vid2VidZeroState(cross_frame=True)
+    attn.set_processor(CrossFrameProcessor(state, ENCODER, dense=True))
+    state.set_frames(torch.arange(frames))
+    state.begin_chunk(frames, branches, inject_qk=True)
+    assert torch.allclose(attn(flat).reshape(video.shape), frame_attention_by_hand(attn, video, "dense", False),
+                          atol=1e-5)
+
+
+@torch.no_grad()
+def test_cross_frame_processor_refuses_context_masks_and_chunks_out_of_order():
+    attn = self_attention()
+    state = Vid2VidZeroState(cross_frame=True)
+    attn.set_processor(CrossFrameProcessor(state, ENCODER, dense=False))
+    x = torch.randn(4, 3, 32)
+    state.set_frames(torch.tensor([0, 1]))
+    state.begin_chunk(2, 2)
+    with pytest.raises(NotImplementedError):
+        attn(x, encoder_hidden_states=torch.randn(4, 5, 32))
+    with pytest.raises(NotImplementedError):
+        attn(x, attention_mask=torch.zeros(4, 3, 3))
+    attn(x)                                       # frames 0, 1
+    state.set_frames(torch.tensor([3, 4]))        # frame 2 skipped: its previous frame was never seen
+    state.begin_chunk(2, 2)
+    with pytest.raises(RuntimeError, match="out of order"):
+        attn(x)
+
+
+def test_begin_chunk_needs_frames_branches_and_the_chunks_frame_indices():
+    state = Vid2VidZeroState()
+    with pytest.raises(RuntimeError, match="set_frames"):
+        state.begin_chunk(2, 2)                   # no frame indices yet
+    state.set_frames(torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="set_frames"):
+        state.begin_chunk(3, 2)                   # indices of another chunk
+    for frames, branches in ((0, 2), (2, 0)):
+        with pytest.raises(ValueError):
+            state.begin_chunk(frames, branches)
+    state.begin_chunk(2, 1)                       # one branch (guidance without uncond) is a layout too
+    assert (state.num_frames, state.num_branches, state.inject_qk) == (2, 1, False)
+
+
+def forwarded(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    """A block's original processor that answers with the call it got."""
+    return dict(attn=attn, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask, temb=temb, args=args, kwargs=kwargs)
+
+
+def test_p2p_processor_passes_calls_it_does_not_control_to_the_original_unchanged():
+    attn = cross_attention()
+    x, text, mask, temb = torch.randn(6, 5, 32), torch.randn(6, 7, 16), torch.zeros(6, 5, 7), torch.randn(6, 8)
+    for p2p, active, context in (("replace", False, text), ("none", True, text), ("replace", True, None)):
+        processor = PromptToPromptProcessor(Vid2VidZeroState(p2p=p2p, p2p_active=active), ENCODER, forwarded)
+        got = processor(attn, x, context, mask, temb, "extra", scale=0.5)
+        assert got["attn"] is attn and got["hidden_states"] is x and got["encoder_hidden_states"] is context
+        assert got["attention_mask"] is mask and got["temb"] is temb
+        assert got["args"] == ("extra",) and got["kwargs"] == dict(scale=0.5)
+
+
+@torch.no_grad()
+def test_p2p_processor_refuses_masks_unflattened_input_and_group_norm():
+    state = Vid2VidZeroState(p2p="replace", p2p_active=True)
+    state.set_frames(torch.arange(2))
+    state.begin_chunk(2, 3)
+    text = torch.randn(6, 7, 16)
+    attn = cross_attention()
+    processor = PromptToPromptProcessor(state, ENCODER, AttnProcessor2_0())
+    with pytest.raises(NotImplementedError):
+        processor(attn, torch.randn(6, 5, 32), text, attention_mask=torch.zeros(6, 5, 7))
+    with pytest.raises(NotImplementedError):
+        processor(attn, torch.randn(6, 32, 1, 5), text)
+    torch.manual_seed(3)
+    grouped = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16, norm_num_groups=4).eval()
+    with pytest.raises(NotImplementedError):
+        processor(grouped, torch.randn(6, 5, 32), text)
+
+
+@torch.no_grad()
+def test_p2p_with_identical_branches_keeps_the_blocks_norm_residual_and_rescale():
+    """Identical source and edit branches: the controlled call is the stock one, cross-attention norm, residual
+    connection and output rescale included."""
+    torch.manual_seed(7)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16, residual_connection=True,
+                     rescale_output_factor=2.0, cross_attention_norm="layer_norm").eval()
+    with torch.no_grad():                         # a layer norm that is not the identity
+        attn.norm_cross.weight.uniform_(0.5, 1.5)
+        attn.norm_cross.bias.uniform_(-0.5, 0.5)
+    state = Vid2VidZeroState(p2p="replace", p2p_active=True)
+    attn.set_processor(PromptToPromptProcessor(state, ENCODER, AttnProcessor2_0()))
+    g = torch.Generator().manual_seed(8)
+    frames, n = 2, 5
+    x, text = torch.randn(3, frames, n, 32, generator=g), torch.randn(3, frames, 7, 16, generator=g)
+    x[2], text[2] = x[0], text[0]
+    state.set_frames(torch.arange(frames))
+    state.begin_chunk(frames, 3)
+    flat_x, flat_text = x.reshape(-1, n, 32), text.reshape(-1, 7, 16)
+    assert torch.allclose(attn(flat_x, flat_text), AttnProcessor2_0()(attn, flat_x, flat_text), atol=1e-5)
+
+
+@torch.no_grad()
+def test_p2p_refine_mixes_the_edit_branchs_own_maps_for_new_words():
+    """refine: the edit branch's map of token j is the source's map of token mapper[j] where alphas[j] = 1 and
+    its own where 0; the source and uncond branches are untouched."""
+    attn = cross_attention()
+    mapper = torch.tensor([0, 1, 1, 2, 3, 4, 5])
+    alphas = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    state = Vid2VidZeroState(p2p="refine", p2p_active=True, mapper=mapper, alphas=alphas)
+    attn.set_processor(PromptToPromptProcessor(state, ENCODER, AttnProcessor2_0()))
+    g = torch.Generator().manual_seed(9)
+    frames, n = 2, 5
+    x, text = torch.randn(3, frames, n, 32, generator=g), torch.randn(3, frames, 7, 16, generator=g)
+    state.set_frames(torch.arange(frames))
+    state.begin_chunk(frames, 3)
+    flat_x, flat_text = x.reshape(-1, n, 32), text.reshape(-1, 7, 16)
+    controlled, stock = attn(flat_x, flat_text), AttnProcessor2_0()(attn, flat_x, flat_text)
+    assert torch.allclose(controlled[:2 * frames], stock[:2 * frames], atol=1e-5)
+
+    def maps(branch: int) -> torch.Tensor:   # (F, h, N, L)
+        q = attn.to_q(x[branch]).view(frames, n, 2, 16).transpose(1, 2)
+        k = attn.to_k(text[branch]).view(frames, 7, 2, 16).transpose(1, 2)
+        return (q @ k.transpose(-1, -2) / 4.0).softmax(-1)
+
+    source, own = maps(0), maps(2)
+    refined = torch.stack([source[..., int(m)] if a else own[..., j] for j, (m, a) in enumerate(zip(mapper, alphas))], -1)
+    v2 = attn.to_v(text[2]).view(frames, 7, 2, 16).transpose(1, 2)
+    expected = attn.to_out[0]((refined @ v2).transpose(1, 2).reshape(frames, n, 32))
+    assert torch.allclose(controlled[2 * frames:], expected, atol=1e-5)
+
+
+# --- null-text optimisation against the objective computed by hand ----------------------------------------
+
+
+def guided_steps_by_hand(ed: VideoEditor, inversion, prompt: str):
+    """For each denoising step k (noisiest first): (t, x -> the guided DDIM step from x with a given null
+    embedding, the step's target: the inverted latent of the next step, the clean latent after the last)."""
+    from vidbatch.engine import ddim
+
+    alphas, final = ed.alphas()
+    alpha_t, alpha_prev = ddim.alphas_for(alphas, final, inversion.timesteps)
+    cond = ed.text_embedding(prompt)
+    steps = len(inversion.timesteps)
+    for k, t in enumerate(inversion.timesteps):
+        target = (inversion.trajectory[k + 1] if k + 1 < steps else inversion.clean).float()
+
+        def guided_step(x: torch.Tensor, null: torch.Tensor, k=k, t=t) -> torch.Tensor:
+            out_cond = ed.unet_output(x, t, cond.expand(len(x), -1, -1)).detach()
+            out_uncond = ed.unet_output(x, t, null.expand(len(x), -1, -1))
+            guided = out_uncond + ed.settings.guidance * (out_cond - out_uncond)
+            return ddim.denoising_step(x, guided, alpha_t[k], alpha_prev[k], ed.prediction_type)
+
+        yield t, guided_step, target
+
+
+def test_one_adam_step_per_denoising_step_is_the_sign_step_on_the_whole_videos_error(pipe):
+    """Adam's first step moves every entry by lr * g / (|g| + eps): one Adam step per denoising step is known
+    in closed form from the gradient g of the mean squared error of the guided step over the whole video
+    (the frames' batches summed), from the previous step's embedding (the empty prompt's at first), with the
+    learning rate decayed linearly to half; the next step starts from the latent that embedding gives.
+    Frames in batches as `inversion_batch: auto` fits them in a small budget (2 of 3 frames)."""
+    frames = moving_frames(3)
+    for budget in (2 ** p for p in range(16, 40)):
+        ed = editor(pipe, steps=3, inversion_batch="auto", memory_budget_bytes=budget, v2v=OFF)
+        if ed.inversion_batch_for(3, (4, 4)) == 2:
+            break
+    inversion = ed.invert(frames, "")
+    assert inversion.trajectory.shape[-2:] == (4, 4)
+    lr = 0.01
+    nulls = optimise_null_embeddings(ed, inversion, "a texture", steps=1, lr=lr)
+    x = inversion.trajectory[0].float()
+    for k, (t, guided_step, target) in enumerate(guided_steps_by_hand(ed, inversion, "a texture")):
+        previous = (nulls[k - 1] if k else ed.text_embedding("")[0]).float()[None]   # where step k starts
+        free = previous.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad((guided_step(x, free) - target).pow(2).mean(), [free])
+        step_lr = lr * (1 - 0.5 * k / 3)
+        expected = previous - step_lr * grad / (grad.abs() + 1e-8)
+        # Where |g| is near Adam's eps, rounding (the batches' sum) moves the step: compare where it cannot.
+        clear = grad[0].abs() > 1e-7
+        assert float(clear.float().mean()) > 0.8
+        assert torch.allclose(nulls[k][clear], expected[0][clear], atol=2e-4), k
+        assert float((nulls[k] - previous[0]).abs().max()) <= step_lr + 1e-6
+        with torch.no_grad():
+            x = guided_step(x, nulls[k][None].float())
+
+
+def test_null_text_optimisation_stops_a_step_once_its_loss_is_below_the_threshold(pipe):
+    """With guidance 1 the guided prediction is the conditional one: the null embedding has no gradient, and
+    each step's loss is known in advance (the mean squared error of the conditional DDIM step from the
+    conditional trajectory). A step stops after the first Adam step once that loss is below
+    `null_early_stop + k * 2e-5`, else it takes all `null_steps` (2); vid2vid-zero's `invert` passes its setting."""
+    frames = moving_frames(3)
+    ed = editor(pipe, steps=2, guidance=1.0, inversion_batch=2, v2v=OFF)
+    inversion = ed.invert(frames, "")
+    losses, x = [], inversion.trajectory[0].float()
+    with torch.no_grad():
+        for t, guided_step, target in guided_steps_by_hand(ed, inversion, "a texture"):
+            x = guided_step(x, ed.text_embedding("").float())
+            losses.append(float((x - target).pow(2).mean()))
+    adam_steps, unet_output = {}, ed.unet_output
+
+    def counting(latents, t, embeddings, condition=None):
+        if torch.is_grad_enabled():   # the optimisation's calls; 2 per Adam step (3 frames in batches of 2)
+            adam_steps[int(t)] = adam_steps.get(int(t), 0) + 0.5
+        return unet_output(latents, t, embeddings, condition)
+
+    ed.unet_output = counting
+
+    def adam_steps_with(early_stop: float) -> list[float]:
+        adam_steps.clear()
+        optimise_null_embeddings(ed, inversion, "a texture", steps=2, lr=0.01, early_stop=early_stop)
+        return [adam_steps[int(t)] for t in inversion.timesteps]
+
+    assert losses[0] + 1e-4 < losses[1]          # measured: 0.2713, 0.2742
+    # Between the two losses: step 0 stops, step 1 (its threshold 2e-5 higher) does not.
+    assert adam_steps_with((losses[0] + losses[1]) / 2) == [1, 2]
+    # Just above step 1's loss only with step 1's 2e-5: both stop. Through vid2vid-zero's `invert`.
+    adam_steps.clear()
+    method = Vid2VidZero(EditorSettings(method="vid2vid-zero", steps=2, guidance=1.0, method_settings=Vid2VidZeroConfig(
+        null_steps=2, null_early_stop=losses[1] - 1e-5)))
+    nulls = method.invert(ed, frames, "a texture").extras["null_embeddings"]
+    assert [adam_steps[int(t)] for t in inversion.timesteps] == [1, 1]
+    assert torch.equal(nulls, ed.text_embedding("").expand(2, -1, -1))   # no gradient: the embedding stays
+    adam_steps.clear()                           # the default threshold (1e-5) is far below these losses
+    optimise_null_embeddings(ed, inversion, "a texture", steps=2, lr=0.01)
+    assert [adam_steps[int(t)] for t in inversion.timesteps] == [2, 2]
+
+
+# --- the method's hooks ----------------------------------------------------------------------------------
+
+
+def test_inversion_key_parts_are_the_null_text_settings_and_only_with_an_optimisation():
+    """The parts' names are the key format of the entries already on disk; lr, early stop and guidance change
+    the embeddings only when null_steps > 0, so without an optimisation they must not split the cache."""
+    def parts(guidance=7.5, **v2v) -> dict:
+        return Vid2VidZero(EditorSettings(method="vid2vid-zero", guidance=guidance,
+                                          method_settings=Vid2VidZeroConfig(**v2v))).inversion_parts()
+
+    assert parts(null_steps=2, null_lr=0.02, null_early_stop=0.001, guidance=5.0) == {"vid2vid_zero": dict(
+        invert_with_prompt=False, null_steps=2, null_lr=0.02, null_early_stop=0.001, guidance=5.0)}
+    assert parts(null_steps=0, invert_with_prompt=True, null_lr=0.02, guidance=5.0) == {"vid2vid_zero": dict(
+        invert_with_prompt=True, null_steps=0)}
+
+
+def test_uncond_embedding_comes_in_the_default_embeddings_dtype():
+    from vidbatch.engine.method import Inversion
+
+    method = Vid2VidZero(EditorSettings(method="vid2vid-zero", method_settings=Vid2VidZeroConfig()))
+    method.device, method.empty = torch.device("cpu"), torch.zeros(1, 77, 8)
+    nulls = torch.arange(4.0)[:, None, None].expand(4, 77, 8)
+    inversion = Inversion(torch.arange(4), torch.zeros(4, 1, 4, 2, 2), torch.zeros(1, 4, 2, 2), {"null_embeddings": nulls})
+    default = torch.ones(1, 77, 8, dtype=torch.float64)
+    for step, expected in ((0, method.empty), (3, nulls[3:4])):    # the first half: the empty prompt's
+        got = method.uncond_embedding(inversion, step, default)
+        assert got.dtype == torch.float64 and torch.equal(got, expected.double())
+    assert method.uncond_embedding(Inversion(torch.arange(4), torch.zeros(4, 1, 4, 2, 2), torch.zeros(1, 4, 2, 2)),
+                                   0, default) is default      # a plain inversion: the negative prompt's
+
+
+def test_a_method_not_yet_patched_runs_no_source_branch():
+    assert not Vid2VidZero(EditorSettings(method="vid2vid-zero")).needs_source(0)
+
+
+def test_patch_defaults_warnings_and_removal_of_only_its_own_patch(pipe, caplog):
+    from vidbatch.engine.methods.vid2vid_zero import apply_vid2vid_zero, remove_vid2vid_zero
+    from vidbatch.engine.processors import install_processors, installed_patch, restore_processors
+
+    unet = pipe.unet
+    caplog.set_level("WARNING", logger="vidbatch")
+    state = apply_vid2vid_zero(unet, dense_blocks=["mid_block", "up_blocks.9"])
+    assert state.cross_frame                                   # cross-frame attention by default
+    assert "up_blocks.9" in caplog.text and "mid_block'" not in caplog.text
+    state.first["x"], state.last["x"] = torch.zeros(1), (0, torch.zeros(1))
+    remove_vid2vid_zero(unet)                                  # restoring forgets the kept frames
+    assert installed_patch(unet) is None and not state.first and not state.last
+    caplog.clear()
+    apply_vid2vid_zero(unet, dense_blocks=["mid_block"])
+    assert "match no transformer block" not in caplog.text
+    remove_vid2vid_zero(unet)
+    install_processors(unet, "another method", None, lambda name, block: {})
+    try:
+        remove_vid2vid_zero(unet)                              # not vid2vid-zero's patch: left alone
+        assert installed_patch(unet).owner == "another method"
+    finally:
+        restore_processors(unet)
+
+
+def test_null_text_optimisation_of_a_half_precision_model_runs_its_unet_in_float32_and_leaves_it_as_it_was():
+    """Gradients go through a float32 UNet; the embeddings come back, and the editor's text cache stays, in the
+    model's dtype (also with no optimisation at all)."""
+    from vidbatch.models.loading import load_pipeline
+
+    half = load_pipeline("tiny", dtype=torch.float16)
+    inversion = VideoEditor(half, EditorSettings(steps=2, method="vid2vid-zero", control="none")).invert(
+        moving_frames(2), "a texture")
+    ed = VideoEditor(half, EditorSettings(steps=2, method="vid2vid-zero", control="none"))   # nothing embedded yet
+    unet_output, grad_dtypes = ed.unet_output, set()
+
+    def recording(latents, t, embeddings, condition=None):
+        if torch.is_grad_enabled():
+            grad_dtypes.add((ed.unet.dtype, embeddings.dtype))
+        return unet_output(latents, t, embeddings, condition)
+
+    ed.unet_output = recording
+    nulls = optimise_null_embeddings(ed, inversion, "a texture", steps=1, lr=0.01)
+    assert grad_dtypes == {(torch.float32, torch.float32)}
+    assert nulls.dtype == torch.float16 and ed.unet.dtype == torch.float16
+    assert ed.text_embedding("").dtype == ed.text_embedding("a texture").dtype == torch.float16
+    assert optimise_null_embeddings(ed, inversion, "a texture", steps=0, lr=0.01).dtype == torch.float16

@@ -228,7 +228,9 @@ def _optimise_null_embeddings(editor, inversion: Inversion, prompt: str, steps: 
             guided = out_uncond + guidance * (out_cond[b] - out_uncond)
             return ddim.denoising_step(x[b], guided, alpha_t[k], alpha_prev[k], kind)
 
-        null = null.detach().requires_grad_(True)
+        # A new tensor per step: Adam updates it in place, and the previous step's embedding, already in
+        # `out`, may share its storage (on the CPU in float32, `.to` and `.cpu` return the tensor itself).
+        null = null.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([null], lr=lr * (1.0 - 0.5 * k / num_steps))
         for _ in range(steps):
             optimiser.zero_grad()
