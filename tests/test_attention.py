@@ -25,7 +25,15 @@ from vidbatch.engine.methods.vidtome import (
 )
 from vidbatch.core.errors import ConfigError
 from vidbatch.engine.editor import EditorSettings
-from vidbatch.engine.methods.merge import join_frames, local_merge, split_frames
+from vidbatch.engine.methods.merge import (
+    draw_global_side,
+    draw_local_offsets,
+    global_merge,
+    join_frames,
+    local_merge,
+    size_bias,
+    split_frames,
+)
 from vidbatch.engine.processors import (
     attend,
     check_layout,
@@ -735,3 +743,149 @@ def test_attended_share_counts_the_tokens_left_by_merging(local_ratio, global_ra
                          target_stride=stride)
     method = VidToMe(EditorSettings(method="vidtome", method_settings=config))
     assert method.attended_share() == pytest.approx(share, rel=1e-12)
+
+
+# --- merge_chunk on hand-made tokens ------------------------------------------------------------
+
+
+def merging_state(settings: MergeSettings, frames: int, branches: int = BRANCHES,
+                  generator: torch.Generator | None = None) -> tuple[FrameAttentionState, FrameAttnProcessor]:
+    """A vidtome state in a fresh step with one chunk declared, and the processor of the ENCODER block."""
+    state = FrameAttentionState("vidtome", settings)
+    state.begin_step()
+    state.begin_chunk(frames, branches, generator)
+    return state, FrameAttnProcessor(state, ENCODER)
+
+
+def chunk_tokens(frames: int, seed: int, branches: int = BRANCHES, per_frame: int = 6, channels: int = 8,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random ``(B, F*N, C)`` tokens of a chunk, frames joined."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(branches, frames * per_frame, channels, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("local_ratio, frames, global_merge, refused", [
+    (0.5, 2, False, True),    # local merging of two frames draws a destination frame
+    (0.0, 2, True, True),     # global merging draws a side
+    (0.0, 2, False, False),   # nothing merged: nothing to draw
+    (0.5, 1, False, False),   # one frame has nothing to merge locally
+])
+def test_merge_chunk_needs_a_generator_exactly_when_it_has_something_to_draw(local_ratio, frames, global_merge,
+                                                                             refused):
+    """Without a generator a chunk is refused only when its merging draws (local merging of more than one
+    frame, or global merging); otherwise every token stands for itself."""
+    settings = MergeSettings(local_ratio=local_ratio, global_merge=global_merge)
+    state, proc = merging_state(settings, frames)
+    x = chunk_tokens(frames, seed=1)
+    if refused:
+        with pytest.raises(RuntimeError):
+            proc.merge_chunk(x, frames, BRANCHES)
+        return
+    merged = proc.merge_chunk(x, frames, BRANCHES)
+    assert merged.local.is_identity and merged.glob is None and merged.bias is None
+    assert torch.equal(merged.tokens, x)
+
+
+def test_merge_chunk_merges_locally_with_the_settings_stride_mode_and_batch_alignment():
+    """Local merging of a chunk is merge.local_merge with the call's draws and every setting passed on: a
+    stride of 2 (two levels for 4 frames), mean merging and one matching per branch."""
+    settings = MergeSettings(local_ratio=0.5, target_stride=2, merge_mode="mean", align_batch=False,
+                             global_merge=False)
+    state, proc = merging_state(settings, 4, generator=torch.Generator().manual_seed(5))
+    x = chunk_tokens(4, seed=2)
+    merged = proc.merge_chunk(x, 4, BRANCHES)
+    offsets = draw_local_offsets(4, 2, torch.Generator().manual_seed(5))
+    expected = local_merge(x, 4, 0.5, 2, align_batch=False, offsets=offsets)
+    assert torch.equal(merged.local.keep, expected.keep) and torch.equal(merged.local.back, expected.back)
+    torch.testing.assert_close(merged.tokens, expected.merge(x, "mean"), rtol=0, atol=0)
+    assert merged.glob is None and state.global_tokens == {}
+
+
+@pytest.mark.parametrize("global_rand, global_is_src", [(0.0, False), (1.0, True)])
+def test_a_second_call_meeting_a_global_set_draws_the_side_from_the_chunks_generator(global_rand, global_is_src):
+    """Two UNet calls after one begin_chunk: the first leaves the block's global set, the second merges with it
+    on a side drawn once from the state's generator with merge.global_rand (after the local offsets), in the
+    settings' merge mode; the new global set is the second chunk's local tokens as the global matching left them."""
+    settings = MergeSettings(local_ratio=0.5, global_ratio=0.5, global_rand=global_rand, merge_mode="mean")
+    state, proc = merging_state(settings, 4, generator=torch.Generator().manual_seed(7))
+    assert state.draws.global_is_src is None  # no global set when the chunk was declared
+    first, second = chunk_tokens(4, seed=3), chunk_tokens(4, seed=4)
+    proc.merge_chunk(first, 4, BRANCHES)
+    merged = proc.merge_chunk(second, 4, BRANCHES)
+
+    reference = torch.Generator().manual_seed(7)
+    offsets = draw_local_offsets(4, 4, reference)
+    assert draw_global_side(global_rand, reference) is global_is_src
+    assert state.draws.global_is_src is global_is_src
+    assert torch.equal(state.generator.get_state(), reference.get_state())  # one draw, from this generator
+
+    previous = local_merge(first, 4, 0.5, offsets=offsets).merge(first, "mean")
+    local = local_merge(second, 4, 0.5, offsets=offsets)
+    tokens = local.merge(second, "mean")
+    glob = global_merge(tokens, previous, 0.5, global_is_src=global_is_src)
+    expected = glob.merge(torch.cat([tokens, previous], dim=1), "mean")
+    assert torch.equal(merged.glob.back, glob.back)
+    torch.testing.assert_close(merged.tokens, expected, rtol=0, atol=0)
+    torch.testing.assert_close(state.global_tokens[ENCODER], glob.unmerge_first(expected, tokens.shape[1]),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("branches, channels", [(1, 8), (BRANCHES, 5)], ids=["branches", "channels"])
+def test_merge_chunk_refuses_a_global_set_of_another_layout(branches, channels):
+    """A global set left by chunks of another branch count, or another width, is refused (begin_step() was
+    missed between runs), each mismatch on its own."""
+    state, proc = merging_state(MergeSettings(), 4, generator=torch.Generator().manual_seed(0))
+    proc.merge_chunk(chunk_tokens(4, seed=1), 4, BRANCHES)
+    state.begin_chunk(4, branches, torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError):
+        proc.merge_chunk(chunk_tokens(4, seed=2, branches=branches, channels=channels), 4, branches)
+
+
+def test_a_global_set_of_another_dtype_is_merged_in_the_chunks_dtype():
+    """The global set left by a float64 chunk joins a float32 chunk as float32: the attended tokens and the
+    next global set keep the chunk's dtype."""
+    state, proc = merging_state(MergeSettings(), 4, generator=torch.Generator().manual_seed(0))
+    proc.merge_chunk(chunk_tokens(4, seed=1, dtype=torch.float64), 4, BRANCHES)
+    state.begin_chunk(4, BRANCHES, torch.Generator().manual_seed(1))
+    merged = proc.merge_chunk(chunk_tokens(4, seed=2), 4, BRANCHES)
+    assert merged.glob is not None
+    assert merged.tokens.dtype == torch.float32 and state.global_tokens[ENCODER].dtype == torch.float32
+
+
+def test_proportional_attention_counts_a_global_set_left_without_it_as_single_tokens():
+    """When the global set came from a call without proportional attention (no sizes recorded), each of its
+    tokens stands for one token: the bias is log of the global matching's sizes over [local sizes | ones]."""
+    settings = MergeSettings(local_ratio=0.5, global_ratio=0.5, global_rand=1.0)
+    state, proc = merging_state(settings, 4, generator=torch.Generator().manual_seed(0))
+    first, second = chunk_tokens(4, seed=1, channels=16), chunk_tokens(4, seed=2, channels=16)
+    proc.merge_chunk(first, 4, BRANCHES)
+    previous = state.global_tokens[ENCODER]
+    assert state.global_sizes == {} and previous.shape[1] != previous.shape[2]
+    settings.proportional_attention = True
+    state.begin_chunk(4, BRANCHES, torch.Generator().manual_seed(1))
+    merged = proc.merge_chunk(second, 4, BRANCHES)
+
+    local = local_merge(second, 4, 0.5, offsets=state.draws.local_offsets)
+    glob = global_merge(local.merge(second), previous, 0.5, global_is_src=True)
+    sizes = glob.sizes(torch.cat([local.sizes(), torch.ones(1, previous.shape[1])], dim=1))
+    assert sizes.shape[0] == 1 and sizes.sum() == second.shape[1] + previous.shape[1]
+    torch.testing.assert_close(merged.bias, size_bias(sizes), rtol=0, atol=0)
+    torch.testing.assert_close(state.global_sizes[ENCODER], local.sizes(), rtol=0, atol=0)
+
+
+def test_proportional_attention_without_local_merging_biases_only_a_global_merge_in_the_tokens_dtype():
+    """With nothing merged locally, a chunk without a global set attends without a bias (every token stands for
+    itself), and a chunk merged with the global set gets the log-size bias in its own dtype (float64 here)."""
+    settings = MergeSettings(local_ratio=0.0, global_ratio=0.5, global_rand=0.0, proportional_attention=True)
+    state, proc = merging_state(settings, 2, generator=torch.Generator().manual_seed(0))
+    first = chunk_tokens(2, seed=1, dtype=torch.float64)
+    assert proc.merge_chunk(first, 2, BRANCHES).bias is None
+    state.begin_chunk(2, BRANCHES, torch.Generator().manual_seed(1))
+    second = chunk_tokens(2, seed=2, dtype=torch.float64)
+    merged = proc.merge_chunk(second, 2, BRANCHES)
+
+    glob = global_merge(second, first, 0.5, global_is_src=False)
+    sizes = glob.sizes(torch.ones(1, second.shape[1] + first.shape[1], dtype=torch.float64))
+    assert sizes.max() > 1  # the merged global tokens stand for more than one token
+    assert merged.bias.dtype == torch.float64
+    torch.testing.assert_close(merged.bias, size_bias(sizes), rtol=0, atol=1e-6)  # sizes are counted in float32
