@@ -14,16 +14,19 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from vidbatch.engine.methods.vidtome import (
     BlockStats,
+    FrameAttentionBatch,
     FrameAttentionState,
     FrameAttnProcessor,
     MergeConfig,
     MergeSettings,
     VidToMe,
     apply_patch,
+    apply_patch_videos,
     attended_share,
     remove_patch,
 )
 from vidbatch.core.errors import ConfigError
+from vidbatch.engine.controls.pnp import pnp_attention_blocks
 from vidbatch.engine.editor import EditorSettings
 from vidbatch.engine.methods.merge import (
     draw_global_side,
@@ -889,3 +892,107 @@ def test_proportional_attention_without_local_merging_biases_only_a_global_merge
     assert sizes.max() > 1  # the merged global tokens stand for more than one token
     assert merged.bias.dtype == torch.float64
     torch.testing.assert_close(merged.bias, size_bias(sizes), rtol=0, atol=1e-6)  # sizes are counted in float32
+
+
+def test_merge_settings_accept_the_bounds_of_every_setting():
+    """The ratios at 0 and at 1, the smallest target stride (2) and the smallest max_downsample (1) are valid."""
+    MergeSettings(local_ratio=0.0, global_ratio=1.0, global_rand=0.0, target_stride=2, max_downsample=1).validate()
+    MergeSettings(local_ratio=1.0, global_ratio=0.0, global_rand=1.0, target_stride=2).validate()
+    with pytest.raises(ConfigError):
+        MergeSettings(target_stride=1).validate()
+
+
+# --- Several videos per call, and the patch on a UNet ------------------------------------------
+
+
+@pytest.mark.parametrize("attention", [
+    dict(residual_connection=True, norm_num_groups=4, spatial_norm_dim=3),
+    dict(cross_attention_dim=24, cross_attention_norm="layer_norm"),
+], ids=["4d-groupnorm-spatialnorm", "cross-norm-mask"])
+@torch.no_grad()
+def test_a_batch_of_videos_attends_every_video_with_the_calls_context_mask_and_temb(attention):
+    """A FrameAttentionBatch hands each video's rows the call's context, mask and temb: per-frame attention of two
+    videos in one call (all videos active until begin_call), then of the second alone, is diffusers' stock."""
+    attn, _ = _per_frame_pair(**attention)
+    videos = [FrameAttentionState("per-frame", MergeSettings()) for _ in range(2)]
+    batch = FrameAttentionBatch(videos)
+    attn.set_processor(FrameAttnProcessor(batch, ENCODER))
+    videos[0].begin_chunk(2, BRANCHES)
+    videos[1].begin_chunk(1, BRANCHES)
+    g = torch.Generator().manual_seed(23)
+    for rows in (6, 2):   # both videos' rows, then (begin_call([1])) the second's alone
+        kwargs = {}
+        if "spatial_norm_dim" in attention:
+            x = torch.randn(rows, 32, 2, 3, generator=g)
+            kwargs["temb"] = torch.randn(rows, 3, 2, 3, generator=g)
+        else:
+            x = torch.randn(rows, 6, 32, generator=g)
+            kwargs["encoder_hidden_states"] = torch.randn(rows, 5, 24, generator=g)
+            kwargs["attention_mask"] = torch.tensor([[0.0, -1e4, 0.0, 0.0, -1e4]]).repeat(rows, 1)
+        torch.testing.assert_close(attn(x, **kwargs), AttnProcessor2_0()(attn, x, **kwargs), atol=1e-5, rtol=1e-5)
+        batch.begin_call([1])
+
+
+def test_apply_patch_videos_gives_every_video_the_settings_and_its_own_state(model):
+    """One video is a batch too; every video's state holds the given settings; the patch is the batch's; the
+    PnP blocks take query/key injection; restoring forgets every video's global tokens."""
+    settings = MergeSettings(local_ratio=0.3, global_ratio=0.6, target_stride=3)
+    batch = apply_patch_videos(model, "vidtome", 1, settings)
+    assert len(batch.videos) == 1 and batch.videos[0].settings is settings
+    batch = apply_patch_videos(model, "vidtome", 2, settings)
+    assert installed_patch(model).state is batch and batch.active == batch.videos
+    assert all(video.settings is settings for video in batch.videos) and batch.videos[0] is not batch.videos[1]
+    processors = {path.rsplit(".attn1", 1)[0]: p for path, p in model.attn_processors.items() if ".attn1." in path}
+    pnp = pnp_attention_blocks(model)
+    assert pnp and {name for name, p in processors.items() if p.pnp_qk} == pnp
+    assert all(p.state is batch for p in processors.values())
+    for video in batch.videos:
+        video.global_tokens["block"], video.global_sizes["block"] = torch.ones(1, 2, 3), torch.ones(1, 2)
+    remove_patch(model)
+    assert all(video.global_tokens == {} and video.global_sizes == {} for video in batch.videos)
+    with pytest.raises(ValueError):
+        apply_patch_videos(model, "vidtome", 0, settings)
+    with pytest.raises(ConfigError):
+        apply_patch_videos(model, "vidtome", 2, MergeSettings(target_stride=1))
+
+
+def test_apply_patch_keeps_its_state_with_the_patch_and_remove_patch_leaves_another_owners_patch(model):
+    state = apply_patch(model, "vidtome", MergeSettings())
+    assert installed_patch(model).state is state
+    state.global_tokens["block"] = torch.ones(1, 2, 3)
+    remove_patch(model)
+    assert installed_patch(model) is None and state.global_tokens == {}
+    theirs = install_processors(model, "another method", object(), lambda name, block: {"attn1": AttnProcessor2_0()})
+    remove_patch(model)
+    assert installed_patch(model) is theirs
+    restore_processors(model)
+
+
+@torch.no_grad()
+def test_the_patch_records_the_latent_size_at_every_call_positional_or_keyword(model):
+    """The latent's h*w is recorded in every video's state whether the UNet gets its sample by position or by
+    keyword; a non-square latent with as many channels as rows tells height, width and channels apart."""
+    batch = apply_patch_videos(model, "per-frame", 2)
+    for video in batch.videos:
+        video.begin_chunk(1, 1)
+    batch.begin_call([0])
+    text = torch.zeros(1, 5, 32)
+    model(sample=torch.zeros(1, 4, 4, 6), timestep=1, encoder_hidden_states=text)
+    assert [video.latent_tokens for video in batch.videos] == [24, 24]
+    model(torch.zeros(1, 4, 8, 2), 1, encoder_hidden_states=text)
+    assert [video.latent_tokens for video in batch.videos] == [16, 16]
+
+
+def test_vidtome_patch_videos_passes_the_merge_section_to_every_video(pipe):
+    from vidbatch.engine.editor import VideoEditor
+
+    config = MergeConfig(local_ratio=0.3, target_stride=3, proportional_attention=True)
+    editor = VideoEditor(pipe, EditorSettings(method="vidtome", method_settings=config))
+    method = VidToMe(EditorSettings(method="vidtome", method_settings=config))
+    batch = method.patch_videos(editor, 2)
+    try:
+        assert [video.settings for video in batch.videos] == [config.merge_settings()] * 2
+        assert all(video.method == "vidtome" for video in batch.videos)
+    finally:
+        method.unpatch(editor.unet)
+    assert installed_patch(editor.unet) is None
