@@ -996,3 +996,101 @@ def test_vidtome_patch_videos_passes_the_merge_section_to_every_video(pipe):
     finally:
         method.unpatch(editor.unet)
     assert installed_patch(editor.unet) is None
+
+
+# --- Declaring chunks, and what each mode accepts ----------------------------------------------
+
+
+def test_begin_chunk_refuses_an_empty_chunk_and_records_the_latent_size():
+    state = FrameAttentionState("vidtome", MergeSettings())
+    for frames, branches in [(0, 2), (2, 0)]:
+        with pytest.raises(ValueError):
+            state.begin_chunk(frames, branches)
+    state.begin_chunk(1, 1, latent_hw=(2, 3))   # the smallest chunk: one frame of one branch
+    assert (state.num_frames, state.num_branches, state.latent_tokens) == (1, 1, 6)
+
+
+@pytest.mark.parametrize("method, settings, frames", [
+    ("extended", MergeSettings(), 4),                     # only vidtome draws
+    ("vidtome", MergeSettings(local_ratio=0.0), 4),       # nothing merged locally, no global set yet
+    ("vidtome", MergeSettings(), 1),                      # one frame: no local level
+])
+def test_begin_chunk_draws_nothing_when_nothing_is_merged(method, settings, frames):
+    """The generator is left untouched (the next draws stay the reference's) when no local level and no global
+    side is drawn; vidtome's draws then hold no offsets."""
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    state = FrameAttentionState(method, settings)
+    state.begin_chunk(frames, BRANCHES, g)
+    assert torch.equal(g.get_state(), before)
+    assert state.draws is None if method != "vidtome" else state.draws.local_offsets == []
+
+
+def test_merge_chunk_before_any_chunk_is_refused():
+    proc = FrameAttnProcessor(FrameAttentionState("vidtome", MergeSettings()), ENCODER)
+    with pytest.raises(RuntimeError):
+        proc.merge_chunk(chunk_tokens(2, seed=0), 2, BRANCHES)
+
+
+@torch.no_grad()
+def test_vidtome_needs_the_latent_size_when_called_outside_the_unet():
+    attn = attention_module()
+    state = FrameAttentionState("vidtome", MergeSettings())
+    attn.set_processor(FrameAttnProcessor(state, ENCODER))
+    state.begin_chunk(2, BRANCHES, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError):
+        attn(torch.randn(BRANCHES * 2, 4, 32))
+
+
+@pytest.mark.parametrize("method", ["extended", "vidtome"])
+@torch.no_grad()
+def test_joint_attention_modes_refuse_a_context_or_a_mask(method):
+    attn = Attention(query_dim=32, cross_attention_dim=32, heads=2, dim_head=16).eval()
+    state = FrameAttentionState(method, MergeSettings(global_merge=False))
+    attn.set_processor(FrameAttnProcessor(state, ENCODER))
+    state.begin_chunk(2, BRANCHES, torch.Generator().manual_seed(0), latent_hw=(2, 2))
+    x = torch.randn(BRANCHES * 2, 4, 32)
+    with pytest.raises(NotImplementedError):
+        attn(x, encoder_hidden_states=torch.randn(BRANCHES * 2, 3, 32))
+    with pytest.raises(NotImplementedError):
+        attn(x, attention_mask=torch.zeros(BRANCHES * 2, 4))
+
+
+@pytest.mark.parametrize("method", ["extended", "vidtome"])
+@torch.no_grad()
+def test_joint_attention_of_one_frame_keeps_the_residual_and_the_output_rescale(method):
+    """One frame attended jointly is diffusers' stock attention, residual connection and output rescale included."""
+    torch.manual_seed(6)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, residual_connection=True, rescale_output_factor=2.0).eval()
+    state = FrameAttentionState(method, MergeSettings(global_merge=False))
+    attn.set_processor(FrameAttnProcessor(state, ENCODER))
+    state.begin_chunk(1, BRANCHES, torch.Generator().manual_seed(0), latent_hw=(2, 2))
+    x = torch.randn(BRANCHES, 4, 32)
+    torch.testing.assert_close(attn(x), AttnProcessor2_0()(attn, x), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_video_of_a_batch_attends_per_frame_above_max_downsample_with_its_own_state():
+    """In a batch of videos, a vidtome block too far below the latent grid is per-frame attention, with that
+    video's state (its statistics; the stock output)."""
+    attn = attention_module()
+    video = FrameAttentionState("vidtome", MergeSettings(max_downsample=1))
+    attn.set_processor(FrameAttnProcessor(FrameAttentionBatch([video]), ENCODER))
+    video.begin_chunk(2, BRANCHES, torch.Generator().manual_seed(0), latent_hw=(4, 4))
+    x = torch.randn(BRANCHES * 2, 4, 32)   # 4 tokens of a 16-token latent: downsampled 2x
+    torch.testing.assert_close(attn(x), AttnProcessor2_0()(attn, x), atol=1e-5, rtol=1e-5)
+    assert video.stats[ENCODER] == BlockStats(tokens=8, local=8, attended=4, downsample=2)
+
+
+def test_a_processor_takes_no_query_key_injection_unless_built_for_it():
+    """PnP injection reaches only the blocks built with pnp_qk (apply_patch marks the decoder's): by default a
+    processor attends each branch with its own queries and keys."""
+    torch.manual_seed(5)
+    x = torch.randn(BRANCHES * 3, 4, 32)
+    attn = attention_module()
+    state = FrameAttentionState("extended", MergeSettings())
+    attn.set_processor(FrameAttnProcessor(state, DECODER))
+    state.begin_chunk(3, BRANCHES, inject_qk=True)
+    with torch.no_grad():
+        _, plain = call("extended", x, DECODER, inject=False)
+        torch.testing.assert_close(attn(x), plain, atol=1e-6, rtol=1e-6)
