@@ -1094,3 +1094,18 @@ def test_a_processor_takes_no_query_key_injection_unless_built_for_it():
     with torch.no_grad():
         _, plain = call("extended", x, DECODER, inject=False)
         torch.testing.assert_close(attn(x), plain, atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_per_frame_mode_takes_a_mask_per_query_and_a_cross_norm_module_without_context():
+    """Per-frame attention is the stock processor with a (batch, queries, keys) mask too, and with a module that
+    normalises contexts but is called without one (its norm then unused)."""
+    attn, state = _per_frame_pair(cross_attention_dim=32, cross_attention_norm="layer_norm")
+    g = torch.Generator().manual_seed(24)
+    x, context = torch.randn(BRANCHES * 2, 6, 32, generator=g), torch.randn(BRANCHES * 2, 5, 32, generator=g)
+    state.begin_chunk(2, BRANCHES)
+    mask = torch.where(torch.rand(BRANCHES * 2, 6, 5, generator=g) < 0.3, -1e4, 0.0)
+    stock = AttnProcessor2_0()
+    torch.testing.assert_close(attn(x, encoder_hidden_states=context, attention_mask=mask),
+                               stock(attn, x, encoder_hidden_states=context, attention_mask=mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x), stock(attn, x), atol=1e-5, rtol=1e-5)
