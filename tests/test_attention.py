@@ -14,18 +14,29 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from vidbatch.engine.methods.vidtome import (
     BlockStats,
+    FrameAttentionBatch,
     FrameAttentionState,
     FrameAttnProcessor,
     MergeConfig,
     MergeSettings,
     VidToMe,
     apply_patch,
+    apply_patch_videos,
     attended_share,
     remove_patch,
 )
 from vidbatch.core.errors import ConfigError
+from vidbatch.engine.controls.pnp import pnp_attention_blocks
 from vidbatch.engine.editor import EditorSettings
-from vidbatch.engine.methods.merge import join_frames, local_merge, split_frames
+from vidbatch.engine.methods.merge import (
+    draw_global_side,
+    draw_local_offsets,
+    global_merge,
+    join_frames,
+    local_merge,
+    size_bias,
+    split_frames,
+)
 from vidbatch.engine.processors import (
     attend,
     check_layout,
@@ -735,3 +746,366 @@ def test_attended_share_counts_the_tokens_left_by_merging(local_ratio, global_ra
                          target_stride=stride)
     method = VidToMe(EditorSettings(method="vidtome", method_settings=config))
     assert method.attended_share() == pytest.approx(share, rel=1e-12)
+
+
+# --- merge_chunk on hand-made tokens ------------------------------------------------------------
+
+
+def merging_state(settings: MergeSettings, frames: int, branches: int = BRANCHES,
+                  generator: torch.Generator | None = None) -> tuple[FrameAttentionState, FrameAttnProcessor]:
+    """A vidtome state in a fresh step with one chunk declared, and the processor of the ENCODER block."""
+    state = FrameAttentionState("vidtome", settings)
+    state.begin_step()
+    state.begin_chunk(frames, branches, generator)
+    return state, FrameAttnProcessor(state, ENCODER)
+
+
+def chunk_tokens(frames: int, seed: int, branches: int = BRANCHES, per_frame: int = 6, channels: int = 8,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random ``(B, F*N, C)`` tokens of a chunk, frames joined."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(branches, frames * per_frame, channels, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("local_ratio, frames, global_merge, refused", [
+    (0.5, 2, False, True),    # local merging of two frames draws a destination frame
+    (0.0, 2, True, True),     # global merging draws a side
+    (0.0, 2, False, False),   # nothing merged: nothing to draw
+    (0.5, 1, False, False),   # one frame has nothing to merge locally
+])
+def test_merge_chunk_needs_a_generator_exactly_when_it_has_something_to_draw(local_ratio, frames, global_merge,
+                                                                             refused):
+    """Without a generator a chunk is refused only when its merging draws (local merging of more than one
+    frame, or global merging); otherwise every token stands for itself."""
+    settings = MergeSettings(local_ratio=local_ratio, global_merge=global_merge)
+    state, proc = merging_state(settings, frames)
+    x = chunk_tokens(frames, seed=1)
+    if refused:
+        with pytest.raises(RuntimeError):
+            proc.merge_chunk(x, frames, BRANCHES)
+        return
+    merged = proc.merge_chunk(x, frames, BRANCHES)
+    assert merged.local.is_identity and merged.glob is None and merged.bias is None
+    assert torch.equal(merged.tokens, x)
+
+
+def test_merge_chunk_merges_locally_with_the_settings_stride_mode_and_batch_alignment():
+    """Local merging of a chunk is merge.local_merge with the call's draws and every setting passed on: a
+    stride of 2 (two levels for 4 frames), mean merging and one matching per branch."""
+    settings = MergeSettings(local_ratio=0.5, target_stride=2, merge_mode="mean", align_batch=False,
+                             global_merge=False)
+    state, proc = merging_state(settings, 4, generator=torch.Generator().manual_seed(5))
+    x = chunk_tokens(4, seed=2)
+    merged = proc.merge_chunk(x, 4, BRANCHES)
+    offsets = draw_local_offsets(4, 2, torch.Generator().manual_seed(5))
+    expected = local_merge(x, 4, 0.5, 2, align_batch=False, offsets=offsets)
+    assert torch.equal(merged.local.keep, expected.keep) and torch.equal(merged.local.back, expected.back)
+    torch.testing.assert_close(merged.tokens, expected.merge(x, "mean"), rtol=0, atol=0)
+    assert merged.glob is None and state.global_tokens == {}
+
+
+@pytest.mark.parametrize("global_rand, global_is_src", [(0.0, False), (1.0, True)])
+def test_a_second_call_meeting_a_global_set_draws_the_side_from_the_chunks_generator(global_rand, global_is_src):
+    """Two UNet calls after one begin_chunk: the first leaves the block's global set, the second merges with it
+    on a side drawn once from the state's generator with merge.global_rand (after the local offsets), in the
+    settings' merge mode; the new global set is the second chunk's local tokens as the global matching left them."""
+    settings = MergeSettings(local_ratio=0.5, global_ratio=0.5, global_rand=global_rand, merge_mode="mean")
+    state, proc = merging_state(settings, 4, generator=torch.Generator().manual_seed(7))
+    assert state.draws.global_is_src is None  # no global set when the chunk was declared
+    first, second = chunk_tokens(4, seed=3), chunk_tokens(4, seed=4)
+    proc.merge_chunk(first, 4, BRANCHES)
+    merged = proc.merge_chunk(second, 4, BRANCHES)
+
+    reference = torch.Generator().manual_seed(7)
+    offsets = draw_local_offsets(4, 4, reference)
+    assert draw_global_side(global_rand, reference) is global_is_src
+    assert state.draws.global_is_src is global_is_src
+    assert torch.equal(state.generator.get_state(), reference.get_state())  # one draw, from this generator
+
+    previous = local_merge(first, 4, 0.5, offsets=offsets).merge(first, "mean")
+    local = local_merge(second, 4, 0.5, offsets=offsets)
+    tokens = local.merge(second, "mean")
+    glob = global_merge(tokens, previous, 0.5, global_is_src=global_is_src)
+    expected = glob.merge(torch.cat([tokens, previous], dim=1), "mean")
+    assert torch.equal(merged.glob.back, glob.back)
+    torch.testing.assert_close(merged.tokens, expected, rtol=0, atol=0)
+    torch.testing.assert_close(state.global_tokens[ENCODER], glob.unmerge_first(expected, tokens.shape[1]),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("branches, channels", [(1, 8), (BRANCHES, 5)], ids=["branches", "channels"])
+def test_merge_chunk_refuses_a_global_set_of_another_layout(branches, channels):
+    """A global set left by chunks of another branch count, or another width, is refused (begin_step() was
+    missed between runs), each mismatch on its own."""
+    state, proc = merging_state(MergeSettings(), 4, generator=torch.Generator().manual_seed(0))
+    proc.merge_chunk(chunk_tokens(4, seed=1), 4, BRANCHES)
+    state.begin_chunk(4, branches, torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError):
+        proc.merge_chunk(chunk_tokens(4, seed=2, branches=branches, channels=channels), 4, branches)
+
+
+def test_a_global_set_of_another_dtype_is_merged_in_the_chunks_dtype():
+    """The global set left by a float64 chunk joins a float32 chunk as float32: the attended tokens and the
+    next global set keep the chunk's dtype."""
+    state, proc = merging_state(MergeSettings(), 4, generator=torch.Generator().manual_seed(0))
+    proc.merge_chunk(chunk_tokens(4, seed=1, dtype=torch.float64), 4, BRANCHES)
+    state.begin_chunk(4, BRANCHES, torch.Generator().manual_seed(1))
+    merged = proc.merge_chunk(chunk_tokens(4, seed=2), 4, BRANCHES)
+    assert merged.glob is not None
+    assert merged.tokens.dtype == torch.float32 and state.global_tokens[ENCODER].dtype == torch.float32
+
+
+def test_proportional_attention_counts_a_global_set_left_without_it_as_single_tokens():
+    """When the global set came from a call without proportional attention (no sizes recorded), each of its
+    tokens stands for one token: the bias is log of the global matching's sizes over [local sizes | ones]."""
+    settings = MergeSettings(local_ratio=0.5, global_ratio=0.5, global_rand=1.0)
+    state, proc = merging_state(settings, 4, generator=torch.Generator().manual_seed(0))
+    first, second = chunk_tokens(4, seed=1, channels=16), chunk_tokens(4, seed=2, channels=16)
+    proc.merge_chunk(first, 4, BRANCHES)
+    previous = state.global_tokens[ENCODER]
+    assert state.global_sizes == {} and previous.shape[1] != previous.shape[2]
+    settings.proportional_attention = True
+    state.begin_chunk(4, BRANCHES, torch.Generator().manual_seed(1))
+    merged = proc.merge_chunk(second, 4, BRANCHES)
+
+    local = local_merge(second, 4, 0.5, offsets=state.draws.local_offsets)
+    glob = global_merge(local.merge(second), previous, 0.5, global_is_src=True)
+    sizes = glob.sizes(torch.cat([local.sizes(), torch.ones(1, previous.shape[1])], dim=1))
+    assert sizes.shape[0] == 1 and sizes.sum() == second.shape[1] + previous.shape[1]
+    torch.testing.assert_close(merged.bias, size_bias(sizes), rtol=0, atol=0)
+    torch.testing.assert_close(state.global_sizes[ENCODER], local.sizes(), rtol=0, atol=0)
+
+
+def test_proportional_attention_without_local_merging_biases_only_a_global_merge_in_the_tokens_dtype():
+    """With nothing merged locally, a chunk without a global set attends without a bias (every token stands for
+    itself), and a chunk merged with the global set gets the log-size bias in its own dtype (float64 here)."""
+    settings = MergeSettings(local_ratio=0.0, global_ratio=0.5, global_rand=0.0, proportional_attention=True)
+    state, proc = merging_state(settings, 2, generator=torch.Generator().manual_seed(0))
+    first = chunk_tokens(2, seed=1, dtype=torch.float64)
+    assert proc.merge_chunk(first, 2, BRANCHES).bias is None
+    state.begin_chunk(2, BRANCHES, torch.Generator().manual_seed(1))
+    second = chunk_tokens(2, seed=2, dtype=torch.float64)
+    merged = proc.merge_chunk(second, 2, BRANCHES)
+
+    glob = global_merge(second, first, 0.5, global_is_src=False)
+    sizes = glob.sizes(torch.ones(1, second.shape[1] + first.shape[1], dtype=torch.float64))
+    assert sizes.max() > 1  # the merged global tokens stand for more than one token
+    assert merged.bias.dtype == torch.float64
+    torch.testing.assert_close(merged.bias, size_bias(sizes), rtol=0, atol=1e-6)  # sizes are counted in float32
+
+
+def test_merge_settings_accept_the_bounds_of_every_setting():
+    """The ratios at 0 and at 1, the smallest target stride (2) and the smallest max_downsample (1) are valid."""
+    MergeSettings(local_ratio=0.0, global_ratio=1.0, global_rand=0.0, target_stride=2, max_downsample=1).validate()
+    MergeSettings(local_ratio=1.0, global_ratio=0.0, global_rand=1.0, target_stride=2).validate()
+    with pytest.raises(ConfigError):
+        MergeSettings(target_stride=1).validate()
+
+
+# --- Several videos per call, and the patch on a UNet ------------------------------------------
+
+
+@pytest.mark.parametrize("attention", [
+    dict(residual_connection=True, norm_num_groups=4, spatial_norm_dim=3),
+    dict(cross_attention_dim=24, cross_attention_norm="layer_norm"),
+], ids=["4d-groupnorm-spatialnorm", "cross-norm-mask"])
+@torch.no_grad()
+def test_a_batch_of_videos_attends_every_video_with_the_calls_context_mask_and_temb(attention):
+    """A FrameAttentionBatch hands each video's rows the call's context, mask and temb: per-frame attention of two
+    videos in one call (all videos active until begin_call), then of the second alone, is diffusers' stock."""
+    attn, _ = _per_frame_pair(**attention)
+    videos = [FrameAttentionState("per-frame", MergeSettings()) for _ in range(2)]
+    batch = FrameAttentionBatch(videos)
+    attn.set_processor(FrameAttnProcessor(batch, ENCODER))
+    videos[0].begin_chunk(2, BRANCHES)
+    videos[1].begin_chunk(1, BRANCHES)
+    g = torch.Generator().manual_seed(23)
+    for rows in (6, 2):   # both videos' rows, then (begin_call([1])) the second's alone
+        kwargs = {}
+        if "spatial_norm_dim" in attention:
+            x = torch.randn(rows, 32, 2, 3, generator=g)
+            kwargs["temb"] = torch.randn(rows, 3, 2, 3, generator=g)
+        else:
+            x = torch.randn(rows, 6, 32, generator=g)
+            kwargs["encoder_hidden_states"] = torch.randn(rows, 5, 24, generator=g)
+            kwargs["attention_mask"] = torch.tensor([[0.0, -1e4, 0.0, 0.0, -1e4]]).repeat(rows, 1)
+        torch.testing.assert_close(attn(x, **kwargs), AttnProcessor2_0()(attn, x, **kwargs), atol=1e-5, rtol=1e-5)
+        batch.begin_call([1])
+
+
+def test_apply_patch_videos_gives_every_video_the_settings_and_its_own_state(model):
+    """One video is a batch too; every video's state holds the given settings; the patch is the batch's; the
+    PnP blocks take query/key injection; restoring forgets every video's global tokens."""
+    settings = MergeSettings(local_ratio=0.3, global_ratio=0.6, target_stride=3)
+    batch = apply_patch_videos(model, "vidtome", 1, settings)
+    assert len(batch.videos) == 1 and batch.videos[0].settings is settings
+    batch = apply_patch_videos(model, "vidtome", 2, settings)
+    assert installed_patch(model).state is batch and batch.active == batch.videos
+    assert all(video.settings is settings for video in batch.videos) and batch.videos[0] is not batch.videos[1]
+    processors = {path.rsplit(".attn1", 1)[0]: p for path, p in model.attn_processors.items() if ".attn1." in path}
+    pnp = pnp_attention_blocks(model)
+    assert pnp and {name for name, p in processors.items() if p.pnp_qk} == pnp
+    assert all(p.state is batch for p in processors.values())
+    for video in batch.videos:
+        video.global_tokens["block"], video.global_sizes["block"] = torch.ones(1, 2, 3), torch.ones(1, 2)
+    remove_patch(model)
+    assert all(video.global_tokens == {} and video.global_sizes == {} for video in batch.videos)
+    with pytest.raises(ValueError):
+        apply_patch_videos(model, "vidtome", 0, settings)
+    with pytest.raises(ConfigError):
+        apply_patch_videos(model, "vidtome", 2, MergeSettings(target_stride=1))
+
+
+def test_apply_patch_keeps_its_state_with_the_patch_and_remove_patch_leaves_another_owners_patch(model):
+    state = apply_patch(model, "vidtome", MergeSettings())
+    assert installed_patch(model).state is state
+    state.global_tokens["block"] = torch.ones(1, 2, 3)
+    remove_patch(model)
+    assert installed_patch(model) is None and state.global_tokens == {}
+    theirs = install_processors(model, "another method", object(), lambda name, block: {"attn1": AttnProcessor2_0()})
+    remove_patch(model)
+    assert installed_patch(model) is theirs
+    restore_processors(model)
+
+
+@torch.no_grad()
+def test_the_patch_records_the_latent_size_at_every_call_positional_or_keyword(model):
+    """The latent's h*w is recorded in every video's state whether the UNet gets its sample by position or by
+    keyword; a non-square latent with as many channels as rows tells height, width and channels apart."""
+    batch = apply_patch_videos(model, "per-frame", 2)
+    for video in batch.videos:
+        video.begin_chunk(1, 1)
+    batch.begin_call([0])
+    text = torch.zeros(1, 5, 32)
+    model(sample=torch.zeros(1, 4, 4, 6), timestep=1, encoder_hidden_states=text)
+    assert [video.latent_tokens for video in batch.videos] == [24, 24]
+    model(torch.zeros(1, 4, 8, 2), 1, encoder_hidden_states=text)
+    assert [video.latent_tokens for video in batch.videos] == [16, 16]
+
+
+def test_vidtome_patch_videos_passes_the_merge_section_to_every_video(pipe):
+    from vidbatch.engine.editor import VideoEditor
+
+    config = MergeConfig(local_ratio=0.3, target_stride=3, proportional_attention=True)
+    editor = VideoEditor(pipe, EditorSettings(method="vidtome", method_settings=config))
+    method = VidToMe(EditorSettings(method="vidtome", method_settings=config))
+    batch = method.patch_videos(editor, 2)
+    try:
+        assert [video.settings for video in batch.videos] == [config.merge_settings()] * 2
+        assert all(video.method == "vidtome" for video in batch.videos)
+    finally:
+        method.unpatch(editor.unet)
+    assert installed_patch(editor.unet) is None
+
+
+# --- Declaring chunks, and what each mode accepts ----------------------------------------------
+
+
+def test_begin_chunk_refuses_an_empty_chunk_and_records_the_latent_size():
+    state = FrameAttentionState("vidtome", MergeSettings())
+    for frames, branches in [(0, 2), (2, 0)]:
+        with pytest.raises(ValueError):
+            state.begin_chunk(frames, branches)
+    state.begin_chunk(1, 1, latent_hw=(2, 3))   # the smallest chunk: one frame of one branch
+    assert (state.num_frames, state.num_branches, state.latent_tokens) == (1, 1, 6)
+
+
+@pytest.mark.parametrize("method, settings, frames", [
+    ("extended", MergeSettings(), 4),                     # only vidtome draws
+    ("vidtome", MergeSettings(local_ratio=0.0), 4),       # nothing merged locally, no global set yet
+    ("vidtome", MergeSettings(), 1),                      # one frame: no local level
+])
+def test_begin_chunk_draws_nothing_when_nothing_is_merged(method, settings, frames):
+    """The generator is left untouched (the next draws stay the reference's) when no local level and no global
+    side is drawn; vidtome's draws then hold no offsets."""
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    state = FrameAttentionState(method, settings)
+    state.begin_chunk(frames, BRANCHES, g)
+    assert torch.equal(g.get_state(), before)
+    assert state.draws is None if method != "vidtome" else state.draws.local_offsets == []
+
+
+def test_merge_chunk_before_any_chunk_is_refused():
+    proc = FrameAttnProcessor(FrameAttentionState("vidtome", MergeSettings()), ENCODER)
+    with pytest.raises(RuntimeError):
+        proc.merge_chunk(chunk_tokens(2, seed=0), 2, BRANCHES)
+
+
+@torch.no_grad()
+def test_vidtome_needs_the_latent_size_when_called_outside_the_unet():
+    attn = attention_module()
+    state = FrameAttentionState("vidtome", MergeSettings())
+    attn.set_processor(FrameAttnProcessor(state, ENCODER))
+    state.begin_chunk(2, BRANCHES, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError):
+        attn(torch.randn(BRANCHES * 2, 4, 32))
+
+
+@pytest.mark.parametrize("method", ["extended", "vidtome"])
+@torch.no_grad()
+def test_joint_attention_modes_refuse_a_context_or_a_mask(method):
+    attn = Attention(query_dim=32, cross_attention_dim=32, heads=2, dim_head=16).eval()
+    state = FrameAttentionState(method, MergeSettings(global_merge=False))
+    attn.set_processor(FrameAttnProcessor(state, ENCODER))
+    state.begin_chunk(2, BRANCHES, torch.Generator().manual_seed(0), latent_hw=(2, 2))
+    x = torch.randn(BRANCHES * 2, 4, 32)
+    with pytest.raises(NotImplementedError):
+        attn(x, encoder_hidden_states=torch.randn(BRANCHES * 2, 3, 32))
+    with pytest.raises(NotImplementedError):
+        attn(x, attention_mask=torch.zeros(BRANCHES * 2, 4))
+
+
+@pytest.mark.parametrize("method", ["extended", "vidtome"])
+@torch.no_grad()
+def test_joint_attention_of_one_frame_keeps_the_residual_and_the_output_rescale(method):
+    """One frame attended jointly is diffusers' stock attention, residual connection and output rescale included."""
+    torch.manual_seed(6)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, residual_connection=True, rescale_output_factor=2.0).eval()
+    state = FrameAttentionState(method, MergeSettings(global_merge=False))
+    attn.set_processor(FrameAttnProcessor(state, ENCODER))
+    state.begin_chunk(1, BRANCHES, torch.Generator().manual_seed(0), latent_hw=(2, 2))
+    x = torch.randn(BRANCHES, 4, 32)
+    torch.testing.assert_close(attn(x), AttnProcessor2_0()(attn, x), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_video_of_a_batch_attends_per_frame_above_max_downsample_with_its_own_state():
+    """In a batch of videos, a vidtome block too far below the latent grid is per-frame attention, with that
+    video's state (its statistics; the stock output)."""
+    attn = attention_module()
+    video = FrameAttentionState("vidtome", MergeSettings(max_downsample=1))
+    attn.set_processor(FrameAttnProcessor(FrameAttentionBatch([video]), ENCODER))
+    video.begin_chunk(2, BRANCHES, torch.Generator().manual_seed(0), latent_hw=(4, 4))
+    x = torch.randn(BRANCHES * 2, 4, 32)   # 4 tokens of a 16-token latent: downsampled 2x
+    torch.testing.assert_close(attn(x), AttnProcessor2_0()(attn, x), atol=1e-5, rtol=1e-5)
+    assert video.stats[ENCODER] == BlockStats(tokens=8, local=8, attended=4, downsample=2)
+
+
+def test_a_processor_takes_no_query_key_injection_unless_built_for_it():
+    """PnP injection reaches only the blocks built with pnp_qk (apply_patch marks the decoder's): by default a
+    processor attends each branch with its own queries and keys."""
+    torch.manual_seed(5)
+    x = torch.randn(BRANCHES * 3, 4, 32)
+    attn = attention_module()
+    state = FrameAttentionState("extended", MergeSettings())
+    attn.set_processor(FrameAttnProcessor(state, DECODER))
+    state.begin_chunk(3, BRANCHES, inject_qk=True)
+    with torch.no_grad():
+        _, plain = call("extended", x, DECODER, inject=False)
+        torch.testing.assert_close(attn(x), plain, atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_per_frame_mode_takes_a_mask_per_query_and_a_cross_norm_module_without_context():
+    """Per-frame attention is the stock processor with a (batch, queries, keys) mask too, and with a module that
+    normalises contexts but is called without one (its norm then unused)."""
+    attn, state = _per_frame_pair(cross_attention_dim=32, cross_attention_norm="layer_norm")
+    g = torch.Generator().manual_seed(24)
+    x, context = torch.randn(BRANCHES * 2, 6, 32, generator=g), torch.randn(BRANCHES * 2, 5, 32, generator=g)
+    state.begin_chunk(2, BRANCHES)
+    mask = torch.where(torch.rand(BRANCHES * 2, 6, 5, generator=g) < 0.3, -1e4, 0.0)
+    stock = AttnProcessor2_0()
+    torch.testing.assert_close(attn(x, encoder_hidden_states=context, attention_mask=mask),
+                               stock(attn, x, encoder_hidden_states=context, attention_mask=mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x), stock(attn, x), atol=1e-5, rtol=1e-5)

@@ -362,9 +362,12 @@ class FrameAttnProcessor:
         if sum(rows) != hidden_states.shape[0]:
             raise RuntimeError(f"block {self.name} got a batch of {hidden_states.shape[0]}, but the videos of the "
                                f"call declared {' + '.join(map(str, rows))} rows")
-        return torch.cat([
-            self._attend_video(st, attn, part, encoder_hidden_states, attention_mask, temb)
-            for st, part in zip(videos, hidden_states.split(rows))])
+        # The context, mask and temb come row by row with the batch (per-frame mode takes them as the stock
+        # processor does): each video gets its own rows of them too.
+        extras = [t.split(rows) if t is not None and t.shape[0] == hidden_states.shape[0] else [t] * len(rows)
+                  for t in (encoder_hidden_states, attention_mask, temb)]
+        return torch.cat([self._attend_video(st, attn, part, *video_extras)
+                          for st, part, video_extras in zip(videos, hidden_states.split(rows), zip(*extras))])
 
     def _rows(self, st: FrameAttentionState) -> int:
         if st.num_frames is None or st.num_branches is None:
