@@ -27,7 +27,8 @@ test: $(STAMP)
 # Mutation testing of the engine's core with mutmut, module by module: slow, so not part of `make test`
 # or CI (docs/TESTING.md). `make mutate MODULES="ddim commit"` tests some modules only; the modules,
 # their files and their tests are in pyproject.toml ([tool.vidbatch.mutate]). Scores and the mutants
-# not killed go to mutation-report.txt; mutmut's work is kept in build/mutate/.
+# not killed go to mutation-report.txt; mutmut's work is kept in build/mutate/. MUTATE_CHILDREN mutants are
+# tested at once (1: the machine may be shared; 2 on an idle 2-core machine).
 MODULES ?= merge vidtome processors ddim commit cache controls tokenflow vid2vid_zero videodirector baselines
 MUTATE_CHILDREN ?= 1
 
