@@ -827,13 +827,19 @@ def test_limit_equal_to_the_total_keeps_everything_then_evicts_only_the_lru(tmp_
     assert not caplog.records  # under the limit: no warning
 
 
-def test_a_second_cache_follows_the_first_through_the_journal(tmp_path):
-    """Each object reads what the others appended (stores and evictions) instead of rescanning."""
+def _two_caches_holding_three(tmp_path) -> tuple[InversionCache, InversionCache, int]:
+    """Two cache objects on one folder limited to three entries; `a` has stored entries 0, 1 and 2."""
     size = _size(tmp_path)
     a = InversionCache(tmp_path / "c", max_bytes=3 * size)
     b = InversionCache(tmp_path / "c", max_bytes=3 * size)
     for i in range(3):
         a.store(_key(i), _tensors(i))
+    return a, b, size
+
+
+def test_a_second_cache_follows_the_first_through_the_journal(tmp_path):
+    """Each object reads what the others appended (stores and evictions) instead of rescanning."""
+    a, b, size = _two_caches_holding_three(tmp_path)
     journal = _journal(a.root)
     inode = journal.stat().st_ino
     b.store(_key(3), _tensors(3))  # b learns 0, 1, 2 from a's journal and evicts 0
@@ -1070,11 +1076,7 @@ def test_the_lru_order_stays_right_and_bounded_under_many_hits(tmp_path):
 
 
 def test_pruning_a_limited_cache_is_journaled_for_the_other_objects(tmp_path):
-    size = _size(tmp_path)
-    a = InversionCache(tmp_path / "c", max_bytes=3 * size)
-    b = InversionCache(tmp_path / "c", max_bytes=3 * size)
-    for i in range(3):
-        a.store(_key(i), _tensors(i))
+    a, b, size = _two_caches_holding_three(tmp_path)
     b.store(_key(3), _tensors(3))  # b's index: 1, 2, 3
     assert [e.key for e in a.prune(size)] == [_key(1), _key(2)]
     b.store(_key(4), _tensors(4))  # b reads a's evictions: room for both without evicting
