@@ -940,12 +940,18 @@ def test_a_lost_or_headerless_journal_is_rebuilt_by_a_scan(tmp_path):
     assert _on_disk(cache) == {_key(2), _key(3), _key(4)} and cache._index.total == 3 * size
 
 
-def test_the_first_limited_store_counts_the_entries_already_there(tmp_path):
+def _three_old_entries(tmp_path) -> tuple[InversionCache, int]:
+    """An unlimited cache object holding entries 0, 1, 2, used in that order 1000 s ago."""
     size = _size(tmp_path)
     unlimited = InversionCache(tmp_path / "c")
     t0 = time.time() - 1000
     for i in range(3):
         os.utime(unlimited.store(_key(i), _tensors(i)), (t0 + i, t0 + i))
+    return unlimited, size
+
+
+def test_the_first_limited_store_counts_the_entries_already_there(tmp_path):
+    unlimited, size = _three_old_entries(tmp_path)
     InversionCache(tmp_path / "c", max_bytes=2 * size).store(_key(3), _tensors(3))
     assert _on_disk(unlimited) == {_key(2), _key(3)}
 
@@ -974,11 +980,7 @@ def test_an_unusable_journal_is_reported_and_the_limit_still_holds(tmp_path, cap
 
 
 def test_a_hit_seen_by_another_cache_object_is_respected_by_eviction(tmp_path):
-    size = _size(tmp_path)
-    unlimited = InversionCache(tmp_path / "c")
-    t0 = time.time() - 1000
-    for i in range(3):
-        os.utime(unlimited.store(_key(i), _tensors(i)), (t0 + i, t0 + i))
+    unlimited, size = _three_old_entries(tmp_path)
     a = InversionCache(tmp_path / "c", max_bytes=4 * size)
     a.store(_key(3), _tensors(3))  # a's index (a scan) has 0, 1, 2 at their old times
     assert unlimited.load(_key(0)) is not None  # a does not know: 0 is still its least recently used
