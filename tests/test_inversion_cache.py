@@ -827,19 +827,20 @@ def test_limit_equal_to_the_total_keeps_everything_then_evicts_only_the_lru(tmp_
     assert not caplog.records  # under the limit: no warning
 
 
-def _two_caches_holding_three(tmp_path) -> tuple[InversionCache, InversionCache, int]:
-    """Two cache objects on one folder limited to three entries; `a` has stored entries 0, 1 and 2."""
+def _cache_holding_three(tmp_path, others: int = 0) -> tuple[InversionCache, int, list[InversionCache]]:
+    """A cache object limited to three entries that has stored entries 0, 1 and 2, and `others` more objects on
+    its folder, made before those stores (so what they know of them comes from the journal)."""
     size = _size(tmp_path)
-    a = InversionCache(tmp_path / "c", max_bytes=3 * size)
-    b = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    cache = InversionCache(tmp_path / "c", max_bytes=3 * size)
+    more = [InversionCache(tmp_path / "c", max_bytes=3 * size) for _ in range(others)]
     for i in range(3):
-        a.store(_key(i), _tensors(i))
-    return a, b, size
+        cache.store(_key(i), _tensors(i))
+    return cache, size, more
 
 
 def test_a_second_cache_follows_the_first_through_the_journal(tmp_path):
     """Each object reads what the others appended (stores and evictions) instead of rescanning."""
-    a, b, size = _two_caches_holding_three(tmp_path)
+    a, size, (b,) = _cache_holding_three(tmp_path, others=1)
     journal = _journal(a.root)
     inode = journal.stat().st_ino
     b.store(_key(3), _tensors(3))  # b learns 0, 1, 2 from a's journal and evicts 0
@@ -991,10 +992,7 @@ def test_a_hit_seen_by_another_cache_object_is_respected_by_eviction(tmp_path):
 
 
 def test_a_victim_rewritten_by_another_process_is_measured_again(tmp_path):
-    size = _size(tmp_path)
-    a = InversionCache(tmp_path / "c", max_bytes=3 * size)
-    for i in range(3):
-        a.store(_key(i), _tensors(i))
+    a, size, _ = _cache_holding_three(tmp_path)
     p = a.path_for(_key(0))
     st = p.stat()
     InversionCache(tmp_path / "c").store(_key(0), {"latents": torch.zeros(2)})  # another size, same key
@@ -1078,7 +1076,7 @@ def test_the_lru_order_stays_right_and_bounded_under_many_hits(tmp_path):
 
 
 def test_pruning_a_limited_cache_is_journaled_for_the_other_objects(tmp_path):
-    a, b, size = _two_caches_holding_three(tmp_path)
+    a, size, (b,) = _cache_holding_three(tmp_path, others=1)
     b.store(_key(3), _tensors(3))  # b's index: 1, 2, 3
     assert [e.key for e in a.prune(size)] == [_key(1), _key(2)]
     b.store(_key(4), _tensors(4))  # b reads a's evictions: room for both without evicting
@@ -1088,10 +1086,7 @@ def test_pruning_a_limited_cache_is_journaled_for_the_other_objects(tmp_path):
 def test_a_hit_moves_the_entry_to_the_recent_end_of_this_objects_order(tmp_path):
     """The order in memory, not only the entry's mtime: a hit stays recent for this object even if the file's
     time is set back afterwards (a copy or restore that keeps times)."""
-    size = _size(tmp_path)
-    cache = InversionCache(tmp_path / "c", max_bytes=3 * size)
-    for i in range(3):
-        cache.store(_key(i), _tensors(i))
+    cache, size, _ = _cache_holding_three(tmp_path)
     first = cache.path_for(_key(0))
     st = first.stat()
     assert cache.load(_key(0)) is not None
