@@ -471,3 +471,20 @@ def test_losses_and_steered_step_match_the_authors_code():
     ours = ddim.score_guided_step(per_frame(ref["sample"]), per_frame(ref["model_output"]), alphas[t],
                                   alphas[t - 1000 // 50], "epsilon", per_frame(ref["score"]), 1.0)
     assert torch.allclose(ours, per_frame(ref["stepped"]), atol=1e-5)
+
+
+def test_inversion_key_parts_are_every_setting_the_tuned_inversion_depends_on():
+    """The null-text tuning and the STDG-guided inversion depend on these settings (and on no other of the
+    section): each one, set to a value other than its default, is in the cache key's parts under its own name
+    (the names are the key format of the entries already on disk)."""
+    changed = dict(null_steps=3, null_lr=0.05, early_stop=0.001, stdg=[0.1, 0.2, 0.3, 0.4], stdg_scale=2.0,
+                   stdg_blocks=["up_blocks.1"], stdg_block_weights=[5.0], top_k=2, window=8, overlap=2)
+    method = vd.VideoDirector(EditorSettings(method="videodirector", guidance=5.0,
+                                             method_settings=VideoDirectorConfig(**changed)))
+    assert method.inversion_parts() == {"videodirector": {**changed, "guidance": 5.0}}
+    defaults = vd.VideoDirector(EditorSettings(method="videodirector")).inversion_parts()["videodirector"]
+    assert all(defaults[name] != value for name, value in changed.items()) and defaults["guidance"] != 5.0
+    # Settings of the edit alone (the attention control's windows) leave the inversion's key as it is.
+    edit_only = VideoDirectorConfig(tau_s=0.1, tau_c=0.2, mutual_blocks=["down_blocks"], self_replace_max_tokens=64)
+    assert vd.VideoDirector(EditorSettings(method="videodirector", method_settings=edit_only)).inversion_parts() == \
+        {"videodirector": defaults}
