@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from rich.console import Console
 
@@ -25,7 +25,7 @@ from vidbatch.core.atomic import atomic_write
 from vidbatch.core.errors import ConfigError, OutputConfigChangedError
 from vidbatch.io.input_shards import SampleRange, check_local_urls, count_samples, expand_urls, shard_stem
 from vidbatch.io.tar_stream import TarFormatError
-from vidbatch.io.shard_check import ShardCheck, check_shard, list_output
+from vidbatch.io.shard_check import ShardCheck, shard_checker
 
 log = logging.getLogger("vidbatch")
 
@@ -150,7 +150,7 @@ def plan_run(inputs: Sequence[str], out_dir: Path, overwrite: bool, shard_index:
     plan = RunPlan(urls=urls, stems=stems, overwrite=overwrite, ranges=ranges, counts=counts,
                    samples_per_task=samples_per_task)
     changed: list[tuple[str, str]] = []
-    check_one = None if overwrite else _shard_checker(out_dir)
+    check_one = None if overwrite else shard_checker(out_dir)
     for i in order:
         if check_one is None:
             plan.todo.append(i)
@@ -183,21 +183,6 @@ def limit_todo(plan: RunPlan, limit: int) -> list[int]:
         return plan.todo[:limit]
     chosen = set(list(dict.fromkeys(plan.urls[i] for i in plan.todo))[:limit])
     return [i for i in plan.todo if plan.urls[i] in chosen]
-
-
-def _shard_checker(out_dir: Path) -> Callable[[str], ShardCheck]:
-    """Checks shards against one listing of the output (`io.shard_check.list_output`): a shard without a
-    done marker costs nothing, and only the markers there are read (100k shards: no 200k `stat`s). The
-    checks are made one at a time, not kept: a marker carries its rows' aggregates."""
-    listing = list_output(out_dir)
-    with_marker = listing.stems("stats", ".json")
-
-    def check(stem: str) -> ShardCheck:
-        if stem not in with_marker:
-            return ShardCheck(stem, "absent", problem="no done marker")
-        return check_shard(out_dir, stem, listing=listing)
-
-    return check
 
 
 def _has_failed_samples(check: ShardCheck) -> bool:

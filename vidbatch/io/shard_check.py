@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from vidbatch.core.errors import VidbatchError
 from vidbatch.core.rows import DoneMarker
@@ -107,6 +107,22 @@ def _file_problem(out_dir: Path, name: str, record: object, checksums: bool,
     if checksums and file_sha256(path) != record.get("sha256"):
         return f"{name} does not match its sha256 in the marker (damaged)"
     return None
+
+
+def shard_checker(out_dir: Path) -> Callable[[str], ShardCheck]:
+    """`check_shard` of many shards against one listing of the output (`list_output`): a shard without a
+    done marker costs nothing, and only the markers there are read (100k shards: no 200k `stat`s). The
+    checks are made one at a time, not kept: a marker carries its rows' aggregates."""
+    out_dir = Path(out_dir)
+    listing = list_output(out_dir)
+    with_marker = listing.stems("stats", ".json")
+
+    def check(stem: str) -> ShardCheck:
+        if stem not in with_marker:
+            return ShardCheck(stem, "absent", problem="no done marker")
+        return check_shard(out_dir, stem, listing=listing)
+
+    return check
 
 
 def check_shard(out_dir: Path, stem: str, *, checksums: bool = False,

@@ -33,7 +33,7 @@ from vidbatch.io.input_shards import shard_stem
 from vidbatch.core.aggregates import Dist, ShardAggregates, failure_cause
 from vidbatch.core.rows import EditRow
 from vidbatch.io.output_shards import read_rows
-from vidbatch.io.shard_check import check_shard, list_output
+from vidbatch.io.shard_check import list_output, shard_checker
 
 __all__ = ["failure_cause", "build_summary", "scan_output", "OutputScan", "iter_rows", "ShardRow"]
 
@@ -132,13 +132,10 @@ def scan_output(out_dir: Path, stems: Sequence[str]) -> OutputScan:
     """One pass over the shards of `stems` that are done (a readable marker whose files are all there, at
     their recorded sizes; a damaged shard counts as not done), against one listing of the output."""
     out_dir = Path(out_dir)
-    listing = list_output(out_dir)
-    with_marker = listing.stems("stats", ".json")
+    check_one = shard_checker(out_dir)
     scan = OutputScan()
     for stem in stems:
-        if stem not in with_marker:
-            continue
-        check = check_shard(out_dir, stem, listing=listing)
+        check = check_one(stem)
         marker = check.marker
         if check.state != "done" or marker is None:
             continue
