@@ -32,6 +32,8 @@ SUMMARY_EXACT = 4096
 # Bucket i of the histogram holds the values v with GAMMA**(i-1) < |v| <= GAMMA**i.
 GAMMA = 1.02
 _LOG_GAMMA = math.log(GAMMA)
+# Stage times of a row (`core.rows.EditRow.seconds`, which imports this module), in the order they are
+# written; `total` is the sum of the others (including any stage an editing method adds) and stays last.
 STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")
 
 
@@ -255,6 +257,10 @@ class MethodAggregates:
         self.failed += other.failed
         for name, dist in other.series.items():
             self.series.setdefault(name, Dist()).merge(dist, exact_limit)
+
+    def figure(self, name: str) -> Dist:
+        """The figure `name` (empty when no row had it)."""
+        return self.series.get(name, Dist())
 
 
 @dataclass

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from vidbatch.core.aggregates import ShardAggregates
+from vidbatch.core.aggregates import STAGES, ShardAggregates
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -33,10 +33,6 @@ RowStatus = Literal["ok", "failed"]
 # computed without a cache ("off"), or made for an earlier edit of the same video ("shared");
 # null on a failed row that never got that far.
 InversionCacheUse = Literal["hit", "miss", "off", "shared"]
-
-# Stage times of a row, in the order they are written; `total` is the sum of the others (including
-# any stage an editing method adds) and stays last.
-STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")
 
 _Record = TypeVar("_Record")
 

@@ -30,15 +30,14 @@ from vidbatch.metrics import get_metric, metric_keys
 from vidbatch.core.errors import ConfigError
 from vidbatch.dispatch.plan import read_plan_file
 from vidbatch.io.input_shards import shard_stem
-from vidbatch.core.aggregates import Dist, ShardAggregates, failure_cause
-from vidbatch.core.rows import EditRow
+from vidbatch.core.aggregates import Dist, MethodAggregates, ShardAggregates, failure_cause
+from vidbatch.core.rows import STAGES, EditRow
 from vidbatch.io.output_shards import read_rows
 from vidbatch.io.shard_check import list_output, shard_checker
 
 __all__ = ["failure_cause", "build_summary", "scan_output", "OutputScan", "iter_rows", "ShardRow"]
 
 FLOW_NAMES = {"dis": "DIS (medium preset)", "farneback": "Farneback"}
-STAGES = ("decode", "invert", "edit", "encode", "metrics", "total")
 PACKAGES = ("torch", "diffusers", "transformers", "lightning", "webdataset", "opencv-python-headless")
 
 
@@ -74,10 +73,6 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def _distinct(values: Sequence) -> list:
-    return sorted({v for v in values if v is not None}, key=str)
 
 
 def metrics_by(agg: ShardAggregates, config: Config) -> dict:
@@ -166,33 +161,15 @@ def _by_method(agg: ShardAggregates, default_method: str) -> dict[str, dict]:
     """Per editing method (rows written before rows named theirs count as `default_method`): edits ok and
     failed, every metric's distribution, seconds per frame of the edit (its own denoising and decoding) and
     of the whole row (`total`, which carries the inversion on the row that made it), peak memory."""
-    grouped: dict[str, MethodFigures] = {}
+    grouped: dict[str, MethodAggregates] = {}   # rows without a method and rows naming the run's are one
     for name, method in agg.methods.items():
-        grouped.setdefault(name or default_method, MethodFigures()).add(method)
+        grouped.setdefault(name or default_method, MethodAggregates()).merge(method)
     return {name: {"edits": {"ok": g.ok, "failed": g.failed},
                    "metrics": _metric_distributions(g.series),
-                   "seconds_per_frame": {"edit": g.get("spf:edit").distribution(),
-                                         "total": g.get("spf:total").distribution()},
-                   "peak_memory_mb": g.get("memory").percentiles()}
+                   "seconds_per_frame": {"edit": g.figure("spf:edit").distribution(),
+                                         "total": g.figure("spf:total").distribution()},
+                   "peak_memory_mb": g.figure("memory").percentiles()}
             for name, g in grouped.items()}
-
-
-@dataclass
-class MethodFigures:
-    """A method's merged figures (rows without a method and rows naming the run's method are one)."""
-
-    ok: int = 0
-    failed: int = 0
-    series: dict[str, Dist] = field(default_factory=dict)
-
-    def add(self, method) -> None:
-        self.ok += method.ok
-        self.failed += method.failed
-        for name, dist in method.series.items():
-            self.series.setdefault(name, Dist()).merge(dist)
-
-    def get(self, name: str) -> Dist:
-        return self.series.get(name, Dist())
 
 
 # The figures `summary.json` gives a histogram of (`distributions`): for the report's charts.
