@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -19,7 +20,8 @@ from vidbatch.core.errors import ConfigError, ModelLoadError
 from vidbatch.engine import ddim
 from vidbatch.engine.editor import EditorSettings, VideoEditor
 from vidbatch.engine.method import Inversion
-from vidbatch.engine.processors import project_heads
+from vidbatch.engine.processors import (installed_patch, motion_blocks, project_heads, restore_processors,
+                                        transformer_blocks)
 from vidbatch.engine.methods import videodirector as vd
 from vidbatch.engine.methods.videodirector import VideoDirectorConfig
 from vidbatch.models.loading import load_pipeline
@@ -162,6 +164,16 @@ def test_windows_cover_every_frame_and_blend_to_one():
         vd.frame_windows(40, 16, 16)
 
 
+def test_the_mask_follows_the_unets_levels_which_halve_odd_sides_rounding_up():
+    """A 5x7 latent's levels are 5x7, 3x4, 2x2, 1x1 (a stride-2 convolution with padding 1 rounds up)."""
+    assert [vd.level_grid((5, 7), tokens) for tokens in (35, 12, 4, 1)] == [(5, 7), (3, 4), (2, 2), (1, 1)]
+    with pytest.raises(RuntimeError, match="no UNet level"):
+        vd.level_grid((5, 7), 6)
+    mask = torch.zeros(1, 5, 7, dtype=torch.bool)
+    mask[0, :, 3:] = True                     # columns 3..6; nearest resizing to 4 columns samples 0, 1, 3 and 5
+    assert vd.mask_at(mask, (5, 7), 12).view(3, 4)[0].tolist() == [False, False, True, True]
+
+
 # ------------------------------------------------------------------------------------------------
 # STDG losses
 
@@ -183,6 +195,10 @@ def test_an_all_foreground_mask_zeroes_the_background_terms_and_an_empty_one_the
     empty = vd.stdg_terms(reference, generated, ~full, (4, 4), ["up_blocks.1"], [2.0], 1)
     assert empty["motion_fg"] == 0 and empty["appearance_fg"] == 0           # zero, not NaN
     assert all(torch.isfinite(v) for v in empty.values())
+    # No recorded layer at all (stdg_blocks matching nothing): four float zeros, not an error.
+    nothing = vd.stdg_terms(vd.AttentionRecord(), vd.AttentionRecord(), full, (4, 4), ["up_blocks.1"], [2.0], 1)
+    assert set(nothing) == set(vd.STDG_TERMS)
+    assert all(v.dtype == torch.float32 and v.shape == () and v == 0 for v in nothing.values())
 
 
 def test_the_motion_loss_compares_only_the_reference_top_keys():
@@ -193,6 +209,23 @@ def test_the_motion_loss_compares_only_the_reference_top_keys():
     assert torch.isclose(loss, torch.tensor((0.7**2 + 0.8**2 + 0.4**2) / 3))
     only_first = torch.tensor([[True, False, False]])
     assert torch.isclose(vd.temporal_map_loss(reference, generated, only_first, top_k=1), torch.tensor(0.49))
+    # Top 2 of each row's 3 keys (one head: K is bounded by the frames, not the heads), and K above the frames.
+    two = vd.temporal_map_loss(reference, generated, everything, top_k=2)
+    assert torch.isclose(two, torch.tensor((0.7**2 + 0.2**2 + 0.8**2 + 0.1**2 + 0.4**2 + 0.3**2) / 6))
+    assert torch.isclose(vd.temporal_map_loss(reference, generated, everything, top_k=5), reference.square().mean())
+
+
+def test_the_appearance_loss_divides_the_masked_sums_by_the_count_plus_1e5_as_the_authors_do():
+    g = torch.Generator().manual_seed(0)
+    reference, generated = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 1] = True                                                        # one token: 1e-5 is visible
+    mask[1, 2:] = True
+    weight = mask[..., None].double()
+    count = weight.sum(1) + 1e-5
+    means = [(x.double() * weight).sum(1) / count for x in (reference, generated)]
+    expected = (means[0] - means[1]).square().mean()
+    assert torch.isclose(vd.key_loss(reference, generated, mask).double(), expected, rtol=1e-6, atol=0)
 
 
 def test_one_fused_backward_equals_the_sum_of_the_four_separate_ones():
@@ -257,6 +290,164 @@ def test_no_unet_pass_is_repeated(video_pipe):
     finally:
         handle.remove()
     assert len(calls) == 2 + 3 + 3
+
+
+def test_the_processors_cover_every_attention_of_the_video_unet_and_are_named_after_it(video_pipe):
+    """Frame attention: attn1 records keys inside stdg_blocks and is mutual inside mutual_blocks, attn2 wraps
+    the processor it replaced; temporal attention (both of a motion block's) records inside stdg_blocks. A
+    processor's name is its module's path (errors name the layer; the record is keyed by it)."""
+    unet = video_pipe.unet
+    before = dict(unet.attn_processors)
+    config = VideoDirectorConfig(stdg_blocks=["up_blocks.1"], stdg_block_weights=[1.0], mutual_blocks=["up_blocks.0"],
+                                 self_replace_max_tokens=7)
+    state = vd.apply_videodirector(unet, config)
+    try:
+        installed = dict(unet.attn_processors)
+        assert installed_patch(unet).state is state
+    finally:
+        restore_processors(unet)
+    assert (state.stdg_blocks, state.mutual_blocks, state.self_replace_max_tokens) == \
+        (["up_blocks.1"], ["up_blocks.0"], 7)
+    assert state.mode == "plain"
+    temporal = [path for path in installed if "motion_modules" in path]
+    assert temporal and len(temporal) == 2 * len(list(motion_blocks(unet)))
+    for path, processor in installed.items():
+        assert processor.state is state, path
+        module = path.removesuffix(".processor")
+        if path in temporal:
+            assert isinstance(processor, vd.TemporalProcessor) and processor.name == module
+            assert processor.recorded == module.startswith("up_blocks.1.")
+        elif module.endswith(".attn1"):
+            block = module.removesuffix(".attn1")
+            assert isinstance(processor, vd.SpatialSelfProcessor) and processor.name == block
+            assert processor.recorded == block.startswith("up_blocks.1.")
+            assert processor.mutual == block.startswith("up_blocks.0.")
+        else:
+            assert isinstance(processor, vd.CrossProcessor) and processor.name == module.removesuffix(".attn2")
+            assert processor.original is before[path]
+    flags = {(p.recorded, p.mutual) for p in installed.values() if isinstance(p, vd.SpatialSelfProcessor)}
+    assert flags == {(True, False), (False, True), (False, False)}              # the tiny UNet has all three
+
+
+def test_a_recorded_pass_keeps_the_stdg_blocks_temporal_maps_and_spatial_keys_and_changes_no_output(video_pipe):
+    editor = editor_for(video_pipe)
+    unet = video_pipe.unet
+    state = vd.apply_videodirector(unet, VideoDirectorConfig(stdg_blocks=["up_blocks.1"], stdg_block_weights=[1.0]))
+    latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    embeddings, t = editor.text_embedding(SOURCE).expand(3, -1, -1), torch.tensor(500)
+    try:
+        with torch.no_grad():
+            plain = vd.video_unet(editor, latents[None], t, embeddings)[0]
+            assert not state.record.temporal and not state.record.keys         # a plain pass records nothing
+            out, record = vd._recorded_pass(state, editor, latents, t, embeddings)
+        assert state.mode == "plain" and not state.record.temporal             # the state is left as it was
+    finally:
+        restore_processors(unet)
+    assert torch.allclose(out, plain, atol=1e-5)
+    assert set(record.temporal) == {f"{name}.attn{i}" for name, _ in motion_blocks(unet)
+                                    if name.startswith("up_blocks.1.") for i in (1, 2)}
+    assert set(record.keys) == {name for name, _ in transformer_blocks(unet) if name.startswith("up_blocks.1.")}
+    for maps in record.temporal.values():                                    # (Q, heads, F, F), rows sum to 1
+        assert maps.shape[-2:] == (3, 3) and torch.allclose(maps.sum(-1), torch.ones(()), atol=1e-5)
+    assert all(keys.shape[0] == 3 for keys in record.keys.values())
+
+
+@pytest.mark.parametrize("window", [5, 3], ids=["one window", "two windows"])
+def test_the_stdg_score_is_each_windows_loss_gradient_blended_and_the_condition_that_passs_output(video_pipe, window):
+    """Known answer, window by window: the reference pass recorded, the pass at x differentiated (all four
+    terms weighted, so STDG is on), both blended with the windows' weights."""
+    editor = editor_for(video_pipe)
+    config = VideoDirectorConfig(window=window, overlap=1, stdg=[1.0, 1.0, 1.0, 1.0])
+    clip = vd._Clip.make(editor, editor.timesteps_for(3), 5, (4, 4), config)
+    assert len(clip.spans) == (1 if window == 5 else 2)
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(5, 4, 4, 4, generator=g)
+    x = reference + 0.3 * torch.randn(5, 4, 4, 4, generator=g)
+    t, cond, mask = torch.tensor(500), editor.text_embedding(SOURCE), torch.from_numpy(centre_mask(5, 4))
+    state = vd.apply_videodirector(video_pipe.unet, config)
+    try:
+        eps_cond, score = vd._condition_and_score(state, editor, clip, config, x, reference, t, cond, mask)
+        expected_eps, expected_score = torch.zeros_like(x), torch.zeros_like(x)
+        for (start, end), weight in zip(clip.spans, clip.weights):
+            embeddings = cond.expand(end - start, -1, -1)
+            with torch.no_grad():
+                reference_record = vd._recorded_pass(state, editor, reference[start:end], t, embeddings)[1]
+            leaf = x[start:end].clone().requires_grad_(True)
+            out, record = vd._recorded_pass(state, editor, leaf, t, embeddings)
+            terms = vd.stdg_terms(reference_record, record, mask[start:end], (4, 4), config.stdg_blocks,
+                                  config.stdg_block_weights, config.top_k)
+            (gradient,) = torch.autograd.grad(vd.stdg_loss(terms, config.stdg), leaf)
+            expected_eps[start:end] += weight * out.detach()
+            expected_score[start:end] += weight * gradient
+    finally:
+        restore_processors(video_pipe.unet)
+    assert torch.allclose(eps_cond, expected_eps, atol=1e-5)
+    assert expected_score.abs().max() > 0
+    assert torch.allclose(score, expected_score, rtol=1e-4, atol=1e-6 * float(expected_score.abs().max()))
+
+
+@pytest.mark.parametrize("window", [5, 3], ids=["one window", "two windows"])
+def test_one_tuning_iteration_is_one_adam_step_on_the_guided_steered_reconstruction_error(video_pipe, window):
+    """Known answer: Adam's first step is ``-lr·g/(|g| + 1e-8)``, with g the gradient, with respect to the
+    nulls, of the MSE between the target and the STDG-steered DDIM step of ``ε_c + s(ε_c − ε_u)``, and lr
+    ``null_lr·(1 − k/(2S))``; ε_u the windows' blended prediction with the nulls."""
+    config = VideoDirectorConfig(null_steps=1, null_lr=0.01, window=window, overlap=1, stdg_scale=2.0)
+    editor = VideoEditor(video_pipe, EditorSettings(method="videodirector", control="none", steps=4, guidance=5.0,
+                                                    method_settings=config))
+    timesteps = editor.timesteps_for(4)
+    clip = vd._Clip.make(editor, timesteps, 5, (4, 4), config)
+    g = torch.Generator().manual_seed(0)
+    x, eps_cond, score, target = (torch.randn(5, 4, 4, 4, generator=g) for _ in range(4))
+    nulls = editor.text_embedding("").expand(5, -1, -1).clone()
+    k, t = 1, timesteps[1]
+    tuned = vd._tune_step(editor, clip, config, k, 4, x, t, eps_cond, score, target, nulls)
+
+    leaf = nulls.clone().requires_grad_(True)
+    eps_uncond = torch.zeros_like(x)
+    for (start, end), weight in zip(clip.spans, clip.weights):
+        eps_uncond[start:end] += weight * vd.video_unet(editor, x[None, start:end], t, leaf[start:end])[0]
+    guided = eps_cond + 5.0 * (eps_cond - eps_uncond)
+    stepped = ddim.score_guided_step(x, guided, clip.alpha_t[k], clip.alpha_prev[k], "epsilon", score, 2.0)
+    (gradient,) = torch.autograd.grad(torch.nn.functional.mse_loss(stepped, target), leaf)
+    lr = 0.01 * (1 - 1 / 8)
+    expected = nulls - lr * gradient / (gradient.abs() + 1e-8)
+    assert editor.prediction_type == "epsilon" and gradient.abs().max() > 0
+    assert torch.allclose(tuned, expected, atol=1e-3 * lr, rtol=0), (tuned - expected).abs().max()
+
+
+def test_stdg_blocks_that_match_no_attention_are_reported_once_and_steer_nothing(video_pipe, caplog, monkeypatch):
+    monkeypatch.setattr(vd, "_WARNED", set())                               # reported once per process
+    editor = editor_for(video_pipe, steps=2, null_steps=0, stdg_blocks=["up_blocks.7"], stdg_block_weights=[1.0])
+    inversion = plain_inversion(editor, moving_frames(4))
+    with caplog.at_level(logging.WARNING, logger="vidbatch"):
+        tuned = vd.tune(editor, editor_method_config(editor), inversion, SOURCE, None)
+        vd.apply_videodirector(video_pipe.unet, editor_method_config(editor))
+        restore_processors(video_pipe.unet)
+        all_there = VideoDirectorConfig(stdg_blocks=["up_blocks.0", "up_blocks.1"], stdg_block_weights=[1.0, 1.0])
+        vd.apply_videodirector(video_pipe.unet, all_there)                  # the tiny UNet's two decoder levels
+        restore_processors(video_pipe.unet)
+    said = [r.getMessage() for r in caplog.records if "stdg_blocks" in r.getMessage()]
+    assert said == ["videodirector.stdg_blocks ['up_blocks.7'] match no attention block of this UNet"]
+    assert tuned.stdg.abs().max() == 0
+
+
+def test_the_samples_mask_steers_the_tuning(video_pipe):
+    editor = editor_for(video_pipe, steps=2, null_steps=0)
+    method, frames = vd.VideoDirector(editor.settings), moving_frames(4)
+    masked = method.invert(editor, frames, SOURCE, centre_mask(4))
+    whole = method.invert(editor, frames, SOURCE, None)
+    assert torch.equal(masked.trajectory, whole.trajectory)                 # the DDIM inversion ignores it
+    assert not torch.allclose(masked.extras["stdg"], whole.extras["stdg"])
+
+
+def test_a_half_precision_video_model_inverts_and_edits_in_its_dtype_and_tunes_in_float32():
+    half = with_motion_adapter(load_pipeline("tiny", dtype=torch.float16), "tiny")
+    editor = editor_for(half, steps=2, null_steps=1)
+    inversion = vd.VideoDirector(editor.settings).invert(editor, moving_frames(4), SOURCE)
+    assert inversion.trajectory.dtype == inversion.extras["null_embeddings"].dtype == torch.float16
+    assert inversion.extras["stdg"].dtype == torch.float32 and half.unet.dtype == torch.float16
+    edited = editor.denoise(inversion, EDIT, seed=0, source_prompt=SOURCE)
+    assert edited.dtype == torch.float32 and torch.isfinite(edited).all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,11 +569,11 @@ def test_the_config_names_the_missing_adapter_and_refuses_it_for_image_methods(t
 # The attention control, one processor call at a time
 
 
-def _attention_call(processor, frames: int = 2, tokens: int = 16, context=None, seed: int = 0):
+def _attention_call(processor, frames: int = 2, tokens: int = 16, context=None, seed: int = 0, heads: int = 2):
     from diffusers.models.attention_processor import Attention
 
     torch.manual_seed(seed)
-    attn = Attention(query_dim=8, heads=2, dim_head=4, cross_attention_dim=None if context is None else 6)
+    attn = Attention(query_dim=8, heads=heads, dim_head=8 // heads, cross_attention_dim=None if context is None else 6)
     hidden = torch.randn(vd.BRANCHES * frames, tokens, 8)
     with torch.no_grad():
         out = processor(attn, hidden, context)
@@ -419,7 +610,8 @@ def test_before_tau_s_the_edit_takes_the_sources_self_attention_maps_with_its_ow
 def test_after_tau_s_the_edit_attends_to_the_sources_background_and_itself(foreground):
     mask = torch.full((2, 4, 4), foreground)
     state = _state(step=1, self_replace_steps=1, mask=mask)
-    attn, out, q, k, v = _attention_call(vd.SpatialSelfProcessor(state, "up_blocks.1.x", False, True))
+    # Four heads, not two (the branches the mask is expanded over): the mask must broadcast over the heads.
+    attn, out, q, k, v = _attention_call(vd.SpatialSelfProcessor(state, "up_blocks.1.x", False, True), heads=4)
     keys = k[vd.EDIT_COND] if foreground else torch.cat([k[vd.SOURCE_COND], k[vd.EDIT_COND]], dim=-2)
     values = v[vd.EDIT_COND] if foreground else torch.cat([v[vd.SOURCE_COND], v[vd.EDIT_COND]], dim=-2)
     with torch.no_grad():
@@ -429,6 +621,18 @@ def test_after_tau_s_the_edit_attends_to_the_sources_background_and_itself(foreg
     rows = out.unflatten(0, (4, -1))
     assert torch.allclose(rows[vd.EDIT_COND], expected, atol=1e-5)
     assert torch.allclose(rows[vd.SOURCE_COND], source, atol=1e-5)
+
+
+@pytest.mark.parametrize("passed", ["context", "mask"])
+def test_temporal_attention_refuses_a_context_or_a_mask_naming_its_layer(passed):
+    from diffusers.models.attention_processor import Attention
+
+    name = "up_blocks.1.motion_modules.0.transformer_blocks.0.attn1"
+    processor = vd.TemporalProcessor(_state(step=0, self_replace_steps=0), name, True)
+    hidden = torch.randn(3, 4, 8)
+    given = {"encoder_hidden_states": hidden} if passed == "context" else {"attention_mask": torch.zeros(3, 4, 4)}
+    with pytest.raises(NotImplementedError, match=rf"^VideoDirector temporal attention .* block {name} passed"):
+        processor(Attention(query_dim=8, heads=2, dim_head=4), hidden, **given)
 
 
 def test_cross_attention_is_refined_from_the_source_before_tau_c():

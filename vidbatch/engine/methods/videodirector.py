@@ -618,7 +618,7 @@ class VideoDirector(Method):
             "stdg_block_weights": list(c.stdg_block_weights), "top_k": c.top_k, "window": c.window,
             "overlap": c.overlap, "guidance": self.settings.guidance}}
 
-    def _check(self, editor: Editor) -> None:
+    def _check(self) -> None:
         s = self.settings
         if s.inversion_steps not in (None, s.steps):
             raise ConfigError("videodirector inverts, tunes and edits on one schedule: set inversion.steps to null "
@@ -630,7 +630,7 @@ class VideoDirector(Method):
             raise ConfigError("videodirector.stdg_block_weights needs one weight per entry of stdg_blocks")
 
     def invert(self, editor: Editor, frames: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> Inversion:
-        self._check(editor)
+        self._check()
         timesteps = editor.timesteps_for(self.settings.steps)
         clean = editor.encode_frames(frames).float()
         trajectory = invert_video(editor, clean, timesteps, prompt, self.config)
@@ -642,7 +642,7 @@ class VideoDirector(Method):
     @torch.no_grad()
     def denoise(self, editor: Editor, inversion: Inversion, prompt: str, source_prompt: str, seed: int,
                 control_images=None, mask: np.ndarray | None = None) -> Tensor:
-        self._check(editor)
+        self._check()
         s, c = self.settings, self.config
         nulls, scores = inversion.extras["null_embeddings"], inversion.extras["stdg"]
         num_steps, num_frames = inversion.trajectory.shape[:2]
