@@ -386,12 +386,10 @@ def test_the_stdg_score_is_each_windows_loss_gradient_blended_and_the_condition_
     assert torch.allclose(score, expected_score, rtol=1e-4, atol=1e-6 * float(expected_score.abs().max()))
 
 
-@pytest.mark.parametrize("window", [5, 3], ids=["one window", "two windows"])
-def test_one_tuning_iteration_is_one_adam_step_on_the_guided_steered_reconstruction_error(video_pipe, window):
-    """Known answer: Adam's first step is ``-lr·g/(|g| + 1e-8)``, with g the gradient, with respect to the
-    nulls, of the MSE between the target and the STDG-steered DDIM step of ``ε_c + s(ε_c − ε_u)``, and lr
-    ``null_lr·(1 − k/(2S))``; ε_u the windows' blended prediction with the nulls."""
-    config = VideoDirectorConfig(null_steps=1, null_lr=0.01, window=window, overlap=1, stdg_scale=2.0)
+def _tuning_case(video_pipe, window: int, **config):
+    """A tuning step's inputs: an editor (guidance 5, 4 steps), its config (STDG scale 2), a 5-frame clip in
+    `window`-frame windows, the step's timestep (k = 1), seeded (x, ε_c, score, target) and the empty prompt's nulls."""
+    config = VideoDirectorConfig(window=window, overlap=1, stdg_scale=2.0, **config)
     editor = VideoEditor(video_pipe, EditorSettings(method="videodirector", control="none", steps=4, guidance=5.0,
                                                     method_settings=config))
     timesteps = editor.timesteps_for(4)
@@ -399,20 +397,51 @@ def test_one_tuning_iteration_is_one_adam_step_on_the_guided_steered_reconstruct
     g = torch.Generator().manual_seed(0)
     x, eps_cond, score, target = (torch.randn(5, 4, 4, 4, generator=g) for _ in range(4))
     nulls = editor.text_embedding("").expand(5, -1, -1).clone()
-    k, t = 1, timesteps[1]
-    tuned = vd._tune_step(editor, clip, config, k, 4, x, t, eps_cond, score, target, nulls)
+    return editor, config, clip, timesteps[1], (x, eps_cond, score, target), nulls
 
-    leaf = nulls.clone().requires_grad_(True)
+
+def _steered_step(editor, clip, t, x, eps_cond, score, nulls):
+    """The tuning's step at `nulls`, written out (k = 1): every window's ε_u blended in one graph, guidance
+    ``ε_c + 5(ε_c − ε_u)``, the STDG-steered DDIM step at scale 2."""
     eps_uncond = torch.zeros_like(x)
     for (start, end), weight in zip(clip.spans, clip.weights):
-        eps_uncond[start:end] += weight * vd.video_unet(editor, x[None, start:end], t, leaf[start:end])[0]
+        eps_uncond[start:end] += weight * vd.video_unet(editor, x[None, start:end], t, nulls[start:end])[0]
     guided = eps_cond + 5.0 * (eps_cond - eps_uncond)
-    stepped = ddim.score_guided_step(x, guided, clip.alpha_t[k], clip.alpha_prev[k], "epsilon", score, 2.0)
-    (gradient,) = torch.autograd.grad(torch.nn.functional.mse_loss(stepped, target), leaf)
+    return ddim.score_guided_step(x, guided, clip.alpha_t[1], clip.alpha_prev[1], "epsilon", score, 2.0)
+
+
+@pytest.mark.parametrize("window", [5, 3], ids=["one window", "two windows"])
+def test_one_tuning_iteration_is_one_adam_step_on_the_guided_steered_reconstruction_error(video_pipe, window):
+    """Known answer: Adam's first step is ``-lr·g/(|g| + 1e-8)``, with g the gradient, with respect to the
+    nulls, of the MSE between the target and the STDG-steered DDIM step of ``ε_c + s(ε_c − ε_u)``, and lr
+    ``null_lr·(1 − k/(2S))``; ε_u the windows' blended prediction with the nulls."""
+    editor, config, clip, t, (x, eps_cond, score, target), nulls = _tuning_case(video_pipe, window, null_steps=1,
+                                                                                null_lr=0.01)
+    tuned = vd._tune_step(editor, clip, config, 1, 4, x, t, eps_cond, score, target, nulls)
+    leaf = nulls.clone().requires_grad_(True)
+    loss = torch.nn.functional.mse_loss(_steered_step(editor, clip, t, x, eps_cond, score, leaf), target)
+    (gradient,) = torch.autograd.grad(loss, leaf)
     lr = 0.01 * (1 - 1 / 8)
     expected = nulls - lr * gradient / (gradient.abs() + 1e-8)
     assert editor.prediction_type == "epsilon" and gradient.abs().max() > 0
     assert torch.allclose(tuned, expected, atol=1e-3 * lr, rtol=0), (tuned - expected).abs().max()
+
+
+@pytest.mark.parametrize("stops", [True, False], ids=["stops", "goes on"])
+def test_a_steps_tuning_stops_once_its_loss_is_below_early_stop_plus_k_times_2e5(video_pipe, stops):
+    """Step k = 1 stops after an iteration whose loss L is below ``early_stop + 2e-5``: with early_stop a
+    quarter of the 2e-5 below or above ``L − 2e-5``, two iterations give one iteration's nulls or not."""
+    editor, config, clip, t, (x, eps_cond, score, noise), nulls = _tuning_case(video_pipe, 16, null_steps=2)
+    with torch.no_grad():
+        # A target near the first iteration's step: a loss of about 1e-2, which float32 holds to about 1e-9.
+        target = _steered_step(editor, clip, t, x, eps_cond, score, nulls) + 0.1 * noise
+        loss = float(torch.nn.functional.mse_loss(_steered_step(editor, clip, t, x, eps_cond, score, nulls), target))
+    config.early_stop = loss - 2e-5 + (0.5e-5 if stops else -0.5e-5)
+    two = vd._tune_step(editor, clip, config, 1, 4, x, t, eps_cond, score, target, nulls)
+    config.null_steps = 1
+    one = vd._tune_step(editor, clip, config, 1, 4, x, t, eps_cond, score, target, nulls)
+    assert 1e-3 < loss < 1e-1 and config.early_stop > 0
+    assert torch.equal(two, one) == stops
 
 
 def test_stdg_blocks_that_match_no_attention_are_reported_once_and_steer_nothing(video_pipe, caplog, monkeypatch):
@@ -446,6 +475,8 @@ def test_a_half_precision_video_model_inverts_and_edits_in_its_dtype_and_tunes_i
     inversion = vd.VideoDirector(editor.settings).invert(editor, moving_frames(4), SOURCE)
     assert inversion.trajectory.dtype == inversion.extras["null_embeddings"].dtype == torch.float16
     assert inversion.extras["stdg"].dtype == torch.float32 and half.unet.dtype == torch.float16
+    # The prompts the tuning embeds are cached in the model's dtype, not in the tuning's float32.
+    assert editor.text_embedding("").dtype == editor.text_embedding(SOURCE).dtype == torch.float16
     edited = editor.denoise(inversion, EDIT, seed=0, source_prompt=SOURCE)
     assert edited.dtype == torch.float32 and torch.isfinite(edited).all()
 
