@@ -22,13 +22,14 @@ from rich.console import Console
 
 import vidbatch.batch.module as lm
 from conftest import FAST, TINY, read_output, run_cli, video_sample, write_shard
+from vidbatch.core.aggregates import Dist
 from vidbatch.core.rows import DoneMarker
 from vidbatch.metrics import METRIC_KEYS, compute_metrics
 from vidbatch.metrics.clip import resolve_clip_model
 from vidbatch.report import write_report
 from vidbatch.report.charts import MAX_BARS, _nice_ceiling, svg_bars
 from vidbatch.report.media import SHEET_FRAMES, SHEET_HEIGHT, contact_sheet
-from vidbatch.report.summary import distribution, print_summary
+from vidbatch.report.summary import print_summary
 from vidbatch.io.video import decode_video
 
 EDITS = 'edits=[{"name": "ink", "prompt": "{prompt}, ink drawing"}, {"name": "neon", "prompt": "neon glow"}]'
@@ -254,9 +255,12 @@ def test_resolve_clip_model(tmp_path, hermetic_cache, monkeypatch):
 
 
 def test_distribution_and_plot_helpers():
-    d = distribution([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert d == {"n": 5, "mean": 3.0, "min": 1.0, "p10": 1.0, "p50": 3.0, "p90": 5.0, "max": 5.0}
-    assert distribution([]) is None
+    dist = Dist()
+    for value in (5.0, 1.0, 3.0, 2.0, 4.0):
+        dist.add(value)
+    assert dist.distribution() == {"n": 5, "mean": 3.0, "min": 1.0, "p10": 1.0, "p50": 3.0, "p90": 5.0, "max": 5.0}
+    assert dist.percentiles() == {"mean": 3.0, "p50": 3.0, "p90": 5.0, "max": 5.0}
+    assert Dist().distribution() is None and Dist().percentiles() is None
     assert [_nice_ceiling(x) for x in (0.0, 0.7, 1.0, 1.2, 2.2, 4.9, 730.0)] == [1.0, 1.0, 1.0, 2.0, 2.5, 5.0, 1000.0]
     series = [{"a": 1.0, "b": 2.0}, {"a": 0.5, "b": 0.0}]
     svg = ET.fromstring(svg_bars(series, ["r1", "r2"], {"a": "#111", "b": "#222"}, title="t", unit="s"))

@@ -19,8 +19,10 @@ from vidbatch.dispatch.plan import plan_run, read_plan_file
 from vidbatch.io.input_shards import expand_urls
 from vidbatch.io.output_shards import read_rows
 from vidbatch.report import write_report
-from vidbatch.report.summary import build_summary, distribution, failure_cause, percentiles, write_summary
+from vidbatch.report.summary import build_summary, failure_cause, write_summary
 from vidbatch.tools.bench.driver import make_synthetic_output, synthetic_row
+
+from exact_figures import distribution, percentiles
 
 
 def _expand_like_before(specs: list[str]) -> list[str]:

@@ -41,30 +41,6 @@ FLOW_NAMES = {"dis": "DIS (medium preset)", "farneback": "Farneback"}
 PACKAGES = ("torch", "diffusers", "transformers", "lightning", "webdataset", "opencv-python-headless")
 
 
-def _nearest_rank(ordered: Sequence[float], q: float) -> float:
-    """The `q` quantile of sorted values, nearest rank."""
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float] | None:
-    """Mean, median, p90 and maximum (nearest rank) of a time or memory figure; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return {"mean": sum(ordered) / len(ordered), "p50": _nearest_rank(ordered, 0.5),
-            "p90": _nearest_rank(ordered, 0.9), "max": ordered[-1]}
-
-
-def distribution(values: Sequence[float]) -> dict[str, float] | None:
-    """Count, mean and percentiles (nearest rank) of a metric's values; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return {"n": len(ordered), "mean": sum(ordered) / len(ordered), "min": ordered[0],
-            "p10": _nearest_rank(ordered, 0.1), "p50": _nearest_rank(ordered, 0.5),
-            "p90": _nearest_rank(ordered, 0.9), "max": ordered[-1]}
-
-
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
