@@ -209,6 +209,26 @@ def test_null_text_inversion_reduces_the_reconstruction_error(pipe):
     assert after < 0.8 * before, (before, after)   # measured here: 3.43 -> 2.23
 
 
+def test_the_null_text_optimisation_batches_frames_as_the_memory_budget_allows(pipe):
+    """With `inversion_batch: auto`, the optimisation's UNet calls take as many frames as the per-frame estimate
+    of an 8x8 latent lets into the budget: a budget made for exactly 2 frames gives calls of 2 of the 4."""
+    from vidbatch.engine import memory
+
+    probe = editor(pipe, steps=1)
+    two_frames = memory.estimate_chunk_bytes(2, (8, 8), branches=1, method="per-frame", share=1.0, **probe._geometry())
+    ed = editor(pipe, steps=1, inversion_batch="auto", memory_budget_bytes=int(two_frames / memory.BUDGET_SHARE) + 1,
+                v2v=dict(null_uncond_ratio=1.0))
+    inversion = ed.invert(moving_frames(4, size=64), "")
+    assert inversion.trajectory.shape[-2:] == (8, 8)
+    batches = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    try:
+        optimise_null_embeddings(ed, inversion, "a texture", steps=1, lr=0.01)
+    finally:
+        handle.remove()
+    assert batches and set(batches) == {2}, batches
+
+
 def test_p2p_replace_with_identical_prompts_changes_nothing(pipe):
     """One step (x is the inverted latent the source branch runs on): identical prompts give identical maps."""
     one = dict(steps=1, v2v=dict(null_steps=0, cross_replace=1.0))
