@@ -164,6 +164,16 @@ def test_windows_cover_every_frame_and_blend_to_one():
         vd.frame_windows(40, 16, 16)
 
 
+def test_window_weights_by_hand():
+    """7 frames in windows of 5 sharing 1 (the last window ends at the last frame, so 3 are shared): raw weights
+    ramp over overlap + 1 = 2 frames, [1/2, 1, 1, 1, 1/2], then each frame's are divided by their sum."""
+    spans = vd.frame_windows(7, 5, 1)
+    assert spans == [(0, 5), (2, 7)]
+    first, second = vd.window_weights(spans, 7, 1)
+    assert torch.allclose(first, torch.tensor([1, 1, 2 / 3, 1 / 2, 1 / 3]))
+    assert torch.allclose(second, torch.tensor([1 / 3, 1 / 2, 2 / 3, 1, 1]))
+
+
 def test_the_mask_follows_the_unets_levels_which_halve_odd_sides_rounding_up():
     """A 5x7 latent's levels are 5x7, 3x4, 2x2, 1x1 (a stride-2 convolution with padding 1 rounds up)."""
     assert [vd.level_grid((5, 7), tokens) for tokens in (35, 12, 4, 1)] == [(5, 7), (3, 4), (2, 2), (1, 1)]
@@ -469,6 +479,61 @@ def test_the_samples_mask_steers_the_tuning(video_pipe):
     assert not torch.allclose(masked.extras["stdg"], whole.extras["stdg"])
 
 
+def test_a_mask_of_another_length_or_rank_is_refused_and_a_0_1_mask_counts_as_a_bool_one(video_pipe):
+    editor = editor_for(video_pipe, steps=2, null_steps=0)
+    inversion, config = plain_inversion(editor, moving_frames(4)), editor_method_config(editor)
+    for bad in (centre_mask(3), np.ones((4, 32), dtype=bool)):
+        with pytest.raises(ValueError, match="the mask has shape"):
+            vd.tune(editor, config, inversion, SOURCE, bad)
+    as_bool = vd.tune(editor, config, inversion, SOURCE, centre_mask(4))
+    as_uint8 = vd.tune(editor, config, inversion, SOURCE, centre_mask(4).astype(np.uint8))
+    assert torch.equal(as_bool.stdg, as_uint8.stdg)
+
+
+def test_each_tuning_step_aims_at_the_next_inverted_latent_with_its_own_stdg_and_reports_progress(video_pipe,
+                                                                                                  monkeypatch):
+    """Step k's target is the inversion's latent of step k + 1 (the clean latents after the last), its tuning
+    steers with the STDG gradient it stores for step k; one progress report per step; the processors are
+    restored afterwards."""
+    editor = editor_for(video_pipe, steps=3, null_steps=1)
+    inversion = plain_inversion(editor, moving_frames(4))
+    seen, progress = [], []
+    real = vd._tune_step
+
+    def recording(editor, clip, config, k, num_steps, x, t, eps_cond, score, target, nulls):
+        seen.append((k, target.clone(), score.clone()))
+        return real(editor, clip, config, k, num_steps, x, t, eps_cond, score, target, nulls)
+
+    monkeypatch.setattr(vd, "_tune_step", recording)
+    editor.on_step = lambda stage, done, total: progress.append((stage, done, total))
+    before = dict(video_pipe.unet.attn_processors)
+    tuned = vd.tune(editor, editor_method_config(editor), inversion, SOURCE, centre_mask(4))
+    assert [k for k, _, _ in seen] == [0, 1, 2]
+    for k, target, score in seen:
+        assert torch.equal(target, (inversion.trajectory[k + 1] if k < 2 else inversion.clean).float()), k
+        assert torch.equal(score, tuned.stdg[k]), k
+    assert tuned.stdg[2].abs().max() > 0
+    assert progress == [("tune", 1, 3), ("tune", 2, 3), ("tune", 3, 3)]
+    assert installed_patch(video_pipe.unet) is None
+    assert all(video_pipe.unet.attn_processors[path] is processor for path, processor in before.items())
+
+
+def test_a_half_precision_models_tuning_is_the_float32_tuning_of_the_same_weights():
+    """"Runs in float32 whatever the model's dtype": the same inversion tuned by the half model and by a copy whose
+    UNet was cast to float32 (the same embeddings: the text encoder stays half) gives the same numbers."""
+    half = with_motion_adapter(load_pipeline("tiny", dtype=torch.float16), "tiny")
+    full = copy.deepcopy(half)
+    full.unet.to(torch.float32)
+    half_editor, full_editor = editor_for(half, steps=2, null_steps=2), editor_for(full, steps=2, null_steps=2)
+    inversion = plain_inversion(half_editor, moving_frames(4))
+    results = [vd.tune(e, editor_method_config(e), inversion, SOURCE, centre_mask(4)) for e in (half_editor, full_editor)]
+    assert half.unet.dtype == torch.float16 and full_editor.dtype == torch.float32
+    for name in ("null_embeddings", "stdg", "reconstruction"):
+        ours, reference = (getattr(r, name) for r in results)
+        assert ours.dtype == reference.dtype == torch.float32, name
+        assert torch.allclose(ours, reference, rtol=0, atol=1e-6), (name, (ours - reference).abs().max())
+
+
 def test_a_half_precision_video_model_inverts_and_edits_in_its_dtype_and_tunes_in_float32():
     half = with_motion_adapter(load_pipeline("tiny", dtype=torch.float16), "tiny")
     editor = editor_for(half, steps=2, null_steps=1)
@@ -485,10 +550,10 @@ def test_a_half_precision_video_model_inverts_and_edits_in_its_dtype_and_tunes_i
 # Editing
 
 
-@pytest.mark.parametrize("stdg", [[0.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.5]])
-def test_without_control_the_edit_of_the_source_prompt_is_the_tuned_reconstruction(video_pipe, stdg):
-    """The edit replays the tuning's steps: same nulls, same STDG gradients, same guidance."""
-    editor = editor_for(video_pipe, null_steps=3, stdg=stdg, tau_s=0.0, tau_c=0.0)
+@pytest.mark.parametrize("stdg, scale", [([0.0, 0.0, 0.0, 0.0], 1.0), ([0.5, 0.5, 0.0, 0.5], 2.0)])
+def test_without_control_the_edit_of_the_source_prompt_is_the_tuned_reconstruction(video_pipe, stdg, scale):
+    """The edit replays the tuning's steps: same nulls, same STDG gradients and scale, same guidance."""
+    editor = editor_for(video_pipe, null_steps=3, stdg=stdg, stdg_scale=scale, tau_s=0.0, tau_c=0.0)
     frames = moving_frames(4)
     inversion = plain_inversion(editor, frames)
     tuned = vd.tune(editor, editor_method_config(editor), inversion, SOURCE, None)
@@ -600,15 +665,17 @@ def test_the_config_names_the_missing_adapter_and_refuses_it_for_image_methods(t
 # The attention control, one processor call at a time
 
 
-def _attention_call(processor, frames: int = 2, tokens: int = 16, context=None, seed: int = 0, heads: int = 2):
+def _attention_call(processor, frames: int = 2, tokens: int = 16, context=None, seed: int = 0, heads: int = 2,
+                    cross_norm: str | None = None):
     from diffusers.models.attention_processor import Attention
 
     torch.manual_seed(seed)
-    attn = Attention(query_dim=8, heads=heads, dim_head=8 // heads, cross_attention_dim=None if context is None else 6)
+    attn = Attention(query_dim=8, heads=heads, dim_head=8 // heads, cross_attention_dim=None if context is None else 6,
+                     cross_attention_norm=cross_norm)
     hidden = torch.randn(vd.BRANCHES * frames, tokens, 8)
     with torch.no_grad():
         out = processor(attn, hidden, context)
-        q, k, v = project_heads(attn, hidden, context)
+        q, k, v = project_heads(attn, hidden, attn.norm_encoder_hidden_states(context) if attn.norm_cross else context)
     return attn, out, q.unflatten(0, (4, -1)), k.unflatten(0, (4, -1)), v.unflatten(0, (4, -1))
 
 
@@ -637,6 +704,36 @@ def test_before_tau_s_the_edit_takes_the_sources_self_attention_maps_with_its_ow
     assert torch.allclose(rows[vd.EDIT_UNCOND], edit_uncond, atol=1e-5)     # the reference leaves uncond alone
 
 
+@pytest.mark.parametrize("limit, replaced", [(16, True), (15, False)])
+def test_the_source_maps_replace_the_edits_only_at_layers_of_at_most_self_replace_max_tokens(limit, replaced):
+    state = _state(step=0, self_replace_steps=1)
+    state.self_replace_max_tokens = limit
+    attn, out, q, k, v = _attention_call(vd.SpatialSelfProcessor(state, "up_blocks.1.x", False, True))   # 16 tokens
+    probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+    rows = out.unflatten(0, (4, -1))
+    with torch.no_grad():
+        for branch in range(vd.BRANCHES):
+            maps = probs[vd.SOURCE_COND] if replaced and branch == vd.EDIT_COND else probs[branch]
+            assert torch.allclose(rows[branch], _expected(attn, maps, v[branch]), atol=1e-5), branch
+
+
+@pytest.mark.parametrize("kind", ["spatial", "spatial recorded", "temporal", "temporal recorded"])
+def test_outside_the_edit_each_processor_is_diffusers_stock_attention(kind):
+    """Plain and record modes (with a residual connection and an output rescale, which SD's blocks do not use)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    state = vd.DirectorState(stdg_blocks=[], mutual_blocks=["up_blocks"], self_replace_max_tokens=1024,
+                             mode="record" if kind.endswith("recorded") else "plain")
+    make = vd.SpatialSelfProcessor if kind.startswith("spatial") else vd.TemporalProcessor
+    processor = make(state, "up_blocks.1.x", True, True) if make is vd.SpatialSelfProcessor else make(state, "up_blocks.1.x", True)
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4, residual_connection=True, rescale_output_factor=2.0)
+    hidden = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert torch.allclose(processor(attn, hidden), AttnProcessor2_0()(attn, hidden), atol=1e-5)
+    assert bool(state.record.keys or state.record.temporal) == kind.endswith("recorded")
+
+
 @pytest.mark.parametrize("foreground", [True, False])
 def test_after_tau_s_the_edit_attends_to_the_sources_background_and_itself(foreground):
     mask = torch.full((2, 4, 4), foreground)
@@ -655,30 +752,59 @@ def test_after_tau_s_the_edit_attends_to_the_sources_background_and_itself(foreg
 
 
 @pytest.mark.parametrize("passed", ["context", "mask"])
-def test_temporal_attention_refuses_a_context_or_a_mask_naming_its_layer(passed):
+@pytest.mark.parametrize("kind", ["temporal", "spatial"])
+def test_self_attention_refuses_a_context_or_a_mask_naming_its_kind_and_layer(kind, passed):
     from diffusers.models.attention_processor import Attention
 
-    name = "up_blocks.1.motion_modules.0.transformer_blocks.0.attn1"
-    processor = vd.TemporalProcessor(_state(step=0, self_replace_steps=0), name, True)
-    hidden = torch.randn(3, 4, 8)
-    given = {"encoder_hidden_states": hidden} if passed == "context" else {"attention_mask": torch.zeros(3, 4, 4)}
-    with pytest.raises(NotImplementedError, match=rf"^VideoDirector temporal attention .* block {name} passed"):
+    name = "up_blocks.1.motion_modules.0.transformer_blocks.0.attn1" if kind == "temporal" else "up_blocks.1.x"
+    state = _state(step=0, self_replace_steps=0)
+    processor = vd.TemporalProcessor(state, name, True) if kind == "temporal" else vd.SpatialSelfProcessor(
+        state, name, True, True)
+    hidden = torch.randn(8, 4, 8)
+    given = {"encoder_hidden_states": hidden} if passed == "context" else {"attention_mask": torch.zeros(8, 4, 4)}
+    with pytest.raises(NotImplementedError, match=rf"^VideoDirector {kind} attention .* block {name} passed"):
         processor(Attention(query_dim=8, heads=2, dim_head=4), hidden, **given)
 
 
-def test_cross_attention_is_refined_from_the_source_before_tau_c():
+@pytest.mark.parametrize("cross_norm", [None, "layer_norm"])
+def test_cross_attention_is_refined_from_the_source_before_tau_c(cross_norm):
+    """Where the layer normalises its context (`cross_attention_norm`), the refined maps come from the normalised one."""
     from vidbatch.engine.prompt_to_prompt import refine_mapping
 
     state = _state(step=0, self_replace_steps=0)
     state.cross_steps = 1
     state.mapper, state.alphas = refine_mapping([0, 5, 6, 9], [0, 5, 7, 6, 9], length=7)
     context = torch.randn(vd.BRANCHES * 2, 7, 6)
-    attn, out, q, k, v = _attention_call(vd.CrossProcessor(state, "up_blocks.1.x", None), context=context)
+    attn, out, q, k, v = _attention_call(vd.CrossProcessor(state, "up_blocks.1.x", None), context=context,
+                                         cross_norm=cross_norm)
     probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
     refined = probs[vd.SOURCE_COND][..., state.mapper] * state.alphas + probs[vd.EDIT_COND] * (1 - state.alphas)
     with torch.no_grad():
         expected = _expected(attn, refined, v[vd.EDIT_COND])
     assert torch.allclose(out.unflatten(0, (4, -1))[vd.EDIT_COND], expected, atol=1e-5)
+
+
+def test_cross_attention_elsewhere_is_the_processor_it_replaced_and_refine_refuses_what_it_cannot_do():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4, cross_attention_dim=6)
+    hidden, context = torch.randn(8, 16, 8), torch.randn(8, 7, 6)
+    mask = torch.zeros(8, 1, 7)
+    mask[..., -2:] = -1e4                                                   # the last two context tokens masked
+    state = _state(step=1, self_replace_steps=0)
+    state.cross_steps = 1                                                   # step 1 is past the refine window
+    processor = vd.CrossProcessor(state, "up_blocks.1.x", AttnProcessor2_0())
+    with torch.no_grad():
+        assert torch.equal(processor(attn, hidden, context), AttnProcessor2_0()(attn, hidden, context))
+        state.mode, state.step = "plain", 0
+        assert torch.equal(processor(attn, hidden, context, mask), AttnProcessor2_0()(attn, hidden, context, mask))
+        state.mode = "edit"
+        with pytest.raises(NotImplementedError, match=r"block up_blocks\.1\.x: prompt-to-prompt supports"):
+            processor(attn, hidden, context, mask)
+        grouped = Attention(query_dim=8, heads=2, dim_head=4, cross_attention_dim=6, norm_num_groups=4)
+        with pytest.raises(NotImplementedError, match=r"block up_blocks\.1\.x: prompt-to-prompt supports"):
+            processor(grouped, hidden, context)
 
 
 # ------------------------------------------------------------------------------------------------
