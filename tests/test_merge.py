@@ -572,6 +572,8 @@ def test_grouped_first_max_is_torch_max_with_its_ties_and_nans(width, dtype):
     nans = torch.randint(-2, 3, (3, 40, width), generator=g).float()
     nans[0, 0, width // 2] = nans[1, 3, width - 1] = nans[2, 5, 0] = nans[2, 5, width - 1] = float("nan")
     cases["nan"] = nans
+    # More rows than columns (one batch element against fewer than 724 destinations): the width is the last axis.
+    cases["tall"] = torch.randn(1, width + 64, width, generator=g)
     for name, scores in cases.items():
         scores = scores.to(dtype)
         values, index = _first_max(scores)
@@ -580,10 +582,13 @@ def test_grouped_first_max_is_torch_max_with_its_ties_and_nans(width, dtype):
         assert torch.equal(values.nan_to_num(-9.0), expected_values.nan_to_num(-9.0)), name
 
 
-@pytest.mark.parametrize("sources,destinations,channels", [(3062, 1024, 32), (1331, 1331, 32), (700, 256, 64), (45, 300, 320)])
+@pytest.mark.parametrize("sources,destinations,channels", [(3062, 1024, 32), (1331, 1331, 32), (700, 256, 64), (45, 300, 320),
+                                                     (993, 16384, 32)])
 def test_scores_in_row_blocks_equal_one_matrix_product(sources, destinations, channels):
     """Blocking the score matrix (every block of equal rows, the last one moved back) changes no score: the
-    best value and destination of every source are bit-identical to one product over all sources."""
+    best value and destination of every source are bit-identical to one product over all sources. (993
+    sources: 32 blocks of 32 rows, the last one moved back by 31 rows; cut short instead, it would be a
+    one-row product, whose entries round differently here.)"""
     from vidbatch.engine.methods.merge import _best_destinations, _score_rows
 
     g = gen(4)
@@ -608,6 +613,9 @@ def test_take_tokens_is_a_gather_of_whole_tokens(shared):
     assert torch.equal(take_tokens(x.transpose(0, 1).contiguous().transpose(0, 1), index), expected)  # strided input
     with pytest.raises(ValueError, match="indices of shape"):
         take_tokens(x, torch.zeros(2, 4, dtype=torch.int64))
+    # Two batch elements with one index each: not a shared row, however its shape resembles one.
+    pair, one_each = x[:2], torch.tensor([[5], [41]])
+    assert torch.equal(take_tokens(pair, one_each), torch.stack([pair[0, [5]], pair[1, [41]]]))
 
 
 @pytest.mark.parametrize("align_batch", [True, False])
