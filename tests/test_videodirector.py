@@ -166,12 +166,18 @@ def test_windows_cover_every_frame_and_blend_to_one():
 
 def test_window_weights_by_hand():
     """7 frames in windows of 5 sharing 1 (the last window ends at the last frame, so 3 are shared): raw weights
-    ramp over overlap + 1 = 2 frames, [1/2, 1, 1, 1, 1/2], then each frame's are divided by their sum."""
+    ramp over overlap + 1 = 2 frames, [1/2, 1, 1, 1, 1/2], then each frame's are divided by their sum; and 10
+    frames in three windows."""
     spans = vd.frame_windows(7, 5, 1)
     assert spans == [(0, 5), (2, 7)]
     first, second = vd.window_weights(spans, 7, 1)
     assert torch.allclose(first, torch.tensor([1, 1, 2 / 3, 1 / 2, 1 / 3]))
     assert torch.allclose(second, torch.tensor([1 / 3, 1 / 2, 2 / 3, 1, 1]))
+    # Three windows of 4 sharing 1: the middle window ramps at both of its ends, [1/2, 1, 1, 1/2] like the others.
+    spans = vd.frame_windows(10, 4, 1)
+    assert spans == [(0, 4), (3, 7), (6, 10)]
+    expected = [[1, 1, 1, 1 / 2], [1 / 2, 1, 1, 1 / 2], [1 / 2, 1, 1, 1]]
+    assert all(torch.allclose(w, torch.tensor(e)) for w, e in zip(vd.window_weights(spans, 10, 1), expected))
 
 
 def test_the_mask_follows_the_unets_levels_which_halve_odd_sides_rounding_up():
