@@ -39,6 +39,11 @@ def video_pipe():
     return with_motion_adapter(load_pipeline("tiny"), "tiny")
 
 
+@pytest.fixture(scope="module")
+def half_video_pipe():
+    return with_motion_adapter(load_pipeline("tiny", dtype=torch.float16), "tiny")
+
+
 def editor_for(pipe, steps: int = 3, **config) -> VideoEditor:
     settings = EditorSettings(method="videodirector", control="none", steps=steps,
                               method_settings=VideoDirectorConfig(**config))
@@ -524,10 +529,10 @@ def test_each_tuning_step_aims_at_the_next_inverted_latent_with_its_own_stdg_and
     assert all(video_pipe.unet.attn_processors[path] is processor for path, processor in before.items())
 
 
-def test_a_half_precision_models_tuning_is_the_float32_tuning_of_the_same_weights():
+def test_a_half_precision_models_tuning_is_the_float32_tuning_of_the_same_weights(half_video_pipe):
     """"Runs in float32 whatever the model's dtype": the same inversion tuned by the half model and by a copy whose
     UNet was cast to float32 (the same embeddings: the text encoder stays half) gives the same numbers."""
-    half = with_motion_adapter(load_pipeline("tiny", dtype=torch.float16), "tiny")
+    half = half_video_pipe
     full = copy.deepcopy(half)
     full.unet.to(torch.float32)
     half_editor, full_editor = editor_for(half, steps=2, null_steps=2), editor_for(full, steps=2, null_steps=2)
@@ -540,8 +545,8 @@ def test_a_half_precision_models_tuning_is_the_float32_tuning_of_the_same_weight
         assert torch.allclose(ours, reference, rtol=0, atol=1e-6), (name, (ours - reference).abs().max())
 
 
-def test_a_half_precision_video_model_inverts_and_edits_in_its_dtype_and_tunes_in_float32():
-    half = with_motion_adapter(load_pipeline("tiny", dtype=torch.float16), "tiny")
+def test_a_half_precision_video_model_inverts_and_edits_in_its_dtype_and_tunes_in_float32(half_video_pipe):
+    half = half_video_pipe
     editor = editor_for(half, steps=2, null_steps=1)
     inversion = vd.VideoDirector(editor.settings).invert(editor, moving_frames(4), SOURCE)
     assert inversion.trajectory.dtype == inversion.extras["null_embeddings"].dtype == torch.float16
