@@ -101,7 +101,11 @@ def test_a_bad_worker_and_a_hung_one_cannot_fail_the_run_while_a_healthy_worker_
     assert "CUDA error" in replaced["w1"]["cause"] and "no progress for" in replaced["w2"]["cause"]
     quarantined = [e for e in events if e["type"] == "worker_quarantined"]
     assert [e["worker"] for e in quarantined] == ["w3"] and "CUDA error" in quarantined[0]["cause"]
-    assert [e["worker"] for e in events if e["type"] == "stall_warning"] == ["w2"]
+    # w2 is warned about once, at half its timeout, before it is replaced. w4 is healthy but may be quiet for over
+    # 5 s between two progress events on this loaded 2-core machine: a warning about it is the monitor doing its
+    # job (it was seen in a CI run); its replacement would be the bug, and the replacements are checked above.
+    stalled = [e["worker"] for e in events if e["type"] == "stall_warning"]
+    assert stalled.count("w2") == 1 and set(stalled) <= {"w2", "w4"}, stalled
     assert not [e for e in events if e["type"] in ("retry", "shard_failed")]
     requeued = [e["stem"] for e in events if e["type"] == "requeue"]
     assert len(requeued) == 3  # w1's, w3's and w2's shard, each given out again for free
