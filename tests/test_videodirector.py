@@ -455,8 +455,9 @@ def test_a_steps_tuning_stops_once_its_loss_is_below_early_stop_plus_k_times_2e5
     editor, config, clip, t, (x, eps_cond, score, noise), nulls = _tuning_case(video_pipe, 16, null_steps=2)
     with torch.no_grad():
         # A target near the first iteration's step: a loss of about 1e-2, which float32 holds to about 1e-9.
-        target = _steered_step(editor, clip, t, x, eps_cond, score, nulls) + 0.1 * noise
-        loss = float(torch.nn.functional.mse_loss(_steered_step(editor, clip, t, x, eps_cond, score, nulls), target))
+        stepped = _steered_step(editor, clip, t, x, eps_cond, score, nulls)
+        target = stepped + 0.1 * noise
+        loss = float(torch.nn.functional.mse_loss(stepped, target))
     config.early_stop = loss - 2e-5 + (0.5e-5 if stops else -0.5e-5)
     two = vd._tune_step(editor, clip, config, 1, 4, x, t, eps_cond, score, target, nulls)
     config.null_steps = 1
